@@ -1,0 +1,1144 @@
+//! The event vocabulary of the ledger (past tense), the versioned envelope
+//! every event is recorded in, its compact encoding, and the double-entry
+//! postings each money event implies.
+//!
+//! Pure: no I/O, no clock. Encoding rules (postcard, see STACK.md): a struct
+//! never gains a field once an event of it is on disk; a changed event becomes
+//! a new struct and a new variant, and old ones are upcast on read. Golden
+//! bytes of every event type are kept in `snapshots/` so that a rename can
+//! never silently change the bytes the hash chain covers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use rust_decimal::Decimal;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::money::{Currency, Rate};
+
+/// A position in the log: the global, gapless sequence number of an event (from 1).
+pub type Seq = u64;
+
+/// Why a value could not become one of the ledger's domain types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidValue {
+    pub fn new(field: &'static str, message: impl Into<String>) -> InvalidValue {
+        InvalidValue {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+macro_rules! identifier {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Accepts 1 to 128 characters of `A-Z a-z 0-9 . _ : @ -`.
+            pub fn parse(text: &str) -> Result<$name, InvalidValue> {
+                check_identifier($field, text)?;
+                Ok($name(text.to_string()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = InvalidValue;
+            fn try_from(text: String) -> Result<$name, InvalidValue> {
+                check_identifier($field, &text)?;
+                Ok($name(text))
+            }
+        }
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
+    };
+}
+
+/// The longest identifier the ledger accepts.
+pub const MAX_IDENTIFIER_LEN: usize = 128;
+
+fn check_identifier(field: &'static str, text: &str) -> Result<(), InvalidValue> {
+    if text.is_empty() || text.len() > MAX_IDENTIFIER_LEN {
+        return Err(InvalidValue::new(
+            field,
+            format!("must be 1 to {MAX_IDENTIFIER_LEN} characters"),
+        ));
+    }
+    if let Some(bad) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
+    {
+        return Err(InvalidValue::new(
+            field,
+            format!("may hold only letters, digits and . _ : @ -, not {bad:?}"),
+        ));
+    }
+    Ok(())
+}
+
+identifier!(
+    /// A program's id, chosen by the provider (`hosting`).
+    ProgramId,
+    "program"
+);
+identifier!(
+    /// An affiliate's id within a program (`alice`).
+    AffiliateId,
+    "affiliate_id"
+);
+identifier!(
+    /// A customer's id in the provider's billing system.
+    CustomerId,
+    "customer_id"
+);
+identifier!(
+    /// The billing system's id of a basis line or a refund (`inv-7-1`), unique per program.
+    LineId,
+    "id"
+);
+
+/// A moment, in microseconds since the Unix epoch (UTC). Written as RFC 3339
+/// in JSON and as a plain integer in the log.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub const MIN: Timestamp = Timestamp(i64::MIN);
+    pub const MAX: Timestamp = Timestamp(i64::MAX);
+
+    pub fn from_micros(micros: i64) -> Timestamp {
+        Timestamp(micros)
+    }
+    pub fn micros(&self) -> i64 {
+        self.0
+    }
+    pub fn from_datetime(at: DateTime<Utc>) -> Timestamp {
+        Timestamp(at.timestamp_micros())
+    }
+    pub fn to_datetime(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(self.0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+    /// Parses RFC 3339 (`2026-08-01T10:00:00Z`, any offset).
+    pub fn parse(text: &str) -> Result<Timestamp, InvalidValue> {
+        DateTime::parse_from_rfc3339(text)
+            .map(|at| Timestamp::from_datetime(at.with_timezone(&Utc)))
+            .map_err(|e| InvalidValue::new("at", format!("`{text}` is not an RFC 3339 time: {e}")))
+    }
+    pub fn to_rfc3339(&self) -> String {
+        self.to_datetime()
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    }
+    /// The calendar month this moment falls in, in the given time zone.
+    pub fn month_in(&self, zone: chrono_tz::Tz) -> Month {
+        let local = self.to_datetime().with_timezone(&zone);
+        Month::new(local.year(), local.month()).unwrap_or(Month(0))
+    }
+    /// The calendar day this moment falls on, in the given time zone.
+    pub fn date_in(&self, zone: chrono_tz::Tz) -> NaiveDate {
+        self.to_datetime().with_timezone(&zone).date_naive()
+    }
+    pub fn plus_days(&self, days: u32) -> Timestamp {
+        Timestamp(self.0.saturating_add(i64::from(days) * 86_400_000_000))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_rfc3339())
+        } else {
+            serializer.serialize_i64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            Timestamp::parse(&text).map_err(serde::de::Error::custom)
+        } else {
+            i64::deserialize(deserializer).map(Timestamp)
+        }
+    }
+}
+
+impl JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "date-time"})
+    }
+}
+
+/// A calendar month, `YYYY-MM` in JSON; the months since year 0 in the log.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month(i32);
+
+impl Month {
+    pub fn new(year: i32, month: u32) -> Option<Month> {
+        if !(1..=12).contains(&month) || !(1..=9999).contains(&year) {
+            return None;
+        }
+        Some(Month(year * 12 + month as i32 - 1))
+    }
+    pub fn year(&self) -> i32 {
+        self.0.div_euclid(12)
+    }
+    pub fn month(&self) -> u32 {
+        self.0.rem_euclid(12) as u32 + 1
+    }
+    pub fn next(&self) -> Month {
+        Month(self.0 + 1)
+    }
+    pub fn previous(&self) -> Month {
+        Month(self.0 - 1)
+    }
+    /// Parses `YYYY-MM`.
+    pub fn parse(text: &str) -> Result<Month, InvalidValue> {
+        let bad = || InvalidValue::new("month", format!("`{text}` is not a month YYYY-MM"));
+        let (year, month) = text.split_once('-').ok_or_else(bad)?;
+        if year.len() != 4 || month.len() != 2 {
+            return Err(bad());
+        }
+        let year: i32 = year.parse().map_err(|_| bad())?;
+        let month: u32 = month.parse().map_err(|_| bad())?;
+        Month::new(year, month).ok_or_else(bad)
+    }
+    /// The first day of the month.
+    pub fn first_day(&self) -> NaiveDate {
+        NaiveDate::from_ymd_opt(self.year(), self.month(), 1).unwrap_or(NaiveDate::MIN)
+    }
+    /// The instant the month starts in the given zone.
+    pub fn start_in(&self, zone: chrono_tz::Tz) -> Timestamp {
+        let midnight = self.first_day().and_hms_opt(0, 0, 0).unwrap_or_default();
+        match zone.from_local_datetime(&midnight).earliest() {
+            Some(at) => Timestamp::from_datetime(at.with_timezone(&Utc)),
+            // A zone that skips midnight on the 1st: the month starts at the gap's end.
+            None => Timestamp::from_datetime(Utc.from_utc_datetime(&midnight)),
+        }
+    }
+}
+
+impl fmt::Display for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year(), self.month())
+    }
+}
+impl fmt::Debug for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Month {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_string())
+        } else {
+            serializer.serialize_i32(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Month {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            Month::parse(&text).map_err(serde::de::Error::custom)
+        } else {
+            i32::deserialize(deserializer).map(Month)
+        }
+    }
+}
+
+impl JsonSchema for Month {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Month".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"})
+    }
+}
+
+/// Fixed-size bytes (hashes): lower-case hex in JSON, raw bytes in the log.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> Bytes<N> {
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    pub fn from_hex(text: &str) -> Option<Bytes<N>> {
+        if text.len() != 2 * N || !text.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; N];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Bytes(out))
+    }
+}
+
+impl<const N: usize> fmt::Debug for Bytes<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl<const N: usize> Serialize for Bytes<N> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.hex())
+        } else {
+            use serde::ser::SerializeTuple;
+            let mut tuple = serializer.serialize_tuple(N)?;
+            for byte in &self.0 {
+                tuple.serialize_element(byte)?;
+            }
+            tuple.end()
+        }
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for Bytes<N> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            Bytes::from_hex(&text)
+                .ok_or_else(|| serde::de::Error::custom(format!("expected {} hex digits", 2 * N)))
+        } else {
+            struct Visitor<const N: usize>;
+            impl<'de, const N: usize> serde::de::Visitor<'de> for Visitor<N> {
+                type Value = Bytes<N>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    write!(f, "{N} bytes")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes<N>, A::Error> {
+                    let mut out = [0u8; N];
+                    for (i, byte) in out.iter_mut().enumerate() {
+                        *byte = seq
+                            .next_element()?
+                            .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                    }
+                    Ok(Bytes(out))
+                }
+            }
+            deserializer.deserialize_tuple(N, Visitor::<N>)
+        }
+    }
+}
+
+impl<const N: usize> JsonSchema for Bytes<N> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("Hex{N}").into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let pattern = format!("^[0-9a-f]{{{}}}$", 2 * N);
+        schemars::json_schema!({"type": "string", "pattern": pattern})
+    }
+}
+
+/// Which of a visitor's clicks inside the cookie window wins a signup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    #[default]
+    LastClick,
+    FirstClick,
+}
+
+/// Which billed amounts earn commission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Basis {
+    /// What was charged (BILLmanager).
+    #[default]
+    Expenses,
+    /// What the customer has paid (Yourhosting, WHMCS).
+    Payments,
+}
+
+/// How long a referred customer earns their affiliate commission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Term {
+    /// For as long as the customer is billed (Host.bg's "forever").
+    #[default]
+    Lifetime,
+    /// Lines dated within this many months of the signup.
+    Months(u32),
+    /// Only the lines of the customer's first order.
+    FirstOrder,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[schemars(rename = "Term")]
+enum TermJson {
+    Lifetime,
+    Months { months: u32 },
+    FirstOrder,
+}
+
+#[derive(Serialize, Deserialize)]
+enum TermWire {
+    Lifetime,
+    Months(u32),
+    FirstOrder,
+}
+
+impl Serialize for Term {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            match *self {
+                Term::Lifetime => TermJson::Lifetime,
+                Term::Months(months) => TermJson::Months { months },
+                Term::FirstOrder => TermJson::FirstOrder,
+            }
+            .serialize(serializer)
+        } else {
+            match *self {
+                Term::Lifetime => TermWire::Lifetime,
+                Term::Months(months) => TermWire::Months(months),
+                Term::FirstOrder => TermWire::FirstOrder,
+            }
+            .serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Term {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            Ok(match TermJson::deserialize(deserializer)? {
+                TermJson::Lifetime => Term::Lifetime,
+                TermJson::Months { months } => Term::Months(months),
+                TermJson::FirstOrder => Term::FirstOrder,
+            })
+        } else {
+            Ok(match TermWire::deserialize(deserializer)? {
+                TermWire::Lifetime => Term::Lifetime,
+                TermWire::Months(months) => Term::Months(months),
+                TermWire::FirstOrder => Term::FirstOrder,
+            })
+        }
+    }
+}
+
+impl JsonSchema for Term {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Term".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        TermJson::json_schema(generator)
+    }
+}
+
+/// A tier: affiliates with at least `min_active_referrals` customers that
+/// produced a basis line in a month earn `rate` on that month.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub min_active_referrals: u32,
+    pub rate: Rate,
+}
+
+fn default_cookie_days() -> u32 {
+    30
+}
+
+/// The rules of one program, as `PUT /v1/programs/{program}` takes them and as
+/// `ProgramDefined` records them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramRules {
+    pub id: ProgramId,
+    pub name: String,
+    pub currency: Currency,
+    /// An IANA time zone name: months close at midnight there.
+    pub timezone: String,
+    pub site_url: String,
+    #[serde(default = "default_cookie_days")]
+    pub cookie_days: u32,
+    #[serde(default)]
+    pub attribution: Attribution,
+    #[serde(default)]
+    pub basis: Basis,
+    pub default_rate: Rate,
+    #[serde(default)]
+    pub product_rates: BTreeMap<String, Rate>,
+    #[serde(default)]
+    pub tiers: Vec<Tier>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub bounty: Option<Decimal>,
+    #[serde(default)]
+    pub term: Term,
+    #[schemars(with = "String")]
+    pub payout_threshold: Decimal,
+    #[serde(default)]
+    pub promo_code_template: Option<String>,
+    #[serde(default)]
+    pub eligible_groups: Vec<String>,
+    #[serde(default)]
+    pub forbidden_groups: Vec<String>,
+    #[serde(default)]
+    pub auto_close_day: Option<u8>,
+}
+
+/// The longest free text (names, reasons, references) the ledger keeps.
+pub const MAX_TEXT_LEN: usize = 500;
+
+impl ProgramRules {
+    /// Checks everything a type cannot: the zone exists, amounts fit the
+    /// currency, limits are sane. Returns the parsed time zone.
+    pub fn validate(&self) -> Result<chrono_tz::Tz, InvalidValue> {
+        let zone: chrono_tz::Tz = self.timezone.parse().map_err(|_| {
+            InvalidValue::new(
+                "timezone",
+                format!("`{}` is not an IANA time zone", self.timezone),
+            )
+        })?;
+        if self.name.trim().is_empty() || self.name.len() > MAX_TEXT_LEN {
+            return Err(InvalidValue::new("name", "must be 1 to 500 characters"));
+        }
+        check_site_url(&self.site_url)?;
+        if !(1..=3650).contains(&self.cookie_days) {
+            return Err(InvalidValue::new("cookie_days", "must be 1 to 3650"));
+        }
+        if let Some(bounty) = self.bounty {
+            self.currency
+                .check_scale(bounty)
+                .map_err(|e| InvalidValue::new("bounty", e.to_string()))?;
+            if bounty <= Decimal::ZERO {
+                return Err(InvalidValue::new("bounty", "must be greater than zero"));
+            }
+        }
+        self.currency
+            .check_scale(self.payout_threshold)
+            .map_err(|e| InvalidValue::new("payout_threshold", e.to_string()))?;
+        if self.payout_threshold < Decimal::ZERO {
+            return Err(InvalidValue::new(
+                "payout_threshold",
+                "must not be negative",
+            ));
+        }
+        if let Term::Months(months) = self.term
+            && !(1..=1200).contains(&months)
+        {
+            return Err(InvalidValue::new("term.months", "must be 1 to 1200"));
+        }
+        if let Some(template) = &self.promo_code_template
+            && (!template.contains("@ID@") || template.len() > 64)
+        {
+            return Err(InvalidValue::new(
+                "promo_code_template",
+                "must contain @ID@ and be at most 64 characters",
+            ));
+        }
+        if let Some(day) = self.auto_close_day
+            && !(1..=28).contains(&day)
+        {
+            return Err(InvalidValue::new(
+                "auto_close_day",
+                "must be 1 to 28, or null",
+            ));
+        }
+        if self.tiers.len() > 32 || self.product_rates.len() > 1000 {
+            return Err(InvalidValue::new(
+                "tiers",
+                "at most 32 tiers and 1000 product rates",
+            ));
+        }
+        let groups = self.eligible_groups.iter().chain(&self.forbidden_groups);
+        if groups.clone().count() > 1000 || groups.clone().any(|g| g.is_empty() || g.len() > 128) {
+            return Err(InvalidValue::new(
+                "groups",
+                "at most 1000 groups of 1 to 128 characters",
+            ));
+        }
+        Ok(zone)
+    }
+
+    /// The program's time zone; the rules were validated when recorded.
+    pub fn zone(&self) -> chrono_tz::Tz {
+        self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+}
+
+fn check_site_url(url: &str) -> Result<(), InvalidValue> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| InvalidValue::new("site_url", "must be an absolute http(s) URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || url.len() > 2000 || url.chars().any(|c| c.is_whitespace() || c == '\\') {
+        return Err(InvalidValue::new(
+            "site_url",
+            "must be an absolute http(s) URL with a host",
+        ));
+    }
+    Ok(())
+}
+
+/// Who may do what with an API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// The billing system: clicks, signups, basis lines, customer changes.
+    Ingest,
+    /// A billing portal: reads any affiliate, requests withdrawals, mints tokens.
+    Portal,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Result<Role, InvalidValue> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "ingest" => Ok(Role::Ingest),
+            "portal" => Ok(Role::Portal),
+            _ => Err(InvalidValue::new(
+                "role",
+                format!("`{text}` is not admin, ingest or portal"),
+            )),
+        }
+    }
+}
+
+/// Expense (charge) or payment: the two kinds of basis line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LineKind {
+    Expense,
+    Payment,
+}
+
+impl LineKind {
+    pub fn earns_under(&self, basis: Basis) -> bool {
+        matches!(
+            (self, basis),
+            (LineKind::Expense, Basis::Expenses) | (LineKind::Payment, Basis::Payments)
+        )
+    }
+}
+
+/// How a customer came to an affiliate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    Click,
+    PromoCode,
+}
+
+/// A percentage reward on a basis line, or the fixed per-customer bounty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    Reward,
+    Bounty,
+}
+
+/// What caused a compensating adjustment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The `ReferralReassigned` event at this seq.
+    Reassignment { seq: Seq },
+    /// A what-if replay, computed at log position `at_seq`.
+    Replay { replay_id: Uuid, at_seq: Seq },
+}
+
+// ---------------------------------------------------------------------------
+// The events. Each is its own struct so that each has its own JSON Schema and
+// its own golden bytes; a changed event becomes a new struct (…V2).
+
+/// A program was defined, or its rules changed (from `occurred_at` on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ProgramDefined {
+    pub rules: ProgramRules,
+    pub reason: Option<String>,
+}
+
+/// A client of the provider joined the program.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AffiliateEnrolled {
+    pub affiliate_id: AffiliateId,
+    pub referral_code: String,
+    pub promo_code: Option<String>,
+    /// Their own billing account, never attributed to them.
+    pub customer_id: Option<CustomerId>,
+    pub group: String,
+    /// A custom deal: beats every program rate.
+    pub rate: Option<Rate>,
+}
+
+/// An affiliate was suspended: no new clicks or signups are attributed to them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AffiliateSuspended {
+    pub affiliate_id: AffiliateId,
+    pub reason: String,
+}
+
+/// A visitor followed an affiliate's link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ClickRecorded {
+    pub click_id: Uuid,
+    pub affiliate_id: AffiliateId,
+    /// A random id the ledger or the tracker gave the browser; never personal data.
+    pub visitor: String,
+    pub creative: Option<String>,
+    /// Origin and path only: no query string.
+    pub referrer: Option<String>,
+    pub landing: Option<String>,
+    /// A keyed hash of the client address, for rate limits and fraud checks.
+    pub client_hash: Option<Bytes<16>>,
+}
+
+/// A new customer was attributed to an affiliate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SignupAttributed {
+    pub customer_id: CustomerId,
+    pub affiliate_id: AffiliateId,
+    pub via: Via,
+    pub visitor: Option<String>,
+    pub promo_code: Option<String>,
+    pub group: String,
+}
+
+/// A billed amount that can earn commission: an expense or a payment. Kept
+/// for every customer, referred or not, so a later reassignment can reward it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BasisLineRecorded {
+    pub kind: LineKind,
+    pub id: LineId,
+    pub customer_id: CustomerId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub product: Option<String>,
+    pub order_id: Option<String>,
+}
+
+/// Part or all of a basis line was refunded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RefundRecorded {
+    pub id: LineId,
+    pub customer_id: CustomerId,
+    pub refunds: LineId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+}
+
+/// The customer's account was closed in the billing system.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerClosed {
+    pub customer_id: CustomerId,
+    pub reason: Option<String>,
+}
+
+/// The customer moved to another client group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerGroupChanged {
+    pub customer_id: CustomerId,
+    pub group: String,
+}
+
+/// A month close turned a basis line into a reward (or paid a bounty).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RewardAccrued {
+    pub affiliate_id: AffiliateId,
+    pub customer_id: CustomerId,
+    pub kind: RewardKind,
+    /// The basis line rewarded (for a bounty: the customer's first line).
+    pub line: LineId,
+    pub product: Option<String>,
+    /// When the basis line happened.
+    pub line_at: Timestamp,
+    #[schemars(with = "String")]
+    pub basis: Decimal,
+    pub rate: Rate,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    /// The month whose close posted it: the statement it appears on.
+    pub month: Month,
+    /// The line belongs to a month before `month`.
+    pub late: bool,
+}
+
+/// A month close clawed back the reward of a refunded amount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RewardClawedBack {
+    pub affiliate_id: AffiliateId,
+    pub customer_id: CustomerId,
+    pub refund: LineId,
+    pub line: LineId,
+    pub product: Option<String>,
+    pub refund_at: Timestamp,
+    #[schemars(with = "String")]
+    pub basis: Decimal,
+    pub rate: Rate,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub month: Month,
+    pub late: bool,
+}
+
+/// A month was closed: every reward of it is posted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MonthClosed {
+    pub month: Month,
+    pub rewards: u32,
+    /// Rewards and bounties less clawbacks posted by this close.
+    #[schemars(with = "String")]
+    pub total: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WithdrawalRequested {
+    pub withdrawal_id: Uuid,
+    pub affiliate_id: AffiliateId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WithdrawalPaid {
+    pub withdrawal_id: Uuid,
+    pub affiliate_id: AffiliateId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub reference: String,
+}
+
+/// An operator refused a withdrawal: the money returns to `earned`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WithdrawalRejected {
+    pub withdrawal_id: Uuid,
+    pub affiliate_id: AffiliateId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub reason: String,
+}
+
+/// Commission applied to the affiliate's own invoice (Host.bg).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CreditApplied {
+    pub affiliate_id: AffiliateId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub invoice_id: String,
+}
+
+/// An operator moved a customer to another affiliate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReferralReassigned {
+    pub customer_id: CustomerId,
+    pub from_affiliate: Option<AffiliateId>,
+    pub to: AffiliateId,
+    /// Lines from this moment on follow the new affiliate; `None` = all time.
+    pub from: Option<Timestamp>,
+    pub retroactive: bool,
+    pub reason: String,
+}
+
+/// A compensating money movement in the open period (reassignment, replay).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AdjustmentPosted {
+    pub affiliate_id: AffiliateId,
+    pub customer_id: Option<CustomerId>,
+    pub line: Option<LineId>,
+    /// Positive credits the affiliate, negative debits.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    pub month: Month,
+    pub cause: Cause,
+    pub reason: String,
+}
+
+/// An API key was issued; only its keyed hash is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyIssued {
+    pub key_id: String,
+    pub key_hash: Bytes<32>,
+    pub role: Role,
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyRevoked {
+    pub key_id: String,
+    pub reason: String,
+}
+
+macro_rules! events {
+    ($($name:ident),* $(,)?) => {
+        /// Every event of the ledger. Append new variants at the end only: the
+        /// variant index is part of the encoded bytes.
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Event {
+            $($name($name),)*
+        }
+
+        impl Event {
+            /// The event's type name, as `GET /v1/events?type=` and the export use it.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(Event::$name(_) => stringify!($name),)*
+                }
+            }
+        }
+
+        /// Every event type name with its current version and JSON Schema.
+        pub fn event_schemas() -> Vec<(&'static str, u32, schemars::Schema)> {
+            vec![$((stringify!($name), 1, schemars::schema_for!($name)),)*]
+        }
+    };
+}
+
+events!(
+    ProgramDefined,
+    AffiliateEnrolled,
+    AffiliateSuspended,
+    ClickRecorded,
+    SignupAttributed,
+    BasisLineRecorded,
+    RefundRecorded,
+    CustomerClosed,
+    CustomerGroupChanged,
+    RewardAccrued,
+    RewardClawedBack,
+    MonthClosed,
+    WithdrawalRequested,
+    WithdrawalPaid,
+    WithdrawalRejected,
+    CreditApplied,
+    ReferralReassigned,
+    AdjustmentPosted,
+    ApiKeyIssued,
+    ApiKeyRevoked,
+);
+
+/// The idempotency key a command was submitted with, and a hash of the
+/// request, so a retry with another body is told apart (409).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: Bytes<32>,
+}
+
+/// An event as the log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub seq: Seq,
+    pub id: Uuid,
+    pub recorded_at: Timestamp,
+    pub occurred_at: Timestamp,
+    /// The key id (or `cli`, `system`) that caused it.
+    pub actor: String,
+    pub program: Option<ProgramId>,
+    pub idempotency: Option<Idempotency>,
+    pub event: Event,
+}
+
+/// The versioned envelope on disk. A new envelope layout is a new variant;
+/// old variants are upcast to [`Recorded`] on read, after the hash is checked.
+#[derive(Serialize, Deserialize)]
+enum Envelope {
+    V1(Recorded),
+}
+
+#[derive(Serialize)]
+enum EnvelopeRef<'a> {
+    V1(&'a Recorded),
+}
+
+/// The compact encoding of a recorded event, as the hash chain covers it.
+pub fn encode(recorded: &Recorded) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(&EnvelopeRef::V1(recorded))
+}
+
+/// Decodes (and upcasts) a recorded event.
+pub fn decode(bytes: &[u8]) -> Result<Recorded, postcard::Error> {
+    match postcard::from_bytes::<Envelope>(bytes)? {
+        Envelope::V1(recorded) => Ok(recorded),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Double entry.
+
+/// A ledger account of one program.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Account {
+    /// What the provider spends on commission.
+    CommissionExpense,
+    /// Owed to the affiliate, free to withdraw or credit.
+    Earned(AffiliateId),
+    /// Requested for withdrawal, not yet settled.
+    InWithdrawal(AffiliateId),
+    PaidOut(AffiliateId),
+    Credited(AffiliateId),
+}
+
+/// One side of a double-entry movement: debits positive, credits negative.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Posting {
+    pub account: Account,
+    pub amount: Decimal,
+}
+
+fn transfer(debit: Account, credit: Account, amount: Decimal) -> Vec<Posting> {
+    vec![
+        Posting {
+            account: debit,
+            amount,
+        },
+        Posting {
+            account: credit,
+            amount: -amount,
+        },
+    ]
+}
+
+impl Event {
+    /// The balanced postings this event makes; empty for events that move no money.
+    pub fn postings(&self) -> Vec<Posting> {
+        use Account::*;
+        match self {
+            Event::RewardAccrued(e) => {
+                transfer(CommissionExpense, Earned(e.affiliate_id.clone()), e.amount)
+            }
+            Event::RewardClawedBack(e) => {
+                transfer(Earned(e.affiliate_id.clone()), CommissionExpense, e.amount)
+            }
+            Event::AdjustmentPosted(e) => {
+                transfer(CommissionExpense, Earned(e.affiliate_id.clone()), e.amount)
+            }
+            Event::WithdrawalRequested(e) => transfer(
+                Earned(e.affiliate_id.clone()),
+                InWithdrawal(e.affiliate_id.clone()),
+                e.amount,
+            ),
+            Event::WithdrawalPaid(e) => transfer(
+                InWithdrawal(e.affiliate_id.clone()),
+                PaidOut(e.affiliate_id.clone()),
+                e.amount,
+            ),
+            Event::WithdrawalRejected(e) => transfer(
+                InWithdrawal(e.affiliate_id.clone()),
+                Earned(e.affiliate_id.clone()),
+                e.amount,
+            ),
+            Event::CreditApplied(e) => transfer(
+                Earned(e.affiliate_id.clone()),
+                Credited(e.affiliate_id.clone()),
+                e.amount,
+            ),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The affiliate whose money or statistics this event touches, if one.
+    pub fn affiliate(&self) -> Option<&AffiliateId> {
+        match self {
+            Event::AffiliateEnrolled(e) => Some(&e.affiliate_id),
+            Event::AffiliateSuspended(e) => Some(&e.affiliate_id),
+            Event::ClickRecorded(e) => Some(&e.affiliate_id),
+            Event::SignupAttributed(e) => Some(&e.affiliate_id),
+            Event::RewardAccrued(e) => Some(&e.affiliate_id),
+            Event::RewardClawedBack(e) => Some(&e.affiliate_id),
+            Event::WithdrawalRequested(e) => Some(&e.affiliate_id),
+            Event::WithdrawalPaid(e) => Some(&e.affiliate_id),
+            Event::WithdrawalRejected(e) => Some(&e.affiliate_id),
+            Event::CreditApplied(e) => Some(&e.affiliate_id),
+            Event::AdjustmentPosted(e) => Some(&e.affiliate_id),
+            Event::ReferralReassigned(e) => Some(&e.to),
+            _ => None,
+        }
+    }
+}
+
+/// An affiliate's accounts, folded from postings. Liabilities are kept
+/// positive here (what the program owes), the opposite sign of the postings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AffiliateAccounts {
+    /// Free to withdraw or credit: `earned − in_withdrawal` of the balance.
+    pub free: Decimal,
+    pub in_withdrawal: Decimal,
+    pub paid_out: Decimal,
+    pub credited: Decimal,
+}
+
+impl AffiliateAccounts {
+    pub fn apply(&mut self, posting: &Posting) {
+        let owed = -posting.amount;
+        match posting.account {
+            Account::Earned(_) => self.free += owed,
+            Account::InWithdrawal(_) => self.in_withdrawal += owed,
+            Account::PaidOut(_) => self.paid_out += owed,
+            Account::Credited(_) => self.credited += owed,
+            Account::CommissionExpense => {}
+        }
+    }
+
+    /// Closed rewards − clawbacks ± adjustments − paid withdrawals − credits.
+    pub fn earned(&self) -> Decimal {
+        self.free + self.in_withdrawal
+    }
+
+    /// Everything ever earned: what is held, paid out and credited.
+    pub fn lifetime_earned(&self) -> Decimal {
+        self.free + self.in_withdrawal + self.paid_out + self.credited
+    }
+
+    /// What may be withdrawn: nothing below the threshold or while earned is negative.
+    pub fn available(&self, threshold: Decimal) -> Decimal {
+        let earned = self.earned();
+        if earned >= threshold && earned >= Decimal::ZERO && self.free > Decimal::ZERO {
+            self.free
+        } else {
+            Decimal::ZERO
+        }
+    }
+}

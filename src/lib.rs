@@ -1,0 +1,94 @@
+//! # commission-ledger
+//!
+//! An event-sourced commission ledger for the affiliate and partner programs
+//! of hosting and SaaS providers. Every click, signup, charge, payment,
+//! refund, reward, withdrawal and correction is an event in an append-only,
+//! hash-chained log; balances, statistics and statements are projections
+//! rebuilt from it. The product is specified in `../shared/DESIGN.md`.
+//!
+//! ## Bird's-eye view
+//!
+//! ```text
+//!  billing system / portal / operator
+//!        │  Submission (Command + actor + at + idempotency key)
+//!        ▼
+//!  ledger::Ledger ──bounded queue──▶ writer thread (one per data directory)
+//!        ▲                            │ rules::decide(model, ctx, command) → events
+//!        │ reads (RwLock, as_of)      │ Model::apply + Projections::apply
+//!        │                            │ log::Log::append(batch) + one fdatasync
+//!  State { Model, Projections } ◀─────┘ then release the state, then answer
+//! ```
+//!
+//! The ground state is the log: `DATA/log/*.seg`. Everything else (the
+//! write model the rules decide against, the projections the reads serve)
+//! is a fold over it and is rebuilt from it at start.
+//!
+//! ## Code map
+//!
+//! - [`money`]: decimal amounts, ISO 4217 currencies and minor units, rates,
+//!   the one rounding rule (half-to-even, once per reward line). Pure.
+//! - [`events`]: the event vocabulary (past tense), the versioned envelope,
+//!   the postcard encoding, and the double-entry postings of each event. Pure.
+//! - [`log`]: segment files, record frames (length + CRC32C), the SHA-256
+//!   hash chain, `fdatasync`, recovery. Knows bytes, not business.
+//! - [`rules`]: the write model and `decide(model, context, command, ids)`:
+//!   every program rule, pure, with refusals as [`rules::Rejection`] values.
+//! - [`projections`]: balances, statements, statistics, referral lists:
+//!   infallible folds over recorded events. Pure; never calls the rules.
+//! - [`ledger`]: the single writer (group commit), the read model, `as_of`
+//!   replays, verify, export/import, backup. The only module joining log,
+//!   rules and projections.
+//! - [`api`]: axum routes and `application/problem+json` errors. The only
+//!   module that imports axum.
+//! - [`cli`]: the command line. The only module that imports clap.
+//!
+//! Dependencies point one way:
+//! `money ← events ← {log, rules, projections} ← ledger ← {api, cli}`.
+//!
+//! ## Architecture invariants
+//!
+//! 1. **The log is the truth.** Nothing is acknowledged before its batch is
+//!    on disk (`fdatasync`); a failed write or sync aborts the process and is
+//!    never retried. Recovery cuts a torn tail of the last segment and
+//!    refuses any other bad record, naming segment, offset and seq.
+//! 2. **History is never rewritten.** Corrections are new events
+//!    (`ReferralReassigned`, `AdjustmentPosted`); closed months are never
+//!    re-posted; old event versions are upcast on read after the hash check.
+//! 3. **One writer decides.** Decisions that depend on state (withdrawals
+//!    against the balance, code uniqueness) are made in log order by one
+//!    thread, so racing requests cannot overdraw.
+//! 4. **Pure core.** `money`, `events`, `rules` and `projections` do no I/O
+//!    and read no clock: time and ids are arguments.
+//! 5. **Amounts are decided once.** A reward's amount is computed by the
+//!    rules at month close and recorded in its event; projections only add
+//!    recorded amounts, so a rule change can never alter a replay.
+//! 6. **Double entry.** Every money event posts balanced entries; their sum
+//!    over the whole log is zero, and `verify` checks it.
+//! 7. **Exact money.** `rust_decimal` everywhere money flows; no floats.
+//! 8. **Projections equal a fresh replay.** `verify` compares them.
+//!
+//! A `tidy` test in `tests/it/tidy.rs` holds the mechanical ones: module
+//! docs, imports per module, no floats, no clock or I/O in the pure core.
+//!
+//! ## Cross-cutting concerns
+//!
+//! - **Errors.** Expected refusals are values ([`rules::Rejection`],
+//!   [`ledger::SubmitError`]); fail-stop problems are [`ledger::LedgerError`]
+//!   and [`log::LogError`]. Only `api` maps them to HTTP statuses.
+//! - **Limits.** Record size ([`log::MAX_RECORD_LEN`]), queue length and batch
+//!   size ([`ledger::LedgerConfig`]), identifier and text lengths
+//!   ([`events::MAX_IDENTIFIER_LEN`], [`events::MAX_TEXT_LEN`]), import line
+//!   length ([`ledger::MAX_IMPORT_LINE`]).
+//! - **Time.** Months are calendar months in the program's IANA zone; every
+//!   event keeps `occurred_at` (when it happened) and `recorded_at`.
+//! - **Personal data.** Visitors are random ids, referrers keep origin and
+//!   path only, API keys are kept as a keyed BLAKE3 hash.
+
+pub mod api;
+pub mod cli;
+pub mod events;
+pub mod ledger;
+pub mod log;
+pub mod money;
+pub mod projections;
+pub mod rules;

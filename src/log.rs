@@ -1,0 +1,514 @@
+//! The append-only log: segment files of framed records, a SHA-256 hash
+//! chain, `fdatasync` before anything is acknowledged, and recovery.
+//!
+//! Knows bytes, not business: a record's payload is opaque here.
+//!
+//! On disk, `DIR/{first_seq:020}.seg` files, each starting with an 8-byte
+//! magic, then records framed as
+//! `len: u32 LE | crc32c(body): u32 LE | body` with
+//! `body = seq: u64 LE | hash: [u8; 32] | payload`, where
+//! `hash = SHA-256(previous hash | seq LE | payload)` and the first previous
+//! hash is 32 zero bytes. One writer appends; a new segment is started at a
+//! batch boundary once the active one passes its size limit, and the
+//! directory is synced when it is created.
+//!
+//! Recovery: a torn record at the very end of the last segment (a crash
+//! mid-write) is cut off; any other bad record is an error naming the
+//! segment, the offset and the seq, and nothing is served.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::events::Seq;
+
+/// The first bytes of every segment file: format name and version.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"CLSEG\0\0\x01";
+const FRAME_HEADER_LEN: usize = 8;
+const BODY_PREFIX_LEN: usize = 8 + 32;
+/// The largest record body accepted: a limit, so a corrupt length can never
+/// make recovery allocate gigabytes.
+pub const MAX_RECORD_LEN: usize = 16 << 20;
+/// Segments roll over at a batch boundary once they pass this size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// A hash in the chain.
+pub type Hash = [u8; 32];
+
+/// The hash before the first record.
+pub const GENESIS_HASH: Hash = [0; 32];
+
+/// Fail-stop problems of the log: the server never serves past them.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// An I/O call failed. A failed `fdatasync` is never retried: the caller
+    /// stops the process (the PostgreSQL lesson).
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A record that is not a torn tail failed its checks.
+    #[error("corrupt log: segment {segment}, offset {offset}, seq {seq}: {what}")]
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        /// The seq the record should have had.
+        seq: Seq,
+        what: String,
+    },
+}
+
+impl LogError {
+    /// The seq of the first bad record, for a corruption.
+    pub fn bad_seq(&self) -> Option<Seq> {
+        match self {
+            LogError::Corrupt { seq, .. } => Some(*seq),
+            LogError::Io { .. } => None,
+        }
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
+    let path = path.to_path_buf();
+    move |source| LogError::Io { op, path, source }
+}
+
+/// The last record of the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub seq: Seq,
+    pub hash: Hash,
+}
+
+impl Head {
+    pub const EMPTY: Head = Head {
+        seq: 0,
+        hash: GENESIS_HASH,
+    };
+}
+
+/// The chain link of a record.
+pub fn chain_hash(previous: &Hash, seq: Seq, payload: &[u8]) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    hasher.update(seq.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize().into()
+}
+
+/// Lower-case hex, as statements and `verify` show hashes.
+pub fn hex(hash: &Hash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a record is: its segment (by first seq) and byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub segment_first_seq: Seq,
+    pub offset: u64,
+}
+
+/// A record handed to a scan's visitor.
+pub struct Record<'a> {
+    pub seq: Seq,
+    pub hash: Hash,
+    pub payload: &'a [u8],
+    pub position: Position,
+}
+
+/// How a scan treats a torn tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanMode {
+    /// Cut a torn tail off the last segment (server start).
+    Repair,
+    /// Report a torn tail as an error (`verify`).
+    Strict,
+    /// Stop quietly before a torn tail, changing nothing (reads beside a writer).
+    Read,
+}
+
+/// What a scan found.
+#[derive(Debug)]
+pub struct ScanReport {
+    pub head: Head,
+    pub segments: Vec<(Seq, PathBuf)>,
+    /// Bytes cut off (Repair) or ignored (Read) at the end of the last segment.
+    pub torn_bytes: u64,
+}
+
+fn segment_name(first_seq: Seq) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+/// The segment files of a log directory, in order.
+pub fn list_segments(dir: &Path) -> Result<Vec<(Seq, PathBuf)>, LogError> {
+    let mut segments = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(segments),
+        Err(e) => return Err(io("read directory", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io("read directory", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".seg") else {
+            continue;
+        };
+        if let Ok(first_seq) = stem.parse::<Seq>() {
+            segments.push((first_seq, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Reads every record of the log in order, checking frames, CRCs, the seq
+/// sequence and the hash chain, and hands each to `visit` (which may refuse
+/// a record by returning a message: the scan then stops with a corruption
+/// at that record). Stops at the first record after `until` when given.
+pub fn scan(
+    dir: &Path,
+    mode: ScanMode,
+    until: Option<Seq>,
+    mut visit: impl FnMut(Record<'_>) -> Result<(), String>,
+) -> Result<ScanReport, LogError> {
+    let segments = list_segments(dir)?;
+    let mut head = Head::EMPTY;
+    let mut torn_bytes = 0;
+    let count = segments.len();
+    for (index, (first_seq, path)) in segments.iter().enumerate() {
+        let is_last = index + 1 == count;
+        let corrupt = |offset: usize, seq: Seq, what: String| LogError::Corrupt {
+            segment: path.clone(),
+            offset: offset as u64,
+            seq,
+            what,
+        };
+        if *first_seq != head.seq + 1 {
+            return Err(corrupt(
+                0,
+                head.seq + 1,
+                format!(
+                    "segment starts at seq {first_seq}, expected {}",
+                    head.seq + 1
+                ),
+            ));
+        }
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io("read", path))?;
+        if bytes.len() < SEGMENT_MAGIC.len() || &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+            let torn_header = is_last
+                && SEGMENT_MAGIC.starts_with(&bytes[..bytes.len().min(SEGMENT_MAGIC.len())]);
+            if torn_header && mode != ScanMode::Strict {
+                torn_bytes = bytes.len() as u64;
+                if mode == ScanMode::Repair {
+                    rewrite_segment_header(path)?;
+                }
+                continue;
+            }
+            return Err(corrupt(0, head.seq + 1, "bad segment header".into()));
+        }
+        let mut offset = SEGMENT_MAGIC.len();
+        while offset < bytes.len() {
+            if let Some(until) = until
+                && head.seq >= until
+            {
+                return Ok(ScanReport {
+                    head,
+                    segments,
+                    torn_bytes,
+                });
+            }
+            let seq = head.seq + 1;
+            match check_record(&bytes, offset, &head) {
+                Ok((record_len, hash)) => {
+                    let payload =
+                        &bytes[offset + FRAME_HEADER_LEN + BODY_PREFIX_LEN..offset + record_len];
+                    let record = Record {
+                        seq,
+                        hash,
+                        payload,
+                        position: Position {
+                            segment_first_seq: *first_seq,
+                            offset: offset as u64,
+                        },
+                    };
+                    visit(record).map_err(|what| corrupt(offset, seq, what))?;
+                    head = Head { seq, hash };
+                    offset += record_len;
+                }
+                Err(Bad::Torn(_)) if is_last && mode != ScanMode::Strict => {
+                    torn_bytes = (bytes.len() - offset) as u64;
+                    if mode == ScanMode::Repair {
+                        cut_tail(path, offset as u64)?;
+                    }
+                    break;
+                }
+                Err(Bad::Torn(what)) => {
+                    let what = if is_last {
+                        format!(
+                            "torn record at the end of the log ({what}); it is cut off on the next start"
+                        )
+                    } else {
+                        what
+                    };
+                    return Err(corrupt(offset, seq, what));
+                }
+                Err(Bad::Corrupt(what)) => return Err(corrupt(offset, seq, what)),
+            }
+        }
+    }
+    Ok(ScanReport {
+        head,
+        segments,
+        torn_bytes,
+    })
+}
+
+enum Bad {
+    /// The record runs into the end of the file: a crash mid-write can leave this.
+    Torn(String),
+    /// The record is whole but wrong.
+    Corrupt(String),
+}
+
+/// Checks the record at `offset`; returns its framed length and hash.
+fn check_record(bytes: &[u8], offset: usize, previous: &Head) -> Result<(usize, Hash), Bad> {
+    let rest = &bytes[offset..];
+    if rest.iter().all(|b| *b == 0) {
+        return Err(Bad::Torn(format!("{} zero bytes", rest.len())));
+    }
+    if rest.len() < FRAME_HEADER_LEN {
+        return Err(Bad::Torn("incomplete frame header".into()));
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if !(BODY_PREFIX_LEN..=MAX_RECORD_LEN).contains(&len) {
+        return Err(Bad::Corrupt(format!("impossible record length {len}")));
+    }
+    let record_len = FRAME_HEADER_LEN + len;
+    if rest.len() < record_len {
+        return Err(Bad::Torn(format!(
+            "record of {len} bytes, {} present",
+            rest.len() - FRAME_HEADER_LEN
+        )));
+    }
+    let body = &rest[FRAME_HEADER_LEN..record_len];
+    if crc32c::crc32c(body) != crc {
+        let what = "CRC32C mismatch".to_string();
+        return Err(if rest.len() == record_len {
+            Bad::Torn(what)
+        } else {
+            Bad::Corrupt(what)
+        });
+    }
+    let seq = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
+    let expected = previous.seq + 1;
+    if seq != expected {
+        return Err(Bad::Corrupt(format!(
+            "seq {seq} where {expected} was expected"
+        )));
+    }
+    let mut stored = [0u8; 32];
+    stored.copy_from_slice(&body[8..BODY_PREFIX_LEN]);
+    let hash = chain_hash(&previous.hash, seq, &body[BODY_PREFIX_LEN..]);
+    if hash != stored {
+        return Err(Bad::Corrupt("hash chain broken".into()));
+    }
+    Ok((record_len, hash))
+}
+
+fn cut_tail(path: &Path, len: u64) -> Result<(), LogError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io("open", path))?;
+    file.set_len(len).map_err(io("truncate", path))?;
+    file.sync_all().map_err(io("fsync", path))
+}
+
+fn rewrite_segment_header(path: &Path) -> Result<(), LogError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io("open", path))?;
+    file.write_all(SEGMENT_MAGIC).map_err(io("write", path))?;
+    file.sync_all().map_err(io("fsync", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+/// The writer's handle on the log: exactly one per directory at a time.
+pub struct Log {
+    dir: PathBuf,
+    active: File,
+    active_path: PathBuf,
+    active_first_seq: Seq,
+    active_len: u64,
+    head: Head,
+    segment_bytes: u64,
+    /// Reused between batches so a batch costs no allocation once warm.
+    buffer: Vec<u8>,
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`, repairing a torn tail,
+    /// and hands every record to `visit` in order.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        visit: impl FnMut(Record<'_>) -> Result<(), String>,
+    ) -> Result<(Log, ScanReport), LogError> {
+        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let report = scan(dir, ScanMode::Repair, None, visit)?;
+        let (active_first_seq, active_path) = match report.segments.last() {
+            Some((first_seq, path)) => (*first_seq, path.clone()),
+            None => {
+                let path = dir.join(segment_name(1));
+                create_segment(dir, &path)?;
+                (1, path)
+            }
+        };
+        let active = OpenOptions::new()
+            .append(true)
+            .open(&active_path)
+            .map_err(io("open", &active_path))?;
+        let active_len = active.metadata().map_err(io("stat", &active_path))?.len();
+        let log = Log {
+            dir: dir.to_path_buf(),
+            active,
+            active_path,
+            active_first_seq,
+            active_len,
+            head: report.head,
+            segment_bytes: segment_bytes.max(4096),
+            buffer: Vec::new(),
+        };
+        Ok((log, report))
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends a batch of payloads, seqs `head + 1 ..`, and makes it durable
+    /// with one `fdatasync`. Returns the position and hash of each record.
+    /// On error the log must not be used again: the process stops.
+    pub fn append(&mut self, payloads: &[Vec<u8>]) -> Result<Vec<(Position, Hash)>, LogError> {
+        if payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.active_len >= self.segment_bytes {
+            self.roll()?;
+        }
+        self.buffer.clear();
+        let mut placed = Vec::with_capacity(payloads.len());
+        let mut head = self.head;
+        for payload in payloads {
+            let seq = head.seq + 1;
+            let hash = chain_hash(&head.hash, seq, payload);
+            let len = BODY_PREFIX_LEN + payload.len();
+            assert!(
+                len <= MAX_RECORD_LEN,
+                "a record of {len} bytes passed the size limit"
+            );
+            let offset = self.active_len + self.buffer.len() as u64;
+            let body_start = self.buffer.len() + FRAME_HEADER_LEN;
+            self.buffer.extend_from_slice(&(len as u32).to_le_bytes());
+            self.buffer.extend_from_slice(&[0; 4]);
+            self.buffer.extend_from_slice(&seq.to_le_bytes());
+            self.buffer.extend_from_slice(&hash);
+            self.buffer.extend_from_slice(payload);
+            let crc = crc32c::crc32c(&self.buffer[body_start..]);
+            self.buffer[body_start - 4..body_start].copy_from_slice(&crc.to_le_bytes());
+            placed.push((
+                Position {
+                    segment_first_seq: self.active_first_seq,
+                    offset,
+                },
+                hash,
+            ));
+            head = Head { seq, hash };
+        }
+        self.active
+            .write_all(&self.buffer)
+            .map_err(io("write", &self.active_path))?;
+        self.active
+            .sync_data()
+            .map_err(io("fdatasync", &self.active_path))?;
+        self.active_len += self.buffer.len() as u64;
+        self.head = head;
+        Ok(placed)
+    }
+
+    fn roll(&mut self) -> Result<(), LogError> {
+        let first_seq = self.head.seq + 1;
+        let path = self.dir.join(segment_name(first_seq));
+        create_segment(&self.dir, &path)?;
+        self.active = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        self.active_path = path;
+        self.active_first_seq = first_seq;
+        self.active_len = SEGMENT_MAGIC.len() as u64;
+        Ok(())
+    }
+}
+
+fn create_segment(dir: &Path, path: &Path) -> Result<(), LogError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("create", path))?;
+    file.write_all(SEGMENT_MAGIC).map_err(io("write", path))?;
+    file.sync_all().map_err(io("fsync", path))?;
+    sync_dir(dir)
+}
+
+/// Reads one record at a known position, checking its frame and CRC.
+pub fn read_at(dir: &Path, position: Position) -> Result<(Seq, Vec<u8>), LogError> {
+    use std::io::{Seek, SeekFrom};
+    let path = dir.join(segment_name(position.segment_first_seq));
+    let mut file = File::open(&path).map_err(io("open", &path))?;
+    file.seek(SeekFrom::Start(position.offset))
+        .map_err(io("seek", &path))?;
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    file.read_exact(&mut header).map_err(io("read", &path))?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let corrupt = |what: &str| LogError::Corrupt {
+        segment: path.clone(),
+        offset: position.offset,
+        seq: 0,
+        what: what.to_string(),
+    };
+    if !(BODY_PREFIX_LEN..=MAX_RECORD_LEN).contains(&len) {
+        return Err(corrupt("impossible record length"));
+    }
+    let mut body = vec![0u8; len];
+    file.read_exact(&mut body).map_err(io("read", &path))?;
+    if crc32c::crc32c(&body) != crc {
+        return Err(corrupt("CRC32C mismatch"));
+    }
+    let seq = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
+    body.drain(..BODY_PREFIX_LEN);
+    Ok((seq, body))
+}

@@ -1,0 +1,733 @@
+//! The read models: balances, monthly statements, referral statistics and
+//! referral lists, as infallible folds over recorded events.
+//!
+//! Pure: no I/O, no clock, and no rules. Every amount shown here was decided
+//! once and recorded in an event, so a rule change can never alter a replay.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::events::*;
+use crate::money::{Currency, Rate};
+
+/// Every projection of the ledger, and the log position it reflects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Projections {
+    pub programs: BTreeMap<ProgramId, ProgramView>,
+    pub last_seq: Seq,
+    /// The sum of every posting ever made: zero, always.
+    pub postings_sum: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramView {
+    pub rules: ProgramRules,
+    pub affiliates: BTreeMap<AffiliateId, AffiliateView>,
+    /// Who each customer belongs to now.
+    pub customers: HashMap<CustomerId, CustomerView>,
+    /// The program's commission expense account.
+    pub commission_expense: Decimal,
+    pub closed_months: BTreeMap<Month, MonthClosed>,
+    /// The kind of every basis line, so a refund lowers the right billed total.
+    pub line_kinds: HashMap<LineId, LineKind>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerView {
+    pub affiliate_id: Option<AffiliateId>,
+    pub signup_at: Option<Timestamp>,
+    pub closed: bool,
+    /// Basis lines of the program's basis kind, less refunds.
+    pub billed: Decimal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffiliateView {
+    pub profile: AffiliateEnrolled,
+    pub enrolled_at: Timestamp,
+    pub suspended: bool,
+    pub accounts: AffiliateAccounts,
+    pub statements: BTreeMap<Month, Vec<StatementLine>>,
+    pub days: BTreeMap<NaiveDate, Counters>,
+    pub creatives: BTreeMap<String, Counters>,
+    /// Visitors seen per day (a 64-bit hash each: unique counts, no ids kept twice).
+    pub visitors_by_day: BTreeMap<NaiveDate, HashSet<u64>>,
+    /// Customers that earned the affiliate a reward at least once.
+    pub converted: HashSet<CustomerId>,
+    /// Commission per referred customer (rewards, bounties, claw-backs, adjustments).
+    pub commission_by_customer: HashMap<CustomerId, Decimal>,
+}
+
+/// The counters of one day or one creative.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub clicks: u64,
+    pub signups: u64,
+    pub conversions: u64,
+    pub commission: Decimal,
+}
+
+/// The kind of a statement line, as DESIGN.md names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    Reward,
+    Bounty,
+    Clawback,
+    Adjustment,
+    Withdrawal,
+    WithdrawalReturned,
+    Credit,
+}
+
+impl StatementKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StatementKind::Reward => "reward",
+            StatementKind::Bounty => "bounty",
+            StatementKind::Clawback => "clawback",
+            StatementKind::Adjustment => "adjustment",
+            StatementKind::Withdrawal => "withdrawal",
+            StatementKind::WithdrawalReturned => "withdrawal_returned",
+            StatementKind::Credit => "credit",
+        }
+    }
+}
+
+/// One line of a monthly statement: a signed movement of `earned`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatementLine {
+    pub seq: Seq,
+    pub at: Timestamp,
+    pub kind: StatementKind,
+    pub customer_id: Option<CustomerId>,
+    pub product: Option<String>,
+    pub basis: Option<Decimal>,
+    pub rate: Option<Rate>,
+    pub amount: Decimal,
+    pub late: bool,
+    pub reference: String,
+}
+
+fn visitor_hash(visitor: &str) -> u64 {
+    // DefaultHasher::new() has fixed keys: the same visitor hashes the same in every replay.
+    let mut hasher = DefaultHasher::new();
+    visitor.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Projections {
+    /// Folds one recorded event in.
+    pub fn apply(&mut self, recorded: &Recorded) {
+        self.last_seq = recorded.seq;
+        let postings = recorded.event.postings();
+        for posting in &postings {
+            self.postings_sum += posting.amount;
+        }
+        let Some(program) = &recorded.program else {
+            return;
+        };
+        if let Event::ProgramDefined(e) = &recorded.event {
+            match self.programs.get_mut(program) {
+                Some(view) => view.rules = e.rules.clone(),
+                None => {
+                    self.programs.insert(
+                        program.clone(),
+                        ProgramView {
+                            rules: e.rules.clone(),
+                            affiliates: BTreeMap::new(),
+                            customers: HashMap::new(),
+                            commission_expense: Decimal::ZERO,
+                            closed_months: BTreeMap::new(),
+                            line_kinds: HashMap::new(),
+                        },
+                    );
+                }
+            }
+            return;
+        }
+        let Some(view) = self.programs.get_mut(program) else {
+            return;
+        };
+        for posting in &postings {
+            match &posting.account {
+                Account::CommissionExpense => view.commission_expense += posting.amount,
+                Account::Earned(a)
+                | Account::InWithdrawal(a)
+                | Account::PaidOut(a)
+                | Account::Credited(a) => {
+                    if let Some(affiliate) = view.affiliates.get_mut(a) {
+                        affiliate.accounts.apply(posting);
+                    }
+                }
+            }
+        }
+        view.apply(recorded);
+    }
+}
+
+impl ProgramView {
+    fn apply(&mut self, recorded: &Recorded) {
+        let zone = self.rules.zone();
+        let at = recorded.occurred_at;
+        let basis = self.rules.basis;
+        match &recorded.event {
+            Event::AffiliateEnrolled(e) => {
+                self.affiliates.insert(
+                    e.affiliate_id.clone(),
+                    AffiliateView {
+                        profile: e.clone(),
+                        enrolled_at: at,
+                        suspended: false,
+                        accounts: AffiliateAccounts::default(),
+                        statements: BTreeMap::new(),
+                        days: BTreeMap::new(),
+                        creatives: BTreeMap::new(),
+                        visitors_by_day: BTreeMap::new(),
+                        converted: HashSet::new(),
+                        commission_by_customer: HashMap::new(),
+                    },
+                );
+            }
+            Event::AffiliateSuspended(e) => {
+                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
+                    a.suspended = true;
+                }
+            }
+            Event::ClickRecorded(e) => {
+                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
+                    let day = at.date_in(zone);
+                    a.days.entry(day).or_default().clicks += 1;
+                    a.visitors_by_day
+                        .entry(day)
+                        .or_default()
+                        .insert(visitor_hash(&e.visitor));
+                    let creative = e.creative.clone().unwrap_or_default();
+                    a.creatives.entry(creative).or_default().clicks += 1;
+                }
+            }
+            Event::SignupAttributed(e) => {
+                let customer = self.customers.entry(e.customer_id.clone()).or_default();
+                customer.affiliate_id = Some(e.affiliate_id.clone());
+                customer.signup_at = Some(at);
+                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
+                    a.days.entry(at.date_in(zone)).or_default().signups += 1;
+                    a.commission_by_customer
+                        .entry(e.customer_id.clone())
+                        .or_default();
+                }
+            }
+            Event::BasisLineRecorded(e) => {
+                self.line_kinds.insert(e.id.clone(), e.kind);
+                let customer = self.customers.entry(e.customer_id.clone()).or_default();
+                if e.kind.earns_under(basis) {
+                    customer.billed += e.amount;
+                }
+            }
+            Event::RefundRecorded(e) => {
+                if self
+                    .line_kinds
+                    .get(&e.refunds)
+                    .is_some_and(|k| k.earns_under(basis))
+                {
+                    let customer = self.customers.entry(e.customer_id.clone()).or_default();
+                    customer.billed -= e.amount;
+                }
+            }
+            Event::CustomerClosed(e) => {
+                self.customers
+                    .entry(e.customer_id.clone())
+                    .or_default()
+                    .closed = true;
+            }
+            Event::CustomerGroupChanged(_) => {}
+            Event::ReferralReassigned(e) => {
+                let customer = self.customers.entry(e.customer_id.clone()).or_default();
+                let previous = customer.affiliate_id.replace(e.to.clone());
+                if customer.signup_at.is_none() {
+                    customer.signup_at = Some(at);
+                }
+                if let Some(previous) = previous
+                    && previous != e.to
+                    && let Some(a) = self.affiliates.get_mut(&previous)
+                {
+                    a.commission_by_customer.remove(&e.customer_id);
+                }
+                if let Some(a) = self.affiliates.get_mut(&e.to) {
+                    a.commission_by_customer
+                        .entry(e.customer_id.clone())
+                        .or_default();
+                }
+            }
+            Event::RewardAccrued(e) => {
+                let Some(a) = self.affiliates.get_mut(&e.affiliate_id) else {
+                    return;
+                };
+                let kind = match e.kind {
+                    RewardKind::Reward => StatementKind::Reward,
+                    RewardKind::Bounty => StatementKind::Bounty,
+                };
+                let day = e.line_at.date_in(zone);
+                let counters = a.days.entry(day).or_default();
+                counters.commission += e.amount;
+                if a.converted.insert(e.customer_id.clone()) {
+                    counters.conversions += 1;
+                }
+                *a.commission_by_customer
+                    .entry(e.customer_id.clone())
+                    .or_default() += e.amount;
+                a.statements
+                    .entry(e.month)
+                    .or_default()
+                    .push(StatementLine {
+                        seq: recorded.seq,
+                        at: e.line_at,
+                        kind,
+                        customer_id: Some(e.customer_id.clone()),
+                        product: e.product.clone(),
+                        basis: (e.kind == RewardKind::Reward).then_some(e.basis),
+                        rate: (e.kind == RewardKind::Reward).then_some(e.rate),
+                        amount: e.amount,
+                        late: e.late,
+                        reference: e.line.to_string(),
+                    });
+            }
+            Event::RewardClawedBack(e) => {
+                let Some(a) = self.affiliates.get_mut(&e.affiliate_id) else {
+                    return;
+                };
+                a.days
+                    .entry(e.refund_at.date_in(zone))
+                    .or_default()
+                    .commission -= e.amount;
+                *a.commission_by_customer
+                    .entry(e.customer_id.clone())
+                    .or_default() -= e.amount;
+                a.statements
+                    .entry(e.month)
+                    .or_default()
+                    .push(StatementLine {
+                        seq: recorded.seq,
+                        at: e.refund_at,
+                        kind: StatementKind::Clawback,
+                        customer_id: Some(e.customer_id.clone()),
+                        product: e.product.clone(),
+                        basis: Some(e.basis),
+                        rate: Some(e.rate),
+                        amount: -e.amount,
+                        late: e.late,
+                        reference: e.refund.to_string(),
+                    });
+            }
+            Event::AdjustmentPosted(e) => {
+                let Some(a) = self.affiliates.get_mut(&e.affiliate_id) else {
+                    return;
+                };
+                a.days.entry(at.date_in(zone)).or_default().commission += e.amount;
+                if let Some(customer) = &e.customer_id {
+                    *a.commission_by_customer
+                        .entry(customer.clone())
+                        .or_default() += e.amount;
+                }
+                let reference = match &e.cause {
+                    Cause::Reassignment { seq } => format!("reassignment@{seq}"),
+                    Cause::Replay { replay_id, .. } => format!("replay:{replay_id}"),
+                };
+                a.statements
+                    .entry(e.month)
+                    .or_default()
+                    .push(StatementLine {
+                        seq: recorded.seq,
+                        at,
+                        kind: StatementKind::Adjustment,
+                        customer_id: e.customer_id.clone(),
+                        product: None,
+                        basis: None,
+                        rate: None,
+                        amount: e.amount,
+                        late: false,
+                        reference,
+                    });
+            }
+            Event::WithdrawalPaid(e) => {
+                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
+                    a.statements
+                        .entry(at.month_in(zone))
+                        .or_default()
+                        .push(money_line(
+                            recorded.seq,
+                            at,
+                            StatementKind::Withdrawal,
+                            -e.amount,
+                            e.withdrawal_id.to_string(),
+                        ));
+                }
+            }
+            Event::CreditApplied(e) => {
+                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
+                    a.statements
+                        .entry(at.month_in(zone))
+                        .or_default()
+                        .push(money_line(
+                            recorded.seq,
+                            at,
+                            StatementKind::Credit,
+                            -e.amount,
+                            e.invoice_id.clone(),
+                        ));
+                }
+            }
+            Event::MonthClosed(e) => {
+                self.closed_months.insert(e.month, e.clone());
+            }
+            Event::ProgramDefined(_)
+            | Event::WithdrawalRequested(_)
+            | Event::WithdrawalRejected(_)
+            | Event::ApiKeyIssued(_)
+            | Event::ApiKeyRevoked(_) => {}
+        }
+    }
+}
+
+fn money_line(
+    seq: Seq,
+    at: Timestamp,
+    kind: StatementKind,
+    amount: Decimal,
+    reference: String,
+) -> StatementLine {
+    StatementLine {
+        seq,
+        at,
+        kind,
+        customer_id: None,
+        product: None,
+        basis: None,
+        rate: None,
+        amount,
+        late: false,
+        reference,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Read shapes, with amounts written in the currency's minor unit.
+
+/// The balance of an affiliate, every field of DESIGN.md "Money".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Balance {
+    pub affiliate_id: AffiliateId,
+    pub currency: Currency,
+    pub pending: String,
+    pub earned: String,
+    pub threshold: String,
+    pub to_threshold: String,
+    pub available: String,
+    pub in_withdrawal: String,
+    pub withdrawn_total: String,
+    pub credited_total: String,
+    pub lifetime_earned: String,
+    pub as_of_seq: Seq,
+}
+
+impl ProgramView {
+    /// The balance, given the pending estimate (which only the rules can make).
+    pub fn balance(
+        &self,
+        affiliate_id: &AffiliateId,
+        pending: Decimal,
+        as_of_seq: Seq,
+    ) -> Option<Balance> {
+        let a = self.affiliates.get(affiliate_id)?;
+        let currency = self.rules.currency;
+        let threshold = self.rules.payout_threshold;
+        let earned = a.accounts.earned();
+        let f = |amount: Decimal| currency.format(amount);
+        Some(Balance {
+            affiliate_id: affiliate_id.clone(),
+            currency,
+            pending: f(pending),
+            earned: f(earned),
+            threshold: f(threshold),
+            to_threshold: f((threshold - earned).max(Decimal::ZERO)),
+            available: f(a.accounts.available(threshold)),
+            in_withdrawal: f(a.accounts.in_withdrawal),
+            withdrawn_total: f(a.accounts.paid_out),
+            credited_total: f(a.accounts.credited),
+            lifetime_earned: f(a.accounts.lifetime_earned()),
+            as_of_seq,
+        })
+    }
+
+    /// The statement of one month: `earned` at its start and end, and every
+    /// movement between.
+    pub fn statement(
+        &self,
+        affiliate_id: &AffiliateId,
+        month: Month,
+        as_of_seq: Seq,
+        log_hash: String,
+    ) -> Option<Statement> {
+        let a = self.affiliates.get(affiliate_id)?;
+        let currency = self.rules.currency;
+        let opening: Decimal = a
+            .statements
+            .range(..month)
+            .flat_map(|(_, lines)| lines)
+            .map(|line| line.amount)
+            .sum();
+        let lines = a.statements.get(&month).map(Vec::as_slice).unwrap_or(&[]);
+        let mut totals: BTreeMap<&'static str, Decimal> = BTreeMap::new();
+        for line in lines {
+            *totals.entry(line.kind.name()).or_default() += line.amount;
+        }
+        let closing = opening + lines.iter().map(|l| l.amount).sum::<Decimal>();
+        Some(Statement {
+            affiliate_id: affiliate_id.clone(),
+            month,
+            currency,
+            opening_balance: currency.format(opening),
+            lines: lines
+                .iter()
+                .map(|line| StatementLineView {
+                    at: line.at,
+                    kind: line.kind,
+                    customer_id: line.customer_id.clone(),
+                    product: line.product.clone(),
+                    basis: line.basis.map(|b| currency.format(b)),
+                    rate: line.rate,
+                    amount: currency.format(line.amount),
+                    late: line.late,
+                    r#ref: line.reference.clone(),
+                })
+                .collect(),
+            totals: totals
+                .into_iter()
+                .map(|(kind, total)| (kind.to_string(), currency.format(total)))
+                .collect(),
+            closing_balance: currency.format(closing),
+            closed: self.closed_months.contains_key(&month),
+            as_of_seq,
+            log_hash,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    pub affiliate_id: AffiliateId,
+    pub month: Month,
+    pub currency: Currency,
+    pub opening_balance: String,
+    pub lines: Vec<StatementLineView>,
+    pub totals: BTreeMap<String, String>,
+    pub closing_balance: String,
+    /// Whether the month is closed: an open month's statement still grows.
+    pub closed: bool,
+    pub as_of_seq: Seq,
+    pub log_hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatementLineView {
+    pub at: Timestamp,
+    pub kind: StatementKind,
+    pub customer_id: Option<CustomerId>,
+    pub product: Option<String>,
+    pub basis: Option<String>,
+    pub rate: Option<Rate>,
+    pub amount: String,
+    pub late: bool,
+    pub r#ref: String,
+}
+
+/// How statistics are grouped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsBy {
+    Day,
+    Month,
+    Creative,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub clicks: u64,
+    pub unique_visitors: u64,
+    pub signups: u64,
+    pub conversions: u64,
+    pub commission: String,
+    pub series: Vec<StatsRow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatsRow {
+    pub key: String,
+    pub clicks: u64,
+    pub unique_visitors: Option<u64>,
+    pub signups: u64,
+    pub conversions: u64,
+    pub commission: String,
+}
+
+impl ProgramView {
+    /// Statistics of the days `from..=to` (program time zone), grouped by day,
+    /// month or creative. Creatives count clicks over all time.
+    pub fn stats(
+        &self,
+        affiliate_id: &AffiliateId,
+        from: NaiveDate,
+        to: NaiveDate,
+        by: StatsBy,
+    ) -> Option<Stats> {
+        let a = self.affiliates.get(affiliate_id)?;
+        let currency = self.rules.currency;
+        let mut total = Counters::default();
+        let mut visitors: HashSet<u64> = HashSet::new();
+        let mut groups: BTreeMap<String, (Counters, HashSet<u64>)> = BTreeMap::new();
+        for (day, counters) in a.days.range(from..=to) {
+            total.clicks += counters.clicks;
+            total.signups += counters.signups;
+            total.conversions += counters.conversions;
+            total.commission += counters.commission;
+            let day_visitors = a.visitors_by_day.get(day);
+            visitors.extend(day_visitors.into_iter().flatten());
+            let key = match by {
+                StatsBy::Day => day.to_string(),
+                StatsBy::Month => day.format("%Y-%m").to_string(),
+                StatsBy::Creative => continue,
+            };
+            let (group, group_visitors) = groups.entry(key).or_default();
+            group.clicks += counters.clicks;
+            group.signups += counters.signups;
+            group.conversions += counters.conversions;
+            group.commission += counters.commission;
+            group_visitors.extend(day_visitors.into_iter().flatten());
+        }
+        let series = if by == StatsBy::Creative {
+            a.creatives
+                .iter()
+                .map(|(creative, c)| StatsRow {
+                    key: creative.clone(),
+                    clicks: c.clicks,
+                    unique_visitors: None,
+                    signups: c.signups,
+                    conversions: c.conversions,
+                    commission: currency.format(c.commission),
+                })
+                .collect()
+        } else {
+            groups
+                .into_iter()
+                .map(|(key, (c, v))| StatsRow {
+                    key,
+                    clicks: c.clicks,
+                    unique_visitors: Some(v.len() as u64),
+                    signups: c.signups,
+                    conversions: c.conversions,
+                    commission: currency.format(c.commission),
+                })
+                .collect()
+        };
+        Some(Stats {
+            clicks: total.clicks,
+            unique_visitors: visitors.len() as u64,
+            signups: total.signups,
+            conversions: total.conversions,
+            commission: currency.format(total.commission),
+            series,
+        })
+    }
+}
+
+/// How the referral list is sorted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReferralSort {
+    SignupDesc,
+    SignupAsc,
+    CommissionDesc,
+    CommissionAsc,
+    BilledDesc,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferralQuery {
+    /// `active` or `closed`.
+    pub status: Option<String>,
+    /// A substring of the customer id.
+    pub q: Option<String>,
+    pub sort: ReferralSort,
+    pub limit: usize,
+    /// Rows to skip: the opaque cursor of the API is this number.
+    pub offset: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Referral {
+    pub customer_id: CustomerId,
+    pub signup_at: Option<Timestamp>,
+    pub status: &'static str,
+    pub billed: String,
+    pub commission: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReferralPage {
+    pub referrals: Vec<Referral>,
+    pub total: usize,
+    pub next_offset: Option<usize>,
+}
+
+impl ProgramView {
+    pub fn referrals(
+        &self,
+        affiliate_id: &AffiliateId,
+        query: &ReferralQuery,
+    ) -> Option<ReferralPage> {
+        let a = self.affiliates.get(affiliate_id)?;
+        let currency = self.rules.currency;
+        let mut rows: Vec<(&CustomerId, &CustomerView, Decimal)> = a
+            .commission_by_customer
+            .iter()
+            .filter_map(|(id, commission)| Some((id, self.customers.get(id)?, *commission)))
+            .filter(|(id, c, _)| {
+                let status = if c.closed { "closed" } else { "active" };
+                query.status.as_deref().is_none_or(|s| s == status)
+                    && query.q.as_deref().is_none_or(|q| id.as_str().contains(q))
+            })
+            .collect();
+        rows.sort_by(|x, y| {
+            let order = match query.sort {
+                ReferralSort::SignupDesc => y.1.signup_at.cmp(&x.1.signup_at),
+                ReferralSort::SignupAsc => x.1.signup_at.cmp(&y.1.signup_at),
+                ReferralSort::CommissionDesc => y.2.cmp(&x.2),
+                ReferralSort::CommissionAsc => x.2.cmp(&y.2),
+                ReferralSort::BilledDesc => y.1.billed.cmp(&x.1.billed),
+            };
+            order.then_with(|| x.0.cmp(y.0))
+        });
+        let total = rows.len();
+        let page: Vec<Referral> = rows
+            .into_iter()
+            .skip(query.offset)
+            .take(query.limit)
+            .map(|(id, c, commission)| Referral {
+                customer_id: id.clone(),
+                signup_at: c.signup_at,
+                status: if c.closed { "closed" } else { "active" },
+                billed: currency.format(c.billed),
+                commission: currency.format(commission),
+            })
+            .collect();
+        let next = query.offset + page.len();
+        Some(ReferralPage {
+            referrals: page,
+            total,
+            next_offset: (next < total).then_some(next),
+        })
+    }
+}

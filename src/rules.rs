@@ -1,0 +1,1611 @@
+//! The program rules as pure decisions: `decide(model, context, command, ids)`
+//! returns the events a command records, or the [`Rejection`] that refuses
+//! it. [`Model`] is the write model the decisions need, folded from recorded
+//! events by [`Model::apply`].
+//!
+//! Pure: no I/O, no clock. Time (`now`, `at`) and fresh ids come in as
+//! arguments, so a decision is a function of its inputs and tests read as
+//! given events / when command / then events.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use crate::events::*;
+use crate::money::{Currency, MoneyError, Rate};
+
+/// Why a command was refused. Nothing is recorded for a rejected command.
+/// The API maps each variant to one HTTP status and problem `type`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// A field failed validation (400/422 by the API, see `field`).
+    #[error("{0}")]
+    Invalid(InvalidValue),
+    #[error("{0}")]
+    Money(MoneyError),
+    #[error("no program `{0}`")]
+    UnknownProgram(ProgramId),
+    #[error("the rules document is for program `{body}`, not `{path}`")]
+    ProgramMismatch { path: ProgramId, body: ProgramId },
+    #[error("the program's currency is {current}; a program keeps one currency")]
+    CurrencyChange { current: Currency },
+    #[error("no affiliate `{0}`")]
+    UnknownAffiliate(AffiliateId),
+    #[error("affiliate `{0}` already exists")]
+    AffiliateExists(AffiliateId),
+    #[error("affiliate `{0}` is suspended")]
+    AffiliateSuspended(AffiliateId),
+    #[error("group `{0}` may not join this program")]
+    NotEligible(String),
+    #[error("promo code `{0}` is taken")]
+    PromoCodeTaken(String),
+    #[error("no affiliate has referral code `{0}`")]
+    UnknownReferralCode(String),
+    #[error("the program's currency is {expected}, not {got}")]
+    CurrencyMismatch { expected: Currency, got: String },
+    #[error("`{0}` was recorded before with other values")]
+    LineConflict(LineId),
+    #[error("no basis line `{0}` to refund")]
+    UnknownLine(LineId),
+    #[error("basis line `{line}` belongs to customer `{owner}`")]
+    WrongCustomer { line: LineId, owner: CustomerId },
+    #[error("refunds of `{line}` would reach {total}, more than its {amount}")]
+    RefundExceedsLine {
+        line: LineId,
+        total: Decimal,
+        amount: Decimal,
+    },
+    #[error("no customer `{0}`")]
+    UnknownCustomer(CustomerId),
+    #[error("`{0}` is the affiliate's own account: no self-referral")]
+    SelfReferral(CustomerId),
+    #[error("month {0} has not ended in the program's time zone")]
+    MonthNotEnded(Month),
+    #[error("month {month} is before {last_closed}, the last closed month")]
+    MonthOutOfOrder { month: Month, last_closed: Month },
+    #[error("requested {requested}, available {available}")]
+    InsufficientBalance {
+        requested: Decimal,
+        available: Decimal,
+    },
+    #[error("earned is {earned}, below the payout threshold of {threshold}")]
+    BelowThreshold { earned: Decimal, threshold: Decimal },
+    #[error("earned is negative ({0}): nothing can be withdrawn")]
+    NegativeEarned(Decimal),
+    #[error("no withdrawal `{0}`")]
+    UnknownWithdrawal(Uuid),
+    #[error("withdrawal `{0}` is already settled")]
+    WithdrawalSettled(Uuid),
+    #[error("key `{0}` already exists")]
+    KeyExists(String),
+    #[error("no key `{0}`")]
+    UnknownKey(String),
+}
+
+impl From<InvalidValue> for Rejection {
+    fn from(e: InvalidValue) -> Rejection {
+        Rejection::Invalid(e)
+    }
+}
+
+impl From<MoneyError> for Rejection {
+    fn from(e: MoneyError) -> Rejection {
+        Rejection::Money(e)
+    }
+}
+
+/// What a command asks for. Amounts arrive as text with their currency, so
+/// the rules check scale and currency against the program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    DefineProgram {
+        rules: ProgramRules,
+        reason: Option<String>,
+    },
+    EnrollAffiliate {
+        affiliate_id: AffiliateId,
+        customer_id: Option<CustomerId>,
+        group: Option<String>,
+        rate: Option<Rate>,
+    },
+    SuspendAffiliate {
+        affiliate_id: AffiliateId,
+        reason: String,
+    },
+    RecordClick {
+        referral_code: String,
+        visitor: Option<String>,
+        creative: Option<String>,
+        referrer: Option<String>,
+        landing: Option<String>,
+        client_hash: Option<Bytes<16>>,
+    },
+    Signup {
+        customer_id: CustomerId,
+        visitor: Option<String>,
+        promo_code: Option<String>,
+        group: Option<String>,
+    },
+    RecordBasisLine {
+        kind: LineKind,
+        id: LineId,
+        customer_id: CustomerId,
+        amount: String,
+        currency: String,
+        product: Option<String>,
+        order_id: Option<String>,
+    },
+    RecordRefund {
+        id: LineId,
+        customer_id: CustomerId,
+        refunds: LineId,
+        amount: String,
+        currency: String,
+    },
+    CloseCustomer {
+        customer_id: CustomerId,
+        reason: Option<String>,
+    },
+    ChangeCustomerGroup {
+        customer_id: CustomerId,
+        group: String,
+    },
+    Reassign {
+        customer_id: CustomerId,
+        to: AffiliateId,
+        from: Option<Timestamp>,
+        retroactive: bool,
+        reason: String,
+    },
+    CloseMonth {
+        month: Month,
+    },
+    RequestWithdrawal {
+        affiliate_id: AffiliateId,
+        amount: String,
+    },
+    PayWithdrawal {
+        withdrawal_id: Uuid,
+        reference: String,
+    },
+    RejectWithdrawal {
+        withdrawal_id: Uuid,
+        reason: String,
+    },
+    ApplyCredit {
+        affiliate_id: AffiliateId,
+        amount: String,
+        invoice_id: String,
+    },
+    IssueKey {
+        key_id: String,
+        key_hash: Bytes<32>,
+        role: Role,
+    },
+    RevokeKey {
+        key_id: String,
+        reason: String,
+    },
+}
+
+impl Command {
+    /// Whether the command acts inside one program (all but key commands).
+    pub fn needs_program(&self) -> bool {
+        !matches!(self, Command::IssueKey { .. } | Command::RevokeKey { .. })
+    }
+}
+
+/// A command that was accepted but records nothing, with the answer to give.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Noop {
+    /// No click or promo code matched (H-Sphere sends every signup everywhere).
+    SignupIgnored,
+    /// The customer already belongs to an affiliate; only reassignment moves them.
+    AlreadyAttributed {
+        affiliate_id: AffiliateId,
+        via: Via,
+    },
+    /// The same basis line or refund was recorded before, at this seq.
+    Duplicate {
+        seq: Seq,
+    },
+    MonthAlreadyClosed(MonthClosed),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Append(Vec<Event>),
+    Noop(Noop),
+}
+
+/// Everything a decision may know besides the model and the command.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    pub program: Option<&'a ProgramId>,
+    /// The ledger's clock.
+    pub now: Timestamp,
+    /// When it happened: the command's `at`, or `now`.
+    pub at: Timestamp,
+    /// The seq the first event of this decision will get.
+    pub next_seq: Seq,
+    /// Who asks: a key id, `cli` or `system`.
+    pub actor: &'a str,
+}
+
+/// Fresh ids for decisions: random in the ledger, scripted in tests.
+pub trait IdSource {
+    fn uuid(&mut self) -> Uuid;
+    /// A short random code for referral links and visitors: `[a-z0-9]{10}`.
+    fn code(&mut self) -> String;
+}
+
+/// The default group of customers and affiliates that name none.
+pub const DEFAULT_GROUP: &str = "default";
+const MAX_GROUP_LEN: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct Affiliate {
+    pub referral_code: String,
+    pub promo_code: Option<String>,
+    pub customer_id: Option<CustomerId>,
+    pub group: String,
+    pub rate: Option<Rate>,
+    pub suspended_at: Option<Timestamp>,
+    pub enrolled_at: Timestamp,
+    pub accounts: AffiliateAccounts,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Customer {
+    /// Who the customer belongs to from when on (`None` = from the start), in order.
+    pub attribution: Vec<(Option<Timestamp>, AffiliateId)>,
+    pub signup_at: Option<Timestamp>,
+    pub via: Option<Via>,
+    /// The customer's group from when on, in order.
+    pub groups: Vec<(Timestamp, String)>,
+    pub closed: bool,
+    pub first_line: Option<LineId>,
+    pub first_order: Option<String>,
+    pub first_line_at: Option<Timestamp>,
+    /// The bounty paid for this customer: to whom, how much.
+    pub bounty: Option<(AffiliateId, Decimal)>,
+    pub lines: Vec<LineId>,
+}
+
+impl Customer {
+    pub fn affiliate_at(&self, at: Timestamp) -> Option<&AffiliateId> {
+        self.attribution
+            .iter()
+            .rev()
+            .find(|(from, _)| from.is_none_or(|from| from <= at))
+            .map(|(_, affiliate)| affiliate)
+    }
+    pub fn current_affiliate(&self) -> Option<&AffiliateId> {
+        self.attribution.last().map(|(_, affiliate)| affiliate)
+    }
+    pub fn group_at(&self, at: Timestamp) -> &str {
+        self.groups
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= at)
+            .or(self.groups.first())
+            .map(|(_, group)| group.as_str())
+            .unwrap_or(DEFAULT_GROUP)
+    }
+}
+
+/// A reward posted for a basis line.
+#[derive(Clone, Debug)]
+pub struct LineReward {
+    pub affiliate_id: AffiliateId,
+    pub rate: Rate,
+    pub amount: Decimal,
+    /// Refunds clawed back so far, and the claw-backs themselves.
+    pub refunded: Decimal,
+    pub clawed: Decimal,
+}
+
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub id: LineId,
+    pub kind: LineKind,
+    pub customer_id: CustomerId,
+    pub amount: Decimal,
+    pub product: Option<String>,
+    pub order_id: Option<String>,
+    pub at: Timestamp,
+    pub month: Month,
+    pub seq: Seq,
+    pub refunded: Decimal,
+    /// Taken by a month close (rewarded or not).
+    pub processed: bool,
+    pub reward: Option<LineReward>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Refund {
+    pub line: LineId,
+    pub customer_id: CustomerId,
+    pub amount: Decimal,
+    pub at: Timestamp,
+    pub month: Month,
+    pub seq: Seq,
+    pub processed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithdrawalStatus {
+    Requested,
+    Paid,
+    Rejected,
+}
+
+#[derive(Clone, Debug)]
+pub struct Withdrawal {
+    pub affiliate_id: AffiliateId,
+    pub amount: Decimal,
+    pub status: WithdrawalStatus,
+}
+
+/// The write model of one program.
+#[derive(Clone, Debug, Default)]
+pub struct ProgramModel {
+    /// Every version of the rules, with the moment it took effect, in order.
+    pub rules: Vec<(Timestamp, ProgramRules)>,
+    pub affiliates: BTreeMap<AffiliateId, Affiliate>,
+    referral_codes: HashMap<String, AffiliateId>,
+    /// Upper-cased: promo codes are typed by people, case does not matter.
+    promo_codes: HashMap<String, AffiliateId>,
+    own_customers: HashMap<CustomerId, AffiliateId>,
+    /// Each visitor's clicks (when, whose), for attribution inside the cookie window.
+    visitors: HashMap<String, Vec<(Timestamp, AffiliateId)>>,
+    pub customers: HashMap<CustomerId, Customer>,
+    pub lines: HashMap<LineId, Line>,
+    pub refunds: HashMap<LineId, Refund>,
+    /// Lines no close has taken yet, by (month, at, seq).
+    open_lines: BTreeMap<(Month, Timestamp, Seq), LineId>,
+    open_refunds: BTreeMap<(Month, Timestamp, Seq), LineId>,
+    /// Every line of a month, for tier counts.
+    lines_by_month: HashMap<Month, Vec<LineId>>,
+    pub closed: BTreeMap<Month, MonthClosed>,
+    pub withdrawals: HashMap<Uuid, Withdrawal>,
+}
+
+impl ProgramModel {
+    /// The rules in force now (the latest version).
+    pub fn current_rules(&self) -> Option<&ProgramRules> {
+        self.rules.last().map(|(_, rules)| rules)
+    }
+
+    /// The rules in force at a moment (the first version for earlier moments).
+    pub fn rules_at(&self, at: Timestamp) -> Option<&ProgramRules> {
+        self.rules
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= at)
+            .or(self.rules.first())
+            .map(|(_, rules)| rules)
+    }
+
+    pub fn affiliate_by_code(&self, referral_code: &str) -> Option<&AffiliateId> {
+        self.referral_codes.get(referral_code)
+    }
+
+    pub fn affiliate_by_promo(&self, promo_code: &str) -> Option<&AffiliateId> {
+        self.promo_codes.get(&promo_code.to_uppercase())
+    }
+
+    pub fn last_closed(&self) -> Option<Month> {
+        self.closed.keys().next_back().copied()
+    }
+
+    fn zone(&self) -> chrono_tz::Tz {
+        self.current_rules()
+            .map(ProgramRules::zone)
+            .unwrap_or(chrono_tz::UTC)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub role: Role,
+    pub issuer: String,
+    pub revoked: bool,
+}
+
+/// The state the rules decide against: folded from every recorded event.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub programs: HashMap<ProgramId, ProgramModel>,
+    pub keys: BTreeMap<String, KeyRecord>,
+    /// Keyed hash of a key → key id.
+    pub key_hashes: HashMap<Bytes<32>, String>,
+    pub last_seq: Seq,
+}
+
+impl Model {
+    pub fn program(&self, id: &ProgramId) -> Option<&ProgramModel> {
+        self.programs.get(id)
+    }
+
+    /// Folds one recorded event in. Infallible: events were decided valid
+    /// when recorded; an event for an unknown program or affiliate (possible
+    /// only in a hand-made import) changes nothing it cannot find.
+    pub fn apply(&mut self, recorded: &Recorded) {
+        self.last_seq = recorded.seq;
+        match &recorded.event {
+            Event::ApiKeyIssued(e) => {
+                self.key_hashes.insert(e.key_hash, e.key_id.clone());
+                self.keys.insert(
+                    e.key_id.clone(),
+                    KeyRecord {
+                        key_id: e.key_id.clone(),
+                        role: e.role,
+                        issuer: e.issuer.clone(),
+                        revoked: false,
+                    },
+                );
+                return;
+            }
+            Event::ApiKeyRevoked(e) => {
+                if let Some(key) = self.keys.get_mut(&e.key_id) {
+                    key.revoked = true;
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(program) = &recorded.program else {
+            return;
+        };
+        let pm = self.programs.entry(program.clone()).or_default();
+        if pm.rules.is_empty() && !matches!(recorded.event, Event::ProgramDefined(_)) {
+            return;
+        }
+        for posting in recorded.event.postings() {
+            if let Some(affiliate) = posting_affiliate(&posting.account)
+                && let Some(a) = pm.affiliates.get_mut(affiliate)
+            {
+                a.accounts.apply(&posting);
+            }
+        }
+        apply_program_event(pm, recorded);
+    }
+}
+
+fn posting_affiliate(account: &Account) -> Option<&AffiliateId> {
+    match account {
+        Account::Earned(a)
+        | Account::InWithdrawal(a)
+        | Account::PaidOut(a)
+        | Account::Credited(a) => Some(a),
+        Account::CommissionExpense => None,
+    }
+}
+
+fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
+    let at = recorded.occurred_at;
+    let seq = recorded.seq;
+    match &recorded.event {
+        Event::ProgramDefined(e) => pm.rules.push((at, e.rules.clone())),
+        Event::AffiliateEnrolled(e) => {
+            pm.referral_codes
+                .insert(e.referral_code.clone(), e.affiliate_id.clone());
+            if let Some(promo) = &e.promo_code {
+                pm.promo_codes
+                    .insert(promo.to_uppercase(), e.affiliate_id.clone());
+            }
+            if let Some(customer) = &e.customer_id {
+                pm.own_customers
+                    .insert(customer.clone(), e.affiliate_id.clone());
+            }
+            pm.affiliates.insert(
+                e.affiliate_id.clone(),
+                Affiliate {
+                    referral_code: e.referral_code.clone(),
+                    promo_code: e.promo_code.clone(),
+                    customer_id: e.customer_id.clone(),
+                    group: e.group.clone(),
+                    rate: e.rate,
+                    suspended_at: None,
+                    enrolled_at: at,
+                    accounts: AffiliateAccounts::default(),
+                },
+            );
+        }
+        Event::AffiliateSuspended(e) => {
+            if let Some(a) = pm.affiliates.get_mut(&e.affiliate_id) {
+                a.suspended_at = Some(at);
+            }
+        }
+        Event::ClickRecorded(e) => pm
+            .visitors
+            .entry(e.visitor.clone())
+            .or_default()
+            .push((at, e.affiliate_id.clone())),
+        Event::SignupAttributed(e) => {
+            let customer = pm.customers.entry(e.customer_id.clone()).or_default();
+            customer.attribution = vec![(None, e.affiliate_id.clone())];
+            customer.signup_at = Some(at);
+            customer.via = Some(e.via);
+            if customer.groups.is_empty() {
+                customer.groups.push((at, e.group.clone()));
+            }
+        }
+        Event::BasisLineRecorded(e) => {
+            let month = at.month_in(pm.zone());
+            let customer = pm.customers.entry(e.customer_id.clone()).or_default();
+            if customer.first_line.is_none() {
+                customer.first_line = Some(e.id.clone());
+                customer.first_order = e.order_id.clone();
+                customer.first_line_at = Some(at);
+            }
+            customer.lines.push(e.id.clone());
+            pm.open_lines.insert((month, at, seq), e.id.clone());
+            pm.lines_by_month
+                .entry(month)
+                .or_default()
+                .push(e.id.clone());
+            pm.lines.insert(
+                e.id.clone(),
+                Line {
+                    id: e.id.clone(),
+                    kind: e.kind,
+                    customer_id: e.customer_id.clone(),
+                    amount: e.amount,
+                    product: e.product.clone(),
+                    order_id: e.order_id.clone(),
+                    at,
+                    month,
+                    seq,
+                    refunded: Decimal::ZERO,
+                    processed: false,
+                    reward: None,
+                },
+            );
+        }
+        Event::RefundRecorded(e) => {
+            let month = at.month_in(pm.zone());
+            if let Some(line) = pm.lines.get_mut(&e.refunds) {
+                line.refunded += e.amount;
+            }
+            pm.open_refunds.insert((month, at, seq), e.id.clone());
+            pm.refunds.insert(
+                e.id.clone(),
+                Refund {
+                    line: e.refunds.clone(),
+                    customer_id: e.customer_id.clone(),
+                    amount: e.amount,
+                    at,
+                    month,
+                    seq,
+                    processed: false,
+                },
+            );
+        }
+        Event::CustomerClosed(e) => {
+            pm.customers
+                .entry(e.customer_id.clone())
+                .or_default()
+                .closed = true;
+        }
+        Event::CustomerGroupChanged(e) => {
+            pm.customers
+                .entry(e.customer_id.clone())
+                .or_default()
+                .groups
+                .push((at, e.group.clone()));
+        }
+        Event::RewardAccrued(e) => match e.kind {
+            RewardKind::Reward => {
+                if let Some(line) = pm.lines.get_mut(&e.line) {
+                    line.processed = true;
+                    pm.open_lines.remove(&(line.month, line.at, line.seq));
+                    line.reward = Some(LineReward {
+                        affiliate_id: e.affiliate_id.clone(),
+                        rate: e.rate,
+                        amount: e.amount,
+                        refunded: Decimal::ZERO,
+                        clawed: Decimal::ZERO,
+                    });
+                }
+            }
+            RewardKind::Bounty => {
+                if let Some(customer) = pm.customers.get_mut(&e.customer_id) {
+                    customer.bounty = Some((e.affiliate_id.clone(), e.amount));
+                }
+            }
+        },
+        Event::RewardClawedBack(e) => {
+            if let Some(refund) = pm.refunds.get_mut(&e.refund) {
+                refund.processed = true;
+                pm.open_refunds
+                    .remove(&(refund.month, refund.at, refund.seq));
+                if let Some(reward) = pm
+                    .lines
+                    .get_mut(&e.line)
+                    .and_then(|line| line.reward.as_mut())
+                {
+                    reward.refunded += refund.amount;
+                    reward.clawed += e.amount;
+                }
+            }
+        }
+        Event::MonthClosed(e) => {
+            let rest = pm
+                .open_lines
+                .split_off(&(e.month.next(), Timestamp::MIN, 0));
+            for (_, id) in std::mem::replace(&mut pm.open_lines, rest) {
+                if let Some(line) = pm.lines.get_mut(&id) {
+                    line.processed = true;
+                }
+            }
+            let rest = pm
+                .open_refunds
+                .split_off(&(e.month.next(), Timestamp::MIN, 0));
+            for (_, id) in std::mem::replace(&mut pm.open_refunds, rest) {
+                if let Some(refund) = pm.refunds.get_mut(&id) {
+                    refund.processed = true;
+                }
+            }
+            pm.closed.insert(e.month, e.clone());
+        }
+        Event::WithdrawalRequested(e) => {
+            pm.withdrawals.insert(
+                e.withdrawal_id,
+                Withdrawal {
+                    affiliate_id: e.affiliate_id.clone(),
+                    amount: e.amount,
+                    status: WithdrawalStatus::Requested,
+                },
+            );
+        }
+        Event::WithdrawalPaid(e) => {
+            if let Some(w) = pm.withdrawals.get_mut(&e.withdrawal_id) {
+                w.status = WithdrawalStatus::Paid;
+            }
+        }
+        Event::WithdrawalRejected(e) => {
+            if let Some(w) = pm.withdrawals.get_mut(&e.withdrawal_id) {
+                w.status = WithdrawalStatus::Rejected;
+            }
+        }
+        Event::ReferralReassigned(e) => reassign(pm, e),
+        Event::CreditApplied(_)
+        | Event::AdjustmentPosted(_)
+        | Event::ApiKeyIssued(_)
+        | Event::ApiKeyRevoked(_) => {}
+    }
+}
+
+/// Moves a customer; with `retroactive`, posted rewards of lines from `from`
+/// on now belong to the new affiliate (the adjustments moved their money),
+/// and processed lines that earned nobody are opened again for the next close.
+fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
+    let Some(customer) = pm.customers.get_mut(&e.customer_id) else {
+        return;
+    };
+    match e.from {
+        None => customer.attribution = vec![(None, e.to.clone())],
+        Some(from) => {
+            customer
+                .attribution
+                .retain(|(start, _)| start.is_some_and(|start| start < from) || start.is_none());
+            customer.attribution.push((Some(from), e.to.clone()));
+        }
+    }
+    if !e.retroactive {
+        return;
+    }
+    let from = e.from.unwrap_or(Timestamp::MIN);
+    if customer.first_line_at.is_some_and(|at| at >= from)
+        && let Some((_, amount)) = customer.bounty.take()
+    {
+        customer.bounty = Some((e.to.clone(), amount));
+    }
+    for id in customer.lines.clone() {
+        let Some(line) = pm.lines.get_mut(&id) else {
+            continue;
+        };
+        if line.at < from {
+            continue;
+        }
+        match &mut line.reward {
+            Some(reward) => reward.affiliate_id = e.to.clone(),
+            None if line.processed => {
+                line.processed = false;
+                pm.open_lines
+                    .insert((line.month, line.at, line.seq), id.clone());
+            }
+            None => {}
+        }
+    }
+    for (id, refund) in pm.refunds.iter_mut() {
+        if refund.customer_id == e.customer_id
+            && refund.processed
+            && pm
+                .lines
+                .get(&refund.line)
+                .is_some_and(|l| l.at >= from && l.reward.is_none())
+        {
+            refund.processed = false;
+            pm.open_refunds
+                .insert((refund.month, refund.at, refund.seq), id.clone());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decisions.
+
+fn text(field: &'static str, value: &str, max: usize) -> Result<(), Rejection> {
+    if value.len() > max || value.chars().any(char::is_control) {
+        return Err(InvalidValue::new(
+            field,
+            format!("must be at most {max} characters, no control characters"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn required_text(field: &'static str, value: &str) -> Result<(), Rejection> {
+    if value.trim().is_empty() {
+        return Err(InvalidValue::new(field, "must not be empty").into());
+    }
+    text(field, value, MAX_TEXT_LEN)
+}
+
+fn optional_text(field: &'static str, value: &Option<String>, max: usize) -> Result<(), Rejection> {
+    match value {
+        Some(v) => text(field, v, max),
+        None => Ok(()),
+    }
+}
+
+fn group(field: &'static str, value: &Option<String>) -> Result<String, Rejection> {
+    let group = value.clone().unwrap_or_else(|| DEFAULT_GROUP.to_string());
+    if group.is_empty() {
+        return Err(InvalidValue::new(field, "must not be empty").into());
+    }
+    text(field, &group, MAX_GROUP_LEN)?;
+    Ok(group)
+}
+
+/// Keeps a URL's origin and path: no query string, no fragment, no user info.
+pub fn origin_and_path(url: &str) -> String {
+    let cut = url.find(['?', '#']).unwrap_or(url.len());
+    let url = &url[..cut];
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let rest = rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest);
+            format!("{scheme}://{rest}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn program_of<'m>(
+    model: &'m Model,
+    ctx: &Context<'_>,
+) -> Result<(&'m ProgramId, &'m ProgramModel), Rejection> {
+    let id = ctx
+        .program
+        .ok_or_else(|| Rejection::Invalid(InvalidValue::new("program", "a program is required")))?;
+    model
+        .programs
+        .get_key_value(id)
+        .filter(|(_, pm)| !pm.rules.is_empty())
+        .ok_or_else(|| Rejection::UnknownProgram(id.clone()))
+}
+
+fn current_rules<'m>(pm: &'m ProgramModel, id: &ProgramId) -> Result<&'m ProgramRules, Rejection> {
+    pm.current_rules()
+        .ok_or_else(|| Rejection::UnknownProgram(id.clone()))
+}
+
+fn amount_in(rules: &ProgramRules, amount: &str, currency: &str) -> Result<Decimal, Rejection> {
+    if currency != rules.currency.code() {
+        return Err(Rejection::CurrencyMismatch {
+            expected: rules.currency,
+            got: currency.to_string(),
+        });
+    }
+    Ok(rules.currency.parse_positive(amount)?)
+}
+
+fn affiliate<'m>(pm: &'m ProgramModel, id: &AffiliateId) -> Result<&'m Affiliate, Rejection> {
+    pm.affiliates
+        .get(id)
+        .ok_or_else(|| Rejection::UnknownAffiliate(id.clone()))
+}
+
+/// Decides a command against the model: the events to record, a no-op
+/// answer, or a rejection.
+pub fn decide(
+    model: &Model,
+    ctx: &Context<'_>,
+    command: &Command,
+    ids: &mut dyn IdSource,
+) -> Result<Decision, Rejection> {
+    let append = |events: Vec<Event>| Ok(Decision::Append(events));
+    match command {
+        Command::DefineProgram { rules, reason } => {
+            let path = ctx.program.ok_or_else(|| {
+                Rejection::Invalid(InvalidValue::new("program", "a program is required"))
+            })?;
+            if &rules.id != path {
+                return Err(Rejection::ProgramMismatch {
+                    path: path.clone(),
+                    body: rules.id.clone(),
+                });
+            }
+            rules.validate()?;
+            optional_text("reason", reason, MAX_TEXT_LEN)?;
+            if let Some(current) = model.program(path).and_then(ProgramModel::current_rules)
+                && current.currency != rules.currency
+            {
+                return Err(Rejection::CurrencyChange {
+                    current: current.currency,
+                });
+            }
+            append(vec![Event::ProgramDefined(ProgramDefined {
+                rules: rules.clone(),
+                reason: reason.clone(),
+            })])
+        }
+        Command::EnrollAffiliate {
+            affiliate_id,
+            customer_id,
+            group: wanted_group,
+            rate,
+        } => {
+            let (id, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, id)?;
+            if pm.affiliates.contains_key(affiliate_id) {
+                return Err(Rejection::AffiliateExists(affiliate_id.clone()));
+            }
+            let group = group("group", wanted_group)?;
+            if !rules.eligible_groups.is_empty() && !rules.eligible_groups.contains(&group) {
+                return Err(Rejection::NotEligible(group));
+            }
+            let promo_code = rules
+                .promo_code_template
+                .as_ref()
+                .map(|template| template.replace("@ID@", affiliate_id.as_str()));
+            if let Some(promo) = &promo_code
+                && pm.affiliate_by_promo(promo).is_some()
+            {
+                return Err(Rejection::PromoCodeTaken(promo.clone()));
+            }
+            let mut referral_code = ids.code();
+            while pm.referral_codes.contains_key(&referral_code) {
+                referral_code = ids.code();
+            }
+            append(vec![Event::AffiliateEnrolled(AffiliateEnrolled {
+                affiliate_id: affiliate_id.clone(),
+                referral_code,
+                promo_code,
+                customer_id: customer_id.clone(),
+                group,
+                rate: *rate,
+            })])
+        }
+        Command::SuspendAffiliate {
+            affiliate_id,
+            reason,
+        } => {
+            let (_, pm) = program_of(model, ctx)?;
+            let a = affiliate(pm, affiliate_id)?;
+            if a.suspended_at.is_some() {
+                return Err(Rejection::AffiliateSuspended(affiliate_id.clone()));
+            }
+            required_text("reason", reason)?;
+            append(vec![Event::AffiliateSuspended(AffiliateSuspended {
+                affiliate_id: affiliate_id.clone(),
+                reason: reason.clone(),
+            })])
+        }
+        Command::RecordClick {
+            referral_code,
+            visitor,
+            creative,
+            referrer,
+            landing,
+            client_hash,
+        } => {
+            let (_, pm) = program_of(model, ctx)?;
+            let affiliate_id = pm
+                .affiliate_by_code(referral_code)
+                .ok_or_else(|| Rejection::UnknownReferralCode(referral_code.clone()))?;
+            if affiliate(pm, affiliate_id)?.suspended_at.is_some() {
+                return Err(Rejection::AffiliateSuspended(affiliate_id.clone()));
+            }
+            let visitor = match visitor {
+                Some(v) => {
+                    check_identifier_text("visitor", v)?;
+                    v.clone()
+                }
+                None => format!("v-{}", ids.code()),
+            };
+            optional_text("creative", creative, 128)?;
+            optional_text("referrer", referrer, 2000)?;
+            optional_text("landing", landing, 2000)?;
+            append(vec![Event::ClickRecorded(ClickRecorded {
+                click_id: ids.uuid(),
+                affiliate_id: affiliate_id.clone(),
+                visitor,
+                creative: creative.clone(),
+                referrer: referrer.as_deref().map(origin_and_path),
+                landing: landing.as_deref().map(origin_and_path),
+                client_hash: *client_hash,
+            })])
+        }
+        Command::Signup {
+            customer_id,
+            visitor,
+            promo_code,
+            group: wanted_group,
+        } => {
+            let (id, pm) = program_of(model, ctx)?;
+            let rules = pm
+                .rules_at(ctx.at)
+                .ok_or_else(|| Rejection::UnknownProgram(id.clone()))?;
+            let group = group("group", wanted_group)?;
+            if let Some(v) = visitor {
+                check_identifier_text("visitor", v)?;
+            }
+            optional_text("promo_code", promo_code, 128)?;
+            let customer = pm.customers.get(customer_id);
+            if let Some((affiliate_id, via)) =
+                customer.and_then(|c| Some((c.current_affiliate()?, c.via?)))
+            {
+                return Ok(Decision::Noop(Noop::AlreadyAttributed {
+                    affiliate_id: affiliate_id.clone(),
+                    via,
+                }));
+            }
+            let has_billed_lines = customer.is_some_and(|c| !c.lines.is_empty());
+            let eligible = |a: &AffiliateId| {
+                pm.affiliates.get(a).is_some_and(|aff| {
+                    aff.suspended_at.is_none_or(|s| s > ctx.at)
+                        && aff.customer_id.as_ref() != Some(customer_id)
+                })
+            };
+            let by_promo = promo_code
+                .as_deref()
+                .filter(|_| !has_billed_lines)
+                .and_then(|code| pm.affiliate_by_promo(code))
+                .filter(|a| eligible(a))
+                .map(|a| (a.clone(), Via::PromoCode));
+            let by_click = || {
+                let clicks = pm.visitors.get(visitor.as_ref()?)?;
+                let window_start = Timestamp::from_micros(
+                    ctx.at.micros() - i64::from(rules.cookie_days) * 86_400_000_000,
+                );
+                let inside = clicks
+                    .iter()
+                    .filter(|(at, a)| *at >= window_start && *at <= ctx.at && eligible(a));
+                let chosen = match rules.attribution {
+                    Attribution::LastClick => inside.max_by_key(|(at, _)| *at),
+                    Attribution::FirstClick => inside.min_by_key(|(at, _)| *at),
+                };
+                chosen.map(|(_, a)| (a.clone(), Via::Click))
+            };
+            let Some((affiliate_id, via)) = by_promo.or_else(by_click) else {
+                return Ok(Decision::Noop(Noop::SignupIgnored));
+            };
+            append(vec![Event::SignupAttributed(SignupAttributed {
+                customer_id: customer_id.clone(),
+                affiliate_id,
+                via,
+                visitor: visitor.clone(),
+                promo_code: if via == Via::PromoCode {
+                    promo_code.clone()
+                } else {
+                    None
+                },
+                group,
+            })])
+        }
+        Command::RecordBasisLine {
+            kind,
+            id,
+            customer_id,
+            amount,
+            currency,
+            product,
+            order_id,
+        } => {
+            let (pid, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, pid)?;
+            let amount = amount_in(rules, amount, currency)?;
+            optional_text("product", product, 128)?;
+            optional_text("order_id", order_id, 128)?;
+            if let Some(line) = pm.lines.get(id) {
+                let same = line.kind == *kind
+                    && &line.customer_id == customer_id
+                    && line.amount == amount
+                    && &line.product == product
+                    && &line.order_id == order_id;
+                return if same {
+                    Ok(Decision::Noop(Noop::Duplicate { seq: line.seq }))
+                } else {
+                    Err(Rejection::LineConflict(id.clone()))
+                };
+            }
+            append(vec![Event::BasisLineRecorded(BasisLineRecorded {
+                kind: *kind,
+                id: id.clone(),
+                customer_id: customer_id.clone(),
+                amount,
+                product: product.clone(),
+                order_id: order_id.clone(),
+            })])
+        }
+        Command::RecordRefund {
+            id,
+            customer_id,
+            refunds,
+            amount,
+            currency,
+        } => {
+            let (pid, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, pid)?;
+            let amount = amount_in(rules, amount, currency)?;
+            if let Some(refund) = pm.refunds.get(id) {
+                let same = &refund.line == refunds
+                    && &refund.customer_id == customer_id
+                    && refund.amount == amount;
+                return if same {
+                    Ok(Decision::Noop(Noop::Duplicate { seq: refund.seq }))
+                } else {
+                    Err(Rejection::LineConflict(id.clone()))
+                };
+            }
+            let line = pm
+                .lines
+                .get(refunds)
+                .ok_or_else(|| Rejection::UnknownLine(refunds.clone()))?;
+            if &line.customer_id != customer_id {
+                return Err(Rejection::WrongCustomer {
+                    line: refunds.clone(),
+                    owner: line.customer_id.clone(),
+                });
+            }
+            if line.refunded + amount > line.amount {
+                return Err(Rejection::RefundExceedsLine {
+                    line: refunds.clone(),
+                    total: line.refunded + amount,
+                    amount: line.amount,
+                });
+            }
+            append(vec![Event::RefundRecorded(RefundRecorded {
+                id: id.clone(),
+                customer_id: customer_id.clone(),
+                refunds: refunds.clone(),
+                amount,
+            })])
+        }
+        Command::CloseCustomer {
+            customer_id,
+            reason,
+        } => {
+            program_of(model, ctx)?;
+            optional_text("reason", reason, MAX_TEXT_LEN)?;
+            append(vec![Event::CustomerClosed(CustomerClosed {
+                customer_id: customer_id.clone(),
+                reason: reason.clone(),
+            })])
+        }
+        Command::ChangeCustomerGroup {
+            customer_id,
+            group: wanted,
+        } => {
+            program_of(model, ctx)?;
+            let group = group("group", &Some(wanted.clone()))?;
+            append(vec![Event::CustomerGroupChanged(CustomerGroupChanged {
+                customer_id: customer_id.clone(),
+                group,
+            })])
+        }
+        Command::Reassign {
+            customer_id,
+            to,
+            from,
+            retroactive,
+            reason,
+        } => decide_reassign(model, ctx, customer_id, to, *from, *retroactive, reason),
+        Command::CloseMonth { month } => {
+            let (id, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, id)?;
+            if let Some(closed) = pm.closed.get(month) {
+                return Ok(Decision::Noop(Noop::MonthAlreadyClosed(closed.clone())));
+            }
+            if ctx.now < month.next().start_in(rules.zone()) {
+                return Err(Rejection::MonthNotEnded(*month));
+            }
+            if let Some(last_closed) = pm.last_closed()
+                && *month < last_closed
+            {
+                return Err(Rejection::MonthOutOfOrder {
+                    month: *month,
+                    last_closed,
+                });
+            }
+            let mut events = close_rewards(pm, *month, *month, None);
+            let mut rewards = 0u32;
+            let mut total = Decimal::ZERO;
+            for event in &events {
+                match event {
+                    Event::RewardAccrued(r) => {
+                        rewards += 1;
+                        total += r.amount;
+                    }
+                    Event::RewardClawedBack(c) => total -= c.amount,
+                    _ => {}
+                }
+            }
+            events.push(Event::MonthClosed(MonthClosed {
+                month: *month,
+                rewards,
+                total: rules.currency.round_half_even(total),
+            }));
+            append(events)
+        }
+        Command::RequestWithdrawal {
+            affiliate_id,
+            amount,
+        } => {
+            let (id, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, id)?;
+            let amount = rules.currency.parse_positive(amount)?;
+            let accounts = &affiliate(pm, affiliate_id)?.accounts;
+            let earned = accounts.earned();
+            if earned < Decimal::ZERO {
+                return Err(Rejection::NegativeEarned(earned));
+            }
+            if earned < rules.payout_threshold {
+                return Err(Rejection::BelowThreshold {
+                    earned,
+                    threshold: rules.payout_threshold,
+                });
+            }
+            let available = accounts.available(rules.payout_threshold);
+            if amount > available {
+                return Err(Rejection::InsufficientBalance {
+                    requested: amount,
+                    available,
+                });
+            }
+            append(vec![Event::WithdrawalRequested(WithdrawalRequested {
+                withdrawal_id: ids.uuid(),
+                affiliate_id: affiliate_id.clone(),
+                amount,
+            })])
+        }
+        Command::PayWithdrawal {
+            withdrawal_id,
+            reference,
+        } => {
+            let (_, pm) = program_of(model, ctx)?;
+            required_text("reference", reference)?;
+            let w = open_withdrawal(pm, withdrawal_id)?;
+            append(vec![Event::WithdrawalPaid(WithdrawalPaid {
+                withdrawal_id: *withdrawal_id,
+                affiliate_id: w.affiliate_id.clone(),
+                amount: w.amount,
+                reference: reference.clone(),
+            })])
+        }
+        Command::RejectWithdrawal {
+            withdrawal_id,
+            reason,
+        } => {
+            let (_, pm) = program_of(model, ctx)?;
+            required_text("reason", reason)?;
+            let w = open_withdrawal(pm, withdrawal_id)?;
+            append(vec![Event::WithdrawalRejected(WithdrawalRejected {
+                withdrawal_id: *withdrawal_id,
+                affiliate_id: w.affiliate_id.clone(),
+                amount: w.amount,
+                reason: reason.clone(),
+            })])
+        }
+        Command::ApplyCredit {
+            affiliate_id,
+            amount,
+            invoice_id,
+        } => {
+            let (id, pm) = program_of(model, ctx)?;
+            let rules = current_rules(pm, id)?;
+            let amount = rules.currency.parse_positive(amount)?;
+            required_text("invoice_id", invoice_id)?;
+            let accounts = &affiliate(pm, affiliate_id)?.accounts;
+            if accounts.earned() < Decimal::ZERO {
+                return Err(Rejection::NegativeEarned(accounts.earned()));
+            }
+            if amount > accounts.free {
+                return Err(Rejection::InsufficientBalance {
+                    requested: amount,
+                    available: accounts.free.max(Decimal::ZERO),
+                });
+            }
+            append(vec![Event::CreditApplied(CreditApplied {
+                affiliate_id: affiliate_id.clone(),
+                amount,
+                invoice_id: invoice_id.clone(),
+            })])
+        }
+        Command::IssueKey {
+            key_id,
+            key_hash,
+            role,
+        } => {
+            check_identifier_text("key_id", key_id)?;
+            if model.keys.contains_key(key_id) {
+                return Err(Rejection::KeyExists(key_id.clone()));
+            }
+            append(vec![Event::ApiKeyIssued(ApiKeyIssued {
+                key_id: key_id.clone(),
+                key_hash: *key_hash,
+                role: *role,
+                issuer: ctx.actor.to_string(),
+            })])
+        }
+        Command::RevokeKey { key_id, reason } => {
+            required_text("reason", reason)?;
+            match model.keys.get(key_id) {
+                Some(key) if !key.revoked => append(vec![Event::ApiKeyRevoked(ApiKeyRevoked {
+                    key_id: key_id.clone(),
+                    reason: reason.clone(),
+                })]),
+                _ => Err(Rejection::UnknownKey(key_id.clone())),
+            }
+        }
+    }
+}
+
+fn check_identifier_text(field: &'static str, value: &str) -> Result<(), Rejection> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_IDENTIFIER_LEN
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-'));
+    if !ok {
+        return Err(InvalidValue::new(
+            field,
+            format!("must be 1 to {MAX_IDENTIFIER_LEN} of A-Z a-z 0-9 . _ : @ -"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn open_withdrawal<'m>(pm: &'m ProgramModel, id: &Uuid) -> Result<&'m Withdrawal, Rejection> {
+    let w = pm
+        .withdrawals
+        .get(id)
+        .ok_or(Rejection::UnknownWithdrawal(*id))?;
+    if w.status != WithdrawalStatus::Requested {
+        return Err(Rejection::WithdrawalSettled(*id));
+    }
+    Ok(w)
+}
+
+fn decide_reassign(
+    model: &Model,
+    ctx: &Context<'_>,
+    customer_id: &CustomerId,
+    to: &AffiliateId,
+    from: Option<Timestamp>,
+    retroactive: bool,
+    reason: &str,
+) -> Result<Decision, Rejection> {
+    let (id, pm) = program_of(model, ctx)?;
+    let rules = current_rules(pm, id)?;
+    required_text("reason", reason)?;
+    let target = affiliate(pm, to)?;
+    if target.customer_id.as_ref() == Some(customer_id) {
+        return Err(Rejection::SelfReferral(customer_id.clone()));
+    }
+    let customer = pm
+        .customers
+        .get(customer_id)
+        .ok_or_else(|| Rejection::UnknownCustomer(customer_id.clone()))?;
+    let seq = ctx.next_seq;
+    let mut events = vec![Event::ReferralReassigned(ReferralReassigned {
+        customer_id: customer_id.clone(),
+        from_affiliate: customer
+            .affiliate_at(from.unwrap_or(Timestamp::MAX))
+            .cloned(),
+        to: to.clone(),
+        from,
+        retroactive,
+        reason: reason.to_string(),
+    })];
+    if retroactive {
+        let month = ctx.now.month_in(rules.zone());
+        let start = from.unwrap_or(Timestamp::MIN);
+        let mut moves: BTreeMap<(AffiliateId, Option<LineId>), Decimal> = BTreeMap::new();
+        for line_id in &customer.lines {
+            let Some(line) = pm.lines.get(line_id) else {
+                continue;
+            };
+            if line.at < start {
+                continue;
+            }
+            if let Some(reward) = &line.reward
+                && &reward.affiliate_id != to
+            {
+                let net = reward.amount - reward.clawed;
+                if !net.is_zero() {
+                    moves.insert((reward.affiliate_id.clone(), Some(line_id.clone())), net);
+                }
+            }
+        }
+        if let Some((owner, amount)) = &customer.bounty
+            && owner != to
+            && customer.first_line_at.is_some_and(|at| at >= start)
+        {
+            moves.insert((owner.clone(), None), *amount);
+        }
+        for ((owner, line), net) in moves {
+            for (affiliate_id, amount) in [(owner, -net), (to.clone(), net)] {
+                events.push(Event::AdjustmentPosted(AdjustmentPosted {
+                    affiliate_id,
+                    customer_id: Some(customer_id.clone()),
+                    line: line.clone(),
+                    amount,
+                    month,
+                    cause: Cause::Reassignment { seq },
+                    reason: reason.to_string(),
+                }));
+            }
+        }
+    }
+    Ok(Decision::Append(events))
+}
+
+/// What one line earns if a close took it now: to whom, at what rate, how much.
+fn line_earning(
+    pm: &ProgramModel,
+    line: &Line,
+    tier_counts: &mut HashMap<(AffiliateId, Month), u32>,
+) -> Option<(AffiliateId, Rate, Decimal)> {
+    let rules = pm.rules_at(line.at)?;
+    if !line.kind.earns_under(rules.basis) {
+        return None;
+    }
+    let customer = pm.customers.get(&line.customer_id)?;
+    let affiliate_id = customer.affiliate_at(line.at)?;
+    let affiliate = pm.affiliates.get(affiliate_id)?;
+    if affiliate.suspended_at.is_some_and(|s| s <= line.at)
+        || affiliate.customer_id.as_ref() == Some(&line.customer_id)
+    {
+        return None;
+    }
+    let group = customer.group_at(line.at);
+    if rules.forbidden_groups.iter().any(|g| g == group) {
+        return None;
+    }
+    let in_term = match rules.term {
+        Term::Lifetime => true,
+        Term::Months(months) => {
+            let start = customer
+                .signup_at
+                .or(customer.first_line_at)
+                .unwrap_or(line.at)
+                .to_datetime();
+            start
+                .checked_add_months(chrono::Months::new(months))
+                .is_none_or(|end| line.at.to_datetime() < end)
+        }
+        Term::FirstOrder => match (&customer.first_order, &line.order_id) {
+            (Some(first), Some(order)) => first == order,
+            _ => customer.first_line.as_ref() == Some(&line.id),
+        },
+    };
+    if !in_term {
+        return None;
+    }
+    let rate = match (
+        affiliate.rate,
+        line.product
+            .as_ref()
+            .and_then(|p| rules.product_rates.get(p)),
+    ) {
+        (Some(rate), _) => rate,
+        (None, Some(rate)) => *rate,
+        (None, None) => {
+            let key = (affiliate_id.clone(), line.month);
+            let active = match tier_counts.get(&key) {
+                Some(count) => *count,
+                None => {
+                    let count = active_referrals(pm, affiliate_id, line.month);
+                    tier_counts.insert(key, count);
+                    count
+                }
+            };
+            rules
+                .tiers
+                .iter()
+                .filter(|tier| active >= tier.min_active_referrals)
+                .map(|tier| tier.rate)
+                .max()
+                .unwrap_or(rules.default_rate)
+                .max(rules.default_rate)
+        }
+    };
+    let amount = rules.currency.percent_of(line.amount, rate);
+    Some((affiliate_id.clone(), rate, amount))
+}
+
+/// Referrals of an affiliate that produced an earning basis line in a month.
+fn active_referrals(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month) -> u32 {
+    let mut customers = HashSet::new();
+    for id in pm.lines_by_month.get(&month).into_iter().flatten() {
+        let Some(line) = pm.lines.get(id) else {
+            continue;
+        };
+        let earns = pm
+            .rules_at(line.at)
+            .is_some_and(|rules| line.kind.earns_under(rules.basis));
+        if earns
+            && pm
+                .customers
+                .get(&line.customer_id)
+                .and_then(|c| c.affiliate_at(line.at))
+                == Some(affiliate_id)
+        {
+            customers.insert(&line.customer_id);
+        }
+    }
+    customers.len() as u32
+}
+
+/// The rewards, bounties and claw-backs a close of every open line and
+/// refund dated up to `upto` would post on the statement of `month`. Month
+/// close records them; the pending estimate sums them without recording.
+/// Restricted to one affiliate when `only` is given.
+pub fn close_rewards(
+    pm: &ProgramModel,
+    upto: Month,
+    month: Month,
+    only: Option<&AffiliateId>,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let Some(rules) = pm.current_rules() else {
+        return events;
+    };
+    let mut tier_counts = HashMap::new();
+    let mut new_rewards: HashMap<&LineId, (AffiliateId, Rate, Decimal)> = HashMap::new();
+    let mut bounties: HashSet<&CustomerId> = HashSet::new();
+    let end = (upto.next(), Timestamp::MIN, 0);
+    for ((line_month, _, _), id) in pm.open_lines.range(..end) {
+        let Some(line) = pm.lines.get(id) else {
+            continue;
+        };
+        let Some((affiliate_id, rate, amount)) = line_earning(pm, line, &mut tier_counts) else {
+            continue;
+        };
+        if only.is_some_and(|only| only != &affiliate_id) {
+            continue;
+        }
+        let late = *line_month < month;
+        if !amount.is_zero() {
+            events.push(Event::RewardAccrued(RewardAccrued {
+                affiliate_id: affiliate_id.clone(),
+                customer_id: line.customer_id.clone(),
+                kind: RewardKind::Reward,
+                line: id.clone(),
+                product: line.product.clone(),
+                line_at: line.at,
+                basis: line.amount,
+                rate,
+                amount,
+                month,
+                late,
+            }));
+        }
+        let customer = pm.customers.get(&line.customer_id);
+        if let Some(bounty) = pm.rules_at(line.at).and_then(|r| r.bounty)
+            && customer.is_some_and(|c| c.bounty.is_none())
+            && bounties.insert(&line.customer_id)
+        {
+            events.push(Event::RewardAccrued(RewardAccrued {
+                affiliate_id: affiliate_id.clone(),
+                customer_id: line.customer_id.clone(),
+                kind: RewardKind::Bounty,
+                line: id.clone(),
+                product: line.product.clone(),
+                line_at: line.at,
+                basis: Decimal::ZERO,
+                rate: Rate::default(),
+                amount: bounty,
+                month,
+                late,
+            }));
+        }
+        new_rewards.insert(id, (affiliate_id, rate, amount));
+    }
+    let mut refunded_now: HashMap<&LineId, (Decimal, Decimal)> = HashMap::new();
+    for ((refund_month, _, _), id) in pm.open_refunds.range(..end) {
+        let Some(refund) = pm.refunds.get(id) else {
+            continue;
+        };
+        let Some(line) = pm.lines.get(&refund.line) else {
+            continue;
+        };
+        let (affiliate_id, rate, reward, refunded, clawed) =
+            match (&line.reward, new_rewards.get(&refund.line)) {
+                (Some(r), _) => (
+                    r.affiliate_id.clone(),
+                    r.rate,
+                    r.amount,
+                    r.refunded,
+                    r.clawed,
+                ),
+                (None, Some((a, rate, amount))) => {
+                    (a.clone(), *rate, *amount, Decimal::ZERO, Decimal::ZERO)
+                }
+                (None, None) => continue,
+            };
+        if only.is_some_and(|only| only != &affiliate_id) {
+            continue;
+        }
+        let (refunded_before, clawed_before) = refunded_now
+            .get(&refund.line)
+            .map(|(r, c)| (refunded + r, clawed + c))
+            .unwrap_or((refunded, clawed));
+        let remaining = reward - clawed_before;
+        let amount = if refunded_before + refund.amount >= line.amount {
+            remaining
+        } else {
+            rules
+                .currency
+                .percent_of(refund.amount, rate)
+                .min(remaining)
+        };
+        let entry = refunded_now.entry(&refund.line).or_default();
+        entry.0 += refund.amount;
+        entry.1 += amount;
+        if amount <= Decimal::ZERO {
+            continue;
+        }
+        events.push(Event::RewardClawedBack(RewardClawedBack {
+            affiliate_id,
+            customer_id: line.customer_id.clone(),
+            refund: id.clone(),
+            line: refund.line.clone(),
+            product: line.product.clone(),
+            refund_at: refund.at,
+            basis: refund.amount,
+            rate,
+            amount,
+            month,
+            late: *refund_month < month,
+        }));
+    }
+    events
+}
+
+/// The commission an affiliate would get if every open month closed now:
+/// the `pending` of the balance. Moves no money.
+pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Timestamp) -> Decimal {
+    let Some(rules) = pm.current_rules() else {
+        return Decimal::ZERO;
+    };
+    let month = now.month_in(rules.zone());
+    let upto = Month::new(9999, 12).unwrap_or(month);
+    close_rewards(pm, upto, month, Some(affiliate_id))
+        .iter()
+        .map(|event| match event {
+            Event::RewardAccrued(r) => r.amount,
+            Event::RewardClawedBack(c) => -c.amount,
+            _ => Decimal::ZERO,
+        })
+        .sum()
+}

@@ -1,0 +1,336 @@
+//! Test support: a ledger on a temp directory with a clock the test drives,
+//! and one helper per command.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use commission_ledger::events::*;
+use commission_ledger::ledger::{Ledger, LedgerConfig, Receipt, Submission, SubmitError};
+use commission_ledger::money::Rate;
+use commission_ledger::projections::Balance;
+use commission_ledger::rules::{Command, Noop};
+
+pub fn ts(text: &str) -> Timestamp {
+    Timestamp::parse(text).unwrap()
+}
+
+pub fn month(text: &str) -> Month {
+    Month::parse(text).unwrap()
+}
+
+pub fn program_id(text: &str) -> ProgramId {
+    ProgramId::parse(text).unwrap()
+}
+
+pub fn aff(text: &str) -> AffiliateId {
+    AffiliateId::parse(text).unwrap()
+}
+
+pub fn cust(text: &str) -> CustomerId {
+    CustomerId::parse(text).unwrap()
+}
+
+pub fn line(text: &str) -> LineId {
+    LineId::parse(text).unwrap()
+}
+
+/// Program rules from the JSON document, with `overrides` merged in.
+pub fn rules(id: &str, overrides: serde_json::Value) -> ProgramRules {
+    let mut doc = serde_json::json!({
+        "id": id, "name": "Hosting partners", "currency": "USD",
+        "timezone": "Europe/Amsterdam", "site_url": "https://provider.example/signup",
+        "cookie_days": 30, "attribution": "last_click", "basis": "expenses",
+        "default_rate": "20", "payout_threshold": "50.00",
+        "promo_code_template": "HOST-@ID@", "forbidden_groups": ["staff"],
+        "auto_close_day": 1
+    });
+    if let (Some(doc), Some(extra)) = (doc.as_object_mut(), overrides.as_object()) {
+        for (k, v) in extra {
+            doc.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(doc).unwrap()
+}
+
+/// A ledger on its own temp directory, with a clock the test sets.
+pub struct TestLedger {
+    pub ledger: Option<Ledger>,
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<AtomicI64>,
+    pub program: ProgramId,
+}
+
+impl TestLedger {
+    pub fn new(program: &str) -> TestLedger {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
+        let mut t = TestLedger {
+            ledger: None,
+            dir,
+            clock,
+            program: program_id(program),
+        };
+        t.reopen();
+        t
+    }
+
+    pub fn config(&self) -> LedgerConfig {
+        let clock = self.clock.clone();
+        let mut config = LedgerConfig::new(self.dir.path());
+        config.clock = Arc::new(move || Timestamp::from_micros(clock.load(Ordering::SeqCst)));
+        config
+    }
+
+    /// Closes the ledger and opens it again from the same directory.
+    pub fn reopen(&mut self) {
+        self.ledger = None;
+        self.ledger = Some(Ledger::open(self.config()).unwrap());
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        self.ledger.as_ref().unwrap()
+    }
+
+    pub fn set_now(&self, at: &str) {
+        self.clock.store(ts(at).micros(), Ordering::SeqCst);
+    }
+
+    pub fn head(&self) -> Seq {
+        self.ledger().state().head.seq
+    }
+
+    pub fn try_submit(&self, at: Option<&str>, command: Command) -> Result<Receipt, SubmitError> {
+        let mut s = Submission::new(Some(&self.program), "test", command);
+        if let Some(at) = at {
+            s = s.at(ts(at));
+        }
+        self.ledger().submit_blocking(s)
+    }
+
+    pub fn submit(&self, at: Option<&str>, command: Command) -> Receipt {
+        self.try_submit(at, command).unwrap()
+    }
+
+    /// Submits and asserts the rejection, and that nothing was appended.
+    pub fn rejected(
+        &self,
+        at: Option<&str>,
+        command: Command,
+    ) -> commission_ledger::rules::Rejection {
+        let before = self.head();
+        match self.try_submit(at, command) {
+            Err(SubmitError::Rejected(r)) => {
+                assert_eq!(self.head(), before, "a rejected command appended events");
+                r
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    pub fn define(&self, rules: ProgramRules) -> Receipt {
+        self.submit(
+            None,
+            Command::DefineProgram {
+                rules,
+                reason: None,
+            },
+        )
+    }
+
+    pub fn enroll(&self, affiliate: &str) -> AffiliateEnrolled {
+        self.enroll_with(affiliate, None, None, None)
+    }
+
+    pub fn enroll_with(
+        &self,
+        affiliate: &str,
+        customer: Option<&str>,
+        group: Option<&str>,
+        rate: Option<&str>,
+    ) -> AffiliateEnrolled {
+        let receipt = self.submit(
+            None,
+            Command::EnrollAffiliate {
+                affiliate_id: aff(affiliate),
+                customer_id: customer.map(cust),
+                group: group.map(str::to_string),
+                rate: rate.map(|r| Rate::parse(r).unwrap()),
+            },
+        );
+        match &receipt.events[0].event {
+            Event::AffiliateEnrolled(e) => e.clone(),
+            other => panic!("expected AffiliateEnrolled, got {other:?}"),
+        }
+    }
+
+    pub fn click(&self, at: &str, referral_code: &str, visitor: &str) -> Receipt {
+        self.click_creative(at, referral_code, visitor, None)
+    }
+
+    pub fn click_creative(
+        &self,
+        at: &str,
+        referral_code: &str,
+        visitor: &str,
+        creative: Option<&str>,
+    ) -> Receipt {
+        self.submit(
+            Some(at),
+            Command::RecordClick {
+                referral_code: referral_code.to_string(),
+                visitor: Some(visitor.to_string()),
+                creative: creative.map(str::to_string),
+                referrer: Some("https://blog.example/post?utm=x".into()),
+                landing: None,
+                client_hash: None,
+            },
+        )
+    }
+
+    /// A signup; returns the affiliate it was attributed to, if any.
+    pub fn signup(
+        &self,
+        at: &str,
+        customer: &str,
+        visitor: Option<&str>,
+        promo: Option<&str>,
+    ) -> Option<String> {
+        self.signup_group(at, customer, visitor, promo, None)
+    }
+
+    pub fn signup_group(
+        &self,
+        at: &str,
+        customer: &str,
+        visitor: Option<&str>,
+        promo: Option<&str>,
+        group: Option<&str>,
+    ) -> Option<String> {
+        let receipt = self.submit(
+            Some(at),
+            Command::Signup {
+                customer_id: cust(customer),
+                visitor: visitor.map(str::to_string),
+                promo_code: promo.map(str::to_string),
+                group: group.map(str::to_string),
+            },
+        );
+        match (&receipt.noop, receipt.events.first().map(|r| &r.event)) {
+            (None, Some(Event::SignupAttributed(e))) => Some(e.affiliate_id.to_string()),
+            (Some(Noop::SignupIgnored), _) => None,
+            (Some(Noop::AlreadyAttributed { affiliate_id, .. }), _) => {
+                Some(affiliate_id.to_string())
+            }
+            other => panic!("unexpected signup answer {other:?}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn basis(
+        &self,
+        kind: LineKind,
+        at: &str,
+        id: &str,
+        customer: &str,
+        amount: &str,
+        product: Option<&str>,
+        order: Option<&str>,
+    ) -> Receipt {
+        self.submit(
+            Some(at),
+            Command::RecordBasisLine {
+                kind,
+                id: line(id),
+                customer_id: cust(customer),
+                amount: amount.to_string(),
+                currency: "USD".to_string(),
+                product: product.map(str::to_string),
+                order_id: order.map(str::to_string),
+            },
+        )
+    }
+
+    pub fn expense(&self, at: &str, id: &str, customer: &str, amount: &str) -> Receipt {
+        self.basis(LineKind::Expense, at, id, customer, amount, None, None)
+    }
+
+    pub fn payment(&self, at: &str, id: &str, customer: &str, amount: &str) -> Receipt {
+        self.basis(LineKind::Payment, at, id, customer, amount, None, None)
+    }
+
+    pub fn refund(
+        &self,
+        at: &str,
+        id: &str,
+        customer: &str,
+        refunds: &str,
+        amount: &str,
+    ) -> Receipt {
+        self.submit(
+            Some(at),
+            Command::RecordRefund {
+                id: line(id),
+                customer_id: cust(customer),
+                refunds: line(refunds),
+                amount: amount.to_string(),
+                currency: "USD".to_string(),
+            },
+        )
+    }
+
+    /// Closes a month (setting the clock into the next month if needed).
+    pub fn close(&self, m: &str) -> MonthClosed {
+        let m = month(m);
+        let zone = self
+            .ledger()
+            .state()
+            .model
+            .program(&self.program)
+            .unwrap()
+            .current_rules()
+            .unwrap()
+            .zone();
+        let after = m.next().start_in(zone).micros() + 3_600_000_000;
+        if self.clock.load(Ordering::SeqCst) < after {
+            self.clock.store(after, Ordering::SeqCst);
+        }
+        let receipt = self.submit(None, Command::CloseMonth { month: m });
+        match (&receipt.noop, receipt.events.last().map(|r| &r.event)) {
+            (Some(Noop::MonthAlreadyClosed(closed)), _) => closed.clone(),
+            (None, Some(Event::MonthClosed(closed))) => closed.clone(),
+            other => panic!("unexpected close answer {other:?}"),
+        }
+    }
+
+    pub fn withdraw(&self, affiliate: &str, amount: &str) -> Result<uuid::Uuid, SubmitError> {
+        let receipt = self.try_submit(
+            None,
+            Command::RequestWithdrawal {
+                affiliate_id: aff(affiliate),
+                amount: amount.to_string(),
+            },
+        )?;
+        match &receipt.events[0].event {
+            Event::WithdrawalRequested(e) => Ok(e.withdrawal_id),
+            other => panic!("expected WithdrawalRequested, got {other:?}"),
+        }
+    }
+
+    pub fn balance(&self, affiliate: &str) -> Balance {
+        self.ledger()
+            .balance(&self.program, &aff(affiliate), None)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// earned, pending, available of the balance, as strings.
+    pub fn money(&self, affiliate: &str) -> (String, String, String) {
+        let b = self.balance(affiliate);
+        (b.earned, b.pending, b.available)
+    }
+
+    pub fn verify_ok(&self) {
+        let report = self.ledger().verify();
+        assert!(report.ok, "verify failed: {:?}", report.problem);
+    }
+}
