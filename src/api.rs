@@ -46,7 +46,14 @@ async fn verify(State(app): State<AppState>) -> Response {
     let ledger = app.ledger.clone();
     let report = match tokio::task::spawn_blocking(move || ledger.verify()).await {
         Ok(report) => report,
-        Err(_) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "verify failed to run"),
+        Err(_) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "verify failed to run",
+            );
+        }
     };
     let body = json!({
         "ok": report.ok,
@@ -65,7 +72,12 @@ async fn verify(State(app): State<AppState>) -> Response {
 }
 
 async fn not_found() -> Response {
-    problem(StatusCode::NOT_FOUND, "not-found", "Not found", "no such endpoint")
+    problem(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "no such endpoint",
+    )
 }
 
 /// An RFC 9457 problem document with a stable `type`.

@@ -10,14 +10,23 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 use crate::events::{Event, Month, ProgramId, Role};
-use crate::ledger::{self, Ledger, LedgerConfig, SubmitError, Submission};
+use crate::ledger::{self, Ledger, LedgerConfig, Submission, SubmitError};
 use crate::rules::{Command as LedgerCommand, Noop};
 
 #[derive(Parser, Debug)]
-#[command(name = "commission-ledger", version, about = "An event-sourced, hash-chained commission ledger")]
+#[command(
+    name = "commission-ledger",
+    version,
+    about = "An event-sourced, hash-chained commission ledger"
+)]
 pub struct Cli {
     /// The data directory: the log, its indexes and the key secret.
-    #[arg(long, global = true, env = "COMMISSION_LEDGER_DATA", default_value = "./data")]
+    #[arg(
+        long,
+        global = true,
+        env = "COMMISSION_LEDGER_DATA",
+        default_value = "./data"
+    )]
     pub data: PathBuf,
     #[command(subcommand)]
     pub verb: Verb,
@@ -28,7 +37,11 @@ pub enum Verb {
     /// Run the HTTP server.
     Serve {
         /// The address to listen on.
-        #[arg(long, env = "COMMISSION_LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+        #[arg(
+            long,
+            env = "COMMISSION_LEDGER_LISTEN",
+            default_value = "127.0.0.1:8080"
+        )]
         listen: SocketAddr,
         /// The public base URL referral links start with.
         #[arg(long, env = "COMMISSION_LEDGER_BASE_URL")]
@@ -117,7 +130,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             if !report.ok {
                 eprintln!(
                     "verify failed at seq {}: {}",
-                    report.bad_seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                    report
+                        .bad_seq
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "?".into()),
                     report.problem.unwrap_or_default()
                 );
                 return Ok(1);
@@ -128,7 +144,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let program = program.map(|p| ProgramId::parse(&p)).transpose()?;
             let count = match out {
                 Some(path) => {
-                    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                    let file = std::fs::File::create(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
                     let mut writer = std::io::BufWriter::new(file);
                     let count = ledger::export_ndjson(&data, program.as_ref(), &mut writer)?;
                     writer.flush()?;
@@ -149,7 +166,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let count = if file.as_os_str() == "-" {
                 ledger::import_ndjson(&data, &mut std::io::stdin().lock())?
             } else {
-                let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?;
                 ledger::import_ndjson(&data, &mut std::io::BufReader::new(f))?
             };
             println!("imported {count} events");
@@ -182,12 +200,24 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             match verb {
                 KeysVerb::Create { role } => {
                     let role = Role::parse(&role)?;
-                    let (key_id, key) = ledger.create_key(role, "cli").map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let (key_id, key) = ledger
+                        .create_key(role, "cli")
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                     println!("key id {key_id}, role {role:?}; the key is shown once:");
                     println!("{key}");
                 }
                 KeysVerb::Revoke { key_id, reason } => {
-                    submit(&ledger, Submission::new(None, "cli", LedgerCommand::RevokeKey { key_id: key_id.clone(), reason }))?;
+                    submit(
+                        &ledger,
+                        Submission::new(
+                            None,
+                            "cli",
+                            LedgerCommand::RevokeKey {
+                                key_id: key_id.clone(),
+                                reason,
+                            },
+                        ),
+                    )?;
                     println!("revoked {key_id}");
                 }
             }
@@ -206,7 +236,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn serve(data: &std::path::Path, listen: SocketAddr, _base_url: Option<String>) -> anyhow::Result<i32> {
+fn serve(
+    data: &std::path::Path,
+    listen: SocketAddr,
+    _base_url: Option<String>,
+) -> anyhow::Result<i32> {
     let ledger = Arc::new(open(data)?);
     let has_admin = ledger
         .state()

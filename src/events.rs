@@ -354,7 +354,10 @@ impl<'de, const N: usize> Deserialize<'de> for Bytes<N> {
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                     write!(f, "{N} bytes")
                 }
-                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes<N>, A::Error> {
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Bytes<N>, A::Error> {
                     let mut out = [0u8; N];
                     for (i, byte) in out.iter_mut().enumerate() {
                         *byte = seq

@@ -946,7 +946,7 @@ pub fn import_ndjson(
             &mut std::io::Read::take(&mut *input, MAX_IMPORT_LINE as u64 + 1),
             &mut line,
         )
-            .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(e.to_string()))?;
         if read == 0 {
             break;
         }
@@ -1008,7 +1008,10 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
     if target.exists() {
         return Err(LedgerError::Io {
             path: target.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the backup target exists"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the backup target exists",
+            ),
         });
     }
     let target_log = target.join("log");

@@ -1,0 +1,188 @@
+//! The segment log: framing, the hash chain, recovery of a torn tail, and
+//! refusal of a corrupt record anywhere else.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use commission_ledger::ledger::{Ledger, LedgerConfig, LedgerError, verify_log};
+use commission_ledger::log::{self, Log, LogError, ScanMode};
+
+fn payloads(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("record number {i}").into_bytes())
+        .collect()
+}
+
+fn write_log(dir: &Path, batches: &[usize], segment_bytes: u64) -> Vec<Vec<u8>> {
+    let (mut log, _) = Log::open(dir, segment_bytes, |_| Ok(())).unwrap();
+    let mut all = Vec::new();
+    for &n in batches {
+        let batch = payloads(n)
+            .into_iter()
+            .map(|mut p| {
+                p.extend_from_slice(format!(" after {}", all.len()).as_bytes());
+                p
+            })
+            .collect::<Vec<_>>();
+        log.append(&batch).unwrap();
+        all.extend(batch);
+    }
+    all
+}
+
+fn read_all(dir: &Path, mode: ScanMode) -> Result<Vec<Vec<u8>>, LogError> {
+    let mut out = Vec::new();
+    log::scan(dir, mode, None, |r| {
+        out.push(r.payload.to_vec());
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn only_segment(dir: &Path) -> PathBuf {
+    let segments = log::list_segments(dir).unwrap();
+    assert_eq!(segments.len(), 1);
+    segments[0].1.clone()
+}
+
+#[test]
+fn records_come_back_in_order_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write_log(dir.path(), &[3, 50, 1, 200, 5, 5], 4096);
+    assert!(
+        log::list_segments(dir.path()).unwrap().len() > 1,
+        "the small limit rolls segments"
+    );
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap(), written);
+    // Reopening continues the chain where it ended.
+    let (mut log, report) = Log::open(dir.path(), 4096, |_| Ok(())).unwrap();
+    assert_eq!(report.head.seq, 264);
+    log.append(&[b"one more".to_vec()]).unwrap();
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap().len(), 265);
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write_log(dir.path(), &[10], 1 << 20);
+    let segment = only_segment(dir.path());
+    let full = fs::metadata(&segment).unwrap().len();
+    // A crash mid-write: the last record is cut short.
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(full - 5)
+        .unwrap();
+    // verify reports it, changing nothing ...
+    let err = read_all(dir.path(), ScanMode::Strict).unwrap_err();
+    assert_eq!(err.bad_seq(), Some(10));
+    assert!(err.to_string().contains("torn record"), "{err}");
+    // ... the next start cuts it off, and the log goes on from seq 10.
+    let (mut log, report) = Log::open(dir.path(), 1 << 20, |_| Ok(())).unwrap();
+    assert_eq!(report.head.seq, 9);
+    assert!(report.torn_bytes > 0);
+    log.append(&[b"after the crash".to_vec()]).unwrap();
+    let read = read_all(dir.path(), ScanMode::Strict).unwrap();
+    assert_eq!(&read[..9], &written[..9]);
+    assert_eq!(read[9], b"after the crash");
+}
+
+#[test]
+fn zeroed_space_at_the_end_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), &[4], 1 << 20);
+    let segment = only_segment(dir.path());
+    OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap()
+        .write_all(&[0; 300])
+        .unwrap();
+    let (_, report) = Log::open(dir.path(), 1 << 20, |_| Ok(())).unwrap();
+    assert_eq!((report.head.seq, report.torn_bytes), (4, 300));
+}
+
+#[test]
+fn a_corrupt_record_in_the_middle_refuses_to_open_naming_segment_offset_and_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), &[10], 1 << 20);
+    let segment = only_segment(dir.path());
+    let mut bytes = fs::read(&segment).unwrap();
+    // Records 1..=4 are before this offset; flip a byte inside record 5's payload.
+    let mut offset = log::SEGMENT_MAGIC.len();
+    for _ in 0..4 {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        offset += 8 + len;
+    }
+    bytes[offset + 8 + 40 + 2] ^= 0x20;
+    fs::write(&segment, &bytes).unwrap();
+    let err = Log::open(dir.path(), 1 << 20, |_| Ok(())).err().unwrap();
+    match &err {
+        LogError::Corrupt {
+            segment: s,
+            offset: o,
+            seq,
+            what,
+        } => {
+            assert_eq!((s, *o as usize, *seq), (&segment, offset, 5));
+            assert!(what.contains("CRC32C"), "{what}");
+        }
+        other => panic!("expected a corruption, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("segment") && message.contains("offset") && message.contains("seq 5"),
+        "{message}"
+    );
+    // Nothing was cut: the file is as it was.
+    assert_eq!(fs::read(&segment).unwrap(), bytes);
+}
+
+#[test]
+fn a_ledger_refuses_to_start_on_a_corrupt_log() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ledger = Ledger::open(LedgerConfig::new(dir.path())).unwrap();
+        for role in ["admin", "ingest", "portal"] {
+            ledger
+                .create_key(
+                    commission_ledger::events::Role::parse(role).unwrap(),
+                    "test",
+                )
+                .unwrap();
+        }
+    }
+    let log_dir = dir.path().join("log");
+    let segment = only_segment(&log_dir);
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes[log::SEGMENT_MAGIC.len() + 8 + 20] ^= 1; // inside record 1's stored hash
+    fs::write(&segment, &bytes).unwrap();
+    match Ledger::open(LedgerConfig::new(dir.path())) {
+        Err(LedgerError::Log(LogError::Corrupt { seq, .. })) => assert_eq!(seq, 1),
+        Err(other) => panic!("expected a corruption, got {other}"),
+        Ok(_) => panic!("a corrupt log was opened"),
+    }
+    let report = verify_log(&log_dir, None);
+    assert!(!report.ok);
+    assert_eq!(report.bad_seq, Some(1));
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Ledger::open(LedgerConfig::new(dir.path())).unwrap();
+    assert!(matches!(
+        Ledger::open(LedgerConfig::new(dir.path())),
+        Err(LedgerError::Locked(_))
+    ));
+}
+
+#[test]
+fn the_chain_covers_seq_and_payload() {
+    let a = log::chain_hash(&log::GENESIS_HASH, 1, b"x");
+    assert_ne!(a, log::chain_hash(&log::GENESIS_HASH, 2, b"x"));
+    assert_ne!(a, log::chain_hash(&log::GENESIS_HASH, 1, b"y"));
+    assert_ne!(a, log::chain_hash(&a, 1, b"x"));
+}
