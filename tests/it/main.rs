@@ -3,5 +3,7 @@
 mod encoding;
 mod log;
 mod money;
+mod rules;
 mod scenarios;
 mod support;
+mod tidy;

@@ -329,6 +329,17 @@ impl TestLedger {
         (b.earned, b.pending, b.available)
     }
 
+    /// The amounts of the reward events among `events`.
+    pub fn reward_amounts(events: &[Recorded]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::RewardAccrued(e) => Some(e.amount.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn verify_ok(&self) {
         let report = self.ledger().verify();
         assert!(report.ok, "verify failed: {:?}", report.problem);

@@ -1,0 +1,963 @@
+//! One test per program rule, each as given / when / then, including every
+//! refusal. They run through the real ledger (writer, log, projections).
+
+use commission_ledger::events::*;
+use commission_ledger::ledger::SubmitError;
+use commission_ledger::money::MoneyError;
+use commission_ledger::rules::{Command, Noop, Rejection};
+use rust_decimal::Decimal;
+
+use crate::support::*;
+
+fn d(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+/// given a program with `overrides`, alice and bob enrolled, and cust-1
+/// signed up through alice's link on 2026-08-02.
+fn given(overrides: serde_json::Value) -> (TestLedger, AffiliateEnrolled, AffiliateEnrolled) {
+    let t = TestLedger::new("hosting");
+    t.define(rules("hosting", overrides));
+    let alice = t.enroll_with("alice", Some("c-alice"), None, None);
+    let bob = t.enroll_with("bob", Some("c-bob"), None, None);
+    t.click("2026-08-01T12:00:00Z", &alice.referral_code, "v-1");
+    assert_eq!(
+        t.signup("2026-08-02T12:00:00Z", "cust-1", Some("v-1"), None)
+            .as_deref(),
+        Some("alice")
+    );
+    (t, alice, bob)
+}
+
+/// The (affiliate, kind, amount, late) of each reward event of a close.
+fn close_rewards(t: &TestLedger, m: &str) -> Vec<(String, String, String, bool)> {
+    let head = t.head();
+    t.close(m);
+    t.ledger()
+        .events_range(head + 1, t.head())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::RewardAccrued(e) => Some((
+                e.affiliate_id.to_string(),
+                format!("{:?}", e.kind),
+                e.amount.to_string(),
+                e.late,
+            )),
+            Event::RewardClawedBack(e) => Some((
+                e.affiliate_id.to_string(),
+                "Clawback".into(),
+                e.amount.to_string(),
+                e.late,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn r(affiliate: &str, kind: &str, amount: &str) -> (String, String, String, bool) {
+    (affiliate.into(), kind.into(), amount.into(), false)
+}
+
+#[test]
+fn rate_precedence_affiliate_override_then_product_then_tier_then_default() {
+    // given: domains at 5%, 25% for affiliates with 2 active referrals, 20% default
+    let t = TestLedger::new("hosting");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({
+            "product_rates": {"domains": "5"},
+            "tiers": [{"min_active_referrals": 2, "rate": "25"}],
+        }),
+    ));
+    let alice = t.enroll("alice");
+    let carol = t.enroll_with("carol", None, None, Some("30"));
+    t.click("2026-08-01T12:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-08-02T12:00:00Z", "a-1", Some("v-1"), None);
+    t.click("2026-08-01T12:00:00Z", &carol.referral_code, "v-3");
+    t.signup("2026-08-02T12:00:00Z", "c-1", Some("v-3"), None);
+    // when: alice's one referral buys hosting and a domain; carol's buys a domain
+    t.basis(
+        LineKind::Expense,
+        "2026-08-05T12:00:00Z",
+        "l1",
+        "a-1",
+        "100.00",
+        Some("hosting"),
+        None,
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-08-05T12:00:00Z",
+        "l2",
+        "a-1",
+        "100.00",
+        Some("domains"),
+        None,
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-08-05T12:00:00Z",
+        "l3",
+        "c-1",
+        "100.00",
+        Some("domains"),
+        None,
+    );
+    // then: default 20, product 5, and carol's own 30 beats the product rate
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![
+            r("alice", "Reward", "20.00"),
+            r("alice", "Reward", "5.00"),
+            r("carol", "Reward", "30.00")
+        ]
+    );
+
+    // given: alice gets a second referral active in September → the tier applies
+    t.click("2026-09-01T12:00:00Z", &alice.referral_code, "v-2");
+    t.signup("2026-09-02T12:00:00Z", "a-2", Some("v-2"), None);
+    t.basis(
+        LineKind::Expense,
+        "2026-09-05T12:00:00Z",
+        "l4",
+        "a-1",
+        "100.00",
+        Some("hosting"),
+        None,
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-09-05T12:00:00Z",
+        "l5",
+        "a-2",
+        "10.00",
+        Some("hosting"),
+        None,
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-09-05T12:00:00Z",
+        "l6",
+        "a-2",
+        "10.00",
+        Some("domains"),
+        None,
+    );
+    // then: 25% tier on hosting, the product rate still wins for domains
+    assert_eq!(
+        close_rewards(&t, "2026-09"),
+        vec![
+            r("alice", "Reward", "25.00"),
+            r("alice", "Reward", "2.50"),
+            r("alice", "Reward", "0.50")
+        ]
+    );
+}
+
+#[test]
+fn a_bounty_is_paid_once_per_customer_in_the_month_of_the_first_line() {
+    let (t, _, _) = given(serde_json::json!({"bounty": "10.00"}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "50.00");
+    t.expense("2026-08-06T12:00:00Z", "l2", "cust-1", "50.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![
+            r("alice", "Reward", "10.00"),
+            r("alice", "Bounty", "10.00"),
+            r("alice", "Reward", "10.00")
+        ]
+    );
+    t.expense("2026-09-05T12:00:00Z", "l3", "cust-1", "50.00");
+    assert_eq!(
+        close_rewards(&t, "2026-09"),
+        vec![r("alice", "Reward", "10.00")]
+    );
+}
+
+#[test]
+fn basis_payments_rewards_payments_only() {
+    let (t, _, _) = given(serde_json::json!({"basis": "payments"}));
+    t.expense("2026-08-05T12:00:00Z", "inv-1", "cust-1", "100.00");
+    t.payment("2026-08-09T12:00:00Z", "pay-1", "cust-1", "80.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "16.00")]
+    );
+}
+
+#[test]
+fn term_months_ends_the_commission_n_months_after_signup() {
+    let (t, _, _) = given(serde_json::json!({"term": {"kind": "months", "months": 1}}));
+    t.expense("2026-09-01T12:00:00Z", "in", "cust-1", "100.00"); // within a month of 08-02
+    t.expense("2026-09-02T12:00:00Z", "out", "cust-1", "100.00"); // a month after: no more
+    assert_eq!(
+        close_rewards(&t, "2026-09"),
+        vec![r("alice", "Reward", "20.00")]
+    );
+}
+
+#[test]
+fn term_first_order_rewards_only_the_first_order() {
+    let (t, _, _) = given(serde_json::json!({"term": {"kind": "first_order"}}));
+    t.basis(
+        LineKind::Expense,
+        "2026-08-05T12:00:00Z",
+        "l1",
+        "cust-1",
+        "100.00",
+        None,
+        Some("o-1"),
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-08-05T12:00:00Z",
+        "l2",
+        "cust-1",
+        "10.00",
+        None,
+        Some("o-1"),
+    );
+    t.basis(
+        LineKind::Expense,
+        "2026-08-20T12:00:00Z",
+        "l3",
+        "cust-1",
+        "100.00",
+        None,
+        Some("o-2"),
+    );
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00"), r("alice", "Reward", "2.00")]
+    );
+}
+
+#[test]
+fn only_eligible_groups_may_join() {
+    let t = TestLedger::new("hosting");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"eligible_groups": ["resellers"]}),
+    ));
+    t.enroll_with("alice", None, Some("resellers"), None);
+    let refused = t.rejected(
+        None,
+        Command::EnrollAffiliate {
+            affiliate_id: aff("bob"),
+            customer_id: None,
+            group: None,
+            rate: None,
+        },
+    );
+    assert_eq!(refused, Rejection::NotEligible("default".into()));
+    let again = t.rejected(
+        None,
+        Command::EnrollAffiliate {
+            affiliate_id: aff("alice"),
+            customer_id: None,
+            group: Some("resellers".into()),
+            rate: None,
+        },
+    );
+    assert_eq!(again, Rejection::AffiliateExists(aff("alice")));
+}
+
+#[test]
+fn forbidden_groups_never_earn_from_the_moment_they_join_it() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
+    t.submit(
+        Some("2026-08-10T00:00:00Z"),
+        Command::ChangeCustomerGroup {
+            customer_id: cust("cust-1"),
+            group: "staff".into(),
+        },
+    );
+    t.expense("2026-08-15T12:00:00Z", "l2", "cust-1", "100.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00")]
+    );
+}
+
+#[test]
+fn no_self_referral_by_click_promo_code_or_reassignment() {
+    let (t, alice, _) = given(serde_json::json!({}));
+    // alice clicks her own link and signs up her own account
+    t.click("2026-08-03T12:00:00Z", &alice.referral_code, "v-self");
+    assert_eq!(
+        t.signup(
+            "2026-08-03T13:00:00Z",
+            "c-alice",
+            Some("v-self"),
+            Some("HOST-alice")
+        ),
+        None
+    );
+    t.expense("2026-08-05T12:00:00Z", "l-self", "c-alice", "100.00");
+    let refused = t.rejected(
+        None,
+        Command::Reassign {
+            customer_id: cust("c-alice"),
+            to: aff("alice"),
+            from: None,
+            retroactive: false,
+            reason: "x".into(),
+        },
+    );
+    assert_eq!(refused, Rejection::SelfReferral(cust("c-alice")));
+}
+
+#[test]
+fn a_promo_code_only_counts_at_the_first_order() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-2", "100.00"); // cust-2 already billed
+    assert_eq!(
+        t.signup("2026-08-06T12:00:00Z", "cust-2", None, Some("HOST-bob")),
+        None
+    );
+    assert_eq!(
+        t.signup("2026-08-06T12:00:00Z", "cust-3", None, Some("HOST-bob"))
+            .as_deref(),
+        Some("bob")
+    );
+    // a valid promo code wins over the cookie
+    assert_eq!(
+        t.signup(
+            "2026-08-06T12:00:00Z",
+            "cust-4",
+            Some("v-1"),
+            Some("HOST-bob")
+        )
+        .as_deref(),
+        Some("bob")
+    );
+}
+
+#[test]
+fn the_cookie_window_and_last_or_first_click_decide() {
+    for (attribution, winner) in [("last_click", "bob"), ("first_click", "alice")] {
+        let t = TestLedger::new("hosting");
+        t.define(rules(
+            "hosting",
+            serde_json::json!({"attribution": attribution, "cookie_days": 30}),
+        ));
+        let alice = t.enroll("alice");
+        let bob = t.enroll("bob");
+        let carol = t.enroll("carol");
+        t.click("2026-06-01T12:00:00Z", &carol.referral_code, "v-1"); // outside the 30 days
+        t.click("2026-07-10T12:00:00Z", &alice.referral_code, "v-1");
+        t.click("2026-07-20T12:00:00Z", &bob.referral_code, "v-1");
+        t.click("2026-08-05T12:00:00Z", &carol.referral_code, "v-1"); // after the signup
+        assert_eq!(
+            t.signup("2026-08-01T12:00:00Z", "cust-1", Some("v-1"), None)
+                .as_deref(),
+            Some(winner),
+            "{attribution}"
+        );
+        // once attributed, a customer stays
+        assert_eq!(
+            t.signup(
+                "2026-08-06T12:00:00Z",
+                "cust-1",
+                Some("v-1"),
+                Some("HOST-carol")
+            )
+            .as_deref(),
+            Some(winner)
+        );
+    }
+}
+
+#[test]
+fn an_unknown_signup_is_acknowledged_and_ignored() {
+    let (t, _, _) = given(serde_json::json!({}));
+    let head = t.head();
+    let receipt = t.submit(
+        Some("2026-08-05T12:00:00Z"),
+        Command::Signup {
+            customer_id: cust("x"),
+            visitor: Some("v-nobody".into()),
+            promo_code: Some("NOPE".into()),
+            group: None,
+        },
+    );
+    assert_eq!(receipt.noop, Some(Noop::SignupIgnored));
+    assert_eq!(t.head(), head);
+}
+
+#[test]
+fn rewards_round_half_to_even_once_per_line() {
+    let (t, _, _) = given(serde_json::json!({"default_rate": "10"}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "0.25"); // 0.025 → 0.02
+    t.expense("2026-08-05T12:00:00Z", "l2", "cust-1", "0.35"); // 0.035 → 0.04
+    t.expense("2026-08-05T12:00:00Z", "l3", "cust-1", "0.15"); // 0.015 → 0.02
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![
+            r("alice", "Reward", "0.02"),
+            r("alice", "Reward", "0.04"),
+            r("alice", "Reward", "0.02")
+        ]
+    );
+}
+
+#[test]
+fn refunds_claw_back_at_the_original_rate_proportionally_and_never_more() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "inv", "cust-1", "10.01");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "2.00")]
+    ); // 2.002 → 2.00
+    // the rate changes; the claw-back keeps the 20% of the reward
+    t.define(rules("hosting", serde_json::json!({"default_rate": "50"})));
+    t.refund("2026-09-03T12:00:00Z", "cn-1", "cust-1", "inv", "5.00"); // 20% of 5.00 = 1.00
+    t.refund("2026-09-04T12:00:00Z", "cn-2", "cust-1", "inv", "5.01"); // the rest: 2.00 − 1.00
+    assert_eq!(
+        close_rewards(&t, "2026-09"),
+        vec![
+            r("alice", "Clawback", "1.00"),
+            r("alice", "Clawback", "1.00")
+        ]
+    );
+    let over = t.rejected(
+        None,
+        Command::RecordRefund {
+            id: line("cn-3"),
+            customer_id: cust("cust-1"),
+            refunds: line("inv"),
+            amount: "0.01".into(),
+            currency: "USD".into(),
+        },
+    );
+    assert!(matches!(over, Rejection::RefundExceedsLine { .. }));
+    let unknown = t.rejected(
+        None,
+        Command::RecordRefund {
+            id: line("cn-4"),
+            customer_id: cust("cust-1"),
+            refunds: line("nope"),
+            amount: "1.00".into(),
+            currency: "USD".into(),
+        },
+    );
+    assert_eq!(unknown, Rejection::UnknownLine(line("nope")));
+    let (earned, _, _) = t.money("alice");
+    assert_eq!(earned, "0.00");
+}
+
+#[test]
+fn months_close_in_the_program_time_zone_in_order_and_once() {
+    let (t, _, _) = given(serde_json::json!({"timezone": "Europe/Amsterdam"}));
+    // 22:30 UTC on 31 August is 00:30 on 1 September in Amsterdam
+    t.expense("2026-08-31T22:30:00Z", "sep", "cust-1", "100.00");
+    t.expense("2026-08-31T21:30:00Z", "aug", "cust-1", "10.00");
+    t.set_now("2026-08-31T21:59:00Z");
+    assert_eq!(
+        t.rejected(
+            None,
+            Command::CloseMonth {
+                month: month("2026-08")
+            }
+        ),
+        Rejection::MonthNotEnded(month("2026-08"))
+    );
+    t.set_now("2026-08-31T22:00:00Z");
+    let closed = t.submit(
+        None,
+        Command::CloseMonth {
+            month: month("2026-08"),
+        },
+    );
+    assert_eq!(TestLedger::reward_amounts(&closed.events), vec!["2.00"]);
+    t.close("2026-09");
+    assert_eq!(
+        t.rejected(
+            None,
+            Command::CloseMonth {
+                month: month("2026-07")
+            }
+        ),
+        Rejection::MonthOutOfOrder {
+            month: month("2026-07"),
+            last_closed: month("2026-09")
+        }
+    );
+    let again = t.submit(
+        None,
+        Command::CloseMonth {
+            month: month("2026-08"),
+        },
+    );
+    assert!(matches!(again.noop, Some(Noop::MonthAlreadyClosed(_))));
+    assert!(again.events.is_empty());
+}
+
+#[test]
+fn late_lines_are_rewarded_at_the_next_close_with_their_own_date() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.close("2026-08");
+    t.expense("2026-08-20T12:00:00Z", "late", "cust-1", "100.00");
+    let rewards = close_rewards(&t, "2026-09");
+    assert_eq!(
+        rewards,
+        vec![("alice".into(), "Reward".into(), "20.00".into(), true)]
+    );
+    let statement = t
+        .ledger()
+        .statement(&t.program, &aff("alice"), month("2026-08"), None)
+        .unwrap()
+        .unwrap();
+    assert!(
+        statement.lines.is_empty(),
+        "the closed August statement is never rewritten"
+    );
+}
+
+#[test]
+fn pending_is_an_estimate_that_moves_no_money() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
+    t.refund("2026-08-06T12:00:00Z", "r1", "cust-1", "l1", "25.00");
+    let b = t.balance("alice");
+    assert_eq!(
+        (
+            b.pending.as_str(),
+            b.earned.as_str(),
+            b.lifetime_earned.as_str()
+        ),
+        ("15.00", "0.00", "0.00")
+    );
+}
+
+#[test]
+fn withdrawals_respect_threshold_available_and_negative_earned() {
+    let (t, _, _) = given(serde_json::json!({"payout_threshold": "50.00"}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "300.00"); // 60.00
+    t.close("2026-08");
+    let w = t.withdraw("alice", "40.00").unwrap();
+    // 60 earned, 40 in withdrawal: 20 available
+    assert_eq!(
+        t.money("alice"),
+        ("60.00".into(), "0.00".into(), "20.00".into())
+    );
+    assert_eq!(
+        t.withdraw("alice", "20.01").unwrap_err(),
+        SubmitError::Rejected(Rejection::InsufficientBalance {
+            requested: d("20.01"),
+            available: d("20.00")
+        })
+    );
+    // rejection returns the money; paying it out leaves earned below the threshold
+    t.submit(
+        None,
+        Command::RejectWithdrawal {
+            withdrawal_id: w,
+            reason: "bank details".into(),
+        },
+    );
+    assert_eq!(t.money("alice").2, "60.00");
+    let w2 = t.withdraw("alice", "40.00").unwrap();
+    t.submit(
+        None,
+        Command::PayWithdrawal {
+            withdrawal_id: w2,
+            reference: "wire".into(),
+        },
+    );
+    let b = t.balance("alice");
+    assert_eq!(
+        (
+            b.earned.as_str(),
+            b.available.as_str(),
+            b.withdrawn_total.as_str(),
+            b.to_threshold.as_str()
+        ),
+        ("20.00", "0.00", "40.00", "30.00")
+    );
+    assert_eq!(
+        t.rejected(
+            None,
+            Command::PayWithdrawal {
+                withdrawal_id: w2,
+                reference: "again".into()
+            }
+        ),
+        Rejection::WithdrawalSettled(w2)
+    );
+    // a claw-back makes earned negative: nothing can be withdrawn or credited
+    t.refund("2026-09-05T12:00:00Z", "r1", "cust-1", "l1", "300.00"); // −60.00
+    t.close("2026-09");
+    assert_eq!(t.money("alice").0, "-40.00");
+    assert_eq!(
+        t.withdraw("alice", "1.00").unwrap_err(),
+        SubmitError::Rejected(Rejection::NegativeEarned(d("-40.00")))
+    );
+    assert_eq!(
+        t.rejected(
+            None,
+            Command::ApplyCredit {
+                affiliate_id: aff("alice"),
+                amount: "1.00".into(),
+                invoice_id: "i".into()
+            }
+        ),
+        Rejection::NegativeEarned(d("-40.00"))
+    );
+}
+
+#[test]
+fn credits_need_no_threshold_but_never_exceed_what_is_free() {
+    let (t, _, _) = given(serde_json::json!({"payout_threshold": "50.00"}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "50.00"); // 10.00
+    t.close("2026-08");
+    t.submit(
+        None,
+        Command::ApplyCredit {
+            affiliate_id: aff("alice"),
+            amount: "7.50".into(),
+            invoice_id: "inv-12".into(),
+        },
+    );
+    let b = t.balance("alice");
+    assert_eq!(
+        (
+            b.earned.as_str(),
+            b.credited_total.as_str(),
+            b.lifetime_earned.as_str()
+        ),
+        ("2.50", "7.50", "10.00")
+    );
+    assert!(matches!(
+        t.rejected(
+            None,
+            Command::ApplyCredit {
+                affiliate_id: aff("alice"),
+                amount: "2.51".into(),
+                invoice_id: "inv-13".into()
+            }
+        ),
+        Rejection::InsufficientBalance { .. }
+    ));
+}
+
+#[test]
+fn amounts_are_refused_in_another_currency_too_precise_or_not_positive() {
+    let (t, _, _) = given(serde_json::json!({}));
+    let line = |amount: &str, currency: &str| Command::RecordBasisLine {
+        kind: LineKind::Expense,
+        id: crate::support::line("x"),
+        customer_id: cust("cust-1"),
+        amount: amount.into(),
+        currency: currency.into(),
+        product: None,
+        order_id: None,
+    };
+    assert!(matches!(
+        t.rejected(None, line("10.00", "EUR")),
+        Rejection::CurrencyMismatch { .. }
+    ));
+    assert!(matches!(
+        t.rejected(None, line("10.001", "USD")),
+        Rejection::Money(MoneyError::TooPrecise { .. })
+    ));
+    assert!(matches!(
+        t.rejected(None, line("0.00", "USD")),
+        Rejection::Money(MoneyError::NotPositive(_))
+    ));
+    assert!(matches!(
+        t.rejected(None, line("-5", "USD")),
+        Rejection::Money(MoneyError::NotPositive(_))
+    ));
+    assert!(matches!(
+        t.rejected(None, line("1e3", "USD")),
+        Rejection::Money(MoneyError::NotAnAmount(_))
+    ));
+    assert!(matches!(
+        t.rejected(
+            None,
+            Command::RequestWithdrawal {
+                affiliate_id: aff("alice"),
+                amount: "0".into()
+            }
+        ),
+        Rejection::Money(_)
+    ));
+}
+
+#[test]
+fn basis_lines_are_idempotent_by_their_id() {
+    let (t, _, _) = given(serde_json::json!({}));
+    let first = t.expense("2026-08-05T12:00:00Z", "inv-1", "cust-1", "100.00");
+    let head = t.head();
+    let again = t.expense("2026-08-05T12:00:00Z", "inv-1", "cust-1", "100.00");
+    assert_eq!(
+        again.noop,
+        Some(Noop::Duplicate {
+            seq: first.events[0].seq
+        })
+    );
+    assert_eq!(t.head(), head);
+    let other = t.rejected(
+        None,
+        Command::RecordBasisLine {
+            kind: LineKind::Expense,
+            id: line("inv-1"),
+            customer_id: cust("cust-1"),
+            amount: "99.00".into(),
+            currency: "USD".into(),
+            product: None,
+            order_id: None,
+        },
+    );
+    assert_eq!(other, Rejection::LineConflict(line("inv-1")));
+}
+
+#[test]
+fn an_idempotency_key_gives_the_same_answer_and_one_event() {
+    let (t, _, _) = given(serde_json::json!({}));
+    let program = t.program.clone();
+    let submission = || {
+        commission_ledger::ledger::Submission::new(
+            Some(&program),
+            "test",
+            Command::EnrollAffiliate {
+                affiliate_id: aff("dave"),
+                customer_id: None,
+                group: None,
+                rate: None,
+            },
+        )
+        .idempotency_key("enroll-dave")
+    };
+    let first = t.ledger().submit_blocking(submission()).unwrap();
+    let head = t.head();
+    let second = t.ledger().submit_blocking(submission()).unwrap();
+    assert_eq!(
+        (second.events.clone(), second.replayed),
+        (first.events.clone(), true)
+    );
+    assert_eq!(t.head(), head);
+    let other = commission_ledger::ledger::Submission::new(
+        Some(&t.program),
+        "test",
+        Command::EnrollAffiliate {
+            affiliate_id: aff("erin"),
+            customer_id: None,
+            group: None,
+            rate: None,
+        },
+    )
+    .idempotency_key("enroll-dave");
+    assert_eq!(
+        t.ledger().submit_blocking(other).unwrap_err(),
+        SubmitError::IdempotencyConflict("enroll-dave".into())
+    );
+    // and after a restart, from the log alone
+    let mut t = t;
+    t.reopen();
+    let third = t.ledger().submit_blocking(submission()).unwrap();
+    assert_eq!(third.events, first.events);
+}
+
+#[test]
+fn suspended_affiliates_get_no_new_clicks_or_rewards() {
+    let (t, alice, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "before", "cust-1", "100.00");
+    t.submit(
+        Some("2026-08-10T00:00:00Z"),
+        Command::SuspendAffiliate {
+            affiliate_id: aff("alice"),
+            reason: "fraud".into(),
+        },
+    );
+    t.expense("2026-08-15T12:00:00Z", "after", "cust-1", "100.00");
+    let refused = t.rejected(
+        Some("2026-08-16T00:00:00Z"),
+        Command::RecordClick {
+            referral_code: alice.referral_code.clone(),
+            visitor: None,
+            creative: None,
+            referrer: None,
+            landing: None,
+            client_hash: None,
+        },
+    );
+    assert_eq!(refused, Rejection::AffiliateSuspended(aff("alice")));
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00")]
+    );
+}
+
+#[test]
+fn program_rules_are_checked_and_keep_their_currency() {
+    let t = TestLedger::new("hosting");
+    let mismatch = t.rejected(
+        None,
+        Command::DefineProgram {
+            rules: rules("other", serde_json::json!({})),
+            reason: None,
+        },
+    );
+    assert!(matches!(mismatch, Rejection::ProgramMismatch { .. }));
+    let zone = t.rejected(
+        None,
+        Command::DefineProgram {
+            rules: rules("hosting", serde_json::json!({"timezone": "Mars/Olympus"})),
+            reason: None,
+        },
+    );
+    assert!(matches!(
+        zone,
+        Rejection::Invalid(InvalidValue {
+            field: "timezone",
+            ..
+        })
+    ));
+    let bounty = t.rejected(
+        None,
+        Command::DefineProgram {
+            rules: rules("hosting", serde_json::json!({"bounty": "1.005"})),
+            reason: None,
+        },
+    );
+    assert!(matches!(
+        bounty,
+        Rejection::Invalid(InvalidValue {
+            field: "bounty",
+            ..
+        })
+    ));
+    t.define(rules("hosting", serde_json::json!({})));
+    let currency = t.rejected(
+        None,
+        Command::DefineProgram {
+            rules: rules("hosting", serde_json::json!({"currency": "EUR"})),
+            reason: None,
+        },
+    );
+    assert!(matches!(currency, Rejection::CurrencyChange { .. }));
+    let unknown = commission_ledger::ledger::Submission::new(
+        Some(&program_id("nope")),
+        "test",
+        Command::CloseMonth {
+            month: month("2026-01"),
+        },
+    );
+    assert_eq!(
+        t.ledger().submit_blocking(unknown).unwrap_err(),
+        SubmitError::Rejected(Rejection::UnknownProgram(program_id("nope")))
+    );
+}
+
+#[test]
+fn history_is_replayed_with_the_rules_in_force_at_each_line() {
+    let (t, _, _) = given(serde_json::json!({"default_rate": "20"}));
+    t.expense("2026-08-05T12:00:00Z", "old", "cust-1", "100.00");
+    t.set_now("2026-08-10T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"default_rate": "10"})));
+    t.expense("2026-08-15T12:00:00Z", "new", "cust-1", "100.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00"), r("alice", "Reward", "10.00")]
+    );
+}
+
+#[test]
+fn reassignment_from_a_date_moves_future_lines_and_retroactive_moves_posted_money() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "aug", "cust-1", "100.00"); // alice 20.00
+    t.close("2026-08");
+    t.expense("2026-09-05T12:00:00Z", "sep", "cust-1", "50.00");
+    // without retroactive: September follows bob, August stays with alice
+    t.submit(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("bob"),
+            from: Some(ts("2026-09-01T00:00:00Z")),
+            retroactive: false,
+            reason: "ticket 1".into(),
+        },
+    );
+    assert_eq!(
+        close_rewards(&t, "2026-09"),
+        vec![r("bob", "Reward", "10.00")]
+    );
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("20.00".into(), "10.00".into())
+    );
+    // retroactive for all time: alice's posted 20.00 moves to bob in the open month
+    t.set_now("2026-10-03T00:00:00Z");
+    let receipt = t.submit(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("bob"),
+            from: None,
+            retroactive: true,
+            reason: "ticket 2".into(),
+        },
+    );
+    let adjustments: Vec<(String, String, Month)> = receipt
+        .events
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AdjustmentPosted(e) => {
+                Some((e.affiliate_id.to_string(), e.amount.to_string(), e.month))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        adjustments,
+        vec![
+            ("alice".into(), "-20.00".into(), month("2026-10")),
+            ("bob".into(), "20.00".into(), month("2026-10"))
+        ]
+    );
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("0.00".into(), "30.00".into())
+    );
+    let closed = t
+        .ledger()
+        .statement(&t.program, &aff("alice"), month("2026-08"), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        closed.closing_balance, "20.00",
+        "closed statements stay as they were"
+    );
+    let open = t
+        .ledger()
+        .statement(&t.program, &aff("alice"), month("2026-10"), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (open.lines.len(), open.closing_balance.as_str()),
+        (1, "0.00")
+    );
+    let reason = t.rejected(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("alice"),
+            from: None,
+            retroactive: true,
+            reason: " ".into(),
+        },
+    );
+    assert!(matches!(
+        reason,
+        Rejection::Invalid(InvalidValue {
+            field: "reason",
+            ..
+        })
+    ));
+    t.verify_ok();
+}
