@@ -1,5 +1,6 @@
 //! The one integration test binary: modules by surface.
 
+mod crash;
 mod encoding;
 mod log;
 mod money;

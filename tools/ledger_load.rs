@@ -1,0 +1,343 @@
+//! `ledger-load`: drives a ledger from many threads, for the crash test and
+//! the benchmarks. Bounded in count and time; writes only to the data
+//! directory it is given; no network.
+//!
+//! - `ledger-load crash DIR SUBMITTERS SECONDS`: appends mixed events from
+//!   SUBMITTERS threads for at most SECONDS, printing `ack SEQ EVENT_ID` for
+//!   every acknowledged event; the crash test kills it with SIGKILL.
+//! - `ledger-load bench DIR [EVENTS]`: durable appends/s through the writer
+//!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
+//!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
+//!   mixed events (80% clicks).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use commission_ledger::events::*;
+use commission_ledger::ledger::{Ledger, LedgerConfig, Submission};
+use commission_ledger::rules::Command;
+
+fn program() -> ProgramId {
+    ProgramId::parse("load").unwrap_or_else(|e| fail(&e.to_string()))
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("ledger-load: {message}");
+    std::process::exit(2)
+}
+
+fn rules() -> ProgramRules {
+    serde_json::from_value(serde_json::json!({
+        "id": "load", "name": "Load", "currency": "USD", "timezone": "UTC",
+        "site_url": "https://provider.example/", "default_rate": "20",
+        "payout_threshold": "50.00", "promo_code_template": "LOAD-@ID@"
+    }))
+    .unwrap_or_else(|e| fail(&e.to_string()))
+}
+
+/// Defines the program and enrolls `aff-0..aff-9` unless already there;
+/// returns their referral codes.
+fn setup(ledger: &Ledger) -> Vec<String> {
+    let p = program();
+    let exists = ledger.state().model.program(&p).is_some();
+    if !exists {
+        submit(
+            ledger,
+            Command::DefineProgram {
+                rules: rules(),
+                reason: None,
+            },
+        );
+        for i in 0..10 {
+            submit(
+                ledger,
+                Command::EnrollAffiliate {
+                    affiliate_id: AffiliateId::parse(&format!("aff-{i}"))
+                        .unwrap_or_else(|e| fail(&e.to_string())),
+                    customer_id: None,
+                    group: None,
+                    rate: None,
+                },
+            );
+        }
+    }
+    let state = ledger.state();
+    let pm = state
+        .model
+        .program(&p)
+        .unwrap_or_else(|| fail("no program"));
+    pm.affiliates
+        .values()
+        .map(|a| a.referral_code.clone())
+        .collect()
+}
+
+fn submit(ledger: &Ledger, command: Command) -> Vec<Recorded> {
+    match ledger.submit_blocking(Submission::new(Some(&program()), "load", command)) {
+        Ok(receipt) => receipt.events,
+        Err(e) => fail(&format!("refused: {e}")),
+    }
+}
+
+/// The `n`th command of submitter `who`: 80% clicks, 5% signups, 10% expenses, 5% payments.
+fn mixed(who: usize, n: u64, codes: &[String]) -> Command {
+    let code = codes[(n as usize + who) % codes.len()].clone();
+    let customer =
+        CustomerId::parse(&format!("c-{who}-{}", n / 20)).unwrap_or_else(|e| fail(&e.to_string()));
+    let line = |kind: &str| {
+        LineId::parse(&format!("{kind}-{who}-{n}")).unwrap_or_else(|e| fail(&e.to_string()))
+    };
+    match n % 20 {
+        0..=15 => Command::RecordClick {
+            referral_code: code,
+            visitor: Some(format!("v-{who}-{}", n / 20)),
+            creative: Some(format!("banner-{}", n % 3)),
+            referrer: Some("https://blog.example/post".into()),
+            landing: None,
+            client_hash: None,
+        },
+        16 => Command::Signup {
+            customer_id: customer,
+            visitor: Some(format!("v-{who}-{}", n / 20)),
+            promo_code: None,
+            group: None,
+        },
+        17 | 18 => Command::RecordBasisLine {
+            kind: LineKind::Expense,
+            id: line("inv"),
+            customer_id: customer,
+            amount: "12.34".into(),
+            currency: "USD".into(),
+            product: Some("hosting".into()),
+            order_id: None,
+        },
+        _ => Command::RecordBasisLine {
+            kind: LineKind::Payment,
+            id: line("pay"),
+            customer_id: customer,
+            amount: "12.34".into(),
+            currency: "USD".into(),
+            product: None,
+            order_id: None,
+        },
+    }
+}
+
+/// Runs `submitters` threads until `deadline` or `limit` events; calls
+/// `on_ack` with each acknowledged event. Returns the count.
+fn drive(
+    ledger: &Arc<Ledger>,
+    codes: &[String],
+    submitters: usize,
+    duration: Duration,
+    limit: u64,
+    on_ack: Arc<dyn Fn(&Recorded) + Send + Sync>,
+) -> u64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let salt = ledger.state().head.seq;
+    let threads: Vec<_> = (0..submitters)
+        .map(|who| {
+            let ledger = ledger.clone();
+            let codes = codes.to_vec();
+            let done = done.clone();
+            let stop = stop.clone();
+            let on_ack = on_ack.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
+                    if done.fetch_add(1, Ordering::Relaxed) >= limit {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    let command = mixed(who + salt as usize * 1000, n, &codes);
+                    for r in submit(&ledger, command) {
+                        on_ack(&r);
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    done.load(Ordering::Relaxed).min(limit)
+}
+
+fn crash(dir: &Path, submitters: usize, seconds: u64) {
+    let ledger =
+        Arc::new(Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string())));
+    let codes = setup(&ledger);
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let print: Arc<dyn Fn(&Recorded) + Send + Sync> = Arc::new(move |r: &Recorded| {
+        let mut out = out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = writeln!(out, "ack {} {}", r.seq, r.id);
+        let _ = out.flush();
+    });
+    drive(
+        &ledger,
+        &codes,
+        submitters,
+        Duration::from_secs(seconds),
+        u64::MAX,
+        print,
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The bare ceiling: the same record bytes, `batch` records per fdatasync.
+fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration) -> f64 {
+    let path = dir.join(format!("bare-{batch}.bin"));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let buffer: Vec<u8> = record
+        .iter()
+        .copied()
+        .cycle()
+        .take(record.len() * batch)
+        .collect();
+    let start = Instant::now();
+    let mut records = 0u64;
+    while start.elapsed() < duration {
+        file.write_all(&buffer)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        file.sync_data().unwrap_or_else(|e| fail(&e.to_string()));
+        records += batch as u64;
+    }
+    let _ = std::fs::remove_file(&path);
+    records as f64 / start.elapsed().as_secs_f64()
+}
+
+fn bench(dir: &Path, events: u64) {
+    let seconds = Duration::from_secs(3);
+    println!(
+        "# durable appends through the writer vs the bare write+fdatasync ceiling ({}s each)",
+        seconds.as_secs()
+    );
+    let sample = {
+        let d = dir.join("sample");
+        let ledger = Ledger::open(LedgerConfig::new(&d)).unwrap_or_else(|e| fail(&e.to_string()));
+        let codes = setup(&ledger);
+        let r = submit(&ledger, mixed(0, 0, &codes));
+        encode(&r[0]).unwrap_or_default().len() + 48
+    };
+    let record = vec![0x5a; sample];
+    for submitters in [1usize, 16, 64] {
+        let d = dir.join(format!("writer-{submitters}"));
+        let ledger =
+            Arc::new(Ledger::open(LedgerConfig::new(&d)).unwrap_or_else(|e| fail(&e.to_string())));
+        let codes = setup(&ledger);
+        let start = Instant::now();
+        let n = drive(
+            &ledger,
+            &codes,
+            submitters,
+            seconds,
+            u64::MAX,
+            Arc::new(|_| {}),
+        );
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let ceiling = bare(dir, &record, submitters, seconds);
+        println!(
+            "submitters {submitters:>2}: writer {rate:>9.0} events/s   bare ceiling (batch {submitters}) {ceiling:>9.0} records/s   ratio {:.2}",
+            rate / ceiling
+        );
+    }
+    let fsync = {
+        let path = dir.join("fsync.bin");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            file.write_all(&[0u8; 8192])
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            file.sync_data().unwrap_or_else(|e| fail(&e.to_string()));
+            samples.push(t.elapsed());
+        }
+        let _ = std::fs::remove_file(&path);
+        samples.sort();
+        samples[samples.len() / 2]
+    };
+    println!(
+        "fdatasync of 8 KiB, median of 200: {} us",
+        fsync.as_micros()
+    );
+
+    println!("# replay of {events} mixed events (80% clicks)");
+    let d = dir.join("replay");
+    {
+        let ledger =
+            Arc::new(Ledger::open(LedgerConfig::new(&d)).unwrap_or_else(|e| fail(&e.to_string())));
+        let codes = setup(&ledger);
+        let start = Instant::now();
+        let n = drive(
+            &ledger,
+            &codes,
+            64,
+            Duration::from_secs(600),
+            events,
+            Arc::new(|_| {}),
+        );
+        println!("wrote {n} events in {:.1}s", start.elapsed().as_secs_f64());
+    }
+    let before = rss_kib();
+    let start = Instant::now();
+    let ledger = Ledger::open(LedgerConfig::new(&d)).unwrap_or_else(|e| fail(&e.to_string()));
+    let elapsed = start.elapsed().as_secs_f64();
+    let head = ledger.state().head.seq;
+    println!(
+        "replayed {head} events in {elapsed:.2}s: {:.0} events/s; RSS {} MiB (before open {} MiB)",
+        head as f64 / elapsed,
+        rss_kib() / 1024,
+        before / 1024
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| {
+        args.get(i).cloned().unwrap_or_else(|| {
+            fail("usage: ledger-load crash DIR SUBMITTERS SECONDS | bench DIR [EVENTS]")
+        })
+    };
+    let number = |i: usize, default: u64| {
+        args.get(i)
+            .map(|s| s.parse().unwrap_or_else(|_| fail("not a number")))
+            .unwrap_or(default)
+    };
+    match arg(1).as_str() {
+        "crash" => crash(
+            &PathBuf::from(arg(2)),
+            number(3, 8) as usize,
+            number(4, 30).min(600),
+        ),
+        "bench" => bench(&PathBuf::from(arg(2)), number(3, 1_000_000)),
+        other => fail(&format!("unknown mode {other}")),
+    }
+}
