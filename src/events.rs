@@ -19,6 +19,12 @@ use uuid::Uuid;
 
 use crate::money::{Currency, Rate};
 
+/// The hash map of the ledger's in-memory state: foldhash, seeded per
+/// process (keys such as visitor ids come from the public internet).
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The hash set counterpart of [`HashMap`].
+pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// A position in the log: the global, gapless sequence number of an event (from 1).
 pub type Seq = u64;
 
@@ -998,7 +1004,7 @@ enum EnvelopeRef<'a> {
 
 /// The compact encoding of a recorded event, as the hash chain covers it.
 pub fn encode(recorded: &Recorded) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_allocvec(&EnvelopeRef::V1(recorded))
+    postcard::to_extend(&EnvelopeRef::V1(recorded), Vec::with_capacity(256))
 }
 
 /// Decodes (and upcasts) a recorded event.

@@ -12,17 +12,19 @@
 //! Reads see the state as of the last durable batch, or, `as_of` an earlier
 //! seq or time, a replay of the log up to there.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use crate::events::HashMap;
 use crate::events::*;
 use crate::log::{self, Head, Log, LogError, Position, ScanMode};
 use crate::projections::*;
@@ -244,7 +246,26 @@ pub struct Ledger {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Counters of the writer, for `/metrics` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Batches made durable (one fdatasync each).
+    pub batches: AtomicU64,
+    /// Commands decided, accepted or not.
+    pub commands: AtomicU64,
+    /// Events appended.
+    pub events: AtomicU64,
+    /// Time spent in write + fdatasync, in microseconds.
+    pub sync_us: AtomicU64,
+    /// Time spent deciding and folding, in microseconds.
+    pub decide_us: AtomicU64,
+    /// Time spent answering callers, in microseconds.
+    pub reply_us: AtomicU64,
+}
+
 struct Inner {
+    /// What the writer did so far.
+    stats: WriterStats,
     dir: PathBuf,
     log_dir: PathBuf,
     clock: Clock,
@@ -349,6 +370,7 @@ impl Ledger {
         })?;
         let (head_tx, _) = watch::channel(state.head.seq);
         let inner = Arc::new(Inner {
+            stats: WriterStats::default(),
             dir,
             log_dir,
             clock: config.clock.clone(),
@@ -380,6 +402,11 @@ impl Ledger {
             queue,
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// What the writer did so far.
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.inner.stats
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -661,6 +688,8 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
                 Err(_) => break,
             }
         }
+        let started = Instant::now();
+        let commands = batch.len() as u64;
         let mut state = inner
             .state
             .write()
@@ -672,6 +701,7 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
             let answer = decide_one(&mut state, &job.submission, now, &mut ids, &mut payloads);
             answers.push((job.reply, answer));
         }
+        let decided = Instant::now();
         if !payloads.is_empty() {
             match log.append(&payloads) {
                 Ok(placed) => {
@@ -690,6 +720,7 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
         }
         let head = state.head.seq;
         drop(state);
+        let synced = Instant::now();
         inner.head.send_replace(head);
         for (reply, answer) in answers {
             let result = match answer {
@@ -704,6 +735,22 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
             };
             let _ = reply.send(result);
         }
+        let stats = &inner.stats;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.commands.fetch_add(commands, Ordering::Relaxed);
+        stats
+            .events
+            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        let micros = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
+        stats
+            .decide_us
+            .fetch_add(micros(started, decided), Ordering::Relaxed);
+        stats
+            .sync_us
+            .fetch_add(micros(decided, synced), Ordering::Relaxed);
+        stats
+            .reply_us
+            .fetch_add(micros(synced, Instant::now()), Ordering::Relaxed);
     }
 }
 

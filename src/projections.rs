@@ -4,8 +4,8 @@
 //! Pure: no I/O, no clock, and no rules. Every amount shown here was decided
 //! once and recorded in an event, so a rule change can never alter a replay.
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use chrono::NaiveDate;
@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use crate::events::*;
+use crate::events::{HashMap, HashSet};
 use crate::money::{Currency, Rate};
 
 /// Every projection of the ledger, and the log position it reflects.
@@ -35,6 +36,8 @@ pub struct ProgramView {
     pub closed_months: BTreeMap<Month, MonthClosed>,
     /// The kind of every basis line, so a refund lowers the right billed total.
     pub line_kinds: HashMap<LineId, LineKind>,
+    /// The rules' time zone, parsed once.
+    pub zone: chrono_tz::Tz,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,17 +137,21 @@ impl Projections {
         };
         if let Event::ProgramDefined(e) = &recorded.event {
             match self.programs.get_mut(program) {
-                Some(view) => view.rules = e.rules.clone(),
+                Some(view) => {
+                    view.rules = e.rules.clone();
+                    view.zone = e.rules.zone();
+                }
                 None => {
                     self.programs.insert(
                         program.clone(),
                         ProgramView {
                             rules: e.rules.clone(),
                             affiliates: BTreeMap::new(),
-                            customers: HashMap::new(),
+                            customers: HashMap::default(),
                             commission_expense: Decimal::ZERO,
                             closed_months: BTreeMap::new(),
-                            line_kinds: HashMap::new(),
+                            line_kinds: HashMap::default(),
+                            zone: e.rules.zone(),
                         },
                     );
                 }
@@ -173,7 +180,7 @@ impl Projections {
 
 impl ProgramView {
     fn apply(&mut self, recorded: &Recorded) {
-        let zone = self.rules.zone();
+        let zone = self.zone;
         let at = recorded.occurred_at;
         let basis = self.rules.basis;
         match &recorded.event {
@@ -189,8 +196,8 @@ impl ProgramView {
                         days: BTreeMap::new(),
                         creatives: BTreeMap::new(),
                         visitors_by_day: BTreeMap::new(),
-                        converted: HashSet::new(),
-                        commission_by_customer: HashMap::new(),
+                        converted: HashSet::default(),
+                        commission_by_customer: HashMap::default(),
                     },
                 );
             }
@@ -587,7 +594,7 @@ impl ProgramView {
         let a = self.affiliates.get(affiliate_id)?;
         let currency = self.rules.currency;
         let mut total = Counters::default();
-        let mut visitors: HashSet<u64> = HashSet::new();
+        let mut visitors: HashSet<u64> = HashSet::default();
         let mut groups: BTreeMap<String, (Counters, HashSet<u64>)> = BTreeMap::new();
         for (day, counters) in a.days.range(from..=to) {
             total.clicks += counters.clicks;

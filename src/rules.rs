@@ -7,7 +7,9 @@
 //! arguments, so a decision is a function of its inputs and tests read as
 //! given events / when command / then events.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use crate::events::{HashMap, HashSet};
 
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -370,6 +372,8 @@ pub struct ProgramModel {
     lines_by_month: HashMap<Month, Vec<LineId>>,
     pub closed: BTreeMap<Month, MonthClosed>,
     pub withdrawals: HashMap<Uuid, Withdrawal>,
+    /// The current rules' time zone, parsed once.
+    zone: Option<chrono_tz::Tz>,
 }
 
 impl ProgramModel {
@@ -400,10 +404,9 @@ impl ProgramModel {
         self.closed.keys().next_back().copied()
     }
 
-    fn zone(&self) -> chrono_tz::Tz {
-        self.current_rules()
-            .map(ProgramRules::zone)
-            .unwrap_or(chrono_tz::UTC)
+    /// The time zone of the current rules.
+    pub fn zone(&self) -> chrono_tz::Tz {
+        self.zone.unwrap_or(chrono_tz::UTC)
     }
 }
 
@@ -489,7 +492,10 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
     let at = recorded.occurred_at;
     let seq = recorded.seq;
     match &recorded.event {
-        Event::ProgramDefined(e) => pm.rules.push((at, e.rules.clone())),
+        Event::ProgramDefined(e) => {
+            pm.zone = Some(e.rules.zone());
+            pm.rules.push((at, e.rules.clone()));
+        }
         Event::AffiliateEnrolled(e) => {
             pm.referral_codes
                 .insert(e.referral_code.clone(), e.affiliate_id.clone());
@@ -1124,7 +1130,7 @@ pub fn decide(
             if let Some(closed) = pm.closed.get(month) {
                 return Ok(Decision::Noop(Noop::MonthAlreadyClosed(closed.clone())));
             }
-            if ctx.now < month.next().start_in(rules.zone()) {
+            if ctx.now < month.next().start_in(pm.zone()) {
                 return Err(Rejection::MonthNotEnded(*month));
             }
             if let Some(last_closed) = pm.last_closed()
@@ -1305,7 +1311,7 @@ fn decide_reassign(
     reason: &str,
 ) -> Result<Decision, Rejection> {
     let (id, pm) = program_of(model, ctx)?;
-    let rules = current_rules(pm, id)?;
+    current_rules(pm, id)?;
     required_text("reason", reason)?;
     let target = affiliate(pm, to)?;
     if target.customer_id.as_ref() == Some(customer_id) {
@@ -1327,7 +1333,7 @@ fn decide_reassign(
         reason: reason.to_string(),
     })];
     if retroactive {
-        let month = ctx.now.month_in(rules.zone());
+        let month = ctx.now.month_in(pm.zone());
         let start = from.unwrap_or(Timestamp::MIN);
         let mut moves: BTreeMap<(AffiliateId, Option<LineId>), Decimal> = BTreeMap::new();
         for line_id in &customer.lines {
@@ -1445,7 +1451,7 @@ fn line_earning(
 
 /// Referrals of an affiliate that produced an earning basis line in a month.
 fn active_referrals(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month) -> u32 {
-    let mut customers = HashSet::new();
+    let mut customers = HashSet::default();
     for id in pm.lines_by_month.get(&month).into_iter().flatten() {
         let Some(line) = pm.lines.get(id) else {
             continue;
@@ -1480,9 +1486,9 @@ pub fn close_rewards(
     let Some(rules) = pm.current_rules() else {
         return events;
     };
-    let mut tier_counts = HashMap::new();
-    let mut new_rewards: HashMap<&LineId, (AffiliateId, Rate, Decimal)> = HashMap::new();
-    let mut bounties: HashSet<&CustomerId> = HashSet::new();
+    let mut tier_counts = HashMap::default();
+    let mut new_rewards: HashMap<&LineId, (AffiliateId, Rate, Decimal)> = HashMap::default();
+    let mut bounties: HashSet<&CustomerId> = HashSet::default();
     let end = (upto.next(), Timestamp::MIN, 0);
     for ((line_month, _, _), id) in pm.open_lines.range(..end) {
         let Some(line) = pm.lines.get(id) else {
@@ -1531,7 +1537,7 @@ pub fn close_rewards(
         }
         new_rewards.insert(id, (affiliate_id, rate, amount));
     }
-    let mut refunded_now: HashMap<&LineId, (Decimal, Decimal)> = HashMap::new();
+    let mut refunded_now: HashMap<&LineId, (Decimal, Decimal)> = HashMap::default();
     for ((refund_month, _, _), id) in pm.open_refunds.range(..end) {
         let Some(refund) = pm.refunds.get(id) else {
             continue;
@@ -1595,10 +1601,10 @@ pub fn close_rewards(
 /// The commission an affiliate would get if every open month closed now:
 /// the `pending` of the balance. Moves no money.
 pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Timestamp) -> Decimal {
-    let Some(rules) = pm.current_rules() else {
+    if pm.current_rules().is_none() {
         return Decimal::ZERO;
-    };
-    let month = now.month_in(rules.zone());
+    }
+    let month = now.month_in(pm.zone());
     let upto = Month::new(9999, 12).unwrap_or(month);
     close_rewards(pm, upto, month, Some(affiliate_id))
         .iter()

@@ -9,6 +9,8 @@
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
+//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS]`: durable appends/s alone.
+//! - `ledger-load replay DIR`: opens DIR, reporting replay events/s and RSS.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -127,8 +129,9 @@ fn mixed(who: usize, n: u64, codes: &[String]) -> Command {
     }
 }
 
-/// Runs `submitters` threads until `deadline` or `limit` events; calls
-/// `on_ack` with each acknowledged event. Returns the count.
+/// Runs `submitters` concurrent submitters (tasks on a two-thread tokio
+/// runtime, as the HTTP server would) until `duration` or `limit` events;
+/// calls `on_ack` with each acknowledged event. Returns the count.
 fn drive(
     ledger: &Arc<Ledger>,
     codes: &[String],
@@ -137,36 +140,45 @@ fn drive(
     limit: u64,
     on_ack: Arc<dyn Fn(&Recorded) + Send + Sync>,
 ) -> u64 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let salt = ledger.state().head.seq;
-    let threads: Vec<_> = (0..submitters)
-        .map(|who| {
-            let ledger = ledger.clone();
-            let codes = codes.to_vec();
-            let done = done.clone();
-            let stop = stop.clone();
-            let on_ack = on_ack.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
-                    if done.fetch_add(1, Ordering::Relaxed) >= limit {
-                        stop.store(true, Ordering::Relaxed);
-                        break;
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..submitters)
+            .map(|who| {
+                let ledger = ledger.clone();
+                let codes = codes.to_vec();
+                let done = done.clone();
+                let stop = stop.clone();
+                let on_ack = on_ack.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
+                        if done.fetch_add(1, Ordering::Relaxed) >= limit {
+                            stop.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        let command = mixed(who + salt as usize * 1000, n, &codes);
+                        let submission = Submission::new(Some(&program()), "load", command);
+                        match ledger.submit(submission).await {
+                            Ok(receipt) => receipt.events.iter().for_each(|r| on_ack(r)),
+                            Err(e) => fail(&format!("refused: {e}")),
+                        }
+                        n += 1;
                     }
-                    let command = mixed(who + salt as usize * 1000, n, &codes);
-                    for r in submit(&ledger, command) {
-                        on_ack(&r);
-                    }
-                    n += 1;
-                }
+                })
             })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
     done.load(Ordering::Relaxed).min(limit)
 }
 
@@ -338,6 +350,48 @@ fn main() {
             number(4, 30).min(600),
         ),
         "bench" => bench(&PathBuf::from(arg(2)), number(3, 1_000_000)),
+        "writer" => {
+            let submitters = number(3, 64) as usize;
+            let ledger = Arc::new(
+                Ledger::open(LedgerConfig::new(PathBuf::from(arg(2))))
+                    .unwrap_or_else(|e| fail(&e.to_string())),
+            );
+            let codes = setup(&ledger);
+            let start = Instant::now();
+            let n = drive(
+                &ledger,
+                &codes,
+                submitters,
+                Duration::from_secs(number(4, 5).min(600)),
+                u64::MAX,
+                Arc::new(|_| {}),
+            );
+            println!(
+                "{submitters} submitters: {:.0} events/s",
+                n as f64 / start.elapsed().as_secs_f64()
+            );
+            let s = ledger.writer_stats();
+            let batches = s.batches.load(Ordering::Relaxed).max(1);
+            println!(
+                "batches {batches}, commands/batch {:.1}, per batch: decide {} us, write+sync {} us, reply {} us",
+                s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
+                s.decide_us.load(Ordering::Relaxed) / batches,
+                s.sync_us.load(Ordering::Relaxed) / batches,
+                s.reply_us.load(Ordering::Relaxed) / batches
+            );
+        }
+        "replay" => {
+            let start = Instant::now();
+            let ledger = Ledger::open(LedgerConfig::new(PathBuf::from(arg(2))))
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let head = ledger.state().head.seq;
+            let elapsed = start.elapsed().as_secs_f64();
+            println!(
+                "replayed {head} events in {elapsed:.2}s: {:.0} events/s; RSS {} MiB",
+                head as f64 / elapsed,
+                rss_kib() / 1024
+            );
+        }
         other => fail(&format!("unknown mode {other}")),
     }
 }
