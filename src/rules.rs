@@ -242,6 +242,10 @@ pub trait IdSource {
     fn code(&mut self) -> String;
 }
 
+/// How far ahead of the ledger's clock an `at` may be: billing systems'
+/// clocks drift a little; a line from the future is a mistake.
+pub const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
+
 /// The default group of customers and affiliates that name none.
 pub const DEFAULT_GROUP: &str = "default";
 const MAX_GROUP_LEN: usize = 128;
@@ -837,6 +841,9 @@ pub fn decide(
     ids: &mut dyn IdSource,
 ) -> Result<Decision, Rejection> {
     let append = |events: Vec<Event>| Ok(Decision::Append(events));
+    if ctx.at.micros() > ctx.now.micros().saturating_add(MAX_CLOCK_SKEW_US) {
+        return Err(InvalidValue::new("at", format!("{} is in the future", ctx.at)).into());
+    }
     match command {
         Command::DefineProgram { rules, reason } => {
             let path = ctx.program.ok_or_else(|| {

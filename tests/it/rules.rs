@@ -451,8 +451,6 @@ fn refunds_claw_back_at_the_original_rate_proportionally_and_never_more() {
 #[test]
 fn months_close_in_the_program_time_zone_in_order_and_once() {
     let (t, _, _) = given(serde_json::json!({"timezone": "Europe/Amsterdam"}));
-    // 22:30 UTC on 31 August is 00:30 on 1 September in Amsterdam
-    t.expense("2026-08-31T22:30:00Z", "sep", "cust-1", "100.00");
     t.expense("2026-08-31T21:30:00Z", "aug", "cust-1", "10.00");
     t.set_now("2026-08-31T21:59:00Z");
     assert_eq!(
@@ -464,7 +462,8 @@ fn months_close_in_the_program_time_zone_in_order_and_once() {
         ),
         Rejection::MonthNotEnded(month("2026-08"))
     );
-    t.set_now("2026-08-31T22:00:00Z");
+    // 22:30 UTC on 31 August is 00:30 on 1 September in Amsterdam
+    t.expense("2026-08-31T22:30:00Z", "sep", "cust-1", "100.00");
     let closed = t.submit(
         None,
         Command::CloseMonth {

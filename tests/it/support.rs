@@ -58,17 +58,20 @@ pub struct TestLedger {
     pub dir: tempfile::TempDir,
     pub clock: Arc<AtomicI64>,
     pub program: ProgramId,
+    /// The program's currency, for the amounts the helpers send.
+    pub currency: std::sync::Mutex<String>,
 }
 
 impl TestLedger {
     pub fn new(program: &str) -> TestLedger {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
+        let clock = Arc::new(AtomicI64::new(ts("2025-01-01T00:00:00Z").micros()));
         let mut t = TestLedger {
             ledger: None,
             dir,
             clock,
             program: program_id(program),
+            currency: std::sync::Mutex::new("USD".into()),
         };
         t.reopen();
         t
@@ -91,8 +94,13 @@ impl TestLedger {
         self.ledger.as_ref().unwrap()
     }
 
+    /// Moves the clock forward (never back: the ledger's time is monotonic).
     pub fn set_now(&self, at: &str) {
-        self.clock.store(ts(at).micros(), Ordering::SeqCst);
+        let before = self.clock.fetch_max(ts(at).micros(), Ordering::SeqCst);
+        assert!(
+            before <= ts(at).micros(),
+            "the test clock cannot go back to {at}"
+        );
     }
 
     pub fn head(&self) -> Seq {
@@ -102,6 +110,8 @@ impl TestLedger {
     pub fn try_submit(&self, at: Option<&str>, command: Command) -> Result<Receipt, SubmitError> {
         let mut s = Submission::new(Some(&self.program), "test", command);
         if let Some(at) = at {
+            // Time passes: the clock reaches the moment the billing system reports.
+            self.clock.fetch_max(ts(at).micros(), Ordering::SeqCst);
             s = s.at(ts(at));
         }
         self.ledger().submit_blocking(s)
@@ -128,6 +138,7 @@ impl TestLedger {
     }
 
     pub fn define(&self, rules: ProgramRules) -> Receipt {
+        *self.currency.lock().unwrap() = rules.currency.code().to_string();
         self.submit(
             None,
             Command::DefineProgram {
@@ -243,7 +254,7 @@ impl TestLedger {
                 id: line(id),
                 customer_id: cust(customer),
                 amount: amount.to_string(),
-                currency: "USD".to_string(),
+                currency: self.currency.lock().unwrap().clone(),
                 product: product.map(str::to_string),
                 order_id: order.map(str::to_string),
             },
@@ -273,7 +284,7 @@ impl TestLedger {
                 customer_id: cust(customer),
                 refunds: line(refunds),
                 amount: amount.to_string(),
-                currency: "USD".to_string(),
+                currency: self.currency.lock().unwrap().clone(),
             },
         )
     }
@@ -314,6 +325,34 @@ impl TestLedger {
             Event::WithdrawalRequested(e) => Ok(e.withdrawal_id),
             other => panic!("expected WithdrawalRequested, got {other:?}"),
         }
+    }
+
+    pub fn statement(&self, affiliate: &str, m: &str) -> commission_ledger::projections::Statement {
+        self.ledger()
+            .statement(&self.program, &aff(affiliate), month(m), None)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Snapshots a statement as JSON under `snapshots/`, the log hash redacted
+    /// (event ids are random, so the hash differs per run).
+    pub fn snapshot_statement(&self, name: &str, affiliate: &str, m: &str) {
+        let statement = self.statement(affiliate, m);
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"));
+        settings.set_prepend_module_to_snapshot(false);
+        settings.bind(|| {
+            insta::assert_json_snapshot!(name, statement, {
+                ".log_hash" => "[hash]",
+                // Withdrawal ids are random UUIDs; line ids stay visible.
+                ".lines[].ref" => insta::dynamic_redaction(|value, _| {
+                    match value.as_str().map(uuid::Uuid::parse_str) {
+                        Some(Ok(_)) => "[withdrawal id]".into(),
+                        _ => value,
+                    }
+                }),
+            });
+        });
     }
 
     pub fn balance(&self, affiliate: &str) -> Balance {
