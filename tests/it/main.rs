@@ -1,9 +1,11 @@
 //! The one integration test binary: modules by surface.
 
+mod cli;
 mod crash;
 mod encoding;
 mod log;
 mod money;
+mod properties;
 mod rules;
 mod scenarios;
 mod support;

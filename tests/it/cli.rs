@@ -1,0 +1,302 @@
+//! The command line as a process: every verb, and bad input to each (a clear
+//! error, a non-zero exit, nothing appended).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use commission_ledger::ledger::verify_log;
+
+fn cli(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_commission-ledger"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn head(data: &Path) -> u64 {
+    verify_log(&data.join("log"), None).head_seq
+}
+
+#[test]
+fn keys_create_prints_the_key_alone_on_the_last_line_and_logs_only_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(dir.path(), &["keys", "create", "--role", "portal"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let key = text.lines().last().unwrap();
+    assert!(key.starts_with("cl_") && !key.contains(' '), "{key}");
+    assert_eq!(head(dir.path()), 1);
+    let segment = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(segment).unwrap();
+    assert!(
+        !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the key itself is in the log"
+    );
+    let export = cli(dir.path(), &["export"]);
+    let line: serde_json::Value = serde_json::from_str(stdout(&export).trim()).unwrap();
+    assert_eq!(
+        (
+            line["type"].as_str(),
+            line["data"]["role"].as_str(),
+            line["data"]["issuer"].as_str()
+        ),
+        (Some("ApiKeyIssued"), Some("portal"), Some("cli"))
+    );
+    // revoke it, then revoking again is refused
+    let key_id = line["data"]["key_id"].as_str().unwrap();
+    assert!(
+        cli(
+            dir.path(),
+            &["keys", "revoke", key_id, "--reason", "rotated"]
+        )
+        .status
+        .success()
+    );
+    let again = cli(
+        dir.path(),
+        &["keys", "revoke", key_id, "--reason", "rotated"],
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("no key"), "{}", stderr(&again));
+    assert_eq!(head(dir.path()), 2);
+}
+
+#[test]
+fn bad_input_to_every_verb_is_a_clear_error_and_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        cli(dir.path(), &["keys", "create", "--role", "admin"])
+            .status
+            .success()
+    );
+    let cases: &[(&[&str], &str)] = &[
+        (&["keys", "create", "--role", "wizard"], "role"),
+        (&["keys", "revoke", "k-nope", "--reason", "x"], "no key"),
+        (&["keys", "revoke", "k-nope", "--reason", " "], "reason"),
+        (
+            &["close-month", "--program", "hosting", "--month", "2026-13"],
+            "month",
+        ),
+        (
+            &["close-month", "--program", "no/such", "--month", "2026-01"],
+            "program",
+        ),
+        (
+            &["close-month", "--program", "nope", "--month", "2026-01"],
+            "no program",
+        ),
+        (&["import", "/definitely/not/here.ndjson"], "not/here"),
+        (&["export", "--program", "bad program"], "program"),
+        (&["serve", "--listen", "not-an-address"], "invalid"),
+        (&["frobnicate"], "unrecognized"),
+    ];
+    for (args, expected) in cases {
+        let out = cli(dir.path(), args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(head(dir.path()), 1, "{args:?} appended");
+    }
+}
+
+#[test]
+fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    for role in ["admin", "ingest", "portal"] {
+        assert!(
+            cli(dir.path(), &["keys", "create", "--role", role])
+                .status
+                .success()
+        );
+    }
+    let ok = cli(dir.path(), &["verify"]);
+    assert_eq!(ok.status.code(), Some(0));
+    let report: serde_json::Value = serde_json::from_str(stdout(&ok).trim()).unwrap();
+    assert_eq!(
+        (report["ok"].as_bool(), report["events"].as_u64()),
+        (Some(true), Some(3))
+    );
+    // corrupt record 2
+    let segment = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let first_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let second = 8 + 8 + first_len;
+    bytes[second + 8 + 45] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let bad = cli(dir.path(), &["verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("seq 2"), "{}", stderr(&bad));
+    let report: serde_json::Value = serde_json::from_str(stdout(&bad).trim()).unwrap();
+    assert_eq!(report["bad_seq"].as_u64(), Some(2));
+}
+
+#[test]
+fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    for role in ["admin", "ingest", "portal", "ingest"] {
+        assert!(
+            cli(&source, &["keys", "create", "--role", role])
+                .status
+                .success()
+        );
+    }
+    let export = dir.path().join("events.ndjson");
+    assert!(
+        cli(&source, &["export", "--out", export.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let copy = dir.path().join("copy");
+    let imported = cli(&copy, &["import", export.to_str().unwrap()]);
+    assert!(imported.status.success(), "{}", stderr(&imported));
+    let (a, b) = (
+        verify_log(&source.join("log"), None),
+        verify_log(&copy.join("log"), None),
+    );
+    assert!(b.ok);
+    assert_eq!((a.head_seq, a.head_hash), (b.head_seq, b.head_hash));
+
+    // a file whose third line was edited: refused by number, nothing appended
+    let text = std::fs::read_to_string(&export).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[2] = lines[2].replace("\"role\":\"portal\"", "\"role\":\"admin\"");
+    let tampered = dir.path().join("tampered.ndjson");
+    std::fs::write(&tampered, lines.join("\n")).unwrap();
+    let fresh = dir.path().join("fresh");
+    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("line 3") && stderr(&out).contains("hash"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(head(&fresh), 0);
+    // not JSON at all
+    std::fs::write(&tampered, format!("{}\n{{oops\n", lines[0])).unwrap();
+    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    assert_eq!(head(&fresh), 0);
+    // importing the same export twice: the second does not continue the log
+    let twice = cli(&copy, &["import", export.to_str().unwrap()]);
+    assert!(
+        stderr(&twice).contains("line 1") && stderr(&twice).contains("does not continue"),
+        "{}",
+        stderr(&twice)
+    );
+    assert_eq!(head(&copy), 4);
+}
+
+#[test]
+fn close_month_posts_rewards_once_and_backup_copies_a_verifiable_log() {
+    use commission_ledger::ledger::{Ledger, LedgerConfig, Submission};
+    use commission_ledger::rules::Command as C;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ledger = Ledger::open(LedgerConfig::new(dir.path())).unwrap();
+        let program = commission_ledger::events::ProgramId::parse("hosting").unwrap();
+        let submit = |at: Option<&str>, c| {
+            let mut s = Submission::new(Some(&program), "test", c);
+            if let Some(at) = at {
+                s = s.at(commission_ledger::events::Timestamp::parse(at).unwrap());
+            }
+            ledger.submit_blocking(s).unwrap()
+        };
+        submit(
+            None,
+            C::DefineProgram {
+                rules: crate::support::rules("hosting", serde_json::json!({})),
+                reason: None,
+            },
+        );
+        submit(
+            None,
+            C::EnrollAffiliate {
+                affiliate_id: crate::support::aff("alice"),
+                customer_id: None,
+                group: None,
+                rate: None,
+            },
+        );
+        submit(
+            Some("2026-01-02T00:00:00Z"),
+            C::Signup {
+                customer_id: crate::support::cust("c-1"),
+                visitor: None,
+                promo_code: Some("HOST-alice".into()),
+                group: None,
+            },
+        );
+        submit(
+            Some("2026-01-03T00:00:00Z"),
+            C::RecordBasisLine {
+                kind: commission_ledger::events::LineKind::Expense,
+                id: crate::support::line("l-1"),
+                customer_id: crate::support::cust("c-1"),
+                amount: "100.00".into(),
+                currency: "USD".into(),
+                product: None,
+                order_id: None,
+            },
+        );
+    }
+    let out = cli(
+        dir.path(),
+        &["close-month", "--program", "hosting", "--month", "2026-01"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"month": "2026-01", "rewards": 1, "total": "20.00", "already_closed": false})
+    );
+    let head_after = head(dir.path());
+    let again = cli(
+        dir.path(),
+        &["close-month", "--program", "hosting", "--month", "2026-01"],
+    );
+    let answer: serde_json::Value = serde_json::from_str(stdout(&again).trim()).unwrap();
+    assert_eq!(answer["already_closed"], serde_json::json!(true));
+    assert_eq!(head(dir.path()), head_after);
+
+    let backup = dir.path().join("backup");
+    let out = cli(dir.path(), &["backup", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a, b) = (
+        verify_log(&dir.path().join("log"), None),
+        verify_log(&backup.join("log"), None),
+    );
+    assert!(b.ok);
+    assert_eq!(a.head_hash, b.head_hash);
+    assert!(backup.join("secret").exists());
+    assert!(
+        !cli(dir.path(), &["backup", backup.to_str().unwrap()])
+            .status
+            .success(),
+        "a backup never overwrites"
+    );
+    assert!(cli(&backup, &["replay"]).status.success());
+}
