@@ -47,7 +47,7 @@ pub enum Verb {
         #[arg(long, env = "COMMISSION_LEDGER_BASE_URL")]
         base_url: Option<String>,
     },
-    /// Read the whole log again and rebuild every projection from it.
+    /// Delete the index store and rebuild it and every projection from the log.
     Replay,
     /// Check the log: frames, CRCs, hash chain, postings. Exit 0 only for a sound log.
     Verify,
@@ -110,13 +110,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.verb {
         Verb::Serve { listen, base_url } => serve(&data, listen, base_url),
         Verb::Replay => {
-            let report = ledger::verify_log(&data.join("log"), None);
-            if !report.ok {
-                bail!("{}", report.problem.unwrap_or_default());
-            }
+            let head = ledger::rebuild_index(&data)?;
             println!(
-                "replayed {} events; head seq {} hash {}",
-                report.events, report.head_seq, report.head_hash
+                "rebuilt the index and projections from {} events; head hash {}",
+                head.seq,
+                crate::log::hex(&head.hash)
             );
             Ok(0)
         }

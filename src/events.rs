@@ -1110,7 +1110,7 @@ impl Event {
 
 /// An affiliate's accounts, folded from postings. Liabilities are kept
 /// positive here (what the program owes), the opposite sign of the postings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffiliateAccounts {
     /// Free to withdraw or credit: `earned − in_withdrawal` of the balance.
     pub free: Decimal,

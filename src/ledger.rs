@@ -12,6 +12,7 @@
 //! Reads see the state as of the last durable batch, or, `as_of` an earlier
 //! seq or time, a replay of the log up to there.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use crate::events::*;
 use crate::log::{self, Head, Log, LogError, Position, ScanMode};
 use crate::projections::*;
 use crate::rules::{self, Command, Context, Decision, IdSource, Model, Noop, Rejection};
+use crate::store::{KeyRow, POSITION_STRIDE, Store, StoreError};
 
 /// The clock the ledger reads; tests drive their own.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
@@ -47,6 +49,9 @@ pub struct LedgerConfig {
     pub queue_len: usize,
     /// Commands decided and made durable together, at most.
     pub max_batch: usize,
+    /// Events between checkpoints of the state in the store (written when
+    /// the writer is idle, and at shutdown).
+    pub checkpoint_every: u64,
     pub clock: Clock,
 }
 
@@ -57,6 +62,7 @@ impl LedgerConfig {
             segment_bytes: log::DEFAULT_SEGMENT_BYTES,
             queue_len: 16_384,
             max_batch: 4_096,
+            checkpoint_every: 100_000,
             clock: system_clock(),
         }
     }
@@ -154,14 +160,6 @@ struct Job {
     reply: oneshot::Sender<Result<Receipt, SubmitError>>,
 }
 
-/// Where an idempotency key's events are.
-#[derive(Clone, Debug)]
-struct IdempotencyEntry {
-    request_hash: Bytes<32>,
-    first_seq: Seq,
-    count: u32,
-}
-
 /// Everything derived from the log: what decisions and reads see.
 #[derive(Clone, Default)]
 pub struct State {
@@ -169,9 +167,23 @@ pub struct State {
     pub views: Projections,
     pub head: Head,
     pub last_recorded_at: Timestamp,
-    idempotency: HashMap<String, IdempotencyEntry>,
-    /// Where each seq is (index `seq - 1`).
-    positions: Vec<Position>,
+    /// Idempotency keys the store has not indexed yet (memory serves the tail).
+    recent_keys: HashMap<String, KeyRow>,
+    /// Positions of records the store has not indexed yet, as read anchors:
+    /// every `POSITION_STRIDE`th seq and the first record of every batch.
+    recent_anchors: BTreeMap<Seq, Position>,
+}
+
+/// What a checkpoint in the store keeps of the state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    model: Model,
+    views: Projections,
+    last_recorded_at: Timestamp,
+}
+
+fn is_stride_anchor(seq: Seq) -> bool {
+    seq.saturating_sub(1).is_multiple_of(POSITION_STRIDE)
 }
 
 impl State {
@@ -179,28 +191,40 @@ impl State {
         self.model.apply(recorded);
         self.views.apply(recorded);
         self.last_recorded_at = self.last_recorded_at.max(recorded.recorded_at);
-        if let Some(idem) = &recorded.idempotency {
-            match self.idempotency.get_mut(&idem.key) {
-                Some(entry) if entry.first_seq + u64::from(entry.count) == recorded.seq => {
-                    entry.count += 1
-                }
-                _ => {
-                    self.idempotency.insert(
-                        idem.key.clone(),
-                        IdempotencyEntry {
-                            request_hash: idem.request_hash,
-                            first_seq: recorded.seq,
-                            count: 1,
-                        },
-                    );
-                }
-            }
-        }
+        note_key(&mut self.recent_keys, recorded);
     }
 
     /// The hash of the log at this state's head, in hex.
     pub fn head_hash(&self) -> String {
         log::hex(&self.head.hash)
+    }
+
+    /// Forgets the tail the store has indexed up to `indexed`.
+    fn prune(&mut self, indexed: Seq) {
+        self.recent_anchors = self.recent_anchors.split_off(&(indexed + 1));
+        self.recent_keys
+            .retain(|_, row| row.first_seq + u64::from(row.count) > indexed + 1);
+    }
+}
+
+/// Adds an event's idempotency key to `keys`: one row per key, covering the
+/// consecutive events its command recorded.
+fn note_key(keys: &mut HashMap<String, KeyRow>, recorded: &Recorded) {
+    let Some(idem) = &recorded.idempotency else {
+        return;
+    };
+    match keys.get_mut(&idem.key) {
+        Some(row) if row.first_seq + u64::from(row.count) == recorded.seq => row.count += 1,
+        _ => {
+            keys.insert(
+                idem.key.clone(),
+                KeyRow {
+                    request_hash: idem.request_hash,
+                    first_seq: recorded.seq,
+                    count: 1,
+                },
+            );
+        }
     }
 }
 
@@ -244,6 +268,199 @@ pub struct Ledger {
     inner: Arc<Inner>,
     queue: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Index jobs waiting for sled; the writer waits when the indexer is this far behind.
+const INDEX_QUEUE_LEN: usize = 1024;
+
+/// What the indexer writes to the store for a stretch of the log.
+struct IndexJob {
+    anchors: Vec<(Seq, Position)>,
+    keys: Vec<(String, KeyRow)>,
+    seq: Seq,
+    hash: log::Hash,
+}
+
+fn store_error(e: StoreError) -> LedgerError {
+    LedgerError::Io {
+        path: PathBuf::from("index"),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Opens the store; one that sled cannot open is deleted and made anew.
+fn open_store(path: &Path) -> Result<Store, LedgerError> {
+    match Store::open(path) {
+        Ok(store) => Ok(store),
+        Err(first) => {
+            eprintln!("warning: {first}; rebuilding the index store from the log");
+            Store::destroy(path).map_err(io_error(path))?;
+            Store::open(path).map_err(store_error)
+        }
+    }
+}
+
+/// The state rebuilt at open, and what the store still has to index.
+struct Loaded {
+    log: Log,
+    state: State,
+    pending_index: Option<IndexJob>,
+    indexed: Seq,
+    checkpointed: Seq,
+}
+
+/// Opens the log (repairing a torn tail) and rebuilds the state: from the
+/// store's checkpoint and the log after it when the store agrees with the
+/// log (same hash at the seqs it names), else `None`.
+fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Loaded>, LedgerError> {
+    let (indexed_seq, indexed_hash) = store.indexed().unwrap_or((0, [0; 32]));
+    let checkpoint = store
+        .load_checkpoint()
+        .ok()
+        .flatten()
+        .and_then(|(seq, hash, bytes)| {
+            let checkpoint: Checkpoint = postcard::from_bytes(&bytes).ok()?;
+            Some((seq, hash, checkpoint))
+        });
+    let (checkpoint_seq, checkpoint_hash, mut state) = match checkpoint {
+        Some((seq, hash, mut checkpoint)) => {
+            checkpoint.model.after_load();
+            checkpoint.views.after_load();
+            let state = State {
+                model: checkpoint.model,
+                views: checkpoint.views,
+                head: Head { seq, hash },
+                last_recorded_at: checkpoint.last_recorded_at,
+                ..State::default()
+            };
+            (seq, hash, state)
+        }
+        None => (0, log::GENESIS_HASH, State::default()),
+    };
+    let skip_upto = checkpoint_seq.min(indexed_seq);
+    let (mut seen_indexed, mut seen_checkpoint) = (indexed_seq == 0, checkpoint_seq == 0);
+    let mut anchors = Vec::new();
+    let mut keys = HashMap::default();
+    let (log, report) = Log::open(log_dir, segment_bytes, |record| {
+        if record.seq == indexed_seq {
+            seen_indexed = record.hash == indexed_hash;
+        }
+        if record.seq == checkpoint_seq {
+            seen_checkpoint = record.hash == checkpoint_hash;
+        }
+        if record.seq <= skip_upto {
+            return Ok(());
+        }
+        let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
+        if recorded.seq != record.seq {
+            return Err(format!(
+                "event says seq {}, frame says {}",
+                recorded.seq, record.seq
+            ));
+        }
+        if record.seq > checkpoint_seq {
+            state.apply(&recorded);
+            state.head = Head {
+                seq: record.seq,
+                hash: record.hash,
+            };
+        }
+        if record.seq > indexed_seq {
+            if is_stride_anchor(record.seq) {
+                anchors.push((record.seq, record.position));
+            }
+            note_key(&mut keys, &recorded);
+        }
+        Ok(())
+    })?;
+    if !seen_indexed || !seen_checkpoint || report.head.seq < checkpoint_seq.max(indexed_seq) {
+        return Ok(None);
+    }
+    state.recent_anchors.extend(anchors.iter().copied());
+    state
+        .recent_keys
+        .extend(keys.iter().map(|(k, v)| (k.clone(), *v)));
+    let pending_index = (report.head.seq > indexed_seq).then(|| IndexJob {
+        anchors,
+        keys: keys.into_iter().collect(),
+        seq: report.head.seq,
+        hash: report.head.hash,
+    });
+    Ok(Some(Loaded {
+        log,
+        state,
+        pending_index,
+        indexed: indexed_seq,
+        checkpointed: checkpoint_seq,
+    }))
+}
+
+fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<IndexJob>) {
+    let mut failed = false;
+    while let Ok(mut job) = jobs.recv() {
+        // Merge what else is waiting: one sled batch for many log batches.
+        while let Ok(next) = jobs.try_recv() {
+            job.anchors.extend(next.anchors);
+            job.keys.extend(next.keys);
+            job.seq = next.seq;
+            job.hash = next.hash;
+        }
+        match inner
+            .store
+            .index(&job.anchors, &job.keys, job.seq, &job.hash)
+        {
+            Ok(()) => inner.indexed.store(job.seq, Ordering::Release),
+            Err(e) if !failed => {
+                failed = true;
+                eprintln!(
+                    "error: {e}; the tail stays in memory until the next start rebuilds the index"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+    let _ = inner.store.flush();
+}
+
+/// Writes a checkpoint of the state to the store (derived data: a failure
+/// is reported and the next start replays more of the log).
+fn write_checkpoint(inner: &Inner) {
+    let state = inner
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if state.head.seq == inner.checkpointed.load(Ordering::Acquire) {
+        return;
+    }
+    let checkpoint = CheckpointRef {
+        model: &state.model,
+        views: &state.views,
+        last_recorded_at: state.last_recorded_at,
+    };
+    let result = postcard::to_allocvec(&checkpoint)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            inner
+                .store
+                .save_checkpoint(state.head.seq, &state.head.hash, &bytes)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(()) => inner.checkpointed.store(state.head.seq, Ordering::Release),
+        Err(e) => eprintln!(
+            "warning: checkpoint at seq {} not written: {e}",
+            state.head.seq
+        ),
+    }
+}
+
+/// Borrows the state for a checkpoint; encodes exactly as [`Checkpoint`].
+#[derive(serde::Serialize)]
+struct CheckpointRef<'a> {
+    model: &'a Model,
+    views: &'a Projections,
+    last_recorded_at: Timestamp,
 }
 
 /// Counters of the writer, for `/metrics` and the benchmarks.
@@ -266,6 +483,12 @@ pub struct WriterStats {
 struct Inner {
     /// What the writer did so far.
     stats: WriterStats,
+    /// The indexes and checkpoints (derived, rebuildable).
+    store: Store,
+    /// The seq the store has indexed up to (the indexer advances it).
+    indexed: AtomicU64,
+    /// The seq of the last checkpoint written.
+    checkpointed: AtomicU64,
     dir: PathBuf,
     log_dir: PathBuf,
     clock: Clock,
@@ -313,7 +536,6 @@ fn replay_state(
             seq: record.seq,
             hash: record.hash,
         };
-        state.positions.push(record.position);
         Ok(())
     })?;
     Ok(state)
@@ -351,26 +573,34 @@ impl Ledger {
         let lock = lock_dir(&dir)?;
         let key_secret = read_or_create_secret(&dir.join("secret"))?;
         let log_dir = dir.join("log");
-        let mut state = State::default();
-        let (log, _report) = Log::open(&log_dir, config.segment_bytes, |record| {
-            let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
-            if recorded.seq != record.seq {
-                return Err(format!(
-                    "event says seq {}, frame says {}",
-                    recorded.seq, record.seq
-                ));
+        let store = open_store(&dir.join("index"))?;
+        let loaded = match load(&log_dir, &store, config.segment_bytes)? {
+            Some(loaded) => loaded,
+            None => {
+                // The store disagrees with the log (an old copy, a restored
+                // backup): it is derived, so drop it and rebuild it all.
+                store.clear().map_err(store_error)?;
+                load(&log_dir, &store, config.segment_bytes)?.ok_or_else(|| LedgerError::Io {
+                    path: dir.join("index"),
+                    source: std::io::Error::other(
+                        "the index store disagrees with the log after a rebuild",
+                    ),
+                })?
             }
-            state.apply(&recorded);
-            state.head = Head {
-                seq: record.seq,
-                hash: record.hash,
-            };
-            state.positions.push(record.position);
-            Ok(())
-        })?;
+        };
+        let Loaded {
+            log,
+            state,
+            pending_index,
+            indexed,
+            checkpointed,
+        } = loaded;
         let (head_tx, _) = watch::channel(state.head.seq);
         let inner = Arc::new(Inner {
             stats: WriterStats::default(),
+            store,
+            indexed: AtomicU64::new(indexed),
+            checkpointed: AtomicU64::new(checkpointed),
             dir,
             log_dir,
             clock: config.clock.clone(),
@@ -379,14 +609,34 @@ impl Ledger {
             key_secret,
             _lock: lock,
         });
+        let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
+        if let Some(job) = pending_index {
+            let _ = index_tx.send(job);
+        }
+        let indexer_inner = inner.clone();
+        let indexer = std::thread::Builder::new()
+            .name("ledger-indexer".into())
+            .spawn(move || indexer_loop(&indexer_inner, index_rx))
+            .map_err(|e| LedgerError::Io {
+                path: inner.dir.clone(),
+                source: e,
+            })?;
         let (queue, jobs) = mpsc::channel(config.queue_len.max(1));
         let writer_inner = inner.clone();
         let max_batch = config.max_batch.max(1);
+        let checkpoint_every = config.checkpoint_every.max(1);
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    writer_loop(&writer_inner, log, jobs, max_batch)
+                    writer_loop(
+                        &writer_inner,
+                        log,
+                        jobs,
+                        index_tx,
+                        max_batch,
+                        checkpoint_every,
+                    )
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     eprintln!("fatal: the ledger writer panicked; stopping the process");
@@ -401,7 +651,16 @@ impl Ledger {
             inner,
             queue,
             writer: Mutex::new(Some(writer)),
+            indexer: Mutex::new(Some(indexer)),
         })
+    }
+
+    /// The seq the store's indexes reflect, and the seq of its last checkpoint.
+    pub fn store_status(&self) -> (Seq, Seq) {
+        (
+            self.inner.indexed.load(Ordering::Acquire),
+            self.inner.checkpointed.load(Ordering::Acquire),
+        )
     }
 
     /// What the writer did so far.
@@ -519,28 +778,7 @@ impl Ledger {
 
     /// Reads events `from..=to` back from the log.
     pub fn events_range(&self, from: Seq, to: Seq) -> Result<Vec<Recorded>, LedgerError> {
-        let positions: Vec<Position> = {
-            let state = self.state();
-            let to = to.min(state.head.seq);
-            if from == 0 || from > to {
-                return Ok(Vec::new());
-            }
-            state.positions[(from - 1) as usize..to as usize].to_vec()
-        };
-        positions
-            .into_iter()
-            .map(|position| {
-                let (seq, payload) = log::read_at(&self.inner.log_dir, position)?;
-                decode(&payload).map_err(|e| {
-                    LedgerError::Log(LogError::Corrupt {
-                        segment: self.inner.log_dir.clone(),
-                        offset: position.offset,
-                        seq,
-                        what: format!("undecodable event: {e}"),
-                    })
-                })
-            })
-            .collect()
+        read_events(&self.inner, from, to)
     }
 
     /// Issues an API key: records its keyed hash, returns the key (shown once).
@@ -610,6 +848,15 @@ impl Drop for Ledger {
         {
             let _ = writer.join();
         }
+        // The writer dropped its end of the index queue: the indexer drains it and ends.
+        if let Some(indexer) = self
+            .indexer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = indexer.join();
+        }
     }
 }
 
@@ -677,7 +924,14 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
     }
 }
 
-fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_batch: usize) {
+fn writer_loop(
+    inner: &Inner,
+    mut log: Log,
+    mut jobs: mpsc::Receiver<Job>,
+    index: std::sync::mpsc::SyncSender<IndexJob>,
+    max_batch: usize,
+    checkpoint_every: u64,
+) {
     let mut ids = RandomIds;
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.blocking_recv() {
@@ -694,21 +948,50 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
             .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.prune(inner.indexed.load(Ordering::Acquire));
         let now = (inner.clock)().max(state.last_recorded_at);
         let mut payloads: Vec<Vec<u8>> = Vec::new();
         let mut answers: Vec<(oneshot::Sender<Result<Receipt, SubmitError>>, Answer)> = Vec::new();
         for job in batch.drain(..) {
-            let answer = decide_one(&mut state, &job.submission, now, &mut ids, &mut payloads);
+            let answer = decide_one(
+                inner,
+                &mut state,
+                &job.submission,
+                now,
+                &mut ids,
+                &mut payloads,
+            );
             answers.push((job.reply, answer));
         }
         let decided = Instant::now();
+        let mut index_job = None;
         if !payloads.is_empty() {
+            let first_seq = log.head().seq + 1;
             match log.append(&payloads) {
                 Ok(placed) => {
-                    for (position, _) in &placed {
-                        state.positions.push(*position);
+                    let mut anchors = Vec::new();
+                    for (i, (position, _)) in placed.iter().enumerate() {
+                        let seq = first_seq + i as u64;
+                        if i == 0 || is_stride_anchor(seq) {
+                            state.recent_anchors.insert(seq, *position);
+                        }
+                        if is_stride_anchor(seq) {
+                            anchors.push((seq, *position));
+                        }
                     }
                     state.head = log.head();
+                    let keys = state
+                        .recent_keys
+                        .iter()
+                        .filter(|(_, row)| row.first_seq >= first_seq)
+                        .map(|(k, row)| (k.clone(), *row))
+                        .collect();
+                    index_job = Some(IndexJob {
+                        anchors,
+                        keys,
+                        seq: state.head.seq,
+                        hash: state.head.hash,
+                    });
                 }
                 Err(e) => {
                     // PostgreSQL's lesson: after a failed write or fsync the
@@ -726,11 +1009,17 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
             let result = match answer {
                 Answer::Done(result) => result,
                 Answer::Replay { first_seq, count } => {
-                    read_events(inner, first_seq, count).map(|events| Receipt {
-                        events,
-                        noop: None,
-                        replayed: true,
-                    })
+                    match read_events(inner, first_seq, first_seq + u64::from(count) - 1) {
+                        Ok(events) => Ok(Receipt {
+                            events,
+                            noop: None,
+                            replayed: true,
+                        }),
+                        Err(e) => {
+                            eprintln!("error: reading back an idempotent answer: {e}");
+                            Err(SubmitError::Stopped)
+                        }
+                    }
                 }
             };
             let _ = reply.send(result);
@@ -751,7 +1040,16 @@ fn writer_loop(inner: &Inner, mut log: Log, mut jobs: mpsc::Receiver<Job>, max_b
         stats
             .reply_us
             .fetch_add(micros(synced, Instant::now()), Ordering::Relaxed);
+        if let Some(job) = index_job {
+            // Waits only when the indexer is INDEX_QUEUE_LEN batches behind.
+            let _ = index.send(job);
+        }
+        let since = head.saturating_sub(inner.checkpointed.load(Ordering::Acquire));
+        if since >= checkpoint_every && (jobs.is_empty() || since >= 10 * checkpoint_every) {
+            write_checkpoint(inner);
+        }
     }
+    write_checkpoint(inner);
 }
 
 enum Answer {
@@ -763,39 +1061,79 @@ enum Answer {
     },
 }
 
-fn read_events(inner: &Inner, first_seq: Seq, count: u32) -> Result<Vec<Recorded>, SubmitError> {
-    let positions: Vec<Position> = {
+/// Reads events `from..=to` (up to the durable head) back from the log,
+/// starting at the nearest anchor: the memory tail, the store's sparse
+/// index, or the start of the segment.
+fn read_events(inner: &Inner, from: Seq, to: Seq) -> Result<Vec<Recorded>, LedgerError> {
+    let (to, memory_anchor) = {
         let state = inner
             .state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let start = (first_seq - 1) as usize;
-        state
-            .positions
-            .get(start..start + count as usize)
-            .map(<[Position]>::to_vec)
-            .unwrap_or_default()
+        let anchor = state
+            .recent_anchors
+            .range(..=from)
+            .next_back()
+            .map(|(seq, position)| (*seq, *position));
+        (to.min(state.head.seq), anchor)
     };
-    positions
+    if from == 0 || from > to {
+        return Ok(Vec::new());
+    }
+    let stored_anchor = inner.store.anchor(from).map_err(store_error)?;
+    let segment_anchor = log::list_segments(&inner.log_dir)?
         .into_iter()
-        .map(|position| {
-            let (_, payload) =
-                log::read_at(&inner.log_dir, position).map_err(|_| SubmitError::Stopped)?;
-            decode(&payload).map_err(|_| SubmitError::Stopped)
-        })
-        .collect()
+        .rev()
+        .find(|(first, _)| *first <= from)
+        .map(|(first, _)| {
+            (
+                first,
+                Position {
+                    segment_first_seq: first,
+                    offset: log::SEGMENT_MAGIC.len() as u64,
+                },
+            )
+        });
+    let Some((start_seq, start)) = [memory_anchor, stored_anchor, segment_anchor]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(seq, _)| *seq)
+    else {
+        return Ok(Vec::new());
+    };
+    let mut events = Vec::with_capacity((to - from + 1).min(100_000) as usize);
+    log::read_range(
+        &inner.log_dir,
+        start_seq,
+        start,
+        from,
+        to,
+        |seq, payload| {
+            let recorded = decode(payload).map_err(|e| format!("undecodable event: {e}"))?;
+            if recorded.seq != seq {
+                return Err(format!("event says seq {}, frame says {seq}", recorded.seq));
+            }
+            events.push(recorded);
+            Ok(())
+        },
+    )?;
+    Ok(events)
 }
 
 fn decide_one(
+    inner: &Inner,
     state: &mut State,
     submission: &Submission,
     now: Timestamp,
     ids: &mut RandomIds,
     payloads: &mut Vec<Vec<u8>>,
 ) -> Answer {
-    if let Some(idem) = &submission.idempotency
-        && let Some(entry) = state.idempotency.get(&idem.key)
-    {
+    let known = submission.idempotency.as_ref().and_then(|idem| {
+        let row = state.recent_keys.get(&idem.key).copied();
+        row.or_else(|| inner.store.idempotency_key(&idem.key).ok().flatten())
+            .map(|row| (idem, row))
+    });
+    if let Some((idem, entry)) = known {
         return if entry.request_hash == idem.request_hash {
             Answer::Replay {
                 first_seq: entry.first_seq,
@@ -961,6 +1299,20 @@ pub fn export_ndjson(
         None => LedgerError::Log(e),
     })?;
     Ok(count)
+}
+
+/// Deletes the index store and rebuilds it, with a checkpoint, from the
+/// log alone: the `replay` verb. Returns the head it reflects.
+pub fn rebuild_index(data_dir: &Path) -> Result<Head, LedgerError> {
+    {
+        let _lock = lock_dir(data_dir)?;
+        let index = data_dir.join("index");
+        Store::destroy(&index).map_err(io_error(&index))?;
+    }
+    let ledger = Ledger::open(LedgerConfig::new(data_dir))?;
+    let head = ledger.state().head;
+    drop(ledger);
+    Ok(head)
 }
 
 /// The longest NDJSON line import reads: a limit, like every input.

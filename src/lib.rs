@@ -92,3 +92,4 @@ pub mod log;
 pub mod money;
 pub mod projections;
 pub mod rules;
+pub mod store;

@@ -10,14 +10,14 @@ use std::hash::{Hash, Hasher};
 
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::*;
 use crate::events::{HashMap, HashSet};
 use crate::money::{Currency, Rate};
 
 /// Every projection of the ledger, and the log position it reflects.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Projections {
     pub programs: BTreeMap<ProgramId, ProgramView>,
     pub last_seq: Seq,
@@ -25,7 +25,7 @@ pub struct Projections {
     pub postings_sum: Decimal,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramView {
     pub rules: ProgramRules,
     pub affiliates: BTreeMap<AffiliateId, AffiliateView>,
@@ -36,11 +36,12 @@ pub struct ProgramView {
     pub closed_months: BTreeMap<Month, MonthClosed>,
     /// The kind of every basis line, so a refund lowers the right billed total.
     pub line_kinds: HashMap<LineId, LineKind>,
-    /// The rules' time zone, parsed once.
+    /// The rules' time zone, parsed once (again after a checkpoint is loaded).
+    #[serde(skip, default = "utc")]
     pub zone: chrono_tz::Tz,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerView {
     pub affiliate_id: Option<AffiliateId>,
     pub signup_at: Option<Timestamp>,
@@ -49,7 +50,7 @@ pub struct CustomerView {
     pub billed: Decimal,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffiliateView {
     pub profile: AffiliateEnrolled,
     pub enrolled_at: Timestamp,
@@ -67,7 +68,7 @@ pub struct AffiliateView {
 }
 
 /// The counters of one day or one creative.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub clicks: u64,
     pub signups: u64,
@@ -76,7 +77,7 @@ pub struct Counters {
 }
 
 /// The kind of a statement line, as DESIGN.md names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StatementKind {
     Reward,
@@ -103,7 +104,7 @@ impl StatementKind {
 }
 
 /// One line of a monthly statement: a signed movement of `earned`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatementLine {
     pub seq: Seq,
     pub at: Timestamp,
@@ -117,6 +118,10 @@ pub struct StatementLine {
     pub reference: String,
 }
 
+fn utc() -> chrono_tz::Tz {
+    chrono_tz::UTC
+}
+
 fn visitor_hash(visitor: &str) -> u64 {
     // DefaultHasher::new() has fixed keys: the same visitor hashes the same in every replay.
     let mut hasher = DefaultHasher::new();
@@ -125,6 +130,13 @@ fn visitor_hash(visitor: &str) -> u64 {
 }
 
 impl Projections {
+    /// Restores what a checkpoint does not keep (parsed time zones).
+    pub fn after_load(&mut self) {
+        for view in self.programs.values_mut() {
+            view.zone = view.rules.zone();
+        }
+    }
+
     /// Folds one recorded event in.
     pub fn apply(&mut self, recorded: &Recorded) {
         self.last_seq = recorded.seq;

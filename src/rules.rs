@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use crate::events::{HashMap, HashSet};
 
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::events::*;
@@ -250,7 +251,7 @@ pub const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 pub const DEFAULT_GROUP: &str = "default";
 const MAX_GROUP_LEN: usize = 128;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Affiliate {
     pub referral_code: String,
     pub promo_code: Option<String>,
@@ -262,7 +263,7 @@ pub struct Affiliate {
     pub accounts: AffiliateAccounts,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Customer {
     /// Who the customer belongs to from when on (`None` = from the start), in order.
     pub attribution: Vec<(Option<Timestamp>, AffiliateId)>,
@@ -302,7 +303,7 @@ impl Customer {
 }
 
 /// A reward posted for a basis line.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LineReward {
     pub affiliate_id: AffiliateId,
     pub rate: Rate,
@@ -312,7 +313,7 @@ pub struct LineReward {
     pub clawed: Decimal,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Line {
     pub id: LineId,
     pub kind: LineKind,
@@ -329,7 +330,7 @@ pub struct Line {
     pub reward: Option<LineReward>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Refund {
     pub line: LineId,
     pub customer_id: CustomerId,
@@ -340,14 +341,14 @@ pub struct Refund {
     pub processed: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WithdrawalStatus {
     Requested,
     Paid,
     Rejected,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Withdrawal {
     pub affiliate_id: AffiliateId,
     pub amount: Decimal,
@@ -355,7 +356,7 @@ pub struct Withdrawal {
 }
 
 /// The write model of one program.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProgramModel {
     /// Every version of the rules, with the moment it took effect, in order.
     pub rules: Vec<(Timestamp, ProgramRules)>,
@@ -376,7 +377,8 @@ pub struct ProgramModel {
     lines_by_month: HashMap<Month, Vec<LineId>>,
     pub closed: BTreeMap<Month, MonthClosed>,
     pub withdrawals: HashMap<Uuid, Withdrawal>,
-    /// The current rules' time zone, parsed once.
+    /// The current rules' time zone, parsed once (again after a checkpoint is loaded).
+    #[serde(skip)]
     zone: Option<chrono_tz::Tz>,
 }
 
@@ -414,7 +416,7 @@ impl ProgramModel {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub key_id: String,
     pub role: Role,
@@ -423,7 +425,7 @@ pub struct KeyRecord {
 }
 
 /// The state the rules decide against: folded from every recorded event.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Model {
     pub programs: HashMap<ProgramId, ProgramModel>,
     pub keys: BTreeMap<String, KeyRecord>,
@@ -433,6 +435,13 @@ pub struct Model {
 }
 
 impl Model {
+    /// Restores what a checkpoint does not keep (parsed time zones).
+    pub fn after_load(&mut self) {
+        for pm in self.programs.values_mut() {
+            pm.zone = pm.current_rules().map(ProgramRules::zone);
+        }
+    }
+
     pub fn program(&self, id: &ProgramId) -> Option<&ProgramModel> {
         self.programs.get(id)
     }

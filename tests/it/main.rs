@@ -8,5 +8,6 @@ mod money;
 mod properties;
 mod rules;
 mod scenarios;
+mod store;
 mod support;
 mod tidy;

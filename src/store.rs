@@ -1,0 +1,258 @@
+//! sled: the indexes and the checkpoint of the projections, all derived
+//! from the log and rebuildable from it. The only module that imports sled.
+//!
+//! Trees:
+//! - `positions`: a sparse seq → (segment, offset) index, one key per
+//!   [`POSITION_STRIDE`] seqs (sled is slow per key: STACK.md), so reading
+//!   one event reads at most that many records from its anchor.
+//! - `idempotency`: idempotency key → (request hash, first seq, event count).
+//! - `meta`: `indexed` = the seq and chain hash the indexes reflect;
+//!   `checkpoint` = the seq, hash and encoded state of the last checkpoint.
+//!
+//! sled's `flush` is not an fsync and 0.34 can lose recent writes in a
+//! crash; that is fine here: everything is checked against the log at open
+//! (seq and hash), and whatever is missing or disagrees is rebuilt.
+
+use std::path::{Path, PathBuf};
+
+use crate::events::{Bytes, Seq};
+use crate::log::{Hash, Position};
+
+/// One `positions` key per this many seqs: seqs 1, 1 + STRIDE, 1 + 2 × STRIDE …
+pub const POSITION_STRIDE: u64 = 64;
+
+/// Bumped whenever the checkpoint's encoding changes: an old checkpoint is
+/// then ignored and the state replayed from the log.
+pub const CHECKPOINT_FORMAT: u32 = 1;
+
+/// A problem of the store. Never fatal for the ledger: the store can be
+/// deleted and rebuilt from the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("index store {path}: {source}")]
+    Sled { path: PathBuf, source: sled::Error },
+    #[error("index store {path}: damaged row: {what}")]
+    Damaged { path: PathBuf, what: String },
+}
+
+/// What an idempotency key maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRow {
+    pub request_hash: Bytes<32>,
+    pub first_seq: Seq,
+    pub count: u32,
+}
+
+/// The sled database of one data directory.
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    positions: sled::Tree,
+    idempotency: sled::Tree,
+    meta: sled::Tree,
+}
+
+const INDEXED: &[u8] = b"indexed";
+const CHECKPOINT: &[u8] = b"checkpoint";
+
+fn seq_and_hash(bytes: &[u8]) -> Option<(Seq, Hash)> {
+    let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+    let hash: Hash = bytes.get(8..40)?.try_into().ok()?;
+    Some((seq, hash))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let sled_error = |source| StoreError::Sled {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(sled_error)?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_error);
+        Ok(Store {
+            path: path.to_path_buf(),
+            positions: tree("positions")?,
+            idempotency: tree("idempotency")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    /// Deletes the store's directory (it is rebuilt from the log).
+    pub fn destroy(path: &Path) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn sled_error(&self) -> impl FnOnce(sled::Error) -> StoreError + '_ {
+        move |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn damaged(&self, what: &str) -> StoreError {
+        StoreError::Damaged {
+            path: self.path.clone(),
+            what: what.to_string(),
+        }
+    }
+
+    /// The seq and chain hash the indexes reflect (0 and zeros when empty).
+    pub fn indexed(&self) -> Result<(Seq, Hash), StoreError> {
+        match self.meta.get(INDEXED).map_err(self.sled_error())? {
+            Some(bytes) => seq_and_hash(&bytes).ok_or_else(|| self.damaged("indexed")),
+            None => Ok((0, [0; 32])),
+        }
+    }
+
+    /// Empties every tree: the indexes no longer match the log.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        for tree in [&self.positions, &self.idempotency, &self.meta] {
+            tree.clear().map_err(self.sled_error())?;
+        }
+        Ok(())
+    }
+
+    /// Records the anchors and keys of events up to `seq` (with chain hash
+    /// `hash`), in one batch per tree.
+    pub fn index(
+        &self,
+        anchors: &[(Seq, Position)],
+        keys: &[(String, KeyRow)],
+        seq: Seq,
+        hash: &Hash,
+    ) -> Result<(), StoreError> {
+        let mut positions = sled::Batch::default();
+        for (anchor, position) in anchors {
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&position.segment_first_seq.to_be_bytes());
+            value[8..].copy_from_slice(&position.offset.to_be_bytes());
+            positions.insert(&anchor.to_be_bytes(), &value);
+        }
+        self.positions
+            .apply_batch(positions)
+            .map_err(self.sled_error())?;
+        if !keys.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (key, row) in keys {
+                let mut value = Vec::with_capacity(44);
+                value.extend_from_slice(&row.request_hash.0);
+                value.extend_from_slice(&row.first_seq.to_be_bytes());
+                value.extend_from_slice(&row.count.to_be_bytes());
+                batch.insert(key.as_bytes(), value);
+            }
+            self.idempotency
+                .apply_batch(batch)
+                .map_err(self.sled_error())?;
+        }
+        let mut indexed = Vec::with_capacity(40);
+        indexed.extend_from_slice(&seq.to_be_bytes());
+        indexed.extend_from_slice(hash);
+        self.meta
+            .insert(INDEXED, indexed)
+            .map_err(self.sled_error())?;
+        Ok(())
+    }
+
+    /// The nearest anchor at or before `seq`.
+    pub fn anchor(&self, seq: Seq) -> Result<Option<(Seq, Position)>, StoreError> {
+        let Some((key, value)) = self
+            .positions
+            .range(..=seq.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(self.sled_error())?
+        else {
+            return Ok(None);
+        };
+        let anchor = u64::from_be_bytes(
+            key.as_ref()
+                .try_into()
+                .map_err(|_| self.damaged("position key"))?,
+        );
+        let segment = u64::from_be_bytes(
+            value
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| self.damaged("position"))?,
+        );
+        let offset = u64::from_be_bytes(
+            value
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| self.damaged("position"))?,
+        );
+        Ok(Some((
+            anchor,
+            Position {
+                segment_first_seq: segment,
+                offset,
+            },
+        )))
+    }
+
+    pub fn idempotency_key(&self, key: &str) -> Result<Option<KeyRow>, StoreError> {
+        let Some(value) = self
+            .idempotency
+            .get(key.as_bytes())
+            .map_err(self.sled_error())?
+        else {
+            return Ok(None);
+        };
+        if value.len() != 44 {
+            return Err(self.damaged("idempotency row"));
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&value[..32]);
+        let first_seq = u64::from_be_bytes(value[32..40].try_into().unwrap_or([0; 8]));
+        let count = u32::from_be_bytes(value[40..44].try_into().unwrap_or([0; 4]));
+        Ok(Some(KeyRow {
+            request_hash: Bytes(hash),
+            first_seq,
+            count,
+        }))
+    }
+
+    /// Saves the encoded state as of `seq` (chain hash `hash`).
+    pub fn save_checkpoint(&self, seq: Seq, hash: &Hash, state: &[u8]) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(44 + state.len());
+        value.extend_from_slice(&seq.to_be_bytes());
+        value.extend_from_slice(hash);
+        value.extend_from_slice(&CHECKPOINT_FORMAT.to_be_bytes());
+        value.extend_from_slice(state);
+        self.meta
+            .insert(CHECKPOINT, value)
+            .map_err(self.sled_error())?;
+        self.db.flush().map_err(self.sled_error())?;
+        Ok(())
+    }
+
+    /// The last checkpoint of the current format: its seq, hash and state bytes.
+    pub fn load_checkpoint(&self) -> Result<Option<(Seq, Hash, Vec<u8>)>, StoreError> {
+        let Some(value) = self.meta.get(CHECKPOINT).map_err(self.sled_error())? else {
+            return Ok(None);
+        };
+        let (seq, hash) = seq_and_hash(&value).ok_or_else(|| self.damaged("checkpoint"))?;
+        let format = value
+            .get(40..44)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes);
+        if format != Some(CHECKPOINT_FORMAT) {
+            return Ok(None);
+        }
+        Ok(Some((seq, hash, value[44..].to_vec())))
+    }
+
+    /// Writes what sled holds in memory to its files (not an fsync).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(self.sled_error())?;
+        Ok(())
+    }
+}
