@@ -10,7 +10,8 @@
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
 //! - `ledger-load writer DIR [SUBMITTERS] [SECONDS]`: durable appends/s alone.
-//! - `ledger-load replay DIR`: opens DIR, reporting replay events/s and RSS.
+//! - `ledger-load replay DIR` / `replay-full DIR`: opens DIR from its
+//!   checkpoint / after deleting its index store, reporting events/s and RSS.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -318,16 +319,36 @@ fn bench(dir: &Path, events: u64) {
         );
         println!("wrote {n} events in {:.1}s", start.elapsed().as_secs_f64());
     }
-    let before = rss_kib();
+    // Each in a fresh process, so RSS is the ledger's alone.
+    let exe = std::env::current_exe().unwrap_or_else(|e| fail(&e.to_string()));
+    for mode in ["replay-full", "replay"] {
+        let out = std::process::Command::new(&exe)
+            .args([mode, d.to_str().unwrap_or_default()])
+            .output()
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+/// Opens the ledger in `dir` (after deleting its index store when `full`),
+/// reporting the time, events/s and RSS.
+fn replay(dir: &Path, full: bool) {
+    if full {
+        let _ = std::fs::remove_dir_all(dir.join("index"));
+    }
     let start = Instant::now();
-    let ledger = Ledger::open(LedgerConfig::new(&d)).unwrap_or_else(|e| fail(&e.to_string()));
+    let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
     let elapsed = start.elapsed().as_secs_f64();
     let head = ledger.state().head.seq;
+    let what = if full {
+        "full replay (index deleted)"
+    } else {
+        "restart from checkpoint"
+    };
     println!(
-        "replayed {head} events in {elapsed:.2}s: {:.0} events/s; RSS {} MiB (before open {} MiB)",
+        "{what}: {head} events in {elapsed:.2}s = {:.0} events/s; RSS {} MiB",
         head as f64 / elapsed,
-        rss_kib() / 1024,
-        before / 1024
+        rss_kib() / 1024
     );
 }
 
@@ -380,18 +401,8 @@ fn main() {
                 s.reply_us.load(Ordering::Relaxed) / batches
             );
         }
-        "replay" => {
-            let start = Instant::now();
-            let ledger = Ledger::open(LedgerConfig::new(PathBuf::from(arg(2))))
-                .unwrap_or_else(|e| fail(&e.to_string()));
-            let head = ledger.state().head.seq;
-            let elapsed = start.elapsed().as_secs_f64();
-            println!(
-                "replayed {head} events in {elapsed:.2}s: {:.0} events/s; RSS {} MiB",
-                head as f64 / elapsed,
-                rss_kib() / 1024
-            );
-        }
+        "replay" => replay(&PathBuf::from(arg(2)), false),
+        "replay-full" => replay(&PathBuf::from(arg(2)), true),
         other => fail(&format!("unknown mode {other}")),
     }
 }
