@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -52,6 +52,8 @@ pub struct LedgerConfig {
     /// Events between checkpoints of the state in the store (written when
     /// the writer is idle, and at shutdown).
     pub checkpoint_every: u64,
+    /// How long the writer may wait for active submitters to join a batch.
+    pub group_commit_linger: std::time::Duration,
     pub clock: Clock,
 }
 
@@ -63,6 +65,7 @@ impl LedgerConfig {
             queue_len: 16_384,
             max_batch: 4_096,
             checkpoint_every: 100_000,
+            group_commit_linger: std::time::Duration::from_micros(250),
             clock: system_clock(),
         }
     }
@@ -480,9 +483,28 @@ pub struct WriterStats {
     pub reply_us: AtomicU64,
 }
 
+/// Counts a submitter from its call until it has its answer (or gives up).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Inner {
     /// What the writer did so far.
     stats: WriterStats,
+    /// Submitters waiting for an answer: the writer lingers for those that
+    /// just got one and are about to come back (adaptive group commit).
+    in_flight: AtomicUsize,
     /// The indexes and checkpoints (derived, rebuildable).
     store: Store,
     /// The seq the store has indexed up to (the indexer advances it).
@@ -598,6 +620,7 @@ impl Ledger {
         let (head_tx, _) = watch::channel(state.head.seq);
         let inner = Arc::new(Inner {
             stats: WriterStats::default(),
+            in_flight: AtomicUsize::new(0),
             store,
             indexed: AtomicU64::new(indexed),
             checkpointed: AtomicU64::new(checkpointed),
@@ -625,6 +648,7 @@ impl Ledger {
         let writer_inner = inner.clone();
         let max_batch = config.max_batch.max(1);
         let checkpoint_every = config.checkpoint_every.max(1);
+        let linger = config.group_commit_linger;
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
@@ -636,6 +660,7 @@ impl Ledger {
                         index_tx,
                         max_batch,
                         checkpoint_every,
+                        linger,
                     )
                 });
                 if std::panic::catch_unwind(run).is_err() {
@@ -678,6 +703,7 @@ impl Ledger {
 
     /// Submits a command and waits until it is durable (or refused).
     pub async fn submit(&self, submission: Submission) -> Result<Receipt, SubmitError> {
+        let _active = InFlight::enter(&self.inner.in_flight);
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Job { submission, reply })
@@ -688,6 +714,7 @@ impl Ledger {
 
     /// [`Self::submit`] for callers outside an async runtime.
     pub fn submit_blocking(&self, submission: Submission) -> Result<Receipt, SubmitError> {
+        let _active = InFlight::enter(&self.inner.in_flight);
         let (reply, answer) = oneshot::channel();
         self.queue
             .blocking_send(Job { submission, reply })
@@ -924,6 +951,32 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
     }
 }
 
+/// Takes every waiting command into the batch; while more submitters are
+/// active than the batch holds, waits up to `linger` for them: one
+/// `fdatasync` then covers them all (PostgreSQL's commit_delay, adaptive).
+fn gather(
+    inner: &Inner,
+    jobs: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    max_batch: usize,
+    linger: std::time::Duration,
+) {
+    let deadline = Instant::now() + linger;
+    loop {
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
+        if batch.len() >= active || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 fn writer_loop(
     inner: &Inner,
     mut log: Log,
@@ -931,17 +984,13 @@ fn writer_loop(
     index: std::sync::mpsc::SyncSender<IndexJob>,
     max_batch: usize,
     checkpoint_every: u64,
+    linger: std::time::Duration,
 ) {
     let mut ids = RandomIds;
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        gather(inner, &mut jobs, &mut batch, max_batch, linger);
         let started = Instant::now();
         let commands = batch.len() as u64;
         let mut state = inner
