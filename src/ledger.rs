@@ -304,6 +304,11 @@ fn open_store(path: &Path) -> Result<Store, LedgerError> {
     }
 }
 
+/// Decoded events handed from the reading thread to the folding one at a time.
+const REPLAY_CHUNK: usize = 1024;
+/// Chunks in flight between the two replay threads: a bound on memory.
+const REPLAY_QUEUE_LEN: usize = 16;
+
 /// The state rebuilt at open, and what the store still has to index.
 struct Loaded {
     log: Log,
@@ -326,7 +331,7 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
             let checkpoint: Checkpoint = postcard::from_bytes(&bytes).ok()?;
             Some((seq, hash, checkpoint))
         });
-    let (checkpoint_seq, checkpoint_hash, mut state) = match checkpoint {
+    let (checkpoint_seq, checkpoint_hash, state) = match checkpoint {
         Some((seq, hash, mut checkpoint)) => {
             checkpoint.model.after_load();
             checkpoint.views.after_load();
@@ -345,38 +350,68 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     let (mut seen_indexed, mut seen_checkpoint) = (indexed_seq == 0, checkpoint_seq == 0);
     let mut anchors = Vec::new();
     let mut keys = HashMap::default();
-    let (log, report) = Log::open(log_dir, segment_bytes, |record| {
-        if record.seq == indexed_seq {
-            seen_indexed = record.hash == indexed_hash;
-        }
-        if record.seq == checkpoint_seq {
-            seen_checkpoint = record.hash == checkpoint_hash;
-        }
-        if record.seq <= skip_upto {
-            return Ok(());
-        }
-        let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
-        if recorded.seq != record.seq {
-            return Err(format!(
-                "event says seq {}, frame says {}",
-                recorded.seq, record.seq
-            ));
-        }
-        if record.seq > checkpoint_seq {
-            state.apply(&recorded);
-            state.head = Head {
-                seq: record.seq,
-                hash: record.hash,
-            };
-        }
-        if record.seq > indexed_seq {
-            if is_stride_anchor(record.seq) {
-                anchors.push((record.seq, record.position));
+    // Two stages on two threads: this one reads, checks and decodes the
+    // log; the other folds the events into the state, in order.
+    let (opened, state) = std::thread::scope(|scope| {
+        let (events, received) =
+            std::sync::mpsc::sync_channel::<Vec<(Recorded, log::Hash)>>(REPLAY_QUEUE_LEN);
+        let applier = scope.spawn(move || {
+            let mut state = state;
+            for chunk in received {
+                for (recorded, hash) in chunk {
+                    let seq = recorded.seq;
+                    state.apply(&recorded);
+                    state.head = Head { seq, hash };
+                }
             }
-            note_key(&mut keys, &recorded);
+            state
+        });
+        let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+        let opened = Log::open(log_dir, segment_bytes, |record| {
+            if record.seq == indexed_seq {
+                seen_indexed = record.hash == indexed_hash;
+            }
+            if record.seq == checkpoint_seq {
+                seen_checkpoint = record.hash == checkpoint_hash;
+            }
+            if record.seq <= skip_upto {
+                return Ok(());
+            }
+            let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
+            if recorded.seq != record.seq {
+                return Err(format!(
+                    "event says seq {}, frame says {}",
+                    recorded.seq, record.seq
+                ));
+            }
+            if record.seq > indexed_seq {
+                if is_stride_anchor(record.seq) {
+                    anchors.push((record.seq, record.position));
+                }
+                note_key(&mut keys, &recorded);
+            }
+            if record.seq > checkpoint_seq {
+                chunk.push((recorded, record.hash));
+                if chunk.len() == REPLAY_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
+                    events
+                        .send(full)
+                        .map_err(|_| "the replay stopped".to_string())?;
+                }
+            }
+            Ok(())
+        });
+        if !chunk.is_empty() {
+            let _ = events.send(chunk);
         }
-        Ok(())
-    })?;
+        drop(events);
+        let state = applier
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (opened, state)
+    });
+    let (log, report) = opened?;
+    let mut state = state;
     if !seen_indexed || !seen_checkpoint || report.head.seq < checkpoint_seq.max(indexed_seq) {
         return Ok(None);
     }

@@ -226,8 +226,17 @@ impl ProgramView {
                         .entry(day)
                         .or_default()
                         .insert(visitor_hash(&e.visitor));
-                    let creative = e.creative.clone().unwrap_or_default();
-                    a.creatives.entry(creative).or_default().clicks += 1;
+                    let creative = e.creative.as_deref().unwrap_or_default();
+                    match a.creatives.get_mut(creative) {
+                        Some(counters) => counters.clicks += 1,
+                        None => {
+                            let counters = Counters {
+                                clicks: 1,
+                                ..Counters::default()
+                            };
+                            a.creatives.insert(creative.to_string(), counters);
+                        }
+                    }
                 }
             }
             Event::SignupAttributed(e) => {

@@ -253,6 +253,8 @@ const MAX_GROUP_LEN: usize = 128;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Affiliate {
+    /// The affiliate's place in enrollment order.
+    pub index: u32,
     pub referral_code: String,
     pub promo_code: Option<String>,
     pub customer_id: Option<CustomerId>,
@@ -366,7 +368,10 @@ pub struct ProgramModel {
     promo_codes: HashMap<String, AffiliateId>,
     own_customers: HashMap<CustomerId, AffiliateId>,
     /// Each visitor's clicks (when, whose), for attribution inside the cookie window.
-    visitors: HashMap<String, Vec<(Timestamp, AffiliateId)>>,
+    visitors: HashMap<String, Vec<(Timestamp, u32)>>,
+    /// Affiliates by enrollment order: clicks name them by index, not by a
+    /// copy of the id (clicks are the most numerous events).
+    affiliate_order: Vec<AffiliateId>,
     pub customers: HashMap<CustomerId, Customer>,
     pub lines: HashMap<LineId, Line>,
     pub refunds: HashMap<LineId, Refund>,
@@ -476,7 +481,13 @@ impl Model {
         let Some(program) = &recorded.program else {
             return;
         };
-        let pm = self.programs.entry(program.clone()).or_default();
+        if !self.programs.contains_key(program) {
+            self.programs
+                .insert(program.clone(), ProgramModel::default());
+        }
+        let Some(pm) = self.programs.get_mut(program) else {
+            return;
+        };
         if pm.rules.is_empty() && !matches!(recorded.event, Event::ProgramDefined(_)) {
             return;
         }
@@ -520,9 +531,12 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                 pm.own_customers
                     .insert(customer.clone(), e.affiliate_id.clone());
             }
+            let index = pm.affiliate_order.len() as u32;
+            pm.affiliate_order.push(e.affiliate_id.clone());
             pm.affiliates.insert(
                 e.affiliate_id.clone(),
                 Affiliate {
+                    index,
                     referral_code: e.referral_code.clone(),
                     promo_code: e.promo_code.clone(),
                     customer_id: e.customer_id.clone(),
@@ -539,11 +553,17 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                 a.suspended_at = Some(at);
             }
         }
-        Event::ClickRecorded(e) => pm
-            .visitors
-            .entry(e.visitor.clone())
-            .or_default()
-            .push((at, e.affiliate_id.clone())),
+        Event::ClickRecorded(e) => {
+            let Some(index) = pm.affiliates.get(&e.affiliate_id).map(|a| a.index) else {
+                return;
+            };
+            match pm.visitors.get_mut(&e.visitor) {
+                Some(clicks) => clicks.push((at, index)),
+                None => {
+                    pm.visitors.insert(e.visitor.clone(), vec![(at, index)]);
+                }
+            }
+        }
         Event::SignupAttributed(e) => {
             let customer = pm.customers.entry(e.customer_id.clone()).or_default();
             customer.attribution = vec![(None, e.affiliate_id.clone())];
@@ -1009,6 +1029,7 @@ pub fn decide(
                 );
                 let inside = clicks
                     .iter()
+                    .filter_map(|(at, index)| Some((*at, pm.affiliate_order.get(*index as usize)?)))
                     .filter(|(at, a)| *at >= window_start && *at <= ctx.at && eligible(a));
                 let chosen = match rules.attribution {
                     Attribution::LastClick => inside.max_by_key(|(at, _)| *at),

@@ -402,6 +402,30 @@ fn main() {
             );
         }
         "replay" => replay(&PathBuf::from(arg(2)), false),
+        "scan" => {
+            // The reading stage alone: frames, CRCs, the chain, and decoding.
+            let start = Instant::now();
+            let mut n = 0u64;
+            let decode_too = args.get(3).is_some();
+            commission_ledger::log::scan(
+                &PathBuf::from(arg(2)).join("log"),
+                commission_ledger::log::ScanMode::Read,
+                None,
+                |r| {
+                    if decode_too {
+                        decode(r.payload).map_err(|e| e.to_string())?;
+                    }
+                    n += 1;
+                    Ok(())
+                },
+            )
+            .unwrap_or_else(|e| fail(&e.to_string()));
+            let elapsed = start.elapsed().as_secs_f64();
+            println!(
+                "scanned {n} records (decode: {decode_too}) in {elapsed:.2}s = {:.0}/s",
+                n as f64 / elapsed
+            );
+        }
         "replay-full" => replay(&PathBuf::from(arg(2)), true),
         other => fail(&format!("unknown mode {other}")),
     }
