@@ -838,6 +838,42 @@ impl Ledger {
         })
     }
 
+    /// Referral statistics of the days `from..=to` (program time zone).
+    pub fn stats(
+        &self,
+        program: &ProgramId,
+        affiliate: &AffiliateId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        by: StatsBy,
+        as_of: Option<AsOf>,
+    ) -> Result<Option<Stats>, LedgerError> {
+        self.read(as_of, |state| {
+            state
+                .views
+                .programs
+                .get(program)?
+                .stats(affiliate, from, to, by)
+        })
+    }
+
+    /// A page of the customers an affiliate referred.
+    pub fn referrals(
+        &self,
+        program: &ProgramId,
+        affiliate: &AffiliateId,
+        query: &ReferralQuery,
+        as_of: Option<AsOf>,
+    ) -> Result<Option<ReferralPage>, LedgerError> {
+        self.read(as_of, |state| {
+            state
+                .views
+                .programs
+                .get(program)?
+                .referrals(affiliate, query)
+        })
+    }
+
     /// Reads events `from..=to` back from the log.
     pub fn events_range(&self, from: Seq, to: Seq) -> Result<Vec<Recorded>, LedgerError> {
         read_events(&self.inner, from, to)

@@ -672,6 +672,9 @@ impl ProgramView {
     }
 }
 
+/// The most rows one page of a list returns, whatever the query asks.
+pub const MAX_PAGE_SIZE: usize = 500;
+
 /// How the referral list is sorted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReferralSort {
@@ -742,7 +745,7 @@ impl ProgramView {
         let page: Vec<Referral> = rows
             .into_iter()
             .skip(query.offset)
-            .take(query.limit)
+            .take(query.limit.min(MAX_PAGE_SIZE))
             .map(|(id, c, commission)| Referral {
                 customer_id: id.clone(),
                 signup_at: c.signup_at,

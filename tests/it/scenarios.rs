@@ -233,15 +233,17 @@ fn h_sphere_only_the_server_holding_the_cookie_acts() {
         (2, "19.48".to_string())
     );
 
-    let program = t.ledger().state().views.programs[&t.program].clone();
     let march = |by| {
-        program
+        t.ledger()
             .stats(
+                &t.program,
                 &aff("webmaster"),
                 chrono::NaiveDate::from_ymd_opt(2026, 3, 1).unwrap(),
                 chrono::NaiveDate::from_ymd_opt(2026, 3, 31).unwrap(),
                 by,
+                None,
             )
+            .unwrap()
             .unwrap()
     };
     let stats = march(commission_ledger::projections::StatsBy::Month);

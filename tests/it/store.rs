@@ -1,7 +1,7 @@
 //! The sled store: indexes and checkpoints are derived from the log, may
 //! trail it, never disagree with it, and are rebuilt when deleted or stale.
 
-use commission_ledger::events::Event;
+use commission_ledger::events::{Event, Timestamp};
 use commission_ledger::ledger::{Ledger, LedgerConfig};
 
 use crate::support::*;
@@ -168,4 +168,53 @@ fn events_are_read_back_across_segments_through_the_sparse_index() {
         }
     }
     assert!(ledger.events_range(501, 600).unwrap().is_empty());
+}
+
+#[test]
+fn reads_as_of_a_time_answer_what_was_served_then() {
+    use commission_ledger::ledger::AsOf;
+    let t = TestLedger::new("hosting");
+    history(&t, 10); // January closed: alice earned 24.69
+    let january = (t.balance("alice"), t.head());
+    let mid = Timestamp::from_micros(t.clock.load(std::sync::atomic::Ordering::SeqCst));
+    t.set_now("2026-02-10T00:00:00Z");
+    t.expense("2026-02-10T00:00:00Z", "l-2", "c-1", "100.00");
+    t.close("2026-02");
+    assert_eq!(t.balance("alice").earned, "44.69");
+    let then = t
+        .ledger()
+        .balance(&t.program, &aff("alice"), Some(AsOf::Time(mid)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(then, january.0);
+    assert_eq!(then.as_of_seq, january.1);
+    let by_seq = t
+        .ledger()
+        .balance(&t.program, &aff("alice"), Some(AsOf::Seq(january.1)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_seq, january.0);
+    // before the program existed, there is nothing to read
+    let before = t
+        .ledger()
+        .balance(
+            &t.program,
+            &aff("alice"),
+            Some(AsOf::Time(ts("2020-01-01T00:00:00Z"))),
+        )
+        .unwrap();
+    assert_eq!(before, None);
+    // statements as of then carry the hash of the log then
+    let statement = t
+        .ledger()
+        .statement(
+            &t.program,
+            &aff("alice"),
+            month("2026-01"),
+            Some(AsOf::Seq(january.1)),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(statement.as_of_seq, january.1);
+    assert_ne!(statement.log_hash, t.statement("alice", "2026-01").log_hash);
 }
