@@ -351,16 +351,40 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 }
 
 /// The writer's handle on the log: exactly one per directory at a time.
+/// It is two halves, which a pipelined writer runs on two threads: the
+/// [`Framer`] lays out records (seq, chain hash, CRC, position) and the
+/// [`SegmentWriter`] writes them and makes them durable.
 pub struct Log {
+    framer: Framer,
+    writer: SegmentWriter,
+}
+
+/// Lays out batches of records: assigns seqs, chains hashes, frames and
+/// places them, and decides when a new segment starts. No I/O.
+pub struct Framer {
+    head: Head,
+    active_first_seq: Seq,
+    active_len: u64,
+    segment_bytes: u64,
+}
+
+/// A batch laid out by the [`Framer`], ready for the [`SegmentWriter`].
+pub struct FramedBatch {
+    /// The framed records, back to back.
+    pub bytes: Vec<u8>,
+    /// Start a new segment, named by this seq, before writing.
+    pub roll_to: Option<Seq>,
+    /// Where each record lands, and its chain hash.
+    pub placed: Vec<(Position, Hash)>,
+    /// The head of the log once the batch is written.
+    pub head: Head,
+}
+
+/// Writes framed batches to the active segment and syncs them.
+pub struct SegmentWriter {
     dir: PathBuf,
     active: File,
     active_path: PathBuf,
-    active_first_seq: Seq,
-    active_len: u64,
-    head: Head,
-    segment_bytes: u64,
-    /// Reused between batches so a batch costs no allocation once warm.
-    buffer: Vec<u8>,
 }
 
 impl Log {
@@ -387,24 +411,27 @@ impl Log {
             .map_err(io("open", &active_path))?;
         let active_len = active.metadata().map_err(io("stat", &active_path))?.len();
         let log = Log {
-            dir: dir.to_path_buf(),
-            active,
-            active_path,
-            active_first_seq,
-            active_len,
-            head: report.head,
-            segment_bytes: segment_bytes.max(4096),
-            buffer: Vec::new(),
+            framer: Framer {
+                head: report.head,
+                active_first_seq,
+                active_len,
+                segment_bytes: segment_bytes.max(4096),
+            },
+            writer: SegmentWriter {
+                dir: dir.to_path_buf(),
+                active,
+                active_path,
+            },
         };
         Ok((log, report))
     }
 
     pub fn head(&self) -> Head {
-        self.head
+        self.framer.head
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.writer.dir
     }
 
     /// Appends a batch of payloads, seqs `head + 1 ..`, and makes it durable
@@ -414,10 +441,35 @@ impl Log {
         if payloads.is_empty() {
             return Ok(Vec::new());
         }
-        if self.active_len >= self.segment_bytes {
-            self.roll()?;
-        }
-        self.buffer.clear();
+        let batch = self.framer.frame(payloads);
+        self.writer.write(&batch)?;
+        Ok(batch.placed)
+    }
+
+    /// The two halves, for a writer that frames and syncs on two threads.
+    pub fn split(self) -> (Framer, SegmentWriter) {
+        (self.framer, self.writer)
+    }
+}
+
+impl Framer {
+    /// The head once every batch framed so far is written.
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Lays out `payloads` as seqs `head + 1 ..`.
+    pub fn frame(&mut self, payloads: &[Vec<u8>]) -> FramedBatch {
+        let roll_to = (self.active_len >= self.segment_bytes).then(|| {
+            self.active_first_seq = self.head.seq + 1;
+            self.active_len = SEGMENT_MAGIC.len() as u64;
+            self.active_first_seq
+        });
+        let size: usize = payloads
+            .iter()
+            .map(|p| FRAME_HEADER_LEN + BODY_PREFIX_LEN + p.len())
+            .sum();
+        let mut bytes = Vec::with_capacity(size);
         let mut placed = Vec::with_capacity(payloads.len());
         let mut head = self.head;
         for payload in payloads {
@@ -428,15 +480,15 @@ impl Log {
                 len <= MAX_RECORD_LEN,
                 "a record of {len} bytes passed the size limit"
             );
-            let offset = self.active_len + self.buffer.len() as u64;
-            let body_start = self.buffer.len() + FRAME_HEADER_LEN;
-            self.buffer.extend_from_slice(&(len as u32).to_le_bytes());
-            self.buffer.extend_from_slice(&[0; 4]);
-            self.buffer.extend_from_slice(&seq.to_le_bytes());
-            self.buffer.extend_from_slice(&hash);
-            self.buffer.extend_from_slice(payload);
-            let crc = crc32c::crc32c(&self.buffer[body_start..]);
-            self.buffer[body_start - 4..body_start].copy_from_slice(&crc.to_le_bytes());
+            let offset = self.active_len + bytes.len() as u64;
+            let body_start = bytes.len() + FRAME_HEADER_LEN;
+            bytes.extend_from_slice(&(len as u32).to_le_bytes());
+            bytes.extend_from_slice(&[0; 4]);
+            bytes.extend_from_slice(&seq.to_le_bytes());
+            bytes.extend_from_slice(&hash);
+            bytes.extend_from_slice(payload);
+            let crc = crc32c::crc32c(&bytes[body_start..]);
+            bytes[body_start - 4..body_start].copy_from_slice(&crc.to_le_bytes());
             placed.push((
                 Position {
                     segment_first_seq: self.active_first_seq,
@@ -446,29 +498,37 @@ impl Log {
             ));
             head = Head { seq, hash };
         }
+        self.active_len += bytes.len() as u64;
+        self.head = head;
+        FramedBatch {
+            bytes,
+            roll_to,
+            placed,
+            head,
+        }
+    }
+}
+
+impl SegmentWriter {
+    /// Writes a framed batch and makes it durable with one `fdatasync`
+    /// (starting its new segment first, with the directory synced). On
+    /// error the log must not be used again: the process stops.
+    pub fn write(&mut self, batch: &FramedBatch) -> Result<(), LogError> {
+        if let Some(first_seq) = batch.roll_to {
+            let path = self.dir.join(segment_name(first_seq));
+            create_segment(&self.dir, &path)?;
+            self.active = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io("open", &path))?;
+            self.active_path = path;
+        }
         self.active
-            .write_all(&self.buffer)
+            .write_all(&batch.bytes)
             .map_err(io("write", &self.active_path))?;
         self.active
             .sync_data()
-            .map_err(io("fdatasync", &self.active_path))?;
-        self.active_len += self.buffer.len() as u64;
-        self.head = head;
-        Ok(placed)
-    }
-
-    fn roll(&mut self) -> Result<(), LogError> {
-        let first_seq = self.head.seq + 1;
-        let path = self.dir.join(segment_name(first_seq));
-        create_segment(&self.dir, &path)?;
-        self.active = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        self.active_path = path;
-        self.active_first_seq = first_seq;
-        self.active_len = SEGMENT_MAGIC.len() as u64;
-        Ok(())
+            .map_err(io("fdatasync", &self.active_path))
     }
 }
 
