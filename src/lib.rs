@@ -20,8 +20,12 @@
 //! ```
 //!
 //! The ground state is the log: `DATA/log/*.seg`. Everything else (the
-//! write model the rules decide against, the projections the reads serve)
-//! is a fold over it and is rebuilt from it at start.
+//! write model the rules decide against, the projections the reads serve,
+//! the sled indexes and checkpoints in `DATA/index/`) is a fold over it. At
+//! start the whole log is checked (frames, CRCs, chain); the state is the
+//! last checkpoint plus the events after it, on two threads (read and
+//! decode; fold). An indexer thread writes the sparse seq index and the
+//! idempotency keys to sled after each batch is acknowledged, never before.
 //!
 //! ## Code map
 //!
@@ -35,15 +39,18 @@
 //!   every program rule, pure, with refusals as [`rules::Rejection`] values.
 //! - [`projections`]: balances, statements, statistics, referral lists:
 //!   infallible folds over recorded events. Pure; never calls the rules.
-//! - [`ledger`]: the single writer (group commit), the read model, `as_of`
-//!   replays, verify, export/import, backup. The only module joining log,
-//!   rules and projections.
+//! - [`store`]: sled: the sparse seq → position index, idempotency keys and
+//!   checkpoints of the state; all derived, checked against the log at open,
+//!   rebuilt when deleted or stale. The only module that imports sled.
+//! - [`ledger`]: the single writer (adaptive group commit), the indexer, the
+//!   read model, `as_of` replays, verify, export/import, backup. The only
+//!   module joining log, rules, projections and store.
 //! - [`api`]: axum routes and `application/problem+json` errors. The only
 //!   module that imports axum.
 //! - [`cli`]: the command line. The only module that imports clap.
 //!
 //! Dependencies point one way:
-//! `money ← events ← {log, rules, projections} ← ledger ← {api, cli}`.
+//! `money ← events ← {log, rules, projections} ← store ← ledger ← {api, cli}`.
 //!
 //! ## Architecture invariants
 //!

@@ -247,6 +247,10 @@ pub trait IdSource {
 /// clocks drift a little; a line from the future is a mistake.
 pub const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 
+/// The clicks kept per visitor for attribution: the newest ones. A visitor
+/// (or a bot) clicking more often than this keeps only its latest clicks.
+pub const MAX_CLICKS_PER_VISITOR: usize = 32;
+
 /// The default group of customers and affiliates that name none.
 pub const DEFAULT_GROUP: &str = "default";
 const MAX_GROUP_LEN: usize = 128;
@@ -558,7 +562,18 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                 return;
             };
             match pm.visitors.get_mut(&e.visitor) {
-                Some(clicks) => clicks.push((at, index)),
+                Some(clicks) => {
+                    clicks.push((at, index));
+                    if clicks.len() > MAX_CLICKS_PER_VISITOR
+                        && let Some(oldest) = clicks
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, c)| c.0)
+                            .map(|(i, _)| i)
+                    {
+                        clicks.swap_remove(oldest);
+                    }
+                }
                 None => {
                     pm.visitors.insert(e.visitor.clone(), vec![(at, index)]);
                 }

@@ -960,3 +960,29 @@ fn reassignment_from_a_date_moves_future_lines_and_retroactive_moves_posted_mone
     ));
     t.verify_ok();
 }
+
+#[test]
+fn a_visitor_keeps_only_its_newest_clicks_for_attribution() {
+    use commission_ledger::rules::MAX_CLICKS_PER_VISITOR;
+    let t = TestLedger::new("hosting");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"attribution": "first_click", "cookie_days": 3650}),
+    ));
+    let alice = t.enroll("alice");
+    let bob = t.enroll("bob");
+    t.click("2026-01-01T00:00:00Z", &alice.referral_code, "v-bot");
+    for i in 0..MAX_CLICKS_PER_VISITOR {
+        t.click(
+            &format!("2026-01-02T00:{:02}:00Z", i % 60),
+            &bob.referral_code,
+            "v-bot",
+        );
+    }
+    // alice's first click fell out of the bounded list: the first kept is bob's
+    assert_eq!(
+        t.signup("2026-01-03T00:00:00Z", "c-1", Some("v-bot"), None)
+            .as_deref(),
+        Some("bob")
+    );
+}
