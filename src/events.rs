@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -48,15 +49,17 @@ impl InvalidValue {
 macro_rules! identifier {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        ///
+        /// Shared, not copied: cloning an id (the folds do it for every
+        /// event) bumps a reference count instead of allocating.
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Accepts 1 to 128 characters of `A-Z a-z 0-9 . _ : @ -`.
             pub fn parse(text: &str) -> Result<$name, InvalidValue> {
                 check_identifier($field, text)?;
-                Ok($name(text.to_string()))
+                Ok($name(Arc::from(text)))
             }
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -66,12 +69,34 @@ macro_rules! identifier {
             type Error = InvalidValue;
             fn try_from(text: String) -> Result<$name, InvalidValue> {
                 check_identifier($field, &text)?;
-                Ok($name(text))
+                Ok($name(Arc::from(text)))
             }
         }
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                $name::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+        impl JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string", "minLength": 1, "maxLength": MAX_IDENTIFIER_LEN,
+                    "pattern": "^[A-Za-z0-9._:@-]+$"
+                })
             }
         }
         impl fmt::Display for $name {
@@ -81,7 +106,7 @@ macro_rules! identifier {
         }
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{:?}", self.0)
+                write!(f, "{:?}", &*self.0)
             }
         }
     };

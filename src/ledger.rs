@@ -324,13 +324,13 @@ struct Loaded {
 fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Loaded>, LedgerError> {
     let (indexed_seq, indexed_hash) = store.indexed().unwrap_or((0, [0; 32]));
     let checkpoint = store
-        .load_checkpoint()
+        .load_checkpoint(|seq, hash, bytes| {
+            let checkpoint: Checkpoint = postcard::from_bytes(bytes).ok()?;
+            Some((seq, hash, checkpoint))
+        })
         .ok()
         .flatten()
-        .and_then(|(seq, hash, bytes)| {
-            let checkpoint: Checkpoint = postcard::from_bytes(&bytes).ok()?;
-            Some((seq, hash, checkpoint))
-        });
+        .flatten();
     let (checkpoint_seq, checkpoint_hash, state) = match checkpoint {
         Some((seq, hash, mut checkpoint)) => {
             checkpoint.model.after_load();

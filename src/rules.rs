@@ -333,7 +333,8 @@ pub struct Line {
     pub refunded: Decimal,
     /// Taken by a month close (rewarded or not).
     pub processed: bool,
-    pub reward: Option<LineReward>,
+    /// Boxed: most lines of a busy program wait for their close unrewarded.
+    pub reward: Option<Box<LineReward>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -657,13 +658,13 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                 if let Some(line) = pm.lines.get_mut(&e.line) {
                     line.processed = true;
                     pm.open_lines.remove(&(line.month, line.at, line.seq));
-                    line.reward = Some(LineReward {
+                    line.reward = Some(Box::new(LineReward {
                         affiliate_id: e.affiliate_id.clone(),
                         rate: e.rate,
                         amount: e.amount,
                         refunded: Decimal::ZERO,
                         clawed: Decimal::ZERO,
-                    });
+                    }));
                 }
             }
             RewardKind::Bounty => {

@@ -69,7 +69,7 @@ impl Store {
         };
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(64 << 20)
+            .cache_capacity(16 << 20)
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
@@ -234,8 +234,12 @@ impl Store {
         Ok(())
     }
 
-    /// The last checkpoint of the current format: its seq, hash and state bytes.
-    pub fn load_checkpoint(&self) -> Result<Option<(Seq, Hash, Vec<u8>)>, StoreError> {
+    /// Hands the last checkpoint of the current format (its seq, hash and
+    /// state bytes) to `read`, without copying the bytes.
+    pub fn load_checkpoint<T>(
+        &self,
+        read: impl FnOnce(Seq, Hash, &[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
         let Some(value) = self.meta.get(CHECKPOINT).map_err(self.sled_error())? else {
             return Ok(None);
         };
@@ -247,7 +251,7 @@ impl Store {
         if format != Some(CHECKPOINT_FORMAT) {
             return Ok(None);
         }
-        Ok(Some((seq, hash, value[44..].to_vec())))
+        Ok(Some(read(seq, hash, &value[44..])))
     }
 
     /// Writes what sled holds in memory to its files (not an fsync).

@@ -402,6 +402,56 @@ fn main() {
             );
         }
         "replay" => replay(&PathBuf::from(arg(2)), false),
+        "fold" => {
+            // The folding stage alone, each fold timed on its own.
+            let mut events = Vec::new();
+            commission_ledger::log::scan(
+                &PathBuf::from(arg(2)).join("log"),
+                commission_ledger::log::ScanMode::Read,
+                None,
+                |r| {
+                    events.push(decode(r.payload).map_err(|e| e.to_string())?);
+                    Ok(())
+                },
+            )
+            .unwrap_or_else(|e| fail(&e.to_string()));
+            let rss_events = rss_kib();
+            let mut model = commission_ledger::rules::Model::default();
+            let mut by_type: std::collections::BTreeMap<&str, (u64, Duration)> = Default::default();
+            let start = Instant::now();
+            for r in &events {
+                let t = Instant::now();
+                model.apply(r);
+                let entry = by_type.entry(r.event.type_name()).or_default();
+                entry.0 += 1;
+                entry.1 += t.elapsed();
+            }
+            let model_s = start.elapsed().as_secs_f64();
+            let rss_model = rss_kib();
+            for (name, (n, d)) in by_type {
+                println!(
+                    "  model {name}: {n} events, {:.0} ns each",
+                    d.as_nanos() as f64 / n as f64
+                );
+            }
+            let mut views = commission_ledger::projections::Projections::default();
+            let start = Instant::now();
+            for r in &events {
+                views.apply(r);
+            }
+            let views_s = start.elapsed().as_secs_f64();
+            let rss_views = rss_kib();
+            println!(
+                "{} events: model fold {model_s:.2}s, projections fold {views_s:.2}s",
+                events.len()
+            );
+            println!(
+                "RSS: decoded events {} MiB, + model {} MiB, + projections {} MiB",
+                rss_events / 1024,
+                (rss_model - rss_events) / 1024,
+                (rss_views - rss_model) / 1024
+            );
+        }
         "scan" => {
             // The reading stage alone: frames, CRCs, the chain, and decoding.
             let start = Instant::now();
