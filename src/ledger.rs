@@ -54,6 +54,9 @@ pub struct LedgerConfig {
     pub checkpoint_every: u64,
     /// How long the writer may wait for active submitters to join a batch.
     pub group_commit_linger: std::time::Duration,
+    /// Zero-filled space added to the active segment at a time, so that
+    /// `fdatasync` need not update the file size.
+    pub preallocate_bytes: u64,
     pub clock: Clock,
 }
 
@@ -66,6 +69,7 @@ impl LedgerConfig {
             max_batch: 4_096,
             checkpoint_every: 100_000,
             group_commit_linger: std::time::Duration::from_micros(250),
+            preallocate_bytes: log::PREALLOCATE_BYTES,
             clock: system_clock(),
         }
     }
@@ -652,6 +656,8 @@ impl Ledger {
             indexed,
             checkpointed,
         } = loaded;
+        let mut log = log;
+        log.set_preallocate(config.preallocate_bytes);
         let (head_tx, _) = watch::channel(state.head.seq);
         let inner = Arc::new(Inner {
             stats: WriterStats::default(),

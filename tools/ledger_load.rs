@@ -217,14 +217,25 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// The bare ceiling: the same record bytes, `batch` records per fdatasync.
-fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration) -> f64 {
+/// The bare ceiling: the same record bytes, `batch` records per
+/// fdatasync, appended to a growing file, or (`preallocated`) written into
+/// zero-filled space as the ledger does.
+fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration, preallocated: bool) -> f64 {
+    use std::os::unix::fs::FileExt;
     let path = dir.join(format!("bare-{batch}.bin"));
-    let mut file = OpenOptions::new()
+    let _ = std::fs::remove_file(&path);
+    let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(&path)
         .unwrap_or_else(|e| fail(&e.to_string()));
+    if preallocated {
+        let zeros = vec![0u8; 256 << 20];
+        file.write_all_at(&zeros, 0)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        file.sync_all().unwrap_or_else(|e| fail(&e.to_string()));
+    }
     let buffer: Vec<u8> = record
         .iter()
         .copied()
@@ -233,10 +244,12 @@ fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration) -> f64 {
         .collect();
     let start = Instant::now();
     let mut records = 0u64;
+    let mut offset = 0u64;
     while start.elapsed() < duration {
-        file.write_all(&buffer)
+        file.write_all_at(&buffer, offset)
             .unwrap_or_else(|e| fail(&e.to_string()));
         file.sync_data().unwrap_or_else(|e| fail(&e.to_string()));
+        offset += buffer.len() as u64;
         records += batch as u64;
     }
     let _ = std::fs::remove_file(&path);
@@ -272,10 +285,12 @@ fn bench(dir: &Path, events: u64) {
             Arc::new(|_| {}),
         );
         let rate = n as f64 / start.elapsed().as_secs_f64();
-        let ceiling = bare(dir, &record, submitters, seconds);
+        let appended = bare(dir, &record, submitters, seconds, false);
+        let preallocated = bare(dir, &record, submitters, seconds, true);
         println!(
-            "submitters {submitters:>2}: writer {rate:>9.0} events/s   bare ceiling (batch {submitters}) {ceiling:>9.0} records/s   ratio {:.2}",
-            rate / ceiling
+            "submitters {submitters:>2}: writer {rate:>7.0} events/s | bare ceiling, batch {submitters}: appending {appended:>7.0}/s (ratio {:.2}), into preallocated space {preallocated:>7.0}/s (ratio {:.2})",
+            rate / appended,
+            rate / preallocated
         );
     }
     let fsync = {

@@ -67,7 +67,13 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let written = write_log(dir.path(), &[10], 1 << 20);
     let segment = only_segment(dir.path());
-    let full = fs::metadata(&segment).unwrap().len();
+    let full = log::scan(dir.path(), ScanMode::Read, None, |_| Ok(()))
+        .unwrap()
+        .end;
+    assert!(
+        fs::metadata(&segment).unwrap().len() > full,
+        "the segment is preallocated"
+    );
     // A crash mid-write: the last record is cut short.
     OpenOptions::new()
         .write(true)
@@ -90,18 +96,40 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
 }
 
 #[test]
-fn zeroed_space_at_the_end_is_a_torn_tail() {
+fn preallocated_zeros_after_the_last_record_are_unwritten_space_not_damage() {
     let dir = tempfile::tempdir().unwrap();
     write_log(dir.path(), &[4], 1 << 20);
     let segment = only_segment(dir.path());
-    OpenOptions::new()
-        .append(true)
-        .open(&segment)
+    let end = log::scan(dir.path(), ScanMode::Strict, None, |_| Ok(()))
         .unwrap()
-        .write_all(&[0; 300])
-        .unwrap();
+        .end;
+    assert_eq!(
+        fs::metadata(&segment).unwrap().len(),
+        log::PREALLOCATE_BYTES
+    );
+    assert!(end < log::PREALLOCATE_BYTES);
+    let (mut log, report) = Log::open(dir.path(), 1 << 20, |_| Ok(())).unwrap();
+    assert_eq!(
+        (report.head.seq, report.torn_bytes, report.end),
+        (4, 0, end)
+    );
+    log.append(&[b"five".to_vec()]).unwrap();
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap().len(), 5);
+    // A torn last record inside preallocated space: a crash mid-write.
+    let mut bytes = fs::read(&segment).unwrap();
+    let last = log::scan(dir.path(), ScanMode::Strict, None, |_| Ok(()))
+        .unwrap()
+        .end as usize;
+    bytes[last - 3] ^= 0xff;
+    fs::write(&segment, &bytes).unwrap();
+    assert_eq!(
+        read_all(dir.path(), ScanMode::Strict)
+            .unwrap_err()
+            .bad_seq(),
+        Some(5)
+    );
     let (_, report) = Log::open(dir.path(), 1 << 20, |_| Ok(())).unwrap();
-    assert_eq!((report.head.seq, report.torn_bytes), (4, 300));
+    assert_eq!(report.head.seq, 4);
 }
 
 #[test]

@@ -375,6 +375,9 @@ fn record_spans(bytes: &[u8]) -> Vec<(usize, usize, u64)> {
     let mut seq = 1;
     while offset + 8 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
         spans.push((offset, offset + 8 + len, seq));
         offset += 8 + len;
         seq += 1;
@@ -397,7 +400,9 @@ proptest! {
         let segment = log::list_segments(&log_dir).unwrap()[0].1.clone();
         let mut bytes = std::fs::read(&segment).unwrap();
         let spans = record_spans(&bytes);
-        let index = log::SEGMENT_MAGIC.len() + position.index(bytes.len() - log::SEGMENT_MAGIC.len());
+        // Any byte of the records (the preallocated zeros after them are no record).
+        let end = spans.last().unwrap().1;
+        let index = log::SEGMENT_MAGIC.len() + position.index(end - log::SEGMENT_MAGIC.len());
         bytes[index] ^= 1 << bit;
         std::fs::write(&segment, &bytes).unwrap();
         let (_, _, seq) = spans.iter().find(|(start, end, _)| (*start..*end).contains(&index)).copied().unwrap();
