@@ -2,7 +2,6 @@
 //! refusal of a corrupt record anywhere else.
 
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use commission_ledger::ledger::{Ledger, LedgerConfig, LedgerError, verify_log};
