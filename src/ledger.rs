@@ -381,13 +381,7 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
             if record.seq <= skip_upto {
                 return Ok(());
             }
-            let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
-            if recorded.seq != record.seq {
-                return Err(format!(
-                    "event says seq {}, frame says {}",
-                    recorded.seq, record.seq
-                ));
-            }
+            let recorded = decode_record(record.seq, record.payload)?;
             if record.seq > indexed_seq {
                 if is_stride_anchor(record.seq) {
                     anchors.push((record.seq, record.position));
@@ -568,6 +562,15 @@ pub fn request_hash(bytes: &[u8]) -> Bytes<32> {
     Bytes(*blake3::hash(bytes).as_bytes())
 }
 
+/// Decodes a record's event and checks it names the seq its frame does.
+fn decode_record(seq: Seq, payload: &[u8]) -> Result<Recorded, String> {
+    let recorded = decode(payload).map_err(|e| format!("undecodable event: {e}"))?;
+    if recorded.seq != seq {
+        return Err(format!("event says seq {}, frame says {seq}", recorded.seq));
+    }
+    Ok(recorded)
+}
+
 /// Reads the state as of the whole log in `log_dir` (or up to `as_of`).
 fn replay_state(
     log_dir: &Path,
@@ -581,13 +584,7 @@ fn replay_state(
         if stopped {
             return Ok(());
         }
-        let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
-        if recorded.seq != record.seq {
-            return Err(format!(
-                "event says seq {}, frame says {}",
-                recorded.seq, record.seq
-            ));
-        }
+        let recorded = decode_record(record.seq, record.payload)?;
         if until_time.is_some_and(|t| recorded.recorded_at > t) {
             stopped = true;
             return Ok(());
@@ -984,13 +981,7 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
     let mut state = State::default();
     let mut events = 0u64;
     let result = log::scan(log_dir, ScanMode::Strict, until, |record| {
-        let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
-        if recorded.seq != record.seq {
-            return Err(format!(
-                "event says seq {}, frame says {}",
-                recorded.seq, record.seq
-            ));
-        }
+        let recorded = decode_record(record.seq, record.payload)?;
         let sum: Decimal = recorded.event.postings().iter().map(|p| p.amount).sum();
         if !sum.is_zero() {
             return Err(format!("postings sum to {sum}, not zero"));
@@ -1235,10 +1226,7 @@ fn read_events(inner: &Inner, from: Seq, to: Seq) -> Result<Vec<Recorded>, Ledge
         from,
         to,
         |seq, payload| {
-            let recorded = decode(payload).map_err(|e| format!("undecodable event: {e}"))?;
-            if recorded.seq != seq {
-                return Err(format!("event says seq {}, frame says {seq}", recorded.seq));
-            }
+            let recorded = decode_record(seq, payload)?;
             events.push(recorded);
             Ok(())
         },
@@ -1402,7 +1390,7 @@ pub fn export_ndjson(
     let mut count = 0;
     let mut write_error = None;
     log::scan(&data_dir.join("log"), ScanMode::Read, None, |record| {
-        let recorded = decode(record.payload).map_err(|e| format!("undecodable event: {e}"))?;
+        let recorded = decode_record(record.seq, record.payload)?;
         if program.is_some() && recorded.program.as_ref() != program {
             return Ok(());
         }
