@@ -1,83 +1,238 @@
 //! The HTTP API (axum): routes, authentication, `application/problem+json`
 //! errors. The only module that imports axum.
 //!
-//! This first slice serves the operational endpoints; the v1 surface of
-//! DESIGN.md "HTTP API" is built on the same [`Ledger`] calls.
+//! Every handler parses its input at the edge into the core's types, calls
+//! the [`Ledger`], and maps the answer; [`ApiError`] is the one place that
+//! knows HTTP statuses. Bodies are read as bytes and parsed here, so that a
+//! malformed body gets a problem document naming the field, not axum's
+//! plain-text rejection.
+//!
+//! This slice serves programs, affiliates, tracking input (clicks, signups,
+//! basis lines, refunds), month close, withdrawals, credits, balances and
+//! JSON statements, plus `/healthz`, `/readyz` and `/v1/verify`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Value, json};
 
-use crate::ledger::Ledger;
+use crate::events::*;
+use crate::ledger::{AsOf, Ledger, Receipt, Submission, SubmitError, request_hash};
+use crate::money::Rate;
+use crate::rules::{Command, Noop, Rejection};
+
+/// What the API needs besides the ledger.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// The public base URL referral links start with (`https://aff.example`).
+    pub base_url: String,
+    /// The largest request body accepted.
+    pub body_limit_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            base_url: "http://127.0.0.1:8080".into(),
+            body_limit_bytes: 1 << 20,
+        }
+    }
+}
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub ledger: Arc<Ledger>,
+    pub config: Arc<ApiConfig>,
 }
 
 /// The application's routes.
-pub fn router(ledger: Arc<Ledger>) -> Router {
+pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
+    let limit = config.body_limit_bytes;
+    let program = Router::new()
+        .route("/", axum::routing::put(put_program).get(get_program))
+        .route("/affiliates", post(enroll))
+        .route("/affiliates/{affiliate}", get(get_affiliate))
+        .route("/affiliates/{affiliate}/balance", get(balance))
+        .route("/affiliates/{affiliate}/statements/{month}", get(statement))
+        .route("/affiliates/{affiliate}/withdrawals", post(withdraw))
+        .route("/affiliates/{affiliate}/credits", post(credit))
+        .route("/withdrawals/{id}/paid", post(withdrawal_paid))
+        .route("/withdrawals/{id}/reject", post(withdrawal_reject))
+        .route("/clicks", post(click))
+        .route("/signups", post(signup))
+        .route("/expenses", post(expense))
+        .route("/payments", post(payment))
+        .route("/refunds", post(refund))
+        .route("/months/{month}/close", post(close_month));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/verify", get(verify))
+        .nest("/v1/programs/{program}", program)
         .fallback(not_found)
-        .with_state(AppState { ledger })
+        .layer(axum::middleware::map_response(problems_for_rejections))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(AppState {
+            ledger,
+            config: Arc::new(config),
+        })
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// Serves the API on `listener` until `shutdown` resolves, then finishes the
+/// requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ledger: Arc<Ledger>,
+    config: ApiConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(ledger, config))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
-/// Ready once recovery and projections are loaded: the ledger is only
-/// handed to the router after `Ledger::open` has done both.
-async fn readyz(State(app): State<AppState>) -> Response {
-    let head = app.ledger.state().head.seq;
-    Json(json!({"ready": true, "head_seq": head})).into_response()
+// ---------------------------------------------------------------------------
+// Errors.
+
+/// Every way a request fails. Each variant is one status and problem `type`;
+/// a 500's cause is logged, never shown.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the body is not JSON, or a field has the wrong type.
+    Malformed(String),
+    /// 401: no key, or an unknown or revoked one.
+    Unauthenticated,
+    /// 403: the key's role may not do this.
+    Forbidden,
+    /// 404: no such program, affiliate, month statement, withdrawal, route.
+    NotFound(String),
+    /// 409 or 422: the rules refused the command.
+    Rejected(Rejection),
+    /// 409: the idempotency key was used with another request.
+    IdempotencyConflict(String),
+    /// 413: the body is over the limit.
+    TooLarge,
+    /// 503: the ledger has stopped taking writes.
+    Unavailable,
+    /// 500: logged; the body says nothing more.
+    Internal(String),
 }
 
-async fn verify(State(app): State<AppState>) -> Response {
-    let ledger = app.ledger.clone();
-    let report = match tokio::task::spawn_blocking(move || ledger.verify()).await {
-        Ok(report) => report,
-        Err(_) => {
-            return problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "Internal error",
-                "verify failed to run",
-            );
+/// The stable `type` slug and the status of a refusal.
+fn rejection_kind(rejection: &Rejection) -> (&'static str, StatusCode) {
+    use Rejection::*;
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    match rejection {
+        Invalid(_) => ("invalid-value", unprocessable),
+        Money(_) => ("invalid-amount", unprocessable),
+        UnknownProgram(_) => ("unknown-program", StatusCode::NOT_FOUND),
+        ProgramMismatch { .. } => ("program-mismatch", unprocessable),
+        CurrencyChange { .. } => ("currency-change", unprocessable),
+        UnknownAffiliate(_) => ("unknown-affiliate", StatusCode::NOT_FOUND),
+        AffiliateExists(_) => ("affiliate-exists", StatusCode::CONFLICT),
+        AffiliateSuspended(_) => ("affiliate-suspended", unprocessable),
+        NotEligible(_) => ("not-eligible", unprocessable),
+        PromoCodeTaken(_) => ("promo-code-taken", StatusCode::CONFLICT),
+        UnknownReferralCode(_) => ("unknown-referral-code", unprocessable),
+        CurrencyMismatch { .. } => ("currency-mismatch", unprocessable),
+        LineConflict(_) => ("line-conflict", StatusCode::CONFLICT),
+        UnknownLine(_) => ("unknown-line", unprocessable),
+        WrongCustomer { .. } => ("wrong-customer", unprocessable),
+        RefundExceedsLine { .. } => ("refund-exceeds-line", unprocessable),
+        UnknownCustomer(_) => ("unknown-customer", StatusCode::NOT_FOUND),
+        SelfReferral(_) => ("self-referral", unprocessable),
+        MonthNotEnded(_) => ("month-not-ended", unprocessable),
+        MonthOutOfOrder { .. } => ("month-out-of-order", unprocessable),
+        InsufficientBalance { .. } => ("insufficient-balance", unprocessable),
+        BelowThreshold { .. } => ("below-threshold", unprocessable),
+        NegativeEarned(_) => ("negative-earned", unprocessable),
+        UnknownWithdrawal(_) => ("unknown-withdrawal", StatusCode::NOT_FOUND),
+        WithdrawalSettled(_) => ("withdrawal-settled", StatusCode::CONFLICT),
+        KeyExists(_) => ("key-exists", StatusCode::CONFLICT),
+        UnknownKey(_) => ("unknown-key", StatusCode::NOT_FOUND),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Malformed(detail) => problem(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "Malformed request",
+                &detail,
+            ),
+            ApiError::Unauthenticated => problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Unauthenticated",
+                "send a key as `Authorization: Bearer KEY`",
+            ),
+            ApiError::Forbidden => problem(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Forbidden",
+                "this key's role may not do that",
+            ),
+            ApiError::NotFound(detail) => {
+                problem(StatusCode::NOT_FOUND, "not-found", "Not found", &detail)
+            }
+            ApiError::Rejected(rejection) => {
+                let (kind, status) = rejection_kind(&rejection);
+                problem(status, kind, "Refused", &rejection.to_string())
+            }
+            ApiError::IdempotencyConflict(key) => problem(
+                StatusCode::CONFLICT,
+                "idempotency-conflict",
+                "Idempotency key reused",
+                &format!("idempotency key `{key}` was used with another request"),
+            ),
+            ApiError::TooLarge => problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Body too large",
+                "the body is over the limit",
+            ),
+            ApiError::Unavailable => problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Unavailable",
+                "the ledger is not taking writes",
+            ),
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "Internal error",
+                    "see the server log",
+                )
+            }
         }
-    };
-    let body = json!({
-        "ok": report.ok,
-        "events": report.events,
-        "head_seq": report.head_seq,
-        "head_hash": report.head_hash,
-        "bad_seq": report.bad_seq,
-        "problem": report.problem,
-    });
-    let status = if report.ok {
-        StatusCode::OK
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
-    (status, Json(body)).into_response()
+    }
 }
 
-async fn not_found() -> Response {
-    problem(
-        StatusCode::NOT_FOUND,
-        "not-found",
-        "Not found",
-        "no such endpoint",
-    )
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        match e {
+            SubmitError::Rejected(r) => ApiError::Rejected(r),
+            SubmitError::IdempotencyConflict(key) => ApiError::IdempotencyConflict(key),
+            SubmitError::Stopped => ApiError::Unavailable,
+        }
+    }
+}
+
+impl From<InvalidValue> for ApiError {
+    fn from(e: InvalidValue) -> ApiError {
+        ApiError::Rejected(Rejection::Invalid(e))
+    }
 }
 
 /// An RFC 9457 problem document with a stable `type`.
@@ -94,4 +249,809 @@ pub fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Res
         body.to_string(),
     )
         .into_response()
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+// ---------------------------------------------------------------------------
+// Authentication.
+
+/// Who is calling: a live key and its role.
+struct Caller {
+    key_id: String,
+    role: Role,
+}
+
+fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthenticated)?;
+    let record = state
+        .ledger
+        .authenticate(key.trim())
+        .ok_or(ApiError::Unauthenticated)?;
+    Ok(Caller {
+        key_id: record.key_id,
+        role: record.role,
+    })
+}
+
+/// The caller, if its role is one of `roles`.
+fn require(state: &AppState, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
+    let caller = caller(state, headers)?;
+    if !roles.contains(&caller.role) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(caller)
+}
+
+const READERS: &[Role] = &[Role::Admin, Role::Portal];
+const INGEST: &[Role] = &[Role::Admin, Role::Ingest];
+const ADMIN: &[Role] = &[Role::Admin];
+
+// ---------------------------------------------------------------------------
+// Input.
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| ApiError::Malformed(e.to_string()));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::Malformed(format!("the body is not the expected JSON: {e}")))
+}
+
+fn program_id(text: &str) -> Result<ProgramId, ApiError> {
+    ProgramId::parse(text).map_err(|_| ApiError::NotFound(format!("no program `{text}`")))
+}
+
+fn affiliate_id(text: &str) -> Result<AffiliateId, ApiError> {
+    AffiliateId::parse(text).map_err(|_| ApiError::NotFound(format!("no affiliate `{text}`")))
+}
+
+fn parse_at(at: Option<String>) -> Result<Option<Timestamp>, ApiError> {
+    at.map(|text| Timestamp::parse(&text))
+        .transpose()
+        .map_err(ApiError::from)
+}
+
+/// Builds the submission: the caller as actor, `at`, and the idempotency
+/// key with a hash of the method, path and body it came with.
+fn submission(
+    program: &ProgramId,
+    caller: &Caller,
+    headers: &HeaderMap,
+    request: (&Method, &Uri, &Bytes),
+    at: Option<Timestamp>,
+    command: Command,
+) -> Result<Submission, ApiError> {
+    let mut s = Submission::new(Some(program), &caller.key_id, command);
+    s.at = at;
+    if let Some(key) = headers.get("idempotency-key") {
+        let key = key
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= 200)
+            .ok_or_else(|| {
+                ApiError::Malformed("Idempotency-Key must be 1 to 200 visible characters".into())
+            })?;
+        let (method, uri, body) = request;
+        let mut fingerprint = Vec::with_capacity(body.len() + 64);
+        fingerprint.extend_from_slice(method.as_str().as_bytes());
+        fingerprint.push(b' ');
+        fingerprint.extend_from_slice(uri.path().as_bytes());
+        fingerprint.push(b'\n');
+        fingerprint.extend_from_slice(body);
+        s.idempotency = Some(Idempotency {
+            key: format!("{}:{key}", caller.key_id),
+            request_hash: request_hash(&fingerprint),
+        });
+    }
+    Ok(s)
+}
+
+#[derive(Deserialize)]
+struct AsOfQuery {
+    as_of: Option<String>,
+}
+
+fn as_of(query: &AsOfQuery) -> Result<Option<AsOf>, ApiError> {
+    let Some(text) = &query.as_of else {
+        return Ok(None);
+    };
+    if let Ok(seq) = text.parse::<Seq>() {
+        return Ok(Some(AsOf::Seq(seq)));
+    }
+    Timestamp::parse(text)
+        .map(|t| Some(AsOf::Time(t)))
+        .map_err(|_| {
+            ApiError::Malformed(format!(
+                "as_of `{text}` is neither a seq nor an RFC 3339 time"
+            ))
+        })
+}
+
+fn created(body: Value) -> Response {
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+fn first_event(receipt: &Receipt) -> Result<&Event, ApiError> {
+    receipt
+        .events
+        .first()
+        .map(|r| &r.event)
+        .ok_or_else(|| ApiError::Internal("an accepted command recorded no event".into()))
+}
+
+// ---------------------------------------------------------------------------
+// Operations.
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready once recovery and projections are loaded: the router only gets
+/// the ledger after `Ledger::open` has done both.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let head = app.ledger.state().head.seq;
+    Json(json!({"ready": true, "head_seq": head})).into_response()
+}
+
+async fn verify(State(app): State<AppState>, headers: HeaderMap) -> ApiResult {
+    require(&app, &headers, ADMIN)?;
+    let ledger = app.ledger.clone();
+    let report = tokio::task::spawn_blocking(move || ledger.verify())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = json!({
+        "ok": report.ok,
+        "events": report.events,
+        "head_seq": report.head_seq,
+        "head_hash": report.head_hash,
+        "bad_seq": report.bad_seq,
+        "problem": report.problem,
+    });
+    let status = if report.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// axum answers some refusals itself (a body over the limit, a method the
+/// route lacks) in plain text; the contract is problem+json everywhere.
+async fn problems_for_rejections(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge.into_response(),
+        StatusCode::METHOD_NOT_ALLOWED => problem(
+            status,
+            "method-not-allowed",
+            "Method not allowed",
+            "this path does not take that method",
+        ),
+        StatusCode::NOT_FOUND => problem(status, "not-found", "Not found", "no such endpoint"),
+        _ => problem(
+            status,
+            "malformed",
+            "Malformed request",
+            "the request could not be read",
+        ),
+    }
+}
+
+async fn not_found() -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "no such endpoint",
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Programs and affiliates.
+
+async fn put_program(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let rules: ProgramRules = parse_body(&body)?;
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        Command::DefineProgram {
+            rules,
+            reason: None,
+        },
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    match first_event(&receipt)? {
+        Event::ProgramDefined(e) => Ok(Json(&e.rules).into_response()),
+        _ => Err(ApiError::Internal(
+            "DefineProgram recorded another event".into(),
+        )),
+    }
+}
+
+async fn get_program(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, READERS)?;
+    let program = program_id(&program)?;
+    let state = app.ledger.state();
+    let rules = state
+        .model
+        .program(&program)
+        .and_then(|pm| pm.current_rules())
+        .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
+    Ok(Json(rules).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollBody {
+    affiliate_id: String,
+    customer_id: Option<String>,
+    group: Option<String>,
+    rate: Option<String>,
+}
+
+fn referral_link(app: &AppState, code: &str) -> String {
+    format!("{}/r/{code}", app.config.base_url.trim_end_matches('/'))
+}
+
+async fn enroll(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+    let program = program_id(&program)?;
+    let input: EnrollBody = parse_body(&body)?;
+    let command = Command::EnrollAffiliate {
+        affiliate_id: AffiliateId::parse(&input.affiliate_id)?,
+        customer_id: input
+            .customer_id
+            .as_deref()
+            .map(CustomerId::parse)
+            .transpose()?,
+        group: input.group,
+        rate: input
+            .rate
+            .as_deref()
+            .map(Rate::parse)
+            .transpose()
+            .map_err(|e| ApiError::Rejected(Rejection::Money(e)))?,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    match first_event(&receipt)? {
+        Event::AffiliateEnrolled(e) => Ok(created(json!({
+            "affiliate_id": e.affiliate_id,
+            "referral_code": e.referral_code,
+            "referral_link": referral_link(&app, &e.referral_code),
+            "promo_code": e.promo_code,
+        }))),
+        _ => Err(ApiError::Internal(
+            "EnrollAffiliate recorded another event".into(),
+        )),
+    }
+}
+
+async fn get_affiliate(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let state = app.ledger.state();
+    let a = state
+        .views
+        .programs
+        .get(&program)
+        .and_then(|p| p.affiliates.get(&affiliate))
+        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    Ok(Json(json!({
+        "affiliate_id": a.profile.affiliate_id,
+        "referral_code": a.profile.referral_code,
+        "referral_link": referral_link(&app, &a.profile.referral_code),
+        "promo_code": a.profile.promo_code,
+        "customer_id": a.profile.customer_id,
+        "group": a.profile.group,
+        "rate": a.profile.rate,
+        "enrolled_at": a.enrolled_at,
+        "suspended": a.suspended,
+    }))
+    .into_response())
+}
+
+async fn balance(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    Query(query): Query<AsOfQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let as_of = as_of(&query)?;
+    let ledger = app.ledger.clone();
+    let (p, a) = (program.clone(), affiliate.clone());
+    let balance = tokio::task::spawn_blocking(move || ledger.balance(&p, &a, as_of))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    Ok(Json(balance).into_response())
+}
+
+async fn statement(
+    State(app): State<AppState>,
+    Path((program, affiliate, month)): Path<(String, String, String)>,
+    Query(query): Query<AsOfQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let month = Month::parse(&month)?;
+    let as_of = as_of(&query)?;
+    let ledger = app.ledger.clone();
+    let (p, a) = (program.clone(), affiliate.clone());
+    let statement = tokio::task::spawn_blocking(move || ledger.statement(&p, &a, month, as_of))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    Ok(Json(statement).into_response())
+}
+
+// ---------------------------------------------------------------------------
+// What the billing system sends.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClickBody {
+    referral_code: String,
+    visitor: Option<String>,
+    creative: Option<String>,
+    referrer: Option<String>,
+    landing: Option<String>,
+    at: Option<String>,
+}
+
+async fn click(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: ClickBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::RecordClick {
+        referral_code: input.referral_code,
+        visitor: input.visitor,
+        creative: input.creative,
+        referrer: input.referrer,
+        landing: input.landing,
+        client_hash: None,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    match first_event(&receipt)? {
+        Event::ClickRecorded(e) => Ok(created(
+            json!({"click_id": e.click_id, "visitor": e.visitor}),
+        )),
+        _ => Err(ApiError::Internal(
+            "RecordClick recorded another event".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignupBody {
+    customer_id: String,
+    visitor: Option<String>,
+    promo_code: Option<String>,
+    group: Option<String>,
+    at: Option<String>,
+}
+
+async fn signup(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: SignupBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::Signup {
+        customer_id: CustomerId::parse(&input.customer_id)?,
+        visitor: input.visitor,
+        promo_code: input.promo_code,
+        group: input.group,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    let attributed = |affiliate_id: &AffiliateId, via: Via| json!({"attributed": true, "affiliate_id": affiliate_id, "via": via});
+    match (&receipt.noop, receipt.events.first().map(|r| &r.event)) {
+        (None, Some(Event::SignupAttributed(e))) => Ok(created(attributed(&e.affiliate_id, e.via))),
+        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
+            Ok(Json(attributed(affiliate_id, *via)).into_response())
+        }
+        _ => Ok(Json(json!({"attributed": false})).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    id: String,
+    customer_id: String,
+    amount: String,
+    currency: String,
+    product: Option<String>,
+    order_id: Option<String>,
+    at: Option<String>,
+}
+
+async fn basis_line(
+    app: AppState,
+    kind: LineKind,
+    program: String,
+    request: (Method, Uri, HeaderMap, Bytes),
+) -> ApiResult {
+    let (method, uri, headers, body) = request;
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: LineBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::RecordBasisLine {
+        kind,
+        id: LineId::parse(&input.id)?,
+        customer_id: CustomerId::parse(&input.customer_id)?,
+        amount: input.amount,
+        currency: input.currency,
+        product: input.product,
+        order_id: input.order_id,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    seq_answer(app.ledger.submit(s).await?)
+}
+
+/// `201 {"seq": N}` for a recorded line, `200` with the first seq for a duplicate.
+fn seq_answer(receipt: Receipt) -> ApiResult {
+    match (&receipt.noop, receipt.events.first()) {
+        (Some(Noop::Duplicate { seq }), _) => {
+            Ok(Json(json!({"seq": seq, "duplicate": true})).into_response())
+        }
+        (None, Some(r)) if receipt.replayed => {
+            Ok(Json(json!({"seq": r.seq, "duplicate": true})).into_response())
+        }
+        (None, Some(r)) => Ok(created(json!({"seq": r.seq}))),
+        _ => Err(ApiError::Internal("a basis line recorded nothing".into())),
+    }
+}
+
+async fn expense(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    basis_line(
+        app,
+        LineKind::Expense,
+        program,
+        (method, uri, headers, body),
+    )
+    .await
+}
+
+async fn payment(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    basis_line(
+        app,
+        LineKind::Payment,
+        program,
+        (method, uri, headers, body),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    id: String,
+    customer_id: String,
+    refunds: String,
+    amount: String,
+    currency: String,
+    at: Option<String>,
+}
+
+async fn refund(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: RefundBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::RecordRefund {
+        id: LineId::parse(&input.id)?,
+        customer_id: CustomerId::parse(&input.customer_id)?,
+        refunds: LineId::parse(&input.refunds)?,
+        amount: input.amount,
+        currency: input.currency,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    seq_answer(app.ledger.submit(s).await?)
+}
+
+// ---------------------------------------------------------------------------
+// Money out and month close.
+
+async fn close_month(
+    State(app): State<AppState>,
+    Path((program, month)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let month = Month::parse(&month)?;
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        Command::CloseMonth { month },
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    let (closed, already) = match (&receipt.noop, receipt.events.last().map(|r| &r.event)) {
+        (Some(Noop::MonthAlreadyClosed(closed)), _) => (closed.clone(), true),
+        (None, Some(Event::MonthClosed(closed))) => (closed.clone(), receipt.replayed),
+        _ => return Err(ApiError::Internal("a close recorded no MonthClosed".into())),
+    };
+    let currency = app
+        .ledger
+        .state()
+        .model
+        .program(&program)
+        .and_then(|pm| pm.current_rules().map(|r| r.currency));
+    let total = currency
+        .map(|c| c.format(closed.total))
+        .unwrap_or_else(|| closed.total.to_string());
+    Ok(Json(json!({"month": closed.month, "rewards": closed.rewards, "total": total, "already_closed": already})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmountBody {
+    amount: String,
+}
+
+async fn withdraw(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let input: AmountBody = parse_body(&body)?;
+    let command = Command::RequestWithdrawal {
+        affiliate_id: affiliate,
+        amount: input.amount,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    match first_event(&receipt)? {
+        Event::WithdrawalRequested(e) => Ok(created(
+            json!({"withdrawal_id": e.withdrawal_id, "status": "requested", "amount": e.amount.to_string()}),
+        )),
+        _ => Err(ApiError::Internal(
+            "RequestWithdrawal recorded another event".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditBody {
+    amount: String,
+    invoice_id: String,
+}
+
+async fn credit(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let input: CreditBody = parse_body(&body)?;
+    let command = Command::ApplyCredit {
+        affiliate_id: affiliate,
+        amount: input.amount,
+        invoice_id: input.invoice_id,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    match first_event(&receipt)? {
+        Event::CreditApplied(e) => Ok(created(
+            json!({"seq": receipt.events[0].seq, "amount": e.amount.to_string(), "invoice_id": e.invoice_id}),
+        )),
+        _ => Err(ApiError::Internal(
+            "ApplyCredit recorded another event".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettleBody {
+    reference: Option<String>,
+    reason: Option<String>,
+}
+
+async fn settle(
+    app: AppState,
+    program: String,
+    id: String,
+    paid: bool,
+    request: (Method, Uri, HeaderMap, Bytes),
+) -> ApiResult {
+    let (method, uri, headers, body) = request;
+    let caller = require(&app, &headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let withdrawal_id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| ApiError::NotFound(format!("no withdrawal `{id}`")))?;
+    let input: SettleBody = parse_body(&body)?;
+    let command = if paid {
+        Command::PayWithdrawal {
+            withdrawal_id,
+            reference: input.reference.unwrap_or_default(),
+        }
+    } else {
+        Command::RejectWithdrawal {
+            withdrawal_id,
+            reason: input.reason.unwrap_or_default(),
+        }
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        command,
+    )?;
+    app.ledger.submit(s).await?;
+    let status = if paid { "paid" } else { "rejected" };
+    Ok(Json(json!({"withdrawal_id": withdrawal_id, "status": status})).into_response())
+}
+
+async fn withdrawal_paid(
+    State(app): State<AppState>,
+    Path((program, id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    settle(app, program, id, true, (method, uri, headers, body)).await
+}
+
+async fn withdrawal_reject(
+    State(app): State<AppState>,
+    Path((program, id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    settle(app, program, id, false, (method, uri, headers, body)).await
 }

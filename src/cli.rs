@@ -237,7 +237,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 fn serve(
     data: &std::path::Path,
     listen: SocketAddr,
-    _base_url: Option<String>,
+    base_url: Option<String>,
 ) -> anyhow::Result<i32> {
     let ledger = Arc::new(open(data)?);
     let has_admin = ledger
@@ -260,8 +260,11 @@ fn serve(
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
         println!("listening on http://{bound}");
-        axum::serve(listener, crate::api::router(ledger))
-            .with_graceful_shutdown(shutdown_signal())
+        let config = crate::api::ApiConfig {
+            base_url: base_url.unwrap_or_else(|| format!("http://{bound}")),
+            ..crate::api::ApiConfig::default()
+        };
+        crate::api::serve(listener, ledger, config, shutdown_signal())
             .await
             .context("serving")?;
         anyhow::Ok(())

@@ -1,5 +1,6 @@
 //! The one integration test binary: modules by surface.
 
+mod api;
 mod cli;
 mod crash;
 mod encoding;

@@ -1,0 +1,607 @@
+//! The HTTP API on a real server bound to 127.0.0.1:0, through `TestApp`
+//! (one helper per endpoint), with a clock the test drives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use commission_ledger::api::{self, ApiConfig};
+use commission_ledger::events::{Role, Timestamp};
+use commission_ledger::ledger::{Ledger, LedgerConfig};
+use reqwest::blocking::{Client, Response};
+use serde_json::{Value, json};
+
+use crate::support::ts;
+
+pub struct TestApp {
+    pub base: String,
+    pub admin: String,
+    pub ingest: String,
+    pub portal: String,
+    pub clock: Arc<AtomicI64>,
+    client: Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub fn start() -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
+        let mut config = LedgerConfig::new(dir.path());
+        config.preallocate_bytes = 64 << 10;
+        let read = clock.clone();
+        config.clock = Arc::new(move || Timestamp::from_micros(read.load(Ordering::SeqCst)));
+        let ledger = Arc::new(Ledger::open(config).unwrap());
+        let key = |role| ledger.create_key(role, "test").unwrap().1;
+        let (admin, ingest, portal) = (key(Role::Admin), key(Role::Ingest), key(Role::Portal));
+        let (bound, address) = std::sync::mpsc::channel();
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let base = format!("http://{}", listener.local_addr().unwrap());
+                bound.send(base.clone()).unwrap();
+                let config = ApiConfig {
+                    base_url: "https://aff.example".into(),
+                    ..ApiConfig::default()
+                };
+                api::serve(listener, ledger, config, async {
+                    let _ = stop.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let base = address.recv().unwrap();
+        TestApp {
+            base,
+            admin,
+            ingest,
+            portal,
+            clock,
+            client: Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            shutdown: Some(shutdown),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    pub fn set_now(&self, at: &str) {
+        self.clock.fetch_max(ts(at).micros(), Ordering::SeqCst);
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn get(&self, key: Option<&str>, path: &str) -> Response {
+        let mut request = self.client.get(self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().unwrap()
+    }
+
+    pub fn send(
+        &self,
+        method: &str,
+        key: Option<&str>,
+        path: &str,
+        body: &Value,
+        idempotency: Option<&str>,
+    ) -> Response {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.client.request(method, self.url(path)).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(idem) = idempotency {
+            request = request.header("Idempotency-Key", idem);
+        }
+        request.send().unwrap()
+    }
+
+    pub fn post(&self, key: &str, path: &str, body: Value) -> (u16, Value) {
+        // Time passes: the clock reaches the moment the billing system reports.
+        if let Some(at) = body
+            .get("at")
+            .and_then(Value::as_str)
+            .and_then(|t| Timestamp::parse(t).ok())
+        {
+            self.clock.fetch_max(at.micros(), Ordering::SeqCst);
+        }
+        let response = self.send("POST", Some(key), path, &body, None);
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// The log's head seq, as `/readyz` reports it.
+    pub fn head(&self) -> u64 {
+        self.get(None, "/readyz").json::<Value>().unwrap()["head_seq"]
+            .as_u64()
+            .unwrap()
+    }
+
+    // One helper per endpoint.
+
+    pub fn put_program(&self, program: &str, rules: Value) -> (u16, Value) {
+        let response = self.send(
+            "PUT",
+            Some(&self.admin),
+            &format!("/v1/programs/{program}"),
+            &rules,
+            None,
+        );
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn enroll(&self, program: &str, body: Value) -> (u16, Value) {
+        self.post(
+            &self.portal,
+            &format!("/v1/programs/{program}/affiliates"),
+            body,
+        )
+    }
+
+    pub fn click(&self, program: &str, body: Value) -> (u16, Value) {
+        self.post(
+            &self.ingest,
+            &format!("/v1/programs/{program}/clicks"),
+            body,
+        )
+    }
+
+    pub fn signup(&self, program: &str, body: Value) -> (u16, Value) {
+        self.post(
+            &self.ingest,
+            &format!("/v1/programs/{program}/signups"),
+            body,
+        )
+    }
+
+    pub fn expense(&self, program: &str, body: Value) -> (u16, Value) {
+        self.post(
+            &self.ingest,
+            &format!("/v1/programs/{program}/expenses"),
+            body,
+        )
+    }
+
+    pub fn refund(&self, program: &str, body: Value) -> (u16, Value) {
+        self.post(
+            &self.ingest,
+            &format!("/v1/programs/{program}/refunds"),
+            body,
+        )
+    }
+
+    pub fn close(&self, program: &str, month: &str) -> (u16, Value) {
+        self.post(
+            &self.admin,
+            &format!("/v1/programs/{program}/months/{month}/close"),
+            json!({}),
+        )
+    }
+
+    pub fn withdraw(&self, program: &str, affiliate: &str, amount: &str) -> (u16, Value) {
+        self.post(
+            &self.portal,
+            &format!("/v1/programs/{program}/affiliates/{affiliate}/withdrawals"),
+            json!({"amount": amount}),
+        )
+    }
+
+    pub fn balance(&self, program: &str, affiliate: &str) -> Value {
+        let response = self.get(
+            Some(&self.portal),
+            &format!("/v1/programs/{program}/affiliates/{affiliate}/balance"),
+        );
+        assert_eq!(response.status().as_u16(), 200);
+        response.json().unwrap()
+    }
+
+    pub fn statement(&self, program: &str, affiliate: &str, month: &str) -> Value {
+        let response = self.get(
+            Some(&self.portal),
+            &format!("/v1/programs/{program}/affiliates/{affiliate}/statements/{month}"),
+        );
+        assert_eq!(response.status().as_u16(), 200);
+        response.json().unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+fn hosting_rules() -> Value {
+    json!({
+        "id": "hosting", "name": "Hosting partners", "currency": "USD",
+        "timezone": "Europe/Amsterdam", "site_url": "https://provider.example/signup",
+        "cookie_days": 30, "attribution": "last_click", "basis": "expenses",
+        "default_rate": "20", "product_rates": {"domains": "5"},
+        "payout_threshold": "50.00", "promo_code_template": "HOST-@ID@",
+        "eligible_groups": [], "forbidden_groups": ["staff"], "auto_close_day": 1
+    })
+}
+
+/// The BILLmanager story of the core, end to end over HTTP.
+#[test]
+fn a_month_of_commission_over_http() {
+    let app = TestApp::start();
+    let (status, rules) = app.put_program("hosting", hosting_rules());
+    assert_eq!((status, rules["currency"].as_str()), (200, Some("USD")));
+    let (status, alice) = app.enroll(
+        "hosting",
+        json!({"affiliate_id": "alice", "customer_id": "c-alice"}),
+    );
+    assert_eq!(status, 201);
+    assert_eq!(alice["promo_code"], "HOST-alice");
+    let code = alice["referral_code"].as_str().unwrap().to_string();
+    assert_eq!(
+        alice["referral_link"],
+        format!("https://aff.example/r/{code}")
+    );
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+
+    let (status, click) = app.click("hosting", json!({"referral_code": code, "visitor": "v-1", "creative": "banner-1", "referrer": "https://blog.example/post?x=1", "at": "2026-08-03T10:00:00Z"}));
+    assert_eq!((status, click["visitor"].as_str()), (201, Some("v-1")));
+    let (status, signup) = app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-04T09:00:00Z"}),
+    );
+    assert_eq!(
+        (status, signup),
+        (
+            201,
+            json!({"attributed": true, "affiliate_id": "alice", "via": "click"})
+        )
+    );
+    let (status, signup) = app.signup(
+        "hosting",
+        json!({"customer_id": "cust-2", "promo_code": "HOST-bob", "at": "2026-08-05T09:00:00Z"}),
+    );
+    assert_eq!((status, signup["via"].as_str()), (201, Some("promo_code")));
+    // the H-Sphere fan-out: nothing matches, acknowledged and ignored
+    let head = app.head();
+    let (status, signup) = app.signup(
+        "hosting",
+        json!({"customer_id": "cust-9", "visitor": "v-unknown"}),
+    );
+    assert_eq!((status, signup), (200, json!({"attributed": false})));
+    assert_eq!(app.head(), head);
+
+    let line = |id: &str, customer: &str, amount: &str, at: &str| json!({"id": id, "customer_id": customer, "amount": amount, "currency": "USD", "product": "shared-hosting", "at": at});
+    assert_eq!(
+        app.expense(
+            "hosting",
+            line("inv-1", "cust-1", "100.00", "2026-08-10T12:00:00Z")
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        app.expense(
+            "hosting",
+            line("inv-2", "cust-1", "3.85", "2026-08-20T12:00:00Z")
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        app.expense(
+            "hosting",
+            line("inv-3", "cust-2", "200.00", "2026-08-15T12:00:00Z")
+        )
+        .0,
+        201
+    );
+    // the same line again: its first seq, nothing appended
+    let head = app.head();
+    let (status, again) = app.expense(
+        "hosting",
+        line("inv-3", "cust-2", "200.00", "2026-08-15T12:00:00Z"),
+    );
+    assert_eq!((status, again["duplicate"].as_bool()), (200, Some(true)));
+    assert_eq!(app.head(), head);
+    let (status, _) = app.refund("hosting", json!({"id": "cn-1", "customer_id": "cust-2", "refunds": "inv-3", "amount": "50.00", "currency": "USD", "at": "2026-08-25T12:00:00Z"}));
+    assert_eq!(status, 201);
+
+    app.set_now("2026-08-31T12:00:00Z");
+    assert_eq!(app.balance("hosting", "alice")["pending"], "20.77");
+    let (status, problem) = app.close("hosting", "2026-08");
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            422,
+            Some("https://commission-ledger.dev/problems/month-not-ended")
+        )
+    );
+    app.set_now("2026-09-01T06:00:00Z");
+    let (status, closed) = app.close("hosting", "2026-08");
+    assert_eq!(
+        (status, closed),
+        (
+            200,
+            json!({"month": "2026-08", "rewards": 3, "total": "50.77", "already_closed": false})
+        )
+    );
+    let (_, again) = app.close("hosting", "2026-08");
+    assert_eq!(again["already_closed"], true);
+
+    let balance = app.balance("hosting", "alice");
+    assert_eq!(
+        (
+            balance["earned"].as_str(),
+            balance["to_threshold"].as_str(),
+            balance["available"].as_str(),
+            balance["pending"].as_str()
+        ),
+        (Some("20.77"), Some("29.23"), Some("0.00"), Some("0.00"))
+    );
+    let statement = app.statement("hosting", "alice", "2026-08");
+    assert_eq!(
+        (
+            statement["closing_balance"].as_str(),
+            statement["lines"].as_array().unwrap().len()
+        ),
+        (Some("20.77"), 2)
+    );
+    assert_eq!(statement["lines"][0]["ref"], "inv-1");
+    assert_eq!(statement["log_hash"].as_str().unwrap().len(), 64);
+
+    // bob: 40.00 − 10.00 = 30.00, below the 50.00 threshold
+    let (status, problem) = app.withdraw("hosting", "bob", "30.00");
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            422,
+            Some("https://commission-ledger.dev/problems/below-threshold")
+        )
+    );
+}
+
+#[test]
+fn keys_and_roles_decide_who_may_do_what() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let balance = "/v1/programs/hosting/affiliates/alice/balance";
+    assert_eq!(app.get(None, balance).status().as_u16(), 401);
+    assert_eq!(
+        app.get(Some("cl_k-nope_nope"), balance).status().as_u16(),
+        401
+    );
+    assert_eq!(app.get(Some(&app.ingest), balance).status().as_u16(), 403);
+    assert_eq!(app.get(Some(&app.portal), balance).status().as_u16(), 200);
+    assert_eq!(app.get(Some(&app.admin), balance).status().as_u16(), 200);
+    let put = app.send(
+        "PUT",
+        Some(&app.portal),
+        "/v1/programs/hosting",
+        &hosting_rules(),
+        None,
+    );
+    assert_eq!(put.status().as_u16(), 403);
+    assert_eq!(put.headers()["content-type"], "application/problem+json");
+    let (status, _) = app.post(
+        &app.portal,
+        "/v1/programs/hosting/expenses",
+        json!({"id": "x", "customer_id": "c", "amount": "1.00", "currency": "USD"}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = app.post(
+        &app.ingest,
+        "/v1/programs/hosting/months/2026-07/close",
+        json!({}),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(
+        app.get(Some(&app.portal), "/v1/verify").status().as_u16(),
+        403
+    );
+    let verify: Value = app.get(Some(&app.admin), "/v1/verify").json().unwrap();
+    assert_eq!(verify["ok"], true);
+}
+
+#[test]
+fn bad_input_gets_a_problem_and_appends_nothing() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let head = app.head();
+    let expenses = "/v1/programs/hosting/expenses";
+    let line = |amount: Value, currency: &str| json!({"id": "inv-1", "customer_id": "c-1", "amount": amount, "currency": currency});
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            expenses,
+            line(json!("10.001"), "USD"),
+            422,
+            "invalid-amount",
+        ),
+        (expenses, line(json!("0.00"), "USD"), 422, "invalid-amount"),
+        (expenses, line(json!("-5.00"), "USD"), 422, "invalid-amount"),
+        (expenses, line(json!("1e3"), "USD"), 422, "invalid-amount"),
+        (
+            expenses,
+            line(json!("10.00"), "EUR"),
+            422,
+            "currency-mismatch",
+        ),
+        (expenses, line(json!(10), "USD"), 400, "malformed"),
+        (
+            expenses,
+            json!({"id": "inv-1", "amount": "1.00", "currency": "USD"}),
+            400,
+            "malformed",
+        ),
+        (
+            expenses,
+            json!({"id": "inv-1", "customer_id": "c-1", "amount": "1.00", "currency": "USD", "surprise": 1}),
+            400,
+            "malformed",
+        ),
+        (
+            expenses,
+            json!({"id": "bad id", "customer_id": "c-1", "amount": "1.00", "currency": "USD"}),
+            422,
+            "invalid-value",
+        ),
+        (
+            expenses,
+            json!({"id": "inv-1", "customer_id": "c-1", "amount": "1.00", "currency": "USD", "at": "2099-01-01T00:00:00Z"}),
+            422,
+            "invalid-value",
+        ),
+        (
+            expenses,
+            json!({"id": "inv-1", "customer_id": "c-1", "amount": "1.00", "currency": "USD", "at": "yesterday"}),
+            422,
+            "invalid-value",
+        ),
+        (
+            "/v1/programs/hosting/refunds",
+            json!({"id": "cn-1", "customer_id": "c-1", "refunds": "nope", "amount": "1.00", "currency": "USD"}),
+            422,
+            "unknown-line",
+        ),
+        (
+            "/v1/programs/hosting/clicks",
+            json!({"referral_code": "nope"}),
+            422,
+            "unknown-referral-code",
+        ),
+        (
+            "/v1/programs/nope/expenses",
+            line(json!("1.00"), "USD"),
+            404,
+            "unknown-program",
+        ),
+        (
+            "/v1/programs/hosting/affiliates/nobody/withdrawals",
+            json!({"amount": "1.00"}),
+            404,
+            "unknown-affiliate",
+        ),
+        (
+            "/v1/programs/hosting/affiliates",
+            json!({"affiliate_id": "alice"}),
+            409,
+            "affiliate-exists",
+        ),
+        (
+            "/v1/programs/hosting/months/2026-13/close",
+            json!({}),
+            422,
+            "invalid-value",
+        ),
+    ];
+    for (path, body, status, kind) in cases {
+        let key = if path.contains("withdrawals") || path.ends_with("/affiliates") {
+            &app.portal
+        } else if path.contains("close") {
+            &app.admin
+        } else {
+            &app.ingest
+        };
+        let response = app.send("POST", Some(key), path, &body, None);
+        assert_eq!(response.status().as_u16(), status, "{path} {body}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{path} {body}"
+        );
+        let problem: Value = response.json().unwrap();
+        assert_eq!(
+            problem["type"],
+            format!("https://commission-ledger.dev/problems/{kind}"),
+            "{path} {body}: {problem}"
+        );
+        assert!(!problem["detail"].as_str().unwrap().is_empty());
+        assert_eq!(app.head(), head, "{path} {body} appended");
+    }
+    // not JSON at all, and a body over the 1 MiB limit
+    let raw = |body: Vec<u8>| {
+        app.client
+            .post(app.url(expenses))
+            .bearer_auth(&app.ingest)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap()
+    };
+    let response = raw(b"{not json".to_vec());
+    assert_eq!(response.status().as_u16(), 400);
+    let huge = format!(
+        "{{\"id\":\"x\",\"customer_id\":\"c\",\"amount\":\"1.00\",\"currency\":\"USD\",\"product\":\"{}\"}}",
+        "p".repeat(2 << 20)
+    );
+    // A connection refused mid-body is closed by the server: its own client.
+    let response = Client::new()
+        .post(app.url(expenses))
+        .bearer_auth(&app.ingest)
+        .header("content-type", "application/json")
+        .body(huge.into_bytes())
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(app.head(), head);
+    assert_eq!(
+        app.get(Some(&app.admin), "/v1/nothing-here")
+            .status()
+            .as_u16(),
+        404
+    );
+}
+
+#[test]
+fn idempotency_keys_replay_the_first_answer_and_refuse_another_body() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let body = json!({"affiliate_id": "alice"});
+    let path = "/v1/programs/hosting/affiliates";
+    let first = app.send("POST", Some(&app.portal), path, &body, Some("enroll-alice"));
+    assert_eq!(first.status().as_u16(), 201);
+    let first: Value = first.json().unwrap();
+    let head = app.head();
+    let again = app.send("POST", Some(&app.portal), path, &body, Some("enroll-alice"));
+    assert_eq!(again.status().as_u16(), 201);
+    assert_eq!(again.json::<Value>().unwrap(), first);
+    assert_eq!(app.head(), head);
+    let other = app.send(
+        "POST",
+        Some(&app.portal),
+        path,
+        &json!({"affiliate_id": "bob"}),
+        Some("enroll-alice"),
+    );
+    assert_eq!(other.status().as_u16(), 409);
+    assert_eq!(
+        other.json::<Value>().unwrap()["type"],
+        "https://commission-ledger.dev/problems/idempotency-conflict"
+    );
+    assert_eq!(app.head(), head);
+}
