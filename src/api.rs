@@ -61,6 +61,8 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/affiliates/{affiliate}", get(get_affiliate))
         .route("/affiliates/{affiliate}/balance", get(balance))
         .route("/affiliates/{affiliate}/statements/{month}", get(statement))
+        .route("/affiliates/{affiliate}/stats", get(stats))
+        .route("/affiliates/{affiliate}/referrals", get(referrals))
         .route("/affiliates/{affiliate}/withdrawals", post(withdraw))
         .route("/affiliates/{affiliate}/credits", post(credit))
         .route("/withdrawals/{id}/paid", post(withdrawal_paid))
@@ -72,6 +74,8 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/refunds", post(refund))
         .route("/months/{month}/close", post(close_month));
     Router::new()
+        .route("/r/{code}", get(follow_link))
+        .route("/px.gif", get(pixel))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/verify", get(verify))
@@ -93,7 +97,8 @@ pub async fn serve(
     config: ApiConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ledger, config))
+    let app = router(ledger, config).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -634,6 +639,373 @@ async fn statement(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
     Ok(Json(statement).into_response())
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    by: Option<String>,
+    as_of: Option<String>,
+}
+
+/// The longest span statistics are grouped over, in days.
+const MAX_STATS_DAYS: i64 = 3_660;
+
+async fn stats(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    Query(query): Query<StatsQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    use crate::projections::StatsBy;
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let day = |text: &Option<String>, field: &'static str| {
+        text.as_deref()
+            .map(|t| {
+                chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").map_err(|_| {
+                    ApiError::from(InvalidValue::new(
+                        field,
+                        format!("`{t}` is not a date YYYY-MM-DD"),
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let zone = app
+        .ledger
+        .state()
+        .model
+        .program(&program)
+        .map(|pm| pm.zone())
+        .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
+    let today = app.ledger.now().date_in(zone);
+    let to = day(&query.to, "to")?.unwrap_or(today);
+    let from = day(&query.from, "from")?.unwrap_or(to - chrono::Duration::days(29));
+    if from > to || (to - from).num_days() > MAX_STATS_DAYS {
+        return Err(InvalidValue::new(
+            "from",
+            format!("must be on or before `to`, at most {MAX_STATS_DAYS} days before"),
+        )
+        .into());
+    }
+    let by = match query.by.as_deref() {
+        None | Some("day") => StatsBy::Day,
+        Some("month") => StatsBy::Month,
+        Some("creative") => StatsBy::Creative,
+        Some(other) => {
+            return Err(InvalidValue::new(
+                "by",
+                format!("`{other}` is not day, month or creative"),
+            )
+            .into());
+        }
+    };
+    let as_of = as_of(&AsOfQuery { as_of: query.as_of })?;
+    let ledger = app.ledger.clone();
+    let (p, a) = (program.clone(), affiliate.clone());
+    let stats = tokio::task::spawn_blocking(move || ledger.stats(&p, &a, from, to, by, as_of))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    Ok(Json(stats).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReferralsQuery {
+    status: Option<String>,
+    q: Option<String>,
+    sort: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+    as_of: Option<String>,
+}
+
+async fn referrals(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    Query(query): Query<ReferralsQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    use crate::projections::{MAX_PAGE_SIZE, ReferralQuery, ReferralSort};
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    if let Some(status) = query.status.as_deref()
+        && !matches!(status, "active" | "closed")
+    {
+        return Err(
+            InvalidValue::new("status", format!("`{status}` is not active or closed")).into(),
+        );
+    }
+    let sort = match query.sort.as_deref() {
+        None | Some("-signup") => ReferralSort::SignupDesc,
+        Some("signup") => ReferralSort::SignupAsc,
+        Some("-commission") => ReferralSort::CommissionDesc,
+        Some("commission") => ReferralSort::CommissionAsc,
+        Some("-billed") => ReferralSort::BilledDesc,
+        Some(other) => {
+            return Err(InvalidValue::new(
+                "sort",
+                format!("`{other}` is not signup, -signup, commission, -commission or -billed"),
+            )
+            .into());
+        }
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+        return Err(InvalidValue::new("limit", format!("must be 1 to {MAX_PAGE_SIZE}")).into());
+    }
+    let offset = match query.cursor.as_deref() {
+        None => 0,
+        Some(cursor) => cursor
+            .strip_prefix("o")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                ApiError::from(InvalidValue::new(
+                    "cursor",
+                    "is not a cursor this API gave out",
+                ))
+            })?,
+    };
+    let referral_query = ReferralQuery {
+        status: query.status,
+        q: query.q.filter(|q| !q.is_empty()),
+        sort,
+        limit,
+        offset,
+    };
+    let as_of = as_of(&AsOfQuery { as_of: query.as_of })?;
+    let ledger = app.ledger.clone();
+    let (p, a) = (program.clone(), affiliate.clone());
+    let page =
+        tokio::task::spawn_blocking(move || ledger.referrals(&p, &a, &referral_query, as_of))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`"))
+            })?;
+    Ok(Json(json!({
+        "referrals": page.referrals,
+        "total": page.total,
+        "next_cursor": page.next_offset.map(|n| format!("o{n}")),
+    }))
+    .into_response())
+}
+
+// ---------------------------------------------------------------------------
+// Tracking: the public link and the pixel.
+
+/// The visitor cookie's name.
+pub const VISITOR_COOKIE: &str = "cl_visitor";
+
+/// A 1×1 transparent GIF.
+const PIXEL_GIF: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// The scheme, host and port of an absolute URL (`https://provider.example`).
+fn origin(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&url[..url.len() - rest.len() + host_end])
+}
+
+/// A `to` path that stays on the site's own origin, or `None`: only a path
+/// starting with one `/`, of plain URL characters, that still does after
+/// percent-decoding (no `//host`, no backslashes, no encoded tricks).
+fn safe_path(to: &str) -> Option<&str> {
+    let plain = |s: &str| {
+        s.starts_with('/')
+            && !s.starts_with("//")
+            && !s.contains('\\')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~/?=&%+#:@!$,;*()'".contains(c))
+    };
+    if to.len() > 2000 || !plain(to) {
+        return None;
+    }
+    let decoded = percent_decode(to)?;
+    (plain(&decoded) && !decoded.contains("/\\")).then_some(to)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn visitor_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == VISITOR_COOKIE)
+        .map(|(_, value)| value.to_string())
+        .filter(|v| ProgramId::parse(v).is_ok())
+}
+
+/// A keyed hash of the client address: never the address itself.
+fn client_hash(app: &AppState, peer: std::net::SocketAddr) -> Bytes16 {
+    let full = app.ledger.key_hash(&format!("client:{}", peer.ip()));
+    let mut short = [0u8; 16];
+    short.copy_from_slice(&full.0[..16]);
+    crate::events::Bytes(short)
+}
+
+type Bytes16 = crate::events::Bytes<16>;
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    to: Option<String>,
+}
+
+/// `GET /r/{code}`: records a click, sets the visitor cookie, and sends the
+/// visitor to the program's site (or a safe `to` path on it).
+async fn follow_link(
+    State(app): State<AppState>,
+    Path(code): Path<String>,
+    Query(query): Query<LinkQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let found = {
+        let state = app.ledger.state();
+        state
+            .model
+            .referral_codes
+            .get(&code)
+            .and_then(|(program, _)| {
+                let rules = state.model.program(program)?.current_rules()?;
+                Some((program.clone(), rules.site_url.clone(), rules.cookie_days))
+            })
+    };
+    let Some((program, site_url, cookie_days)) = found else {
+        return Err(ApiError::NotFound(format!("no referral link `{code}`")));
+    };
+    let target = match (query.to.as_deref().and_then(safe_path), origin(&site_url)) {
+        (Some(path), Some(origin)) => format!("{origin}{path}"),
+        _ => site_url.clone(),
+    };
+    let visitor =
+        visitor_cookie(&headers).unwrap_or_else(|| format!("v-{}", crate::ledger::random_code(16)));
+    let referrer = headers
+        .get(header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let command = Command::RecordClick {
+        referral_code: code,
+        visitor: Some(visitor.clone()),
+        creative: None,
+        referrer,
+        landing: Some(target.clone()),
+        client_hash: Some(client_hash(&app, peer)),
+    };
+    let submission = Submission::new(Some(&program), "public", command);
+    // A suspended affiliate's link still takes the visitor to the site.
+    let _ = app.ledger.submit(submission).await;
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let cookie = format!(
+        "{VISITOR_COOKIE}={visitor}; Max-Age={}; Path=/; HttpOnly; SameSite=Lax{}",
+        u64::from(cookie_days) * 86_400,
+        if secure { "; Secure" } else { "" }
+    );
+    Ok((
+        StatusCode::FOUND,
+        [(header::LOCATION, target), (header::SET_COOKIE, cookie)],
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct PixelQuery {
+    /// The referrer of the page (BILLmanager's `r`).
+    r: Option<String>,
+    /// The page URL, carrying `ref=CODE` (BILLmanager's `p`).
+    p: Option<String>,
+}
+
+/// `GET /px.gif`: the tracking pixel; records a click when the page URL
+/// carries `ref=CODE`. Always answers the GIF.
+async fn pixel(
+    State(app): State<AppState>,
+    Query(query): Query<PixelQuery>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let code = query.p.as_deref().and_then(|page| {
+        let (_, query) = page.split_once('?')?;
+        let query = query.split('#').next()?;
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(name, _)| *name == "ref")
+            .map(|(_, code)| code.to_string())
+    });
+    let mut set_cookie = None;
+    if let Some(code) = code {
+        let program = app
+            .ledger
+            .state()
+            .model
+            .referral_codes
+            .get(&code)
+            .map(|(p, _)| p.clone());
+        if let Some(program) = program {
+            let visitor = visitor_cookie(&headers)
+                .unwrap_or_else(|| format!("v-{}", crate::ledger::random_code(16)));
+            let command = Command::RecordClick {
+                referral_code: code,
+                visitor: Some(visitor.clone()),
+                creative: None,
+                referrer: query.r.clone(),
+                landing: query.p.clone(),
+                client_hash: Some(client_hash(&app, peer)),
+            };
+            if app
+                .ledger
+                .submit(Submission::new(Some(&program), "public", command))
+                .await
+                .is_ok()
+            {
+                set_cookie = Some(format!(
+                    "{VISITOR_COOKIE}={visitor}; Path=/; HttpOnly; SameSite=Lax"
+                ));
+            }
+        }
+    }
+    let mut response = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PIXEL_GIF,
+    )
+        .into_response();
+    if let Some(cookie) = set_cookie.and_then(|c| c.parse().ok()) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 // ---------------------------------------------------------------------------

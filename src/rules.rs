@@ -441,6 +441,9 @@ pub struct Model {
     pub keys: BTreeMap<String, KeyRecord>,
     /// Keyed hash of a key → key id.
     pub key_hashes: HashMap<Bytes<32>, String>,
+    /// Every referral code of every program: `/r/{code}` names no program,
+    /// so codes are unique server-wide.
+    pub referral_codes: HashMap<String, (ProgramId, AffiliateId)>,
     pub last_seq: Seq,
 }
 
@@ -486,6 +489,17 @@ impl Model {
         let Some(program) = &recorded.program else {
             return;
         };
+        if let Event::AffiliateEnrolled(e) = &recorded.event
+            && self
+                .programs
+                .get(program)
+                .is_some_and(|pm| !pm.rules.is_empty())
+        {
+            self.referral_codes.insert(
+                e.referral_code.clone(),
+                (program.clone(), e.affiliate_id.clone()),
+            );
+        }
         if !self.programs.contains_key(program) {
             self.programs
                 .insert(program.clone(), ProgramModel::default());
@@ -939,7 +953,7 @@ pub fn decide(
                 return Err(Rejection::PromoCodeTaken(promo.clone()));
             }
             let mut referral_code = ids.code();
-            while pm.referral_codes.contains_key(&referral_code) {
+            while model.referral_codes.contains_key(&referral_code) {
                 referral_code = ids.code();
             }
             append(vec![Event::AffiliateEnrolled(AffiliateEnrolled {

@@ -369,6 +369,61 @@ fn a_month_of_commission_over_http() {
     assert_eq!(statement["lines"][0]["ref"], "inv-1");
     assert_eq!(statement["log_hash"].as_str().unwrap().len(), 64);
 
+    let stats: Value = app
+        .get(
+            Some(&app.portal),
+            "/v1/programs/hosting/affiliates/alice/stats?from=2026-08-01&to=2026-08-31&by=creative",
+        )
+        .json()
+        .unwrap();
+    assert_eq!(
+        (
+            &stats["clicks"],
+            &stats["unique_visitors"],
+            &stats["signups"],
+            &stats["conversions"],
+            &stats["commission"]
+        ),
+        (&json!(1), &json!(1), &json!(1), &json!(1), &json!("20.77"))
+    );
+    assert_eq!(
+        (&stats["series"][0]["key"], &stats["series"][0]["clicks"]),
+        (&json!("banner-1"), &json!(1))
+    );
+    let bad = app.get(
+        Some(&app.portal),
+        "/v1/programs/hosting/affiliates/alice/stats?by=week",
+    );
+    assert_eq!(bad.status().as_u16(), 422);
+    let referrals: Value = app
+        .get(
+            Some(&app.portal),
+            "/v1/programs/hosting/affiliates/alice/referrals?sort=-commission&limit=10",
+        )
+        .json()
+        .unwrap();
+    assert_eq!(referrals["total"], 1);
+    assert_eq!(
+        (
+            &referrals["referrals"][0]["customer_id"],
+            &referrals["referrals"][0]["billed"],
+            &referrals["referrals"][0]["commission"],
+            &referrals["referrals"][0]["status"]
+        ),
+        (
+            &json!("cust-1"),
+            &json!("103.85"),
+            &json!("20.77"),
+            &json!("active")
+        )
+    );
+    assert_eq!(referrals["next_cursor"], Value::Null);
+    let bad = app.get(
+        Some(&app.portal),
+        "/v1/programs/hosting/affiliates/alice/referrals?limit=5000",
+    );
+    assert_eq!(bad.status().as_u16(), 422);
+
     // bob: 40.00 − 10.00 = 30.00, below the 50.00 threshold
     let (status, problem) = app.withdraw("hosting", "bob", "30.00");
     assert_eq!(
@@ -604,4 +659,159 @@ fn idempotency_keys_replay_the_first_answer_and_refuse_another_body() {
         "https://commission-ledger.dev/problems/idempotency-conflict"
     );
     assert_eq!(app.head(), head);
+}
+
+#[test]
+fn the_referral_link_sets_the_cookie_and_never_redirects_off_site() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap().to_string();
+    let client = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let follow = |query: &str, headers: &[(&str, &str)]| {
+        let mut request = client.get(format!("{}/r/{code}{query}", app.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().unwrap()
+    };
+    let head = app.head();
+    let first = follow("", &[("referer", "https://blog.example/post?utm_source=x")]);
+    assert_eq!(first.status().as_u16(), 302);
+    assert_eq!(
+        first.headers()["location"],
+        "https://provider.example/signup"
+    );
+    let cookie = first.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.starts_with("cl_visitor=v-")
+            && cookie.contains("Max-Age=2592000")
+            && cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("Secure"));
+    assert_eq!(app.head(), head + 1, "one click recorded");
+    let visitor = cookie.split(';').next().unwrap().to_string();
+    // the same browser again, over https behind a proxy: same visitor, Secure cookie
+    let again = follow(
+        "?to=/pricing?plan=pro",
+        &[("cookie", &visitor), ("x-forwarded-proto", "https")],
+    );
+    assert_eq!(
+        again.headers()["location"],
+        "https://provider.example/pricing?plan=pro"
+    );
+    let cookie = again.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.starts_with(&visitor) && cookie.contains("Secure"),
+        "{cookie}"
+    );
+    // a signup with that cookie is the affiliate's
+    let (_, signup) = app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": visitor.trim_start_matches("cl_visitor=")}),
+    );
+    assert_eq!(signup["affiliate_id"], "alice");
+    // every open-redirect attempt lands on the site itself
+    for to in [
+        "https://evil.example/",
+        "//evil.example",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "%2F%2Fevil.example",
+        "/%2F/evil.example",
+        "/%5Cevil.example",
+        "/%2F%2Fevil.example",
+        "javascript:alert(1)",
+        "http:/evil.example",
+        "/\u{3000}/evil",
+        "/ /evil",
+        "%0d%0aLocation:%20https://evil.example",
+    ] {
+        let response = follow(&format!("?to={}", encode(to)), &[]);
+        let location = response.headers()["location"].to_str().unwrap().to_string();
+        assert!(
+            location == "https://provider.example/signup"
+                || location.starts_with("https://provider.example/"),
+            "{to} → {location}"
+        );
+        assert!(
+            !location.contains("evil.example") || location.starts_with("https://provider.example/"),
+            "{to} → {location}"
+        );
+        assert_eq!(
+            location.split('/').nth(2),
+            Some("provider.example"),
+            "{to} → {location}"
+        );
+    }
+    // an unknown code records nothing
+    let head = app.head();
+    let unknown = client
+        .get(format!("{}/r/nope-nope", app.base))
+        .send()
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    assert_eq!(app.head(), head);
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_tracking_pixel_records_a_click_when_the_page_carries_ref() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    let head = app.head();
+    let page = format!("https://provider.example/hosting?ref={code}&utm=1");
+    let pixel = app
+        .client
+        .get(app.url(&format!(
+            "/px.gif?r={}&p={}",
+            encode("https://forum.example/thread/9?page=2"),
+            encode(&page)
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(
+        (
+            pixel.status().as_u16(),
+            pixel.headers()["content-type"].to_str().unwrap()
+        ),
+        (200, "image/gif")
+    );
+    assert!(
+        pixel.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("cl_visitor=")
+    );
+    assert_eq!(pixel.bytes().unwrap().len(), 43);
+    assert_eq!(app.head(), head + 1);
+    let plain = app
+        .client
+        .get(app.url(&format!(
+            "/px.gif?p={}",
+            encode("https://provider.example/")
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(plain.status().as_u16(), 200);
+    assert_eq!(app.head(), head + 1, "no ref, no click");
 }
