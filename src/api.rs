@@ -65,6 +65,7 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/affiliates/{affiliate}/referrals", get(referrals))
         .route("/affiliates/{affiliate}/withdrawals", post(withdraw))
         .route("/affiliates/{affiliate}/credits", post(credit))
+        .route("/affiliates/{affiliate}/tokens", post(mint))
         .route("/withdrawals/{id}/paid", post(withdrawal_paid))
         .route("/withdrawals/{id}/reject", post(withdrawal_reject))
         .route("/clicks", post(click))
@@ -263,8 +264,56 @@ type ApiResult = Result<Response, ApiError>;
 
 /// Who is calling: a live key and its role.
 struct Caller {
+    /// The key id, or `token:{program}/{affiliate}` for a per-affiliate token.
     key_id: String,
-    role: Role,
+    /// The key's role; `None` for a per-affiliate token.
+    role: Option<Role>,
+    /// What a per-affiliate token is bound to.
+    affiliate: Option<(ProgramId, AffiliateId)>,
+}
+
+/// The prefix of per-affiliate tokens (API keys start with `cl_`).
+const TOKEN_PREFIX: &str = "clt.";
+
+/// The longest a per-affiliate token may live.
+pub const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
+
+/// A per-affiliate token: the program, affiliate and expiry in hex, and a
+/// keyed BLAKE3 MAC of them under the server's secret. Stateless: it cannot
+/// be revoked, only expire.
+fn mint_token(
+    ledger: &Ledger,
+    program: &ProgramId,
+    affiliate: &AffiliateId,
+    expires: Timestamp,
+) -> String {
+    let payload = format!("{program}\n{affiliate}\n{}", expires.micros());
+    let mac = ledger.key_hash(&format!("token\n{payload}"));
+    let hex: String = payload.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{TOKEN_PREFIX}{hex}.{}", mac.hex())
+}
+
+fn check_token(ledger: &Ledger, token: &str) -> Option<(ProgramId, AffiliateId)> {
+    let (hex, mac) = token.strip_prefix(TOKEN_PREFIX)?.split_once('.')?;
+    if hex.len() > 1024 || hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let payload = String::from_utf8(bytes).ok()?;
+    let expected = ledger.key_hash(&format!("token\n{payload}"));
+    let given = crate::events::Bytes::<32>::from_hex(mac)?;
+    // blake3::Hash compares in constant time.
+    if blake3::Hash::from_bytes(expected.0) != blake3::Hash::from_bytes(given.0) {
+        return None;
+    }
+    let mut parts = payload.split('\n');
+    let program = ProgramId::parse(parts.next()?).ok()?;
+    let affiliate = AffiliateId::parse(parts.next()?).ok()?;
+    let expires = Timestamp::from_micros(parts.next()?.parse().ok()?);
+    (expires > ledger.now()).then_some((program, affiliate))
 }
 
 fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -272,24 +321,54 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
         .ok_or(ApiError::Unauthenticated)?;
+    if key.starts_with(TOKEN_PREFIX) {
+        let (program, affiliate) =
+            check_token(&state.ledger, key).ok_or(ApiError::Unauthenticated)?;
+        return Ok(Caller {
+            key_id: format!("token:{program}/{affiliate}"),
+            role: None,
+            affiliate: Some((program, affiliate)),
+        });
+    }
     let record = state
         .ledger
-        .authenticate(key.trim())
+        .authenticate(key)
         .ok_or(ApiError::Unauthenticated)?;
     Ok(Caller {
         key_id: record.key_id,
-        role: record.role,
+        role: Some(record.role),
+        affiliate: None,
     })
 }
 
-/// The caller, if its role is one of `roles`.
+/// The caller, if its role is one of `roles` (tokens have none).
 fn require(state: &AppState, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
     let caller = caller(state, headers)?;
-    if !roles.contains(&caller.role) {
+    if !caller.role.is_some_and(|role| roles.contains(&role)) {
         return Err(ApiError::Forbidden);
     }
     Ok(caller)
+}
+
+/// Whether the caller may read (and withdraw for) this affiliate: an admin
+/// or portal key, or a token bound to exactly this program and affiliate.
+fn may_act_for(
+    caller: &Caller,
+    program: &ProgramId,
+    affiliate: &AffiliateId,
+) -> Result<(), ApiError> {
+    let allowed = match (&caller.role, &caller.affiliate) {
+        (Some(role), _) => READERS.contains(role),
+        (None, Some((p, a))) => p == program && a == affiliate,
+        (None, None) => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
 }
 
 const READERS: &[Role] = &[Role::Admin, Role::Portal];
@@ -579,8 +658,9 @@ async fn get_affiliate(
     Path((program, affiliate)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    require(&app, &headers, READERS)?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     let state = app.ledger.state();
     let a = state
         .views
@@ -608,8 +688,9 @@ async fn balance(
     Query(query): Query<AsOfQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
-    require(&app, &headers, READERS)?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     let as_of = as_of(&query)?;
     let ledger = app.ledger.clone();
     let (p, a) = (program.clone(), affiliate.clone());
@@ -627,8 +708,9 @@ async fn statement(
     Query(query): Query<AsOfQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
-    require(&app, &headers, READERS)?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     let month = Month::parse(&month)?;
     let as_of = as_of(&query)?;
     let ledger = app.ledger.clone();
@@ -659,8 +741,9 @@ async fn stats(
     headers: HeaderMap,
 ) -> ApiResult {
     use crate::projections::StatsBy;
-    require(&app, &headers, READERS)?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     let day = |text: &Option<String>, field: &'static str| {
         text.as_deref()
             .map(|t| {
@@ -730,8 +813,9 @@ async fn referrals(
     headers: HeaderMap,
 ) -> ApiResult {
     use crate::projections::{MAX_PAGE_SIZE, ReferralQuery, ReferralSort};
-    require(&app, &headers, READERS)?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     if let Some(status) = query.status.as_deref()
         && !matches!(status, "active" | "closed")
     {
@@ -1294,8 +1378,9 @@ async fn withdraw(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+    let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    may_act_for(&caller, &program, &affiliate)?;
     let input: AmountBody = parse_body(&body)?;
     let command = Command::RequestWithdrawal {
         affiliate_id: affiliate,
@@ -1318,6 +1403,53 @@ async fn withdraw(
             "RequestWithdrawal recorded another event".into(),
         )),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    ttl_seconds: Option<u64>,
+}
+
+/// `POST .../affiliates/{a}/tokens`: a token that reads one affiliate and
+/// requests its withdrawals, for a portal to hand to that affiliate's page.
+async fn mint(
+    State(app): State<AppState>,
+    Path((program, affiliate)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    require(&app, &headers, READERS)?;
+    let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
+    let input: TokenBody = parse_body(&body)?;
+    let ttl = input.ttl_seconds.unwrap_or(3_600);
+    if !(1..=MAX_TOKEN_TTL_SECONDS).contains(&ttl) {
+        return Err(InvalidValue::new(
+            "ttl_seconds",
+            format!("must be 1 to {MAX_TOKEN_TTL_SECONDS}"),
+        )
+        .into());
+    }
+    let known = app
+        .ledger
+        .state()
+        .views
+        .programs
+        .get(&program)
+        .is_some_and(|p| p.affiliates.contains_key(&affiliate));
+    if !known {
+        return Err(ApiError::NotFound(format!(
+            "no affiliate `{affiliate}` in `{program}`"
+        )));
+    }
+    let expires = Timestamp::from_micros(
+        app.ledger
+            .now()
+            .micros()
+            .saturating_add(ttl as i64 * 1_000_000),
+    );
+    let token = mint_token(&app.ledger, &program, &affiliate, expires);
+    Ok(created(json!({"token": token, "expires_at": expires})))
 }
 
 #[derive(Deserialize)]

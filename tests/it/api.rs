@@ -815,3 +815,105 @@ fn the_tracking_pixel_records_a_click_when_the_page_carries_ref() {
     assert_eq!(plain.status().as_u16(), 200);
     assert_eq!(app.head(), head + 1, "no ref, no click");
 }
+
+#[test]
+fn per_affiliate_tokens_read_one_affiliate_and_expire() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    let tokens = "/v1/programs/hosting/affiliates/alice/tokens";
+    let (status, minted) = app.post(&app.portal, tokens, json!({"ttl_seconds": 600}));
+    assert_eq!(status, 201);
+    assert_eq!(minted["expires_at"], "2026-08-01T00:10:00Z");
+    let token = minted["token"].as_str().unwrap().to_string();
+    let alice = "/v1/programs/hosting/affiliates/alice";
+    assert_eq!(
+        app.get(Some(&token), &format!("{alice}/balance"))
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        app.get(Some(&token), &format!("{alice}/statements/2026-08"))
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        app.get(Some(&token), "/v1/programs/hosting/affiliates/bob/balance")
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        app.get(Some(&token), "/v1/programs/hosting")
+            .status()
+            .as_u16(),
+        403
+    );
+    // it may request alice's withdrawals (refused here by the threshold, not the role) …
+    let (status, problem) = app.post(
+        &token,
+        &format!("{alice}/withdrawals"),
+        json!({"amount": "1.00"}),
+    );
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            422,
+            Some("https://commission-ledger.dev/problems/below-threshold")
+        )
+    );
+    // … but not bob's, nor mint tokens, nor write anything else
+    assert_eq!(
+        app.post(
+            &token,
+            "/v1/programs/hosting/affiliates/bob/withdrawals",
+            json!({"amount": "1.00"})
+        )
+        .0,
+        403
+    );
+    assert_eq!(app.post(&token, tokens, json!({})).0, 403);
+    assert_eq!(
+        app.post(
+            &token,
+            "/v1/programs/hosting/expenses",
+            json!({"id": "x", "customer_id": "c", "amount": "1.00", "currency": "USD"})
+        )
+        .0,
+        403
+    );
+    // a changed token, or one past its time, is no token
+    let mut tampered = token.clone();
+    tampered.replace_range(6..8, "00");
+    assert_eq!(
+        app.get(Some(&tampered), &format!("{alice}/balance"))
+            .status()
+            .as_u16(),
+        401
+    );
+    app.set_now("2026-08-01T00:10:01Z");
+    assert_eq!(
+        app.get(Some(&token), &format!("{alice}/balance"))
+            .status()
+            .as_u16(),
+        401
+    );
+    // only portal and admin keys mint, for a time that is bounded
+    assert_eq!(app.post(&app.ingest, tokens, json!({})).0, 403);
+    assert_eq!(
+        app.post(&app.portal, tokens, json!({"ttl_seconds": 0})).0,
+        422
+    );
+    assert_eq!(
+        app.post(
+            &app.portal,
+            "/v1/programs/hosting/affiliates/nobody/tokens",
+            json!({})
+        )
+        .0,
+        404
+    );
+}
