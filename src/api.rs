@@ -73,13 +73,17 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/expenses", post(expense))
         .route("/payments", post(payment))
         .route("/refunds", post(refund))
-        .route("/months/{month}/close", post(close_month));
+        .route("/months/{month}/close", post(close_month))
+        .route("/customers/{customer}/close", post(close_customer))
+        .route("/customers/{customer}/group", post(customer_group))
+        .route("/customers/{customer}/reassign", post(reassign));
     Router::new()
         .route("/r/{code}", get(follow_link))
         .route("/px.gif", get(pixel))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/verify", get(verify))
+        .route("/v1/events", get(events))
         .nest("/v1/programs/{program}", program)
         .fallback(not_found)
         .layer(axum::middleware::map_response(problems_for_rejections))
@@ -720,6 +724,24 @@ async fn statement(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if accept.contains("text/csv") {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            statement_csv(&statement),
+        )
+            .into_response());
+    }
+    if accept.contains("text/html") {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            statement_html(&statement),
+        )
+            .into_response());
+    }
     Ok(Json(statement).into_response())
 }
 
@@ -877,6 +899,346 @@ async fn referrals(
         "next_cursor": page.next_offset.map(|n| format!("o{n}")),
     }))
     .into_response())
+}
+
+/// A CSV field, quoted when it must be.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// The statement as CSV: one row per line, with opening and closing rows.
+fn statement_csv(statement: &crate::projections::Statement) -> String {
+    let mut out = String::from("at,kind,customer_id,product,basis,rate,amount,currency,late,ref\n");
+    let currency = statement.currency.code();
+    let month_start = statement.month.first_day().to_string();
+    out.push_str(&format!(
+        "{month_start},opening_balance,,,,,{},{currency},,\n",
+        statement.opening_balance
+    ));
+    for line in &statement.lines {
+        let fields = [
+            line.at.to_rfc3339(),
+            line.kind.name().to_string(),
+            line.customer_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            line.product.clone().unwrap_or_default(),
+            line.basis.clone().unwrap_or_default(),
+            line.rate.map(|r| r.to_string()).unwrap_or_default(),
+            line.amount.clone(),
+            currency.to_string(),
+            line.late.to_string(),
+            line.r#ref.clone(),
+        ];
+        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{},closing_balance,,,,,{},{currency},,{}\n",
+        statement.month.next().first_day(),
+        statement.closing_balance,
+        statement.log_hash
+    ));
+    out
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The statement as a printable HTML page.
+fn statement_html(statement: &crate::projections::Statement) -> String {
+    let e = |t: &str| html_escape(t);
+    let currency = statement.currency.code();
+    let mut rows = String::new();
+    for line in &statement.lines {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td>{}</td><td>{}</td></tr>\n",
+            e(&line.at.to_datetime().format("%Y-%m-%d").to_string()),
+            e(line.kind.name()),
+            e(&line.customer_id.as_ref().map(ToString::to_string).unwrap_or_default()),
+            e(&line.product.clone().unwrap_or_default()),
+            e(&line.basis.clone().unwrap_or_default()),
+            e(&line.rate.map(|r| format!("{r}%")).unwrap_or_default()),
+            e(&line.amount),
+            if line.late { "late" } else { "" },
+            e(&line.r#ref),
+        ));
+    }
+    let totals: String = statement
+        .totals
+        .iter()
+        .map(|(kind, total)| format!("<tr><td>{}</td><td class=n>{}</td></tr>", e(kind), e(total)))
+        .collect();
+    format!(
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>Statement {month} · {affiliate}</title>\n\
+<style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ccc;padding:4px 8px;text-align:left}}.n{{text-align:right;font-variant-numeric:tabular-nums}}@media print{{body{{margin:0}}}}</style></head>\n\
+<body><h1>Commission statement {month}</h1>\n<p>Affiliate <b>{affiliate}</b> · amounts in {currency}{status}</p>\n\
+<p>Opening balance <b>{opening}</b></p>\n<table><thead><tr><th>Date</th><th>Kind</th><th>Customer</th><th>Product</th><th class=n>Basis</th><th class=n>Rate</th><th class=n>Amount</th><th></th><th>Reference</th></tr></thead>\n<tbody>\n{rows}</tbody></table>\n\
+<h2>Totals</h2><table>{totals}</table>\n<p>Closing balance <b>{closing}</b></p>\n\
+<p><small>Computed from the log at seq {seq}, hash {hash}.</small></p></body></html>\n",
+        month = statement.month,
+        affiliate = e(statement.affiliate_id.as_str()),
+        status = if statement.closed {
+            " · closed"
+        } else {
+            " · open: the month may still change"
+        },
+        opening = e(&statement.opening_balance),
+        closing = e(&statement.closing_balance),
+        seq = statement.as_of_seq,
+        hash = e(&statement.log_hash),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Audit.
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<Seq>,
+    limit: Option<usize>,
+    program: Option<String>,
+    r#type: Option<String>,
+}
+
+/// The most events one page of `/v1/events` returns.
+pub const MAX_EVENTS_PAGE: usize = 1_000;
+/// The most events one request reads while filtering.
+const MAX_EVENTS_SCANNED: u64 = 20_000;
+
+/// `GET /v1/events`: the log for auditors, from a seq on, optionally of one
+/// program and type; JSON, or NDJSON when asked. `next_after` continues it.
+async fn events(
+    State(app): State<AppState>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, ADMIN)?;
+    let after = query.after.unwrap_or(0);
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_EVENTS_PAGE).contains(&limit) {
+        return Err(InvalidValue::new("limit", format!("must be 1 to {MAX_EVENTS_PAGE}")).into());
+    }
+    let program = query.program.as_deref().map(ProgramId::parse).transpose()?;
+    let wanted_type = query.r#type.clone();
+    if let Some(t) = &wanted_type
+        && !event_schemas().iter().any(|(name, _, _)| name == t)
+    {
+        return Err(InvalidValue::new("type", format!("`{t}` is not an event type")).into());
+    }
+    let ledger = app.ledger.clone();
+    let head = ledger.state().head.seq;
+    let scan_to = head.min(after.saturating_add(MAX_EVENTS_SCANNED));
+    let found = tokio::task::spawn_blocking(move || ledger.events_with_hashes(after + 1, scan_to))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut lines = Vec::new();
+    let mut last = after;
+    for (recorded, hash) in found {
+        last = recorded.seq;
+        let program_matches = program.is_none() || recorded.program.as_ref() == program.as_ref();
+        let type_matches = wanted_type
+            .as_deref()
+            .is_none_or(|t| t == recorded.event.type_name());
+        if program_matches && type_matches {
+            lines.push(crate::ledger::ExportLine::new(&recorded, &hash));
+            if lines.len() == limit {
+                break;
+            }
+        }
+    }
+    let next_after = (last < head).then_some(last);
+    let ndjson = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/x-ndjson"));
+    if ndjson {
+        let mut body = String::new();
+        for line in &lines {
+            body.push_str(
+                &serde_json::to_string(line).map_err(|e| ApiError::Internal(e.to_string()))?,
+            );
+            body.push('\n');
+        }
+        let mut response = ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response();
+        if let Some(next) = next_after.and_then(|n| n.to_string().parse().ok()) {
+            response.headers_mut().insert("x-next-after", next);
+        }
+        return Ok(response);
+    }
+    Ok(Json(json!({"events": lines, "next_after": next_after, "head_seq": head})).into_response())
+}
+
+// ---------------------------------------------------------------------------
+// Customers.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseCustomerBody {
+    reason: Option<String>,
+    at: Option<String>,
+}
+
+async fn close_customer(
+    State(app): State<AppState>,
+    Path((program, customer)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: CloseCustomerBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::CloseCustomer {
+        customer_id: CustomerId::parse(&customer)?,
+        reason: input.reason,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    Ok(created(
+        json!({"seq": receipt.events.first().map(|r| r.seq)}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    group: String,
+    at: Option<String>,
+}
+
+async fn customer_group(
+    State(app): State<AppState>,
+    Path((program, customer)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let input: GroupBody = parse_body(&body)?;
+    let at = parse_at(input.at)?;
+    let command = Command::ChangeCustomerGroup {
+        customer_id: CustomerId::parse(&customer)?,
+        group: input.group,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    Ok(created(
+        json!({"seq": receipt.events.first().map(|r| r.seq)}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReassignBody {
+    to: String,
+    /// A date (`2026-08-01`, midnight in the program's zone) or an RFC 3339 time.
+    from: Option<String>,
+    #[serde(default)]
+    retroactive: bool,
+    reason: String,
+}
+
+async fn reassign(
+    State(app): State<AppState>,
+    Path((program, customer)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let caller = require(&app, &headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let input: ReassignBody = parse_body(&body)?;
+    let zone = app
+        .ledger
+        .state()
+        .model
+        .program(&program)
+        .map(|pm| pm.zone())
+        .unwrap_or(chrono_tz::UTC);
+    let from = match input.from.as_deref() {
+        None => None,
+        Some(text) => Some(match chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+            Ok(date) => {
+                let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+                use chrono::TimeZone;
+                let local = zone
+                    .from_local_datetime(&midnight)
+                    .earliest()
+                    .ok_or_else(|| {
+                        ApiError::from(InvalidValue::new(
+                            "from",
+                            format!("`{text}` has no midnight in the program's zone"),
+                        ))
+                    })?;
+                Timestamp::from_datetime(local.with_timezone(&chrono::Utc))
+            }
+            Err(_) => Timestamp::parse(text).map_err(|_| {
+                InvalidValue::new(
+                    "from",
+                    format!("`{text}` is not a date or an RFC 3339 time"),
+                )
+            })?,
+        }),
+    };
+    let command = Command::Reassign {
+        customer_id: CustomerId::parse(&customer)?,
+        to: AffiliateId::parse(&input.to)?,
+        from,
+        retroactive: input.retroactive,
+        reason: input.reason,
+    };
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        None,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    let adjustments: Vec<Value> = receipt
+        .events
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AdjustmentPosted(a) => Some(json!({"affiliate_id": a.affiliate_id, "amount": a.amount.to_string(), "month": a.month, "seq": r.seq})),
+            _ => None,
+        })
+        .collect();
+    Ok(created(
+        json!({"seq": receipt.events.first().map(|r| r.seq), "adjustments": adjustments}),
+    ))
 }
 
 // ---------------------------------------------------------------------------

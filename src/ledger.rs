@@ -882,6 +882,15 @@ impl Ledger {
         read_events(&self.inner, from, to)
     }
 
+    /// [`Self::events_range`] with each record's chain hash, for auditors.
+    pub fn events_with_hashes(
+        &self,
+        from: Seq,
+        to: Seq,
+    ) -> Result<Vec<(Recorded, log::Hash)>, LedgerError> {
+        read_events_hashed(&self.inner, from, to)
+    }
+
     /// Issues an API key: records its keyed hash, returns the key (shown once).
     pub fn create_key(&self, role: Role, actor: &str) -> Result<(String, String), SubmitError> {
         let key_id = format!("k-{}", random_code(10));
@@ -1182,6 +1191,18 @@ enum Answer {
 /// starting at the nearest anchor: the memory tail, the store's sparse
 /// index, or the start of the segment.
 fn read_events(inner: &Inner, from: Seq, to: Seq) -> Result<Vec<Recorded>, LedgerError> {
+    Ok(read_events_hashed(inner, from, to)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// [`read_events`] with each record's chain hash.
+fn read_events_hashed(
+    inner: &Inner,
+    from: Seq,
+    to: Seq,
+) -> Result<Vec<(Recorded, log::Hash)>, LedgerError> {
     let (to, memory_anchor) = {
         let state = inner
             .state
@@ -1225,9 +1246,9 @@ fn read_events(inner: &Inner, from: Seq, to: Seq) -> Result<Vec<Recorded>, Ledge
         start,
         from,
         to,
-        |seq, payload| {
+        |seq, hash, payload| {
             let recorded = decode_record(seq, payload)?;
-            events.push(recorded);
+            events.push((recorded, *hash));
             Ok(())
         },
     )?;

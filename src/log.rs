@@ -630,7 +630,7 @@ pub fn read_range(
     start: Position,
     from: Seq,
     to: Seq,
-    mut visit: impl FnMut(Seq, &[u8]) -> Result<(), String>,
+    mut visit: impl FnMut(Seq, &Hash, &[u8]) -> Result<(), String>,
 ) -> Result<(), LogError> {
     use std::io::{BufReader, Seek, SeekFrom};
     let segments = list_segments(dir)?;
@@ -694,7 +694,9 @@ pub fn read_range(
                 return Err(corrupt(&format!("seq {found} where {seq} was expected")));
             }
             if seq >= from {
-                visit(seq, &body[BODY_PREFIX_LEN..]).map_err(|what| corrupt(&what))?;
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&body[8..BODY_PREFIX_LEN]);
+                visit(seq, &hash, &body[BODY_PREFIX_LEN..]).map_err(|what| corrupt(&what))?;
             }
             seq += 1;
             offset += (FRAME_HEADER_LEN + body_len) as u64;

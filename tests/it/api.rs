@@ -917,3 +917,161 @@ fn per_affiliate_tokens_read_one_affiliate_and_expire() {
         404
     );
 }
+
+#[test]
+fn statements_by_accept_reassignment_and_the_audit_log() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "promo_code": "HOST-alice", "at": "2026-08-02T10:00:00Z"}),
+    );
+    app.expense("hosting", json!({"id": "inv-1", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "product": "vps, large", "at": "2026-08-03T10:00:00Z"}));
+    app.set_now("2026-09-01T06:00:00Z");
+    app.close("hosting", "2026-08");
+
+    let statement = "/v1/programs/hosting/affiliates/alice/statements/2026-08";
+    let csv = app
+        .client
+        .get(app.url(statement))
+        .bearer_auth(&app.portal)
+        .header("accept", "text/csv")
+        .send()
+        .unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        rows[0],
+        "at,kind,customer_id,product,basis,rate,amount,currency,late,ref"
+    );
+    assert_eq!(rows[1], "2026-08-01,opening_balance,,,,,0.00,USD,,");
+    assert_eq!(
+        rows[2],
+        "2026-08-03T10:00:00Z,reward,cust-1,\"vps, large\",100.00,20,20.00,USD,false,inv-1"
+    );
+    assert!(rows[3].starts_with("2026-09-01,closing_balance,,,,,20.00,USD,,"));
+    let html = app
+        .client
+        .get(app.url(statement))
+        .bearer_auth(&app.portal)
+        .header("accept", "text/html")
+        .send()
+        .unwrap();
+    assert_eq!(html.headers()["content-type"], "text/html; charset=utf-8");
+    let html = html.text().unwrap();
+    assert!(
+        html.contains("<h1>Commission statement 2026-08</h1>")
+            && html.contains("vps, large")
+            && html.contains("Closing balance <b>20.00</b>")
+    );
+
+    // the customer was alice's by mistake: all of it moves to bob, in the open month
+    app.set_now("2026-09-10T00:00:00Z");
+    let (status, moved) = app.post(
+        &app.admin,
+        "/v1/programs/hosting/customers/cust-1/reassign",
+        json!({"to": "bob", "retroactive": true, "reason": "ticket 4411"}),
+    );
+    assert_eq!(status, 201);
+    let adjustments = moved["adjustments"].as_array().unwrap();
+    assert_eq!(
+        (
+            adjustments[0]["affiliate_id"].as_str(),
+            adjustments[0]["amount"].as_str(),
+            adjustments[0]["month"].as_str()
+        ),
+        (Some("alice"), Some("-20.00"), Some("2026-09"))
+    );
+    assert_eq!(
+        (
+            adjustments[1]["affiliate_id"].as_str(),
+            adjustments[1]["amount"].as_str()
+        ),
+        (Some("bob"), Some("20.00"))
+    );
+    assert_eq!(app.balance("hosting", "bob")["earned"], "20.00");
+    assert_eq!(
+        app.statement("hosting", "alice", "2026-08")["closing_balance"],
+        "20.00",
+        "the closed month stays"
+    );
+    assert_eq!(
+        app.post(
+            &app.ingest,
+            "/v1/programs/hosting/customers/cust-1/reassign",
+            json!({"to": "alice", "reason": "x"})
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        app.post(
+            &app.ingest,
+            "/v1/programs/hosting/customers/cust-1/group",
+            json!({"group": "staff"})
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        app.post(
+            &app.ingest,
+            "/v1/programs/hosting/customers/cust-1/close",
+            json!({"reason": "cancelled"})
+        )
+        .0,
+        201
+    );
+
+    // the audit log: a page, a filter by type, and NDJSON
+    let page: Value = app
+        .get(Some(&app.admin), "/v1/events?limit=2")
+        .json()
+        .unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+    assert_eq!(page["events"][0]["type"], "ApiKeyIssued");
+    assert_eq!(page["next_after"], 2);
+    assert_eq!(page["events"][0]["hash"].as_str().unwrap().len(), 64);
+    let adjustments: Value = app
+        .get(
+            Some(&app.admin),
+            "/v1/events?type=AdjustmentPosted&program=hosting",
+        )
+        .json()
+        .unwrap();
+    let found: Vec<&str> = adjustments["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["affiliate_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, vec!["alice", "bob"]);
+    assert_eq!(adjustments["events"][0]["data"]["reason"], "ticket 4411");
+    let ndjson = app
+        .client
+        .get(app.url("/v1/events?type=MonthClosed"))
+        .bearer_auth(&app.admin)
+        .header("accept", "application/x-ndjson")
+        .send()
+        .unwrap();
+    assert_eq!(ndjson.headers()["content-type"], "application/x-ndjson");
+    let text = ndjson.text().unwrap();
+    assert_eq!(text.lines().count(), 1);
+    assert_eq!(
+        serde_json::from_str::<Value>(text.lines().next().unwrap()).unwrap()["data"]["total"],
+        "20.00"
+    );
+    assert_eq!(
+        app.get(Some(&app.admin), "/v1/events?type=Nope")
+            .status()
+            .as_u16(),
+        422
+    );
+    assert_eq!(
+        app.get(Some(&app.portal), "/v1/events").status().as_u16(),
+        403
+    );
+}
