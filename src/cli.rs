@@ -46,6 +46,9 @@ pub enum Verb {
         /// The public base URL referral links start with.
         #[arg(long, env = "COMMISSION_LEDGER_BASE_URL")]
         base_url: Option<String>,
+        /// Load a demo program with three months of activity (once).
+        #[arg(long)]
+        demo: bool,
     },
     /// Delete the index store and rebuild it and every projection from the log.
     Replay,
@@ -108,7 +111,11 @@ fn submit(ledger: &Ledger, submission: Submission) -> anyhow::Result<ledger::Rec
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let data = cli.data;
     match cli.verb {
-        Verb::Serve { listen, base_url } => serve(&data, listen, base_url),
+        Verb::Serve {
+            listen,
+            base_url,
+            demo,
+        } => serve(&data, listen, base_url, demo),
         Verb::Replay => {
             let head = ledger::rebuild_index(&data)?;
             println!(
@@ -238,7 +245,11 @@ fn serve(
     data: &std::path::Path,
     listen: SocketAddr,
     base_url: Option<String>,
+    demo: bool,
 ) -> anyhow::Result<i32> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let ledger = Arc::new(open(data)?);
     let has_admin = ledger
         .state()
@@ -252,6 +263,22 @@ fn serve(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("created admin key {key_id}; it is shown once, keep it:");
         println!("{key}");
+    }
+    if demo {
+        let loaded =
+            crate::demo::load(&ledger).map_err(|e| anyhow::anyhow!("loading the demo: {e}"))?;
+        println!(
+            "demo program `{}` {}; referral codes:",
+            loaded.program,
+            if loaded.loaded {
+                "loaded"
+            } else {
+                "already there"
+            }
+        );
+        for (affiliate, code) in &loaded.affiliates {
+            println!("  {affiliate}: /r/{code}");
+        }
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {

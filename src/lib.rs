@@ -93,6 +93,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod demo;
 pub mod events;
 pub mod ledger;
 pub mod log;

@@ -571,3 +571,48 @@ fn yourhosting_per_product_kickback_on_payments_paid_monthly() {
     t.snapshot_statement("statement_yourhosting_2026_06", "klant-42", "2026-06");
     t.verify_ok();
 }
+
+/// `serve --demo`: three months of seeded activity, the same every time.
+#[test]
+fn the_demo_loads_the_same_numbers_every_time_and_only_once() {
+    let balances = |t: &TestLedger| {
+        ["alice", "bob", "carol"].map(|a| {
+            t.ledger()
+                .balance(
+                    &program_id(commission_ledger::demo::DEMO_PROGRAM),
+                    &aff(a),
+                    None,
+                )
+                .unwrap()
+                .unwrap()
+        })
+    };
+    let load = || {
+        let t = TestLedger::new(commission_ledger::demo::DEMO_PROGRAM);
+        t.set_now("2026-11-21T12:00:00Z");
+        let demo = commission_ledger::demo::load(t.ledger()).unwrap();
+        assert!(demo.loaded);
+        assert_eq!(demo.affiliates.len(), 3);
+        t
+    };
+    let (a, b) = (load(), load());
+    let (first, second) = (balances(&a), balances(&b));
+    for (x, y) in first.iter().zip(&second) {
+        assert_eq!(
+            (&x.earned, &x.pending, &x.withdrawn_total),
+            (&y.earned, &y.pending, &y.withdrawn_total)
+        );
+    }
+    assert!(
+        first.iter().all(|b| b.lifetime_earned != "0.00"),
+        "every affiliate earned something"
+    );
+    assert!(
+        first.iter().any(|b| b.withdrawn_total == "50.00"),
+        "someone was paid out"
+    );
+    let head = a.head();
+    assert!(!commission_ledger::demo::load(a.ledger()).unwrap().loaded);
+    assert_eq!(a.head(), head, "loading twice adds nothing");
+    a.verify_ok();
+}
