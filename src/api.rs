@@ -73,6 +73,10 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/expenses", post(expense))
         .route("/payments", post(payment))
         .route("/refunds", post(refund))
+        .route(
+            "/batch",
+            post(batch).layer(DefaultBodyLimit::max(MAX_BATCH_BYTES)),
+        )
         .route("/months/{month}/close", post(close_month))
         .route("/customers/{customer}/close", post(close_customer))
         .route("/customers/{customer}/group", post(customer_group))
@@ -1468,45 +1472,6 @@ struct ClickBody {
     at: Option<String>,
 }
 
-async fn click(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    let caller = require(&app, &headers, INGEST)?;
-    let program = program_id(&program)?;
-    let input: ClickBody = parse_body(&body)?;
-    let at = parse_at(input.at)?;
-    let command = Command::RecordClick {
-        referral_code: input.referral_code,
-        visitor: input.visitor,
-        creative: input.creative,
-        referrer: input.referrer,
-        landing: input.landing,
-        client_hash: None,
-    };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
-    match first_event(&receipt)? {
-        Event::ClickRecorded(e) => Ok(created(
-            json!({"click_id": e.click_id, "visitor": e.visitor}),
-        )),
-        _ => Err(ApiError::Internal(
-            "RecordClick recorded another event".into(),
-        )),
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignupBody {
@@ -1515,43 +1480,6 @@ struct SignupBody {
     promo_code: Option<String>,
     group: Option<String>,
     at: Option<String>,
-}
-
-async fn signup(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    let caller = require(&app, &headers, INGEST)?;
-    let program = program_id(&program)?;
-    let input: SignupBody = parse_body(&body)?;
-    let at = parse_at(input.at)?;
-    let command = Command::Signup {
-        customer_id: CustomerId::parse(&input.customer_id)?,
-        visitor: input.visitor,
-        promo_code: input.promo_code,
-        group: input.group,
-    };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
-    let attributed = |affiliate_id: &AffiliateId, via: Via| json!({"attributed": true, "affiliate_id": affiliate_id, "via": via});
-    match (&receipt.noop, receipt.events.first().map(|r| &r.event)) {
-        (None, Some(Event::SignupAttributed(e))) => Ok(created(attributed(&e.affiliate_id, e.via))),
-        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
-            Ok(Json(attributed(affiliate_id, *via)).into_response())
-        }
-        _ => Ok(Json(json!({"attributed": false})).into_response()),
-    }
 }
 
 #[derive(Deserialize)]
@@ -1566,85 +1494,6 @@ struct LineBody {
     at: Option<String>,
 }
 
-async fn basis_line(
-    app: AppState,
-    kind: LineKind,
-    program: String,
-    request: (Method, Uri, HeaderMap, Bytes),
-) -> ApiResult {
-    let (method, uri, headers, body) = request;
-    let caller = require(&app, &headers, INGEST)?;
-    let program = program_id(&program)?;
-    let input: LineBody = parse_body(&body)?;
-    let at = parse_at(input.at)?;
-    let command = Command::RecordBasisLine {
-        kind,
-        id: LineId::parse(&input.id)?,
-        customer_id: CustomerId::parse(&input.customer_id)?,
-        amount: input.amount,
-        currency: input.currency,
-        product: input.product,
-        order_id: input.order_id,
-    };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    seq_answer(app.ledger.submit(s).await?)
-}
-
-/// `201 {"seq": N}` for a recorded line, `200` with the first seq for a duplicate.
-fn seq_answer(receipt: Receipt) -> ApiResult {
-    match (&receipt.noop, receipt.events.first()) {
-        (Some(Noop::Duplicate { seq }), _) => {
-            Ok(Json(json!({"seq": seq, "duplicate": true})).into_response())
-        }
-        (None, Some(r)) if receipt.replayed => {
-            Ok(Json(json!({"seq": r.seq, "duplicate": true})).into_response())
-        }
-        (None, Some(r)) => Ok(created(json!({"seq": r.seq}))),
-        _ => Err(ApiError::Internal("a basis line recorded nothing".into())),
-    }
-}
-
-async fn expense(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    basis_line(
-        app,
-        LineKind::Expense,
-        program,
-        (method, uri, headers, body),
-    )
-    .await
-}
-
-async fn payment(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    basis_line(
-        app,
-        LineKind::Payment,
-        program,
-        (method, uri, headers, body),
-    )
-    .await
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RefundBody {
@@ -1656,7 +1505,184 @@ struct RefundBody {
     at: Option<String>,
 }
 
-async fn refund(
+/// What the billing system sends: one of these per endpoint, or per item of
+/// a batch (`"type": "click"` …).
+enum Ingest {
+    Click(ClickBody),
+    Signup(SignupBody),
+    Line(LineKind, LineBody),
+    Refund(RefundBody),
+}
+
+impl Ingest {
+    fn parse(kind: &str, body: Value) -> Result<Ingest, ApiError> {
+        let malformed = |e: serde_json::Error| {
+            ApiError::Malformed(format!("the `{kind}` is not the expected JSON: {e}"))
+        };
+        Ok(match kind {
+            "click" => Ingest::Click(serde_json::from_value(body).map_err(malformed)?),
+            "signup" => Ingest::Signup(serde_json::from_value(body).map_err(malformed)?),
+            "expense" => Ingest::Line(
+                LineKind::Expense,
+                serde_json::from_value(body).map_err(malformed)?,
+            ),
+            "payment" => Ingest::Line(
+                LineKind::Payment,
+                serde_json::from_value(body).map_err(malformed)?,
+            ),
+            "refund" => Ingest::Refund(serde_json::from_value(body).map_err(malformed)?),
+            other => {
+                return Err(ApiError::Malformed(format!(
+                    "`{other}` is not click, signup, expense, payment or refund"
+                )));
+            }
+        })
+    }
+
+    /// The command, and when it happened.
+    fn command(self) -> Result<(Option<Timestamp>, Command), ApiError> {
+        Ok(match self {
+            Ingest::Click(c) => (
+                parse_at(c.at)?,
+                Command::RecordClick {
+                    referral_code: c.referral_code,
+                    visitor: c.visitor,
+                    creative: c.creative,
+                    referrer: c.referrer,
+                    landing: c.landing,
+                    client_hash: None,
+                },
+            ),
+            Ingest::Signup(s) => (
+                parse_at(s.at)?,
+                Command::Signup {
+                    customer_id: CustomerId::parse(&s.customer_id)?,
+                    visitor: s.visitor,
+                    promo_code: s.promo_code,
+                    group: s.group,
+                },
+            ),
+            Ingest::Line(kind, l) => (
+                parse_at(l.at)?,
+                Command::RecordBasisLine {
+                    kind,
+                    id: LineId::parse(&l.id)?,
+                    customer_id: CustomerId::parse(&l.customer_id)?,
+                    amount: l.amount,
+                    currency: l.currency,
+                    product: l.product,
+                    order_id: l.order_id,
+                },
+            ),
+            Ingest::Refund(r) => (
+                parse_at(r.at)?,
+                Command::RecordRefund {
+                    id: LineId::parse(&r.id)?,
+                    customer_id: CustomerId::parse(&r.customer_id)?,
+                    refunds: LineId::parse(&r.refunds)?,
+                    amount: r.amount,
+                    currency: r.currency,
+                },
+            ),
+        })
+    }
+}
+
+/// The answer to an ingested command: `201` with what was recorded, or
+/// `200` for what was acknowledged without recording (a duplicate line, an
+/// unattributable or already attributed signup).
+fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, Value), ApiError> {
+    let attributed = |affiliate_id: &AffiliateId, via: Via| json!({"attributed": true, "affiliate_id": affiliate_id, "via": via});
+    let first = receipt.events.first();
+    Ok(match (&receipt.noop, first.map(|r| &r.event)) {
+        (Some(Noop::SignupIgnored), _) => (StatusCode::OK, json!({"attributed": false})),
+        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
+            (StatusCode::OK, attributed(affiliate_id, *via))
+        }
+        (Some(Noop::Duplicate { seq }), _) => {
+            (StatusCode::OK, json!({"seq": seq, "duplicate": true}))
+        }
+        (None, Some(Event::ClickRecorded(e))) => (
+            StatusCode::CREATED,
+            json!({"click_id": e.click_id, "visitor": e.visitor}),
+        ),
+        (None, Some(Event::SignupAttributed(e))) => {
+            (StatusCode::CREATED, attributed(&e.affiliate_id, e.via))
+        }
+        (None, Some(_)) if receipt.replayed => (
+            StatusCode::OK,
+            json!({"seq": first.map(|r| r.seq), "duplicate": true}),
+        ),
+        (None, Some(_)) => (StatusCode::CREATED, json!({"seq": first.map(|r| r.seq)})),
+        _ => {
+            return Err(ApiError::Internal(
+                "an ingested command recorded nothing".into(),
+            ));
+        }
+    })
+}
+
+async fn ingest(
+    app: AppState,
+    kind: &str,
+    program: String,
+    request: (Method, Uri, HeaderMap, Bytes),
+) -> ApiResult {
+    let (method, uri, headers, body) = request;
+    let caller = require(&app, &headers, INGEST)?;
+    let program = program_id(&program)?;
+    let value: Value = parse_body(&body)?;
+    let (at, command) = Ingest::parse(kind, value)?.command()?;
+    let s = submission(
+        &program,
+        &caller,
+        &headers,
+        (&method, &uri, &body),
+        at,
+        command,
+    )?;
+    let receipt = app.ledger.submit(s).await?;
+    let (status, answer) = ingest_answer(&receipt)?;
+    Ok((status, Json(answer)).into_response())
+}
+
+macro_rules! ingest_endpoint {
+    ($name:ident, $kind:literal) => {
+        async fn $name(
+            State(app): State<AppState>,
+            Path(program): Path<String>,
+            method: Method,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> ApiResult {
+            ingest(app, $kind, program, (method, uri, headers, body)).await
+        }
+    };
+}
+
+ingest_endpoint!(click, "click");
+ingest_endpoint!(signup, "signup");
+ingest_endpoint!(expense, "expense");
+ingest_endpoint!(payment, "payment");
+ingest_endpoint!(refund, "refund");
+
+/// The most items one `POST .../batch` takes.
+pub const MAX_BATCH_ITEMS: usize = 10_000;
+/// The largest batch body.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    items: Vec<Value>,
+}
+
+/// `POST .../batch`: up to 10,000 clicks, signups, basis lines and refunds;
+/// one result per item, in order. Items are independent: a refused item
+/// appends nothing and does not stop the others. With an `Idempotency-Key`,
+/// item `i` gets the key `KEY#i`, so a retried batch appends nothing twice.
+async fn batch(
     State(app): State<AppState>,
     Path(program): Path<String>,
     method: Method,
@@ -1666,24 +1692,85 @@ async fn refund(
 ) -> ApiResult {
     let caller = require(&app, &headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: RefundBody = parse_body(&body)?;
-    let at = parse_at(input.at)?;
-    let command = Command::RecordRefund {
-        id: LineId::parse(&input.id)?,
-        customer_id: CustomerId::parse(&input.customer_id)?,
-        refunds: LineId::parse(&input.refunds)?,
-        amount: input.amount,
-        currency: input.currency,
+    let input: BatchBody = parse_body(&body)?;
+    if input.items.len() > MAX_BATCH_ITEMS {
+        return Err(InvalidValue::new("items", format!("at most {MAX_BATCH_ITEMS} items")).into());
+    }
+    let mut results: Vec<Option<Value>> = vec![None; input.items.len()];
+    let mut submissions = Vec::with_capacity(input.items.len());
+    let mut slots = Vec::with_capacity(input.items.len());
+    for (i, mut item) in input.items.into_iter().enumerate() {
+        let parsed = match item.as_object_mut().and_then(|o| o.remove("type")) {
+            Some(Value::String(kind)) => Ingest::parse(&kind, item).and_then(Ingest::command),
+            _ => Err(ApiError::Malformed("each item needs a \"type\"".into())),
+        };
+        let built = parsed.and_then(|(at, command)| {
+            let mut s = submission(
+                &program,
+                &caller,
+                &headers,
+                (&method, &uri, &body),
+                at,
+                command,
+            )?;
+            if let Some(idem) = &mut s.idempotency {
+                idem.key = format!("{}#{i}", idem.key);
+            }
+            Ok(s)
+        });
+        match built {
+            Ok(s) => {
+                submissions.push(s);
+                slots.push(i);
+            }
+            Err(e) => results[i] = Some(item_error(e)),
+        }
+    }
+    let answers = app.ledger.submit_many(submissions).await;
+    for (slot, answer) in slots.into_iter().zip(answers) {
+        results[slot] = Some(
+            match answer
+                .map_err(ApiError::from)
+                .and_then(|r| ingest_answer(&r))
+            {
+                Ok((status, mut body)) => {
+                    if let Some(object) = body.as_object_mut() {
+                        object.insert("status".into(), json!(status.as_u16()));
+                    }
+                    body
+                }
+                Err(e) => item_error(e),
+            },
+        );
+    }
+    let results: Vec<Value> = results.into_iter().map(Option::unwrap_or_default).collect();
+    Ok(Json(json!({"results": results})).into_response())
+}
+
+/// An item's refusal inside a batch answer: its status, problem type and detail.
+fn item_error(error: ApiError) -> Value {
+    let (status, kind, detail) = match error {
+        ApiError::Rejected(r) => {
+            let (kind, status) = rejection_kind(&r);
+            (status, kind, r.to_string())
+        }
+        ApiError::Malformed(detail) => (StatusCode::BAD_REQUEST, "malformed", detail),
+        ApiError::IdempotencyConflict(key) => (StatusCode::CONFLICT, "idempotency-conflict", key),
+        ApiError::Unavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the ledger is not taking writes".into(),
+        ),
+        other => {
+            tracing::error!(cause = ?other, "batch item failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "see the server log".into(),
+            )
+        }
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    seq_answer(app.ledger.submit(s).await?)
+    json!({"status": status.as_u16(), "type": format!("https://commission-ledger.dev/problems/{kind}"), "detail": detail})
 }
 
 // ---------------------------------------------------------------------------

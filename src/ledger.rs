@@ -750,6 +750,32 @@ impl Ledger {
         answer.await.map_err(|_| SubmitError::Stopped)?
     }
 
+    /// Submits many commands at once and waits for all of them: they join
+    /// the writer's batches together (a `POST .../batch`). The answers come
+    /// in the order of the submissions.
+    pub async fn submit_many(
+        &self,
+        submissions: Vec<Submission>,
+    ) -> Vec<Result<Receipt, SubmitError>> {
+        let _active = InFlight::enter(&self.inner.in_flight);
+        let mut answers = Vec::with_capacity(submissions.len());
+        for submission in submissions {
+            let (reply, answer) = oneshot::channel();
+            match self.queue.send(Job { submission, reply }).await {
+                Ok(()) => answers.push(Some(answer)),
+                Err(_) => answers.push(None),
+            }
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(match answer {
+                Some(answer) => answer.await.unwrap_or(Err(SubmitError::Stopped)),
+                None => Err(SubmitError::Stopped),
+            });
+        }
+        results
+    }
+
     /// [`Self::submit`] for callers outside an async runtime.
     pub fn submit_blocking(&self, submission: Submission) -> Result<Receipt, SubmitError> {
         let _active = InFlight::enter(&self.inner.in_flight);

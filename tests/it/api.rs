@@ -1075,3 +1075,110 @@ fn statements_by_accept_reassignment_and_the_audit_log() {
         403
     );
 }
+
+#[test]
+fn a_batch_takes_thousands_of_items_with_one_result_each() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.set_now("2026-08-10T00:00:00Z");
+    let mut items = Vec::new();
+    const CLICKS: usize = 8_000;
+    for i in 0..CLICKS {
+        items.push(json!({"type": "click", "referral_code": code, "visitor": format!("v-{i}"), "creative": "banner", "referrer": "https://blog.example/hosting", "at": "2026-08-02T10:00:00Z"}));
+    }
+    for i in 0..500 {
+        items.push(json!({"type": "signup", "customer_id": format!("c-{i}"), "visitor": format!("v-{i}"), "at": "2026-08-03T10:00:00Z"}));
+        items.push(json!({"type": "expense", "id": format!("inv-{i}"), "customer_id": format!("c-{i}"), "amount": "10.00", "currency": "USD", "at": "2026-08-04T10:00:00Z"}));
+    }
+    items.push(json!({"type": "expense", "id": "inv-0", "customer_id": "c-0", "amount": "10.00", "currency": "USD", "at": "2026-08-04T10:00:00Z"})); // duplicate
+    items.push(json!({"type": "expense", "id": "bad", "customer_id": "c-0", "amount": "10.001", "currency": "USD"}));
+    items.push(json!({"type": "teleport"}));
+    items.push(json!({"type": "refund", "id": "cn-1", "customer_id": "c-1", "refunds": "inv-1", "amount": "5.00", "currency": "USD", "at": "2026-08-05T10:00:00Z"}));
+    let body = json!({"items": items});
+    assert!(
+        body.to_string().len() > 1 << 20,
+        "over the 1 MiB limit of single requests"
+    );
+    let head = app.head();
+    let response = app.send(
+        "POST",
+        Some(&app.ingest),
+        "/v1/programs/hosting/batch",
+        &body,
+        Some("nightly-import-1"),
+    );
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().unwrap();
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), CLICKS + 1_004);
+    assert_eq!(
+        (
+            results[0]["status"].as_u64(),
+            results[0]["visitor"].as_str()
+        ),
+        (Some(201), Some("v-0"))
+    );
+    assert_eq!(
+        (
+            results[CLICKS]["status"].as_u64(),
+            results[CLICKS]["affiliate_id"].as_str()
+        ),
+        (Some(201), Some("alice"))
+    );
+    assert_eq!(results[CLICKS + 1]["status"], 201);
+    assert_eq!(
+        (
+            results[CLICKS + 1_000]["status"].as_u64(),
+            results[CLICKS + 1_000]["duplicate"].as_bool()
+        ),
+        (Some(200), Some(true))
+    );
+    assert_eq!(
+        (
+            results[CLICKS + 1_001]["status"].as_u64(),
+            results[CLICKS + 1_001]["type"].as_str()
+        ),
+        (
+            Some(422),
+            Some("https://commission-ledger.dev/problems/invalid-amount")
+        )
+    );
+    assert_eq!(results[CLICKS + 1_002]["status"], 400);
+    assert_eq!(results[CLICKS + 1_003]["status"], 201);
+    assert_eq!(
+        app.head(),
+        head + CLICKS as u64 + 1_000 + 1,
+        "clicks, signups, expenses and the refund"
+    );
+    // the same batch again, same key: the same answers, nothing appended
+    let head = app.head();
+    let again: Value = app
+        .send(
+            "POST",
+            Some(&app.ingest),
+            "/v1/programs/hosting/batch",
+            &body,
+            Some("nightly-import-1"),
+        )
+        .json()
+        .unwrap();
+    assert_eq!(app.head(), head);
+    assert_eq!(again["results"][0]["visitor"], "v-0");
+    assert_eq!(
+        again["results"][CLICKS + 1_003]["status"].as_u64(),
+        Some(200)
+    );
+    // over the item limit
+    let too_many = json!({"items": vec![json!({"type": "click"}); 10_001]});
+    let response = app.send(
+        "POST",
+        Some(&app.ingest),
+        "/v1/programs/hosting/batch",
+        &too_many,
+        None,
+    );
+    assert_eq!(response.status().as_u16(), 422);
+    assert_eq!(app.head(), head);
+}
