@@ -50,10 +50,21 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub ledger: Arc<Ledger>,
     pub config: Arc<ApiConfig>,
+    /// Becomes `true` when the server starts shutting down: live streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The application's routes.
 pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
+    let (_, stopping) = tokio::sync::watch::channel(false);
+    routes(ledger, config, stopping)
+}
+
+fn routes(
+    ledger: Arc<Ledger>,
+    config: ApiConfig,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Router {
     let limit = config.body_limit_bytes;
     let program = Router::new()
         .route("/", axum::routing::put(put_program).get(get_program))
@@ -88,6 +99,7 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/verify", get(verify))
         .route("/v1/events", get(events))
+        .route("/v1/events/stream", get(stream_events))
         .nest("/v1/programs/{program}", program)
         .fallback(not_found)
         .layer(axum::middleware::map_response(problems_for_rejections))
@@ -95,6 +107,7 @@ pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
         .with_state(AppState {
             ledger,
             config: Arc::new(config),
+            stopping,
         })
 }
 
@@ -106,9 +119,16 @@ pub async fn serve(
     config: ApiConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(ledger, config).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let app = routes(ledger, config, stopping)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let signal = async move {
+        shutdown.await;
+        // Live streams end, so that the in-flight requests can finish.
+        let _ = stop.send(true);
+    };
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(signal)
         .await
 }
 
@@ -1083,6 +1103,111 @@ async fn events(
         return Ok(response);
     }
     Ok(Json(json!({"events": lines, "next_after": next_after, "head_seq": head})).into_response())
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    after: Option<Seq>,
+    program: Option<String>,
+    r#type: Option<String>,
+}
+
+/// Events read from the log per step of a live tail.
+const STREAM_CHUNK: u64 = 500;
+
+/// `GET /v1/events/stream`: server-sent events, one per recorded event
+/// (`id` = seq, `event` = type, `data` = the export line), from `after` (or
+/// the `Last-Event-ID` a reconnecting client sends, or the head: live only),
+/// then live as the log grows.
+async fn stream_events(
+    State(app): State<AppState>,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    require(&app, &headers, ADMIN)?;
+    let program = query.program.as_deref().map(ProgramId::parse).transpose()?;
+    let wanted_type = query.r#type.clone();
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<Seq>().ok());
+    let ledger = app.ledger.clone();
+    let cursor = last_id
+        .or(query.after)
+        .unwrap_or_else(|| ledger.state().head.seq);
+    let heads = ledger.subscribe();
+    let buffer = std::collections::VecDeque::<SseEvent>::new();
+    let stopping = app.stopping.clone();
+    let state = (
+        ledger,
+        cursor,
+        heads,
+        buffer,
+        program,
+        wanted_type,
+        stopping,
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        |(ledger, mut cursor, mut heads, mut buffer, program, wanted, mut stopping)| async move {
+            loop {
+                if *stopping.borrow() {
+                    return None;
+                }
+                if let Some(event) = buffer.pop_front() {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (ledger, cursor, heads, buffer, program, wanted, stopping),
+                    ));
+                }
+                let head = *heads.borrow_and_update();
+                if head <= cursor {
+                    // Caught up: wait for the log to grow, or the server to stop.
+                    tokio::select! {
+                        changed = heads.changed() => changed.ok()?,
+                        _ = stopping.changed() => return None,
+                    }
+                    continue;
+                }
+                let to = head.min(cursor + STREAM_CHUNK);
+                let read = {
+                    let ledger = ledger.clone();
+                    let from = cursor + 1;
+                    tokio::task::spawn_blocking(move || ledger.events_with_hashes(from, to))
+                        .await
+                        .ok()?
+                        .ok()?
+                };
+                if read.is_empty() {
+                    // The head moved but nothing could be read: end the stream;
+                    // the client reconnects with Last-Event-ID.
+                    return None;
+                }
+                for (recorded, hash) in read {
+                    cursor = recorded.seq;
+                    let program_matches =
+                        program.is_none() || recorded.program.as_ref() == program.as_ref();
+                    let type_matches = wanted
+                        .as_deref()
+                        .is_none_or(|t| t == recorded.event.type_name());
+                    if program_matches && type_matches {
+                        let line = crate::ledger::ExportLine::new(&recorded, &hash);
+                        let data = serde_json::to_string(&line).ok()?;
+                        buffer.push_back(
+                            SseEvent::default()
+                                .id(recorded.seq.to_string())
+                                .event(recorded.event.type_name())
+                                .data(data),
+                        );
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 // ---------------------------------------------------------------------------

@@ -1182,3 +1182,61 @@ fn a_batch_takes_thousands_of_items_with_one_result_each() {
     assert_eq!(response.status().as_u16(), 422);
     assert_eq!(app.head(), head);
 }
+
+#[test]
+fn the_event_stream_resumes_from_last_event_id_and_tails_live() {
+    use std::io::{BufRead, BufReader};
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules()); // seq 4 (three keys first)
+    let client = Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let response = client
+        .get(app.url("/v1/events/stream"))
+        .bearer_auth(&app.admin)
+        .header("last-event-id", "2")
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut lines = BufReader::new(response).lines();
+    let mut next_id = || loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(id) = line
+            .strip_prefix("id: ")
+            .or_else(|| line.strip_prefix("id:"))
+        {
+            return id.trim().parse::<u64>().unwrap();
+        }
+    };
+    assert_eq!(next_id(), 3);
+    assert_eq!(next_id(), 4);
+    // live: an event recorded now arrives on the open stream
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    assert_eq!(next_id(), 5);
+    assert_eq!(
+        app.get(Some(&app.portal), "/v1/events/stream")
+            .status()
+            .as_u16(),
+        403
+    );
+    // shutting down ends the open stream instead of waiting for it forever
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(app);
+        let _ = done.send(());
+    });
+    assert!(
+        stopped
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .is_ok(),
+        "shutdown waited on the open stream"
+    );
+    drop(lines);
+}
