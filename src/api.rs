@@ -52,6 +52,201 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Becomes `true` when the server starts shutting down: live streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Requests counted by route, method and status, for `/metrics`.
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// Upper bounds of the request latency histogram, in microseconds.
+const LATENCY_BUCKETS_US: [u64; 9] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 500_000, 2_500_000,
+];
+
+#[derive(Default, Clone)]
+struct RouteStats {
+    count: u64,
+    sum_us: u64,
+    /// Cumulative counts per bucket of `LATENCY_BUCKETS_US`.
+    buckets: [u64; 9],
+}
+
+/// Request counters and latencies. Hand-rolled Prometheus text: the
+/// `metrics` crates keep one global recorder per process, and tests run
+/// several servers in one.
+#[derive(Default)]
+pub struct HttpMetrics {
+    routes: std::sync::Mutex<std::collections::BTreeMap<(String, String, u16), RouteStats>>,
+}
+
+impl HttpMetrics {
+    fn record(&self, route: String, method: String, status: u16, micros: u64) {
+        let mut routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = routes.entry((route, method, status)).or_default();
+        stats.count += 1;
+        stats.sum_us += micros;
+        for (bucket, bound) in stats.buckets.iter_mut().zip(LATENCY_BUCKETS_US) {
+            if micros <= bound {
+                *bucket += 1;
+            }
+        }
+    }
+}
+
+/// Seconds written from microseconds, with no floating point.
+fn seconds(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+async fn track(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let micros = started.elapsed().as_micros() as u64;
+    app.metrics
+        .record(route, method, response.status().as_u16(), micros);
+    response
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(app): State<AppState>) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP commission_ledger_http_requests_total HTTP requests by route, method and status."
+    );
+    let _ = writeln!(out, "# TYPE commission_ledger_http_requests_total counter");
+    let routes = app
+        .metrics
+        .routes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for ((route, method, status), stats) in &routes {
+        let _ = writeln!(
+            out,
+            "commission_ledger_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
+            stats.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP commission_ledger_http_request_duration_seconds HTTP request latency."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE commission_ledger_http_request_duration_seconds histogram"
+    );
+    for ((route, method, status), stats) in &routes {
+        let labels = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
+        for (count, bound) in stats.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            let _ = writeln!(
+                out,
+                "commission_ledger_http_request_duration_seconds_bucket{{{labels},le=\"{}\"}} {count}",
+                seconds(bound)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "commission_ledger_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+            stats.count
+        );
+        let _ = writeln!(
+            out,
+            "commission_ledger_http_request_duration_seconds_sum{{{labels}}} {}",
+            seconds(stats.sum_us)
+        );
+        let _ = writeln!(
+            out,
+            "commission_ledger_http_request_duration_seconds_count{{{labels}}} {}",
+            stats.count
+        );
+    }
+    let writer = app.ledger.writer_stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let counters = [
+        (
+            "commission_ledger_group_commits_total",
+            "Batches made durable, one fdatasync each.",
+            load(&writer.batches),
+        ),
+        (
+            "commission_ledger_commands_total",
+            "Commands decided, accepted or not.",
+            load(&writer.commands),
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP commission_ledger_write_sync_seconds_total Time in write + fdatasync.\n# TYPE commission_ledger_write_sync_seconds_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "commission_ledger_write_sync_seconds_total {}",
+        seconds(load(&writer.sync_us))
+    );
+    let _ = writeln!(
+        out,
+        "# HELP commission_ledger_events_appended_total Events appended, by type.\n# TYPE commission_ledger_events_appended_total counter"
+    );
+    let by_type = writer
+        .events_by_type
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for (name, count) in by_type {
+        let _ = writeln!(
+            out,
+            "commission_ledger_events_appended_total{{type=\"{name}\"}} {count}"
+        );
+    }
+    let (indexed, checkpointed) = app.ledger.store_status();
+    let gauges = [
+        (
+            "commission_ledger_queue_depth",
+            "Commands waiting for the writer.",
+            app.ledger.queue_depth() as u64,
+        ),
+        (
+            "commission_ledger_head_seq",
+            "The seq of the last durable event.",
+            app.ledger.state().head.seq,
+        ),
+        (
+            "commission_ledger_indexed_seq",
+            "The seq the sled indexes reflect.",
+            indexed,
+        ),
+        (
+            "commission_ledger_checkpoint_seq",
+            "The seq of the last checkpoint.",
+            checkpointed,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// The application's routes.
@@ -66,6 +261,12 @@ fn routes(
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
     let limit = config.body_limit_bytes;
+    let state = AppState {
+        ledger,
+        config: Arc::new(config),
+        stopping,
+        metrics: Arc::new(HttpMetrics::default()),
+    };
     let program = Router::new()
         .route("/", axum::routing::put(put_program).get(get_program))
         .route("/affiliates", post(enroll))
@@ -101,14 +302,12 @@ fn routes(
         .route("/v1/events", get(events))
         .route("/v1/events/stream", get(stream_events))
         .nest("/v1/programs/{program}", program)
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::map_response(problems_for_rejections))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(AppState {
-            ledger,
-            config: Arc::new(config),
-            stopping,
-        })
+        .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the

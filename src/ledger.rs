@@ -514,6 +514,8 @@ pub struct WriterStats {
     pub decide_us: AtomicU64,
     /// Time spent answering callers, in microseconds.
     pub reply_us: AtomicU64,
+    /// Events appended, by type name.
+    pub events_by_type: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Counts a submitter from its call until it has its answer (or gives up).
@@ -724,6 +726,11 @@ impl Ledger {
             self.inner.indexed.load(Ordering::Acquire),
             self.inner.checkpointed.load(Ordering::Acquire),
         )
+    }
+
+    /// Commands waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// What the writer did so far.
@@ -1091,6 +1098,7 @@ fn writer_loop(
 ) {
     let mut ids = RandomIds;
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut appended_types: Vec<&'static str> = Vec::new();
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         gather(inner, &mut jobs, &mut batch, max_batch, linger);
@@ -1113,9 +1121,22 @@ fn writer_loop(
                 &mut ids,
                 &mut payloads,
             );
+            if let Answer::Done(Ok(receipt)) = &answer {
+                appended_types.extend(receipt.events.iter().map(|r| r.event.type_name()));
+            }
             answers.push((job.reply, answer));
         }
         let decided = Instant::now();
+        if !appended_types.is_empty() {
+            let mut by_type = inner
+                .stats
+                .events_by_type
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for name in appended_types.drain(..) {
+                *by_type.entry(name).or_default() += 1;
+            }
+        }
         let mut index_job = None;
         if !payloads.is_empty() {
             let first_seq = log.head().seq + 1;

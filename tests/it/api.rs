@@ -1240,3 +1240,47 @@ fn the_event_stream_resumes_from_last_event_id_and_tails_live() {
     );
     drop(lines);
 }
+
+#[test]
+fn metrics_count_requests_by_route_and_status_and_the_writer() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.balance("hosting", "alice");
+    app.balance("hosting", "alice");
+    assert_eq!(
+        app.get(None, "/v1/programs/hosting/affiliates/alice/balance")
+            .status()
+            .as_u16(),
+        401
+    );
+    let response = app.get(None, "/metrics");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().unwrap();
+    let route = "route=\"/v1/programs/{program}/affiliates/{affiliate}/balance\",method=\"GET\"";
+    assert!(
+        text.contains(&format!(
+            "commission_ledger_http_requests_total{{{route},status=\"200\"}} 2"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "commission_ledger_http_requests_total{{{route},status=\"401\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "commission_ledger_http_request_duration_seconds_count{{{route},status=\"200\"}} 2"
+    )));
+    assert!(text.contains("commission_ledger_events_appended_total{type=\"ProgramDefined\"} 1"));
+    assert!(text.contains("commission_ledger_events_appended_total{type=\"ApiKeyIssued\"} 3"));
+    assert!(text.contains("commission_ledger_head_seq 5"));
+    assert!(text.contains("commission_ledger_queue_depth 0"));
+    assert!(!text.contains("alice"), "no ids in labels");
+}
