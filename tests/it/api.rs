@@ -21,20 +21,30 @@ pub struct TestApp {
     client: Client,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestApp {
     pub fn start() -> TestApp {
         let dir = tempfile::tempdir().unwrap();
+        let mut app = TestApp::start_in(dir.path(), None);
+        app._dir = Some(dir);
+        app
+    }
+
+    /// A server on `data`; with `admin`, reuses that key instead of issuing keys.
+    pub fn start_in(data: &std::path::Path, admin: Option<String>) -> TestApp {
         let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
-        let mut config = LedgerConfig::new(dir.path());
+        let mut config = LedgerConfig::new(data);
         config.preallocate_bytes = 64 << 10;
         let read = clock.clone();
         config.clock = Arc::new(move || Timestamp::from_micros(read.load(Ordering::SeqCst)));
         let ledger = Arc::new(Ledger::open(config).unwrap());
         let key = |role| ledger.create_key(role, "test").unwrap().1;
-        let (admin, ingest, portal) = (key(Role::Admin), key(Role::Ingest), key(Role::Portal));
+        let (admin, ingest, portal) = match admin {
+            Some(admin) => (admin.clone(), admin.clone(), admin),
+            None => (key(Role::Admin), key(Role::Ingest), key(Role::Portal)),
+        };
         let (bound, address) = std::sync::mpsc::channel();
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let server = std::thread::spawn(move || {
@@ -71,7 +81,7 @@ impl TestApp {
                 .unwrap(),
             shutdown: Some(shutdown),
             server: Some(server),
-            _dir: dir,
+            _dir: None,
         }
     }
 
@@ -1283,4 +1293,78 @@ fn metrics_count_requests_by_route_and_status_and_the_writer() {
     assert!(text.contains("commission_ledger_head_seq 5"));
     assert!(text.contains("commission_ledger_queue_depth 0"));
     assert!(!text.contains("alice"), "no ids in labels");
+}
+
+#[test]
+fn fifty_racing_withdrawals_never_overdraw() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.signup(
+        "hosting",
+        json!({"customer_id": "c-1", "promo_code": "HOST-alice", "at": "2026-08-02T10:00:00Z"}),
+    );
+    // 1,000.00 billed at 20%: 200.00 earned
+    app.expense("hosting", json!({"id": "inv-1", "customer_id": "c-1", "amount": "1000.00", "currency": "USD", "at": "2026-08-03T10:00:00Z"}));
+    app.set_now("2026-09-01T06:00:00Z");
+    app.close("hosting", "2026-08");
+    // 50 requests of 30.00 race for 200.00: exactly 6 fit
+    let results: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|_| scope.spawn(|| app.withdraw("hosting", "alice", "30.00").0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|s| **s == 201).count(), 6);
+    assert_eq!(results.iter().filter(|s| **s == 422).count(), 44);
+    let balance = app.balance("hosting", "alice");
+    assert_eq!(
+        (
+            balance["earned"].as_str(),
+            balance["in_withdrawal"].as_str(),
+            balance["available"].as_str()
+        ),
+        (Some("200.00"), Some("180.00"), Some("20.00"))
+    );
+}
+
+#[test]
+fn a_restarted_server_gives_the_same_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let reads = [
+        "/balance",
+        "/statements/2026-08",
+        "/stats?from=2026-08-01&to=2026-08-31&by=day",
+        "/referrals",
+    ];
+    let answers = |app: &TestApp| -> Vec<Value> {
+        reads
+            .iter()
+            .map(|r| {
+                app.get(
+                    Some(&app.admin),
+                    &format!("/v1/programs/hosting/affiliates/alice{r}"),
+                )
+                .json::<Value>()
+                .unwrap()
+            })
+            .collect()
+    };
+    let (first, admin) = {
+        let app = TestApp::start_in(dir.path(), None);
+        app.put_program("hosting", hosting_rules());
+        let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+        app.click("hosting", json!({"referral_code": alice["referral_code"], "visitor": "v-1", "at": "2026-08-02T09:00:00Z"}));
+        app.signup(
+            "hosting",
+            json!({"customer_id": "c-1", "visitor": "v-1", "at": "2026-08-02T10:00:00Z"}),
+        );
+        app.expense("hosting", json!({"id": "inv-1", "customer_id": "c-1", "amount": "123.45", "currency": "USD", "at": "2026-08-03T10:00:00Z"}));
+        app.set_now("2026-09-01T06:00:00Z");
+        app.close("hosting", "2026-08");
+        (answers(&app), app.admin.clone())
+    };
+    let app = TestApp::start_in(dir.path(), Some(admin));
+    app.set_now("2026-09-01T06:00:00Z");
+    assert_eq!(answers(&app), first);
 }
