@@ -34,6 +34,12 @@ pub struct ApiConfig {
     pub base_url: String,
     /// The largest request body accepted.
     pub body_limit_bytes: usize,
+    /// How long a request may take before it is answered 408.
+    pub request_timeout: std::time::Duration,
+    /// Public endpoints (`/r/…`, `/px.gif`): requests per minute per client
+    /// address, and the burst allowed above that pace.
+    pub public_per_minute: u32,
+    pub public_burst: u32,
 }
 
 impl Default for ApiConfig {
@@ -41,6 +47,9 @@ impl Default for ApiConfig {
         ApiConfig {
             base_url: "http://127.0.0.1:8080".into(),
             body_limit_bytes: 1 << 20,
+            request_timeout: std::time::Duration::from_secs(30),
+            public_per_minute: 120,
+            public_burst: 30,
         }
     }
 }
@@ -54,6 +63,54 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Requests counted by route, method and status, for `/metrics`.
     pub metrics: Arc<HttpMetrics>,
+    /// The per-address limit of the public endpoints.
+    pub public_limit: Arc<RateLimiter>,
+}
+
+/// A token bucket per client address, in integers (thousandths of a
+/// request). Bounded: past `MAX_TRACKED_ADDRESSES` addresses the table
+/// starts over, which can only let a request through, never lock one out.
+pub struct RateLimiter {
+    per_minute: u64,
+    burst: u64,
+    buckets: std::sync::Mutex<HashMap<std::net::IpAddr, (u64, i64)>>,
+}
+
+/// The most client addresses the rate limiter remembers.
+pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(per_minute: u32, burst: u32) -> RateLimiter {
+        RateLimiter {
+            per_minute: u64::from(per_minute.max(1)),
+            burst: u64::from(burst.max(1)),
+            buckets: std::sync::Mutex::new(HashMap::default()),
+        }
+    }
+
+    /// Takes one request from the address's bucket; `false` when it is empty.
+    pub fn allow(&self, address: std::net::IpAddr, now: Timestamp) -> bool {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&address) {
+            buckets.clear();
+        }
+        let capacity = self.burst * 1_000;
+        let (tokens, last) = buckets.entry(address).or_insert((capacity, now.micros()));
+        let elapsed_us = now.micros().saturating_sub(*last).max(0) as u64;
+        // per_minute requests per 60 s = per_minute thousandths per 60 ms.
+        let refill = elapsed_us.saturating_mul(self.per_minute) / 60_000;
+        *tokens = (*tokens + refill).min(capacity);
+        *last = now.micros();
+        if *tokens >= 1_000 {
+            *tokens -= 1_000;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Upper bounds of the request latency histogram, in microseconds.
@@ -261,8 +318,13 @@ fn routes(
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
     let limit = config.body_limit_bytes;
+    let timeout = config.request_timeout;
     let state = AppState {
         ledger,
+        public_limit: Arc::new(RateLimiter::new(
+            config.public_per_minute,
+            config.public_burst,
+        )),
         config: Arc::new(config),
         stopping,
         metrics: Arc::new(HttpMetrics::default()),
@@ -306,6 +368,10 @@ fn routes(
         .fallback(not_found)
         .layer(axum::middleware::map_response(problems_for_rejections))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -352,6 +418,8 @@ pub enum ApiError {
     IdempotencyConflict(String),
     /// 413: the body is over the limit.
     TooLarge,
+    /// 429: a public endpoint's per-address limit.
+    RateLimited,
     /// 503: the ledger has stopped taking writes.
     Unavailable,
     /// 500: logged; the body says nothing more.
@@ -433,6 +501,19 @@ impl IntoResponse for ApiError {
                 "Body too large",
                 "the body is over the limit",
             ),
+            ApiError::RateLimited => {
+                let mut response = problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many requests",
+                    "this address sent too many requests; slow down",
+                );
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                response
+            }
             ApiError::Unavailable => problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -744,6 +825,12 @@ async fn problems_for_rejections(response: Response) -> Response {
     }
     match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge.into_response(),
+        StatusCode::REQUEST_TIMEOUT => problem(
+            status,
+            "timeout",
+            "Request timeout",
+            "the request took too long",
+        ),
         StatusCode::METHOD_NOT_ALLOWED => problem(
             status,
             "method-not-allowed",
@@ -1660,6 +1747,9 @@ async fn follow_link(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> ApiResult {
+    if !app.public_limit.allow(peer.ip(), app.ledger.now()) {
+        return Err(ApiError::RateLimited);
+    }
     let found = {
         let state = app.ledger.state();
         state
@@ -1726,6 +1816,9 @@ async fn pixel(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    if !app.public_limit.allow(peer.ip(), app.ledger.now()) {
+        return ApiError::RateLimited.into_response();
+    }
     let code = query.p.as_deref().and_then(|page| {
         let (_, query) = page.split_once('?')?;
         let query = query.split('#').next()?;

@@ -1368,3 +1368,40 @@ fn a_restarted_server_gives_the_same_answers() {
     app.set_now("2026-09-01T06:00:00Z");
     assert_eq!(answers(&app), first);
 }
+
+#[test]
+fn public_endpoints_are_rate_limited_per_address() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let link = app.url(&format!("/r/{}", alice["referral_code"].as_str().unwrap()));
+    let client = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let burst = ApiConfig::default().public_burst;
+    for _ in 0..burst {
+        assert_eq!(client.get(&link).send().unwrap().status().as_u16(), 302);
+    }
+    let head = app.head();
+    let limited = client.get(&link).send().unwrap();
+    assert_eq!(limited.status().as_u16(), 429);
+    assert_eq!(limited.headers()["retry-after"], "1");
+    assert_eq!(app.get(None, "/px.gif").status().as_u16(), 429);
+    assert_eq!(app.head(), head, "a limited click is not recorded");
+    // the bucket refills with time: 120 a minute is 2 a second
+    app.clock.fetch_add(1_000_000, Ordering::SeqCst);
+    assert_eq!(client.get(&link).send().unwrap().status().as_u16(), 302);
+    assert_eq!(client.get(&link).send().unwrap().status().as_u16(), 302);
+    assert_eq!(client.get(&link).send().unwrap().status().as_u16(), 429);
+    // the API itself is not limited this way
+    assert_eq!(
+        app.get(
+            Some(&app.portal),
+            "/v1/programs/hosting/affiliates/alice/balance"
+        )
+        .status()
+        .as_u16(),
+        200
+    );
+}
