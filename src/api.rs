@@ -567,6 +567,76 @@ pub fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Res
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A write: the parts of a POST or PUT its handler needs besides the path
+/// (the idempotency key hashes the method, path and body).
+pub struct Write {
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Write {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let (method, uri, headers) = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let request = axum::extract::Request::from_parts(parts, body);
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Write {
+            headers,
+            method,
+            uri,
+            body,
+        })
+    }
+}
+
+impl Write {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_body(&self.body)
+    }
+
+    fn submission(
+        &self,
+        caller: &Caller,
+        program: &ProgramId,
+        at: Option<Timestamp>,
+        command: Command,
+    ) -> Result<Submission, ApiError> {
+        submission(
+            program,
+            caller,
+            &self.headers,
+            (&self.method, &self.uri, &self.body),
+            at,
+            command,
+        )
+    }
+
+    async fn submit(
+        &self,
+        app: &AppState,
+        caller: &Caller,
+        program: &ProgramId,
+        at: Option<Timestamp>,
+        command: Command,
+    ) -> Result<Receipt, ApiError> {
+        let submission = self.submission(caller, program, at, command)?;
+        Ok(app.ledger.submit(submission).await?)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Authentication.
 
@@ -862,26 +932,23 @@ async fn not_found() -> Response {
 async fn put_program(
     State(app): State<AppState>,
     Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, ADMIN)?;
+    let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
-    let rules: ProgramRules = parse_body(&body)?;
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        Command::DefineProgram {
-            rules,
-            reason: None,
-        },
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let rules: ProgramRules = w.json()?;
+    let receipt = w
+        .submit(
+            &app,
+            &caller,
+            &program,
+            None,
+            Command::DefineProgram {
+                rules,
+                reason: None,
+            },
+        )
+        .await?;
     match first_event(&receipt)? {
         Event::ProgramDefined(e) => Ok(Json(&e.rules).into_response()),
         _ => Err(ApiError::Internal(
@@ -919,17 +986,10 @@ fn referral_link(app: &AppState, code: &str) -> String {
     format!("{}/r/{code}", app.config.base_url.trim_end_matches('/'))
 }
 
-async fn enroll(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+async fn enroll(State(app): State<AppState>, Path(program): Path<String>, w: Write) -> ApiResult {
+    let caller = require(&app, &w.headers, &[Role::Admin, Role::Portal])?;
     let program = program_id(&program)?;
-    let input: EnrollBody = parse_body(&body)?;
+    let input: EnrollBody = w.json()?;
     let command = Command::EnrollAffiliate {
         affiliate_id: AffiliateId::parse(&input.affiliate_id)?,
         customer_id: input
@@ -945,15 +1005,7 @@ async fn enroll(
             .transpose()
             .map_err(|e| ApiError::Rejected(Rejection::Money(e)))?,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, None, command).await?;
     match first_event(&receipt)? {
         Event::AffiliateEnrolled(e) => Ok(created(json!({
             "affiliate_id": e.affiliate_id,
@@ -1509,28 +1561,17 @@ struct CloseCustomerBody {
 async fn close_customer(
     State(app): State<AppState>,
     Path((program, customer)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, INGEST)?;
+    let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: CloseCustomerBody = parse_body(&body)?;
+    let input: CloseCustomerBody = w.json()?;
     let at = parse_at(input.at)?;
     let command = Command::CloseCustomer {
         customer_id: CustomerId::parse(&customer)?,
         reason: input.reason,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, at, command).await?;
     Ok(created(
         json!({"seq": receipt.events.first().map(|r| r.seq)}),
     ))
@@ -1546,28 +1587,17 @@ struct GroupBody {
 async fn customer_group(
     State(app): State<AppState>,
     Path((program, customer)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, INGEST)?;
+    let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: GroupBody = parse_body(&body)?;
+    let input: GroupBody = w.json()?;
     let at = parse_at(input.at)?;
     let command = Command::ChangeCustomerGroup {
         customer_id: CustomerId::parse(&customer)?,
         group: input.group,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, at, command).await?;
     Ok(created(
         json!({"seq": receipt.events.first().map(|r| r.seq)}),
     ))
@@ -1587,14 +1617,11 @@ struct ReassignBody {
 async fn reassign(
     State(app): State<AppState>,
     Path((program, customer)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, ADMIN)?;
+    let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
-    let input: ReassignBody = parse_body(&body)?;
+    let input: ReassignBody = w.json()?;
     let zone = app
         .ledger
         .state()
@@ -1634,15 +1661,7 @@ async fn reassign(
         retroactive: input.retroactive,
         reason: input.reason,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, None, command).await?;
     let adjustments: Vec<Value> = receipt
         .events
         .iter()
@@ -2039,26 +2058,12 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, Value), ApiError> {
     })
 }
 
-async fn ingest(
-    app: AppState,
-    kind: &str,
-    program: String,
-    request: (Method, Uri, HeaderMap, Bytes),
-) -> ApiResult {
-    let (method, uri, headers, body) = request;
-    let caller = require(&app, &headers, INGEST)?;
+async fn ingest(app: AppState, kind: &str, program: String, w: Write) -> ApiResult {
+    let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let value: Value = parse_body(&body)?;
+    let value: Value = w.json()?;
     let (at, command) = Ingest::parse(kind, value)?.command()?;
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        at,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, at, command).await?;
     let (status, answer) = ingest_answer(&receipt)?;
     Ok((status, Json(answer)).into_response())
 }
@@ -2068,12 +2073,9 @@ macro_rules! ingest_endpoint {
         async fn $name(
             State(app): State<AppState>,
             Path(program): Path<String>,
-            method: Method,
-            uri: Uri,
-            headers: HeaderMap,
-            body: Bytes,
+            w: Write,
         ) -> ApiResult {
-            ingest(app, $kind, program, (method, uri, headers, body)).await
+            ingest(app, $kind, program, w).await
         }
     };
 }
@@ -2099,17 +2101,10 @@ struct BatchBody {
 /// one result per item, in order. Items are independent: a refused item
 /// appends nothing and does not stop the others. With an `Idempotency-Key`,
 /// item `i` gets the key `KEY#i`, so a retried batch appends nothing twice.
-async fn batch(
-    State(app): State<AppState>,
-    Path(program): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    let caller = require(&app, &headers, INGEST)?;
+async fn batch(State(app): State<AppState>, Path(program): Path<String>, w: Write) -> ApiResult {
+    let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: BatchBody = parse_body(&body)?;
+    let input: BatchBody = w.json()?;
     if input.items.len() > MAX_BATCH_ITEMS {
         return Err(InvalidValue::new("items", format!("at most {MAX_BATCH_ITEMS} items")).into());
     }
@@ -2122,14 +2117,7 @@ async fn batch(
             _ => Err(ApiError::Malformed("each item needs a \"type\"".into())),
         };
         let built = parsed.and_then(|(at, command)| {
-            let mut s = submission(
-                &program,
-                &caller,
-                &headers,
-                (&method, &uri, &body),
-                at,
-                command,
-            )?;
+            let mut s = w.submission(&caller, &program, at, command)?;
             if let Some(idem) = &mut s.idempotency {
                 idem.key = format!("{}#{i}", idem.key);
             }
@@ -2196,23 +2184,14 @@ fn item_error(error: ApiError) -> Value {
 async fn close_month(
     State(app): State<AppState>,
     Path((program, month)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, ADMIN)?;
+    let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
     let month = Month::parse(&month)?;
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        Command::CloseMonth { month },
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w
+        .submit(&app, &caller, &program, None, Command::CloseMonth { month })
+        .await?;
     let (closed, already) = match (&receipt.noop, receipt.events.last().map(|r| &r.event)) {
         (Some(Noop::MonthAlreadyClosed(closed)), _) => (closed.clone(), true),
         (None, Some(Event::MonthClosed(closed))) => (closed.clone(), receipt.replayed),
@@ -2239,28 +2218,17 @@ struct AmountBody {
 async fn withdraw(
     State(app): State<AppState>,
     Path((program, affiliate)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = caller(&app, &headers)?;
+    let caller = caller(&app, &w.headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
     may_act_for(&caller, &program, &affiliate)?;
-    let input: AmountBody = parse_body(&body)?;
+    let input: AmountBody = w.json()?;
     let command = Command::RequestWithdrawal {
         affiliate_id: affiliate,
         amount: input.amount,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, None, command).await?;
     match first_event(&receipt)? {
         Event::WithdrawalRequested(e) => Ok(created(
             json!({"withdrawal_id": e.withdrawal_id, "status": "requested", "amount": e.amount.to_string()}),
@@ -2328,28 +2296,17 @@ struct CreditBody {
 async fn credit(
     State(app): State<AppState>,
     Path((program, affiliate)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &headers, &[Role::Admin, Role::Portal])?;
+    let caller = require(&app, &w.headers, &[Role::Admin, Role::Portal])?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
-    let input: CreditBody = parse_body(&body)?;
+    let input: CreditBody = w.json()?;
     let command = Command::ApplyCredit {
         affiliate_id: affiliate,
         amount: input.amount,
         invoice_id: input.invoice_id,
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        command,
-    )?;
-    let receipt = app.ledger.submit(s).await?;
+    let receipt = w.submit(&app, &caller, &program, None, command).await?;
     match first_event(&receipt)? {
         Event::CreditApplied(e) => Ok(created(
             json!({"seq": receipt.events[0].seq, "amount": e.amount.to_string(), "invoice_id": e.invoice_id}),
@@ -2367,19 +2324,12 @@ struct SettleBody {
     reason: Option<String>,
 }
 
-async fn settle(
-    app: AppState,
-    program: String,
-    id: String,
-    paid: bool,
-    request: (Method, Uri, HeaderMap, Bytes),
-) -> ApiResult {
-    let (method, uri, headers, body) = request;
-    let caller = require(&app, &headers, ADMIN)?;
+async fn settle(app: AppState, program: String, id: String, paid: bool, w: Write) -> ApiResult {
+    let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
     let withdrawal_id = uuid::Uuid::parse_str(&id)
         .map_err(|_| ApiError::NotFound(format!("no withdrawal `{id}`")))?;
-    let input: SettleBody = parse_body(&body)?;
+    let input: SettleBody = w.json()?;
     let command = if paid {
         Command::PayWithdrawal {
             withdrawal_id,
@@ -2391,15 +2341,7 @@ async fn settle(
             reason: input.reason.unwrap_or_default(),
         }
     };
-    let s = submission(
-        &program,
-        &caller,
-        &headers,
-        (&method, &uri, &body),
-        None,
-        command,
-    )?;
-    app.ledger.submit(s).await?;
+    w.submit(&app, &caller, &program, None, command).await?;
     let status = if paid { "paid" } else { "rejected" };
     Ok(Json(json!({"withdrawal_id": withdrawal_id, "status": status})).into_response())
 }
@@ -2407,21 +2349,15 @@ async fn settle(
 async fn withdrawal_paid(
     State(app): State<AppState>,
     Path((program, id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    settle(app, program, id, true, (method, uri, headers, body)).await
+    settle(app, program, id, true, w).await
 }
 
 async fn withdrawal_reject(
     State(app): State<AppState>,
     Path((program, id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Write,
 ) -> ApiResult {
-    settle(app, program, id, false, (method, uri, headers, body)).await
+    settle(app, program, id, false, w).await
 }
