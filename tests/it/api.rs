@@ -1405,3 +1405,179 @@ fn public_endpoints_are_rate_limited_per_address() {
         200
     );
 }
+
+/// Every endpoint × every kind of caller: no key 401, a key or token that
+/// may not do it 403, anything else gets past authorization.
+#[test]
+fn the_role_matrix() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    let token = |affiliate: &str| {
+        app.post(
+            &app.portal,
+            &format!("/v1/programs/hosting/affiliates/{affiliate}/tokens"),
+            json!({}),
+        )
+        .1["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (own, other) = (token("alice"), token("bob"));
+    let p = "/v1/programs/hosting";
+    let a = "/v1/programs/hosting/affiliates/alice";
+    let w = "00000000-0000-7000-8000-000000000000";
+    // (method, path, body, who may: A admin, I ingest, P portal, T alice's token)
+    let endpoints: Vec<(&str, String, Value, &str)> = vec![
+        ("PUT", p.into(), hosting_rules(), "A"),
+        ("GET", p.into(), Value::Null, "AP"),
+        (
+            "POST",
+            format!("{p}/affiliates"),
+            json!({"affiliate_id": "x"}),
+            "AP",
+        ),
+        ("GET", a.into(), Value::Null, "APT"),
+        ("GET", format!("{a}/balance"), Value::Null, "APT"),
+        ("GET", format!("{a}/stats"), Value::Null, "APT"),
+        ("GET", format!("{a}/referrals"), Value::Null, "APT"),
+        ("GET", format!("{a}/statements/2026-07"), Value::Null, "APT"),
+        (
+            "POST",
+            format!("{a}/withdrawals"),
+            json!({"amount": "1.00"}),
+            "APT",
+        ),
+        (
+            "POST",
+            format!("{a}/credits"),
+            json!({"amount": "1.00", "invoice_id": "i"}),
+            "AP",
+        ),
+        ("POST", format!("{a}/tokens"), json!({}), "AP"),
+        (
+            "POST",
+            format!("{p}/withdrawals/{w}/paid"),
+            json!({"reference": "r"}),
+            "A",
+        ),
+        (
+            "POST",
+            format!("{p}/withdrawals/{w}/reject"),
+            json!({"reason": "r"}),
+            "A",
+        ),
+        (
+            "POST",
+            format!("{p}/clicks"),
+            json!({"referral_code": "nope"}),
+            "AI",
+        ),
+        (
+            "POST",
+            format!("{p}/signups"),
+            json!({"customer_id": "c-1"}),
+            "AI",
+        ),
+        (
+            "POST",
+            format!("{p}/expenses"),
+            json!({"id": "e", "customer_id": "c", "amount": "1.00", "currency": "USD"}),
+            "AI",
+        ),
+        (
+            "POST",
+            format!("{p}/payments"),
+            json!({"id": "p", "customer_id": "c", "amount": "1.00", "currency": "USD"}),
+            "AI",
+        ),
+        (
+            "POST",
+            format!("{p}/refunds"),
+            json!({"id": "r", "customer_id": "c", "refunds": "e", "amount": "1.00", "currency": "USD"}),
+            "AI",
+        ),
+        ("POST", format!("{p}/batch"), json!({"items": []}), "AI"),
+        ("POST", format!("{p}/customers/c/close"), json!({}), "AI"),
+        (
+            "POST",
+            format!("{p}/customers/c/group"),
+            json!({"group": "g"}),
+            "AI",
+        ),
+        (
+            "POST",
+            format!("{p}/customers/c/reassign"),
+            json!({"to": "bob", "reason": "r"}),
+            "A",
+        ),
+        ("POST", format!("{p}/months/2026-07/close"), json!({}), "A"),
+        ("GET", "/v1/events".into(), Value::Null, "A"),
+        ("GET", "/v1/verify".into(), Value::Null, "A"),
+    ];
+    let callers: Vec<(char, Option<&str>)> = vec![
+        ('-', None),
+        ('A', Some(&app.admin)),
+        ('I', Some(&app.ingest)),
+        ('P', Some(&app.portal)),
+        ('T', Some(&own)),
+        ('O', Some(&other)),
+    ];
+    for (method, path, body, allowed) in &endpoints {
+        for (who, key) in &callers {
+            let response = if *method == "GET" {
+                app.get(*key, path)
+            } else {
+                app.send(method, *key, path, body, None)
+            };
+            let status = response.status().as_u16();
+            let expected_denied = match who {
+                '-' => Some(401),
+                'O' => Some(403), // bob's token never acts for alice, nor elsewhere
+                role if allowed.contains(*role) => None,
+                _ => Some(403),
+            };
+            match expected_denied {
+                Some(denied) => assert_eq!(status, denied, "{method} {path} as {who}"),
+                None => assert!(
+                    status != 401 && status != 403,
+                    "{method} {path} as {who}: {status}"
+                ),
+            }
+        }
+    }
+}
+
+/// The bodies of the read endpoints, as billing portals see them.
+#[test]
+fn read_endpoint_bodies() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice", "customer_id": "c-alice", "group": "resellers", "rate": "30"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.click("hosting", json!({"referral_code": code, "visitor": "v-1", "creative": "banner-1", "at": "2026-08-01T10:00:00Z"}));
+    app.click("hosting", json!({"referral_code": code, "visitor": "v-2", "creative": "text", "at": "2026-08-02T10:00:00Z"}));
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-02T11:00:00Z"}),
+    );
+    app.expense("hosting", json!({"id": "inv-7-1", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "product": "shared-hosting", "order_id": "o-7", "at": "2026-08-03T10:00:00Z"}));
+    app.expense("hosting", json!({"id": "inv-7-2", "customer_id": "cust-1", "amount": "12.00", "currency": "USD", "product": "domains", "at": "2026-08-03T10:00:00Z"}));
+    app.refund("hosting", json!({"id": "cn-3", "customer_id": "cust-1", "refunds": "inv-7-1", "amount": "25.00", "currency": "USD", "at": "2026-08-20T10:00:00Z"}));
+    app.set_now("2026-09-01T06:00:00Z");
+    app.close("hosting", "2026-08");
+    let a = "/v1/programs/hosting/affiliates/alice";
+    let read = |path: &str| app.get(Some(&app.portal), path).json::<Value>().unwrap();
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| {
+        insta::assert_json_snapshot!("api_affiliate", read(a), {".referral_code" => "[code]", ".referral_link" => "[link]"});
+        insta::assert_json_snapshot!("api_balance", read(&format!("{a}/balance")));
+        insta::assert_json_snapshot!("api_statement", read(&format!("{a}/statements/2026-08")), {".log_hash" => "[hash]"});
+        insta::assert_json_snapshot!("api_stats_by_day", read(&format!("{a}/stats?from=2026-08-01&to=2026-08-31&by=day")));
+        insta::assert_json_snapshot!("api_referrals", read(&format!("{a}/referrals?sort=-commission")));
+    });
+}
