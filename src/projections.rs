@@ -77,7 +77,9 @@ pub struct Counters {
 }
 
 /// The kind of a statement line, as DESIGN.md names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StatementKind {
     Reward,
@@ -447,7 +449,7 @@ fn money_line(
 // Read shapes, with amounts written in the currency's minor unit.
 
 /// The balance of an affiliate, every field of DESIGN.md "Money".
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Balance {
     pub affiliate_id: AffiliateId,
     pub currency: Currency,
@@ -546,7 +548,7 @@ impl ProgramView {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Statement {
     pub affiliate_id: AffiliateId,
     pub month: Month,
@@ -561,7 +563,7 @@ pub struct Statement {
     pub log_hash: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct StatementLineView {
     pub at: Timestamp,
     pub kind: StatementKind,
@@ -582,7 +584,7 @@ pub enum StatsBy {
     Creative,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Stats {
     pub clicks: u64,
     pub unique_visitors: u64,
@@ -592,7 +594,7 @@ pub struct Stats {
     pub series: Vec<StatsRow>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct StatsRow {
     pub key: String,
     pub clicks: u64,
@@ -697,7 +699,7 @@ pub struct ReferralQuery {
     pub offset: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Referral {
     pub customer_id: CustomerId,
     pub signup_at: Option<Timestamp>,

@@ -1581,3 +1581,43 @@ fn read_endpoint_bodies() {
         insta::assert_json_snapshot!("api_referrals", read(&format!("{a}/referrals?sort=-commission")));
     });
 }
+
+#[test]
+fn the_openapi_document_is_served_and_committed() {
+    let generated = commission_ledger::api::openapi();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/openapi.json");
+    let text = serde_json::to_string_pretty(&generated).unwrap() + "\n";
+    if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == text,
+        "schemas/openapi.json drifted from the handlers: run `UPDATE_SCHEMAS=1 cargo test` and commit"
+    );
+    let app = TestApp::start();
+    let served: Value = app.get(None, "/openapi.json").json().unwrap();
+    assert_eq!(served, generated);
+    assert_eq!(served["openapi"], "3.1.0");
+    // every path the router serves is described, with its methods
+    for (path, method) in [
+        (
+            "/v1/programs/{program}/affiliates/{affiliate}/balance",
+            "get",
+        ),
+        ("/v1/programs/{program}/expenses", "post"),
+        ("/v1/programs/{program}", "put"),
+        ("/r/{code}", "get"),
+    ] {
+        assert!(served["paths"][path][method].is_object(), "{method} {path}");
+    }
+    // and every $ref points at a schema that is there
+    let text = served.to_string();
+    for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = piece.split('"').next().unwrap();
+        assert!(
+            served["components"]["schemas"][name].is_object(),
+            "dangling $ref to {name}"
+        );
+    }
+}
