@@ -2841,10 +2841,10 @@ pub fn openapi() -> Value {
             operation["requestBody"] =
                 json!({"required": true, "content": {"application/json": {"schema": request}}});
         }
-        if method == "post" || method == "put" {
-            operation["parameters"]
-                .as_array_mut()
-                .map(|p| p.push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}})));
+        if (method == "post" || method == "put")
+            && let Some(parameters) = operation["parameters"].as_array_mut()
+        {
+            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}));
         }
         if roles != "public" {
             operation["security"] = json!([{"bearer": []}]);
