@@ -300,3 +300,88 @@ fn close_month_posts_rewards_once_and_backup_copies_a_verifiable_log() {
     );
     assert!(cli(&backup, &["replay"]).status.success());
 }
+
+#[test]
+fn serve_prints_the_admin_key_once_answers_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_commission-ledger"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        let address = loop {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(address) = line.strip_prefix("listening on ") {
+                break address.to_string();
+            }
+            printed.push(line);
+        };
+        (child, address, printed)
+    };
+    let (mut child, address, printed) = start();
+    assert!(
+        printed.iter().any(|l| l.starts_with("created admin key")),
+        "{printed:?}"
+    );
+    let key = printed.last().unwrap().clone();
+    let client = reqwest::blocking::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{address}/healthz"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap(),
+        "ok"
+    );
+    let verify = client
+        .get(format!("{address}/v1/verify"))
+        .bearer_auth(&key)
+        .send()
+        .unwrap();
+    assert_eq!(verify.status().as_u16(), 200);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "a clean exit on SIGTERM"
+    );
+    // the second start prints no new key, and the first key still works
+    let (mut child, address, printed) = start();
+    assert!(
+        !printed.iter().any(|l| l.starts_with("created admin key")),
+        "{printed:?}"
+    );
+    assert_eq!(
+        client
+            .get(format!("{address}/v1/verify"))
+            .bearer_auth(&key)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
