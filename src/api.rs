@@ -373,6 +373,20 @@ fn routes(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Every request gets an `x-request-id` (kept when the caller sent
+        // one), logged with the request and returned with the response.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(RequestIds))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -396,6 +410,23 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(signal)
         .await
+}
+
+/// Makes request ids: UUID v7, so they sort by time.
+#[derive(Clone, Copy)]
+struct RequestIds;
+
+impl tower_http::request_id::MakeRequestId for RequestIds {
+    fn make_request_id<B>(
+        &mut self,
+        _: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        uuid::Uuid::now_v7()
+            .to_string()
+            .parse()
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -1621,3 +1621,19 @@ fn the_openapi_document_is_served_and_committed() {
         );
     }
 }
+
+#[test]
+fn every_response_carries_a_request_id() {
+    let app = TestApp::start();
+    let made = app.get(None, "/healthz");
+    let id = made.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    let kept = app
+        .client
+        .get(app.url("/v1/nothing"))
+        .header("x-request-id", "portal-42")
+        .send()
+        .unwrap();
+    assert_eq!(kept.headers()["x-request-id"], "portal-42");
+    assert_eq!(kept.status().as_u16(), 404);
+}
