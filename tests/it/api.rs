@@ -1637,3 +1637,184 @@ fn every_response_carries_a_request_id() {
     assert_eq!(kept.headers()["x-request-id"], "portal-42");
     assert_eq!(kept.status().as_u16(), 404);
 }
+
+/// Every write endpoint gets malformed JSON, a wrong type and an unknown
+/// field: each a 400 problem, and the log does not grow.
+#[test]
+fn every_write_endpoint_refuses_malformed_bodies() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let p = "/v1/programs/hosting";
+    let a = "/v1/programs/hosting/affiliates/alice";
+    let w = "00000000-0000-7000-8000-000000000000";
+    // (method, path, a field to send with the wrong type)
+    let endpoints: Vec<(&str, String, &str)> = vec![
+        ("PUT", p.to_string(), "default_rate"),
+        ("POST", format!("{p}/affiliates"), "affiliate_id"),
+        ("POST", format!("{a}/withdrawals"), "amount"),
+        ("POST", format!("{a}/credits"), "amount"),
+        ("POST", format!("{a}/tokens"), "ttl_seconds"),
+        ("POST", format!("{p}/withdrawals/{w}/paid"), "reference"),
+        ("POST", format!("{p}/withdrawals/{w}/reject"), "reason"),
+        ("POST", format!("{p}/clicks"), "referral_code"),
+        ("POST", format!("{p}/signups"), "customer_id"),
+        ("POST", format!("{p}/expenses"), "amount"),
+        ("POST", format!("{p}/payments"), "amount"),
+        ("POST", format!("{p}/refunds"), "amount"),
+        ("POST", format!("{p}/batch"), "items"),
+        ("POST", format!("{p}/customers/c-1/close"), "reason"),
+        ("POST", format!("{p}/customers/c-1/group"), "group"),
+        ("POST", format!("{p}/customers/c-1/reassign"), "to"),
+    ];
+    let head = app.head();
+    for (method, path, field) in &endpoints {
+        let wrong_type = json!({ *field: {"nested": [1, 2]} });
+        let unknown = json!({"surprise": true});
+        for body in [wrong_type, unknown] {
+            let response = app.send(method, Some(&app.admin), path, &body, None);
+            assert_eq!(response.status().as_u16(), 400, "{method} {path} {body}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json"
+            );
+            let problem: Value = response.json().unwrap();
+            assert_eq!(
+                problem["type"], "https://commission-ledger.dev/problems/malformed",
+                "{method} {path} {body}"
+            );
+        }
+        let response = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                app.url(path),
+            )
+            .bearer_auth(&app.admin)
+            .header("content-type", "application/json")
+            .body("{\"truncated\": ")
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{method} {path} truncated");
+    }
+    assert_eq!(app.head(), head, "nothing was appended");
+}
+
+/// The WHMCS story (seed 001) over HTTP: payments basis, the $50.00 mark,
+/// "Request Withdrawal", and the referral list with its filters.
+#[test]
+fn whmcs_over_http() {
+    let app = TestApp::start();
+    let mut rules = hosting_rules();
+    rules["id"] = json!("whmcs");
+    rules["basis"] = json!("payments");
+    rules["default_rate"] = json!("10");
+    rules["timezone"] = json!("America/New_York");
+    rules["product_rates"] = json!({});
+    assert_eq!(app.put_program("whmcs", rules).0, 200);
+    let (_, pat) = app.enroll("whmcs", json!({"affiliate_id": "pat"}));
+    let code = pat["referral_code"].as_str().unwrap().to_string();
+    for (customer, visitor) in [("w-1", "v1"), ("w-2", "v2"), ("w-3", "v3")] {
+        app.click(
+            "whmcs",
+            json!({"referral_code": code, "visitor": visitor, "at": "2026-08-02T15:00:00Z"}),
+        );
+        assert_eq!(
+            app.signup(
+                "whmcs",
+                json!({"customer_id": customer, "visitor": visitor, "at": "2026-08-03T15:00:00Z"})
+            )
+            .1["affiliate_id"],
+            "pat"
+        );
+    }
+    let pay = |id: &str, customer: &str, amount: &str, at: &str| {
+        app.post(&app.ingest, "/v1/programs/whmcs/payments", json!({"id": id, "customer_id": customer, "amount": amount, "currency": "USD", "at": at})).0
+    };
+    assert_eq!(app.expense("whmcs", json!({"id": "inv-1", "customer_id": "w-1", "amount": "300.00", "currency": "USD", "at": "2026-08-09T15:00:00Z"})).0, 201);
+    assert_eq!(pay("pay-1", "w-1", "300.00", "2026-08-10T15:00:00Z"), 201); // 30.00
+    assert_eq!(pay("pay-2", "w-2", "150.00", "2026-08-12T15:00:00Z"), 201); // 15.00
+    app.set_now("2026-09-01T12:00:00Z");
+    assert_eq!(app.close("whmcs", "2026-08").1["total"], "45.00");
+    let balance = app.balance("whmcs", "pat");
+    assert_eq!(
+        (balance["earned"].as_str(), balance["to_threshold"].as_str()),
+        (Some("45.00"), Some("5.00"))
+    );
+    assert_eq!(
+        app.withdraw("whmcs", "pat", "45.00").1["type"],
+        "https://commission-ledger.dev/problems/below-threshold"
+    );
+    assert_eq!(pay("pay-3", "w-1", "100.00", "2026-09-03T15:00:00Z"), 201); // 10.00
+    app.set_now("2026-10-01T12:00:00Z");
+    app.close("whmcs", "2026-09");
+    let (status, withdrawal) = app.withdraw("whmcs", "pat", "55.00");
+    assert_eq!(status, 201);
+    let id = withdrawal["withdrawal_id"].as_str().unwrap();
+    let (status, paid) = app.post(
+        &app.admin,
+        &format!("/v1/programs/whmcs/withdrawals/{id}/paid"),
+        json!({"reference": "PayPal"}),
+    );
+    assert_eq!((status, paid["status"].as_str()), (200, Some("paid")));
+    let balance = app.balance("whmcs", "pat");
+    assert_eq!(
+        (
+            balance["earned"].as_str(),
+            balance["withdrawn_total"].as_str()
+        ),
+        (Some("0.00"), Some("55.00"))
+    );
+    app.post(
+        &app.ingest,
+        "/v1/programs/whmcs/customers/w-2/close",
+        json!({"reason": "cancelled"}),
+    );
+    let list: Value = app
+        .get(
+            Some(&app.portal),
+            "/v1/programs/whmcs/affiliates/pat/referrals?sort=-commission&limit=2",
+        )
+        .json()
+        .unwrap();
+    let ids: Vec<&str> = list["referrals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["customer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!((ids, list["total"].as_u64()), (vec!["w-1", "w-2"], Some(3)));
+    let next: Value = app
+        .get(
+            Some(&app.portal),
+            &format!(
+                "/v1/programs/whmcs/affiliates/pat/referrals?sort=-commission&limit=2&cursor={}",
+                list["next_cursor"].as_str().unwrap()
+            ),
+        )
+        .json()
+        .unwrap();
+    assert_eq!(next["referrals"][0]["customer_id"], "w-3");
+    let closed: Value = app
+        .get(
+            Some(&app.portal),
+            "/v1/programs/whmcs/affiliates/pat/referrals?status=closed",
+        )
+        .json()
+        .unwrap();
+    assert_eq!(
+        (
+            closed["total"].as_u64(),
+            closed["referrals"][0]["commission"].as_str()
+        ),
+        (Some(1), Some("15.00"))
+    );
+    let statement = app.statement("whmcs", "pat", "2026-10");
+    assert_eq!(
+        (
+            statement["lines"][0]["kind"].as_str(),
+            statement["lines"][0]["amount"].as_str()
+        ),
+        (Some("withdrawal"), Some("-55.00"))
+    );
+}
