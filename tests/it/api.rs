@@ -1818,3 +1818,170 @@ fn whmcs_over_http() {
         (Some("withdrawal"), Some("-55.00"))
     );
 }
+
+fn rules_for(id: &str, changes: Value) -> Value {
+    let mut rules = hosting_rules();
+    rules["id"] = json!(id);
+    for (key, value) in changes.as_object().unwrap() {
+        rules[key] = value.clone();
+    }
+    rules
+}
+
+/// H-Sphere (seed 000) over HTTP: the signup goes to both affiliate servers
+/// (two programs); only the one holding the visitor's click acts.
+#[test]
+fn h_sphere_over_http() {
+    let app = TestApp::start();
+    for id in ["server-a", "server-b"] {
+        app.put_program(id, rules_for(id, json!({"default_rate": "15", "cookie_days": 45, "attribution": "first_click", "timezone": "America/Chicago", "product_rates": {}})));
+        app.enroll(id, json!({"affiliate_id": "webmaster"}));
+    }
+    let code: String = app
+        .get(
+            Some(&app.portal),
+            "/v1/programs/server-a/affiliates/webmaster",
+        )
+        .json::<Value>()
+        .unwrap()["referral_code"]
+        .as_str()
+        .unwrap()
+        .into();
+    app.click("server-a", json!({"referral_code": code, "visitor": "cookie-1", "creative": "banner-468x60", "at": "2026-08-10T15:00:00Z"}));
+    let a = app.signup(
+        "server-a",
+        json!({"customer_id": "h-1", "visitor": "cookie-1", "at": "2026-08-12T10:00:00Z"}),
+    );
+    let b = app.signup(
+        "server-b",
+        json!({"customer_id": "h-1", "visitor": "cookie-1", "at": "2026-08-12T10:00:00Z"}),
+    );
+    assert_eq!((a.0, b), (201, (200, json!({"attributed": false}))));
+    app.expense("server-a", json!({"id": "hs-1", "customer_id": "h-1", "amount": "39.95", "currency": "USD", "product": "hosting", "at": "2026-08-15T12:00:00Z"}));
+    app.expense("server-a", json!({"id": "hs-2", "customer_id": "h-1", "amount": "89.95", "currency": "USD", "product": "ssl-128", "at": "2026-08-15T12:00:00Z"}));
+    app.set_now("2026-09-01T12:00:00Z");
+    assert_eq!(app.close("server-a", "2026-08").1["total"], "19.48"); // 5.99 + 13.49
+    assert_eq!(app.close("server-b", "2026-08").1["total"], "0.00");
+    let stats: Value = app.get(Some(&app.portal), "/v1/programs/server-a/affiliates/webmaster/stats?from=2026-08-01&to=2026-08-31&by=creative").json().unwrap();
+    assert_eq!(
+        (
+            stats["clicks"].as_u64(),
+            stats["conversions"].as_u64(),
+            stats["commission"].as_str()
+        ),
+        (Some(1), Some(1), Some("19.48"))
+    );
+}
+
+/// Host.bg (seed 002) over HTTP, in leva: one-time commission on the first
+/// order, then commission paying the partner's own invoice.
+#[test]
+fn host_bg_over_http() {
+    let app = TestApp::start();
+    app.put_program("hostbg", rules_for("hostbg", json!({"currency": "BGN", "timezone": "Europe/Sofia", "default_rate": "10", "term": {"kind": "first_order"}, "payout_threshold": "100.00", "product_rates": {}})));
+    let (_, partner) = app.enroll(
+        "hostbg",
+        json!({"affiliate_id": "p-1007", "customer_id": "c-1007"}),
+    );
+    app.click("hostbg", json!({"referral_code": partner["referral_code"], "visitor": "v-b1", "at": "2026-08-01T08:00:00Z"}));
+    app.signup(
+        "hostbg",
+        json!({"customer_id": "b-1", "visitor": "v-b1", "at": "2026-08-01T09:00:00Z"}),
+    );
+    let line = |id: &str, amount: &str, order: &str, at: &str| json!({"id": id, "customer_id": "b-1", "amount": amount, "currency": "BGN", "order_id": order, "at": at});
+    app.expense(
+        "hostbg",
+        line("f-1", "120.00", "o-1", "2026-08-01T10:00:00Z"),
+    );
+    app.expense(
+        "hostbg",
+        line("f-2", "20.00", "o-1", "2026-08-01T10:00:00Z"),
+    );
+    app.expense(
+        "hostbg",
+        line("f-3", "120.00", "o-2", "2026-08-20T10:00:00Z"),
+    );
+    let (status, problem) = app.expense(
+        "hostbg",
+        json!({"id": "f-4", "customer_id": "b-1", "amount": "1.00", "currency": "USD"}),
+    );
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            422,
+            Some("https://commission-ledger.dev/problems/currency-mismatch")
+        )
+    );
+    app.set_now("2026-09-01T12:00:00Z");
+    assert_eq!(app.close("hostbg", "2026-08").1["total"], "14.00");
+    let (status, _) = app.post(
+        &app.portal,
+        "/v1/programs/hostbg/affiliates/p-1007/credits",
+        json!({"amount": "14.00", "invoice_id": "inv-p-1007-09"}),
+    );
+    assert_eq!(status, 201);
+    let balance = app.balance("hostbg", "p-1007");
+    assert_eq!(
+        (
+            balance["currency"].as_str(),
+            balance["earned"].as_str(),
+            balance["credited_total"].as_str()
+        ),
+        (Some("BGN"), Some("0.00"), Some("14.00"))
+    );
+}
+
+/// Yourhosting (seed 003) over HTTP, in euro: kickback per participating
+/// product, once the customer has paid.
+#[test]
+fn yourhosting_over_http() {
+    let app = TestApp::start();
+    app.put_program("yourhosting", rules_for("yourhosting", json!({"currency": "EUR", "basis": "payments", "default_rate": "0", "product_rates": {"webhosting": "15", "domains": "5"}, "payout_threshold": "0.00", "promo_code_template": null})));
+    let (_, friend) = app.enroll("yourhosting", json!({"affiliate_id": "klant-42"}));
+    assert_eq!(friend["promo_code"], Value::Null);
+    app.click("yourhosting", json!({"referral_code": friend["referral_code"], "visitor": "v-y1", "at": "2026-08-03T18:00:00Z"}));
+    app.signup(
+        "yourhosting",
+        json!({"customer_id": "y-1", "visitor": "v-y1", "at": "2026-08-03T18:10:00Z"}),
+    );
+    let pay = |id: &str, amount: &str, product: &str| {
+        app.post(&app.ingest, "/v1/programs/yourhosting/payments", json!({"id": id, "customer_id": "y-1", "amount": amount, "currency": "EUR", "product": product, "at": "2026-08-04T09:00:00Z"})).0
+    };
+    assert_eq!(
+        (
+            pay("p-1", "60.00", "webhosting"),
+            pay("p-2", "10.00", "domains"),
+            pay("p-3", "100.00", "vps")
+        ),
+        (201, 201, 201)
+    );
+    app.set_now("2026-08-31T12:00:00Z");
+    assert_eq!(app.balance("yourhosting", "klant-42")["pending"], "9.50");
+    app.set_now("2026-09-01T12:00:00Z");
+    assert_eq!(app.close("yourhosting", "2026-08").1["total"], "9.50");
+    let (status, w) = app.withdraw("yourhosting", "klant-42", "9.50");
+    assert_eq!(status, 201);
+    let id = w["withdrawal_id"].as_str().unwrap();
+    assert_eq!(
+        app.post(
+            &app.admin,
+            &format!("/v1/programs/yourhosting/withdrawals/{id}/paid"),
+            json!({"reference": "SEPA"})
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        app.post(
+            &app.admin,
+            &format!("/v1/programs/yourhosting/withdrawals/{id}/paid"),
+            json!({"reference": "again"})
+        )
+        .1["type"],
+        "https://commission-ledger.dev/problems/withdrawal-settled"
+    );
+    assert_eq!(
+        app.balance("yourhosting", "klant-42")["withdrawn_total"],
+        "9.50"
+    );
+}
