@@ -845,6 +845,24 @@ fn submission(
     Ok(s)
 }
 
+/// Runs a read: right here for the current state (a read lock, quick), on
+/// the blocking pool for a past state (a replay of the log).
+async fn read<T: Send + 'static>(
+    app: &AppState,
+    as_of: Option<AsOf>,
+    read: impl FnOnce(&Ledger, Option<AsOf>) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let internal = |e: crate::ledger::LedgerError| ApiError::Internal(e.to_string());
+    if as_of.is_none() {
+        return read(&app.ledger, None).map_err(internal);
+    }
+    let ledger = app.ledger.clone();
+    tokio::task::spawn_blocking(move || read(&ledger, as_of))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(internal)
+}
+
 #[derive(Deserialize)]
 struct AsOfQuery {
     as_of: Option<String>,
@@ -1090,13 +1108,12 @@ async fn balance(
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
     may_act_for(&caller, &program, &affiliate)?;
     let as_of = as_of(&query)?;
-    let ledger = app.ledger.clone();
     let (p, a) = (program.clone(), affiliate.clone());
-    let balance = tokio::task::spawn_blocking(move || ledger.balance(&p, &a, as_of))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    let balance = read(&app, as_of, move |ledger, as_of| {
+        ledger.balance(&p, &a, as_of)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
     Ok(Json(balance).into_response())
 }
 
@@ -1111,13 +1128,12 @@ async fn statement(
     may_act_for(&caller, &program, &affiliate)?;
     let month = Month::parse(&month)?;
     let as_of = as_of(&query)?;
-    let ledger = app.ledger.clone();
     let (p, a) = (program.clone(), affiliate.clone());
-    let statement = tokio::task::spawn_blocking(move || ledger.statement(&p, &a, month, as_of))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    let statement = read(&app, as_of, move |ledger, as_of| {
+        ledger.statement(&p, &a, month, as_of)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -1202,13 +1218,12 @@ async fn stats(
         }
     };
     let as_of = as_of(&AsOfQuery { as_of: query.as_of })?;
-    let ledger = app.ledger.clone();
     let (p, a) = (program.clone(), affiliate.clone());
-    let stats = tokio::task::spawn_blocking(move || ledger.stats(&p, &a, from, to, by, as_of))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
+    let stats = read(&app, as_of, move |ledger, as_of| {
+        ledger.stats(&p, &a, from, to, by, as_of)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
     Ok(Json(stats).into_response())
 }
 
@@ -1277,16 +1292,12 @@ async fn referrals(
         offset,
     };
     let as_of = as_of(&AsOfQuery { as_of: query.as_of })?;
-    let ledger = app.ledger.clone();
     let (p, a) = (program.clone(), affiliate.clone());
-    let page =
-        tokio::task::spawn_blocking(move || ledger.referrals(&p, &a, &referral_query, as_of))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`"))
-            })?;
+    let page = read(&app, as_of, move |ledger, as_of| {
+        ledger.referrals(&p, &a, &referral_query, as_of)
+    })
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
     Ok(Json(json!({
         "referrals": page.referrals,
         "total": page.total,
