@@ -1984,6 +1984,35 @@ struct RefundBody {
     at: Option<String>,
 }
 
+/// Which body an ingest endpoint or batch item carries.
+#[derive(Clone, Copy)]
+enum Parse {
+    Click,
+    Signup,
+    Line(LineKind),
+    Refund,
+}
+
+impl Parse {
+    fn read_value(self, body: Value) -> Result<Ingest, serde_json::Error> {
+        Ok(match self {
+            Parse::Click => Ingest::Click(serde_json::from_value(body)?),
+            Parse::Signup => Ingest::Signup(serde_json::from_value(body)?),
+            Parse::Line(kind) => Ingest::Line(kind, serde_json::from_value(body)?),
+            Parse::Refund => Ingest::Refund(serde_json::from_value(body)?),
+        })
+    }
+
+    fn read_slice(self, body: &[u8]) -> Result<Ingest, serde_json::Error> {
+        Ok(match self {
+            Parse::Click => Ingest::Click(serde_json::from_slice(body)?),
+            Parse::Signup => Ingest::Signup(serde_json::from_slice(body)?),
+            Parse::Line(kind) => Ingest::Line(kind, serde_json::from_slice(body)?),
+            Parse::Refund => Ingest::Refund(serde_json::from_slice(body)?),
+        })
+    }
+}
+
 /// What the billing system sends: one of these per endpoint, or per item of
 /// a batch (`"type": "click"` …).
 enum Ingest {
@@ -1994,28 +2023,39 @@ enum Ingest {
 }
 
 impl Ingest {
+    /// A batch item, already parsed as JSON.
     fn parse(kind: &str, body: Value) -> Result<Ingest, ApiError> {
-        let malformed = |e: serde_json::Error| {
-            ApiError::Malformed(format!("the `{kind}` is not the expected JSON: {e}"))
+        Ingest::decode(kind, |ty| ty.read_value(body))
+    }
+
+    /// A request body, parsed straight into its type.
+    fn parse_bytes(kind: &str, body: &[u8]) -> Result<Ingest, ApiError> {
+        let body = if body.is_empty() {
+            b"{}".as_slice()
+        } else {
+            body
         };
-        Ok(match kind {
-            "click" => Ingest::Click(serde_json::from_value(body).map_err(malformed)?),
-            "signup" => Ingest::Signup(serde_json::from_value(body).map_err(malformed)?),
-            "expense" => Ingest::Line(
-                LineKind::Expense,
-                serde_json::from_value(body).map_err(malformed)?,
-            ),
-            "payment" => Ingest::Line(
-                LineKind::Payment,
-                serde_json::from_value(body).map_err(malformed)?,
-            ),
-            "refund" => Ingest::Refund(serde_json::from_value(body).map_err(malformed)?),
+        Ingest::decode(kind, |ty| ty.read_slice(body))
+    }
+
+    fn decode(
+        kind: &str,
+        read: impl FnOnce(Parse) -> Result<Ingest, serde_json::Error>,
+    ) -> Result<Ingest, ApiError> {
+        let parse = match kind {
+            "click" => Parse::Click,
+            "signup" => Parse::Signup,
+            "expense" => Parse::Line(LineKind::Expense),
+            "payment" => Parse::Line(LineKind::Payment),
+            "refund" => Parse::Refund,
             other => {
                 return Err(ApiError::Malformed(format!(
                     "`{other}` is not click, signup, expense, payment or refund"
                 )));
             }
-        })
+        };
+        read(parse)
+            .map_err(|e| ApiError::Malformed(format!("the `{kind}` is not the expected JSON: {e}")))
     }
 
     /// The command, and when it happened.
@@ -2104,8 +2144,7 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, Value), ApiError> {
 async fn ingest(app: AppState, kind: &str, program: String, w: Write) -> ApiResult {
     let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let value: Value = w.json()?;
-    let (at, command) = Ingest::parse(kind, value)?.command()?;
+    let (at, command) = Ingest::parse_bytes(kind, &w.body)?.command()?;
     let receipt = w.submit(&app, &caller, &program, at, command).await?;
     let (status, answer) = ingest_answer(&receipt)?;
     Ok((status, Json(answer)).into_response())

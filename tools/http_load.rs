@@ -202,6 +202,7 @@ fn main() {
         let addr = listener.local_addr().unwrap_or_else(|e| fail(&e.to_string())).to_string();
         let config = ApiConfig { public_per_minute: u32::MAX, public_burst: u32::MAX, ..ApiConfig::default() };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stats_ledger = ledger.clone();
         let server = tokio::spawn(api::serve(listener, ledger, config, async {
             let _ = stopped.await;
         }));
@@ -238,6 +239,13 @@ fn main() {
         })
         .await;
         report("POST .../expenses (durable)", &expenses);
+        let s = stats_ledger.writer_stats();
+        let batches = s.batches.load(Ordering::Relaxed).max(1);
+        println!(
+            "  writer so far: {batches} group commits, {:.1} commands each, write+fdatasync {} us each",
+            s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
+            s.sync_us.load(Ordering::Relaxed) / batches
+        );
         let key = admin.clone();
         let batches = phase(&addr, 4, duration, move |who, n| {
             let mut body = String::from(r#"{"items":["#);
