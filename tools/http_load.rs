@@ -4,7 +4,8 @@
 //! `GET /healthz` (the HTTP ceiling), `GET /r/{code}`, `GET .../balance`,
 //! durable `POST .../expenses`, and `POST .../batch` with 10,000 items.
 //!
-//! `http-load [SECONDS_PER_PHASE] [CONNECTIONS]` (defaults 5 and 64).
+//! `http-load [SECONDS_PER_PHASE] [CONNECTIONS] [PHASES]` (defaults 5, 64,
+//! and every phase; PHASES is a comma list of healthz,r,balance,expenses,batch).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,6 +185,15 @@ fn main() {
         .unwrap_or(64)
         .min(1024);
     let duration = Duration::from_secs(seconds);
+    let phases: Vec<String> = args
+        .get(3)
+        .map(|p| p.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| {
+            ["healthz", "r", "balance", "expenses", "batch"]
+                .map(String::from)
+                .to_vec()
+        });
+    let run = move |name: &str| phases.iter().any(|p| p == name);
     let dir = std::env::temp_dir().join(format!("http-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ledger =
@@ -224,16 +234,17 @@ fn main() {
         let report = |name: &str, p: &Phase| {
             println!("{name:<34} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}", p.rate(), p.percentile(0.5), p.percentile(0.99), p.errors);
         };
-        let healthz = phase(&addr, connections, duration, |_, _| ("GET".into(), "/healthz".into(), None, None)).await;
+        let short = Duration::from_millis(300);
+        let healthz = phase(&addr, connections, if run("healthz") { duration } else { short }, |_, _| ("GET".into(), "/healthz".into(), None, None)).await;
         report("GET /healthz (ceiling)", &healthz);
-        let r = phase(&addr, connections, duration, move |_, _| ("GET".into(), format!("/r/{code}"), None, None)).await;
+        let r = phase(&addr, connections, if run("r") { duration } else { short }, move |_, _| ("GET".into(), format!("/r/{code}"), None, None)).await;
         report("GET /r/{code} (durable click)", &r);
         let key = admin.clone();
-        let balance = phase(&addr, connections, duration, move |_, _| ("GET".into(), "/v1/programs/load/affiliates/alice/balance".into(), Some(key.clone()), None)).await;
+        let balance = phase(&addr, connections, if run("balance") { duration } else { short }, move |_, _| ("GET".into(), "/v1/programs/load/affiliates/alice/balance".into(), Some(key.clone()), None)).await;
         report("GET .../balance", &balance);
         println!("balance / healthz ratio: {:.2}", balance.rate() / healthz.rate());
         let key = admin.clone();
-        let expenses = phase(&addr, connections, duration, move |who, n| {
+        let expenses = phase(&addr, connections, if run("expenses") { duration } else { short }, move |who, n| {
             let body = format!(r#"{{"id":"e-{who}-{n}","customer_id":"c-{who}","amount":"12.34","currency":"USD"}}"#);
             ("POST".into(), "/v1/programs/load/expenses".into(), Some(key.clone()), Some(body.into_bytes()))
         })
@@ -247,7 +258,7 @@ fn main() {
             s.sync_us.load(Ordering::Relaxed) / batches
         );
         let key = admin.clone();
-        let batches = phase(&addr, 4, duration, move |who, n| {
+        let batches = phase(&addr, 4, if run("batch") { duration } else { short }, move |who, n| {
             let mut body = String::from(r#"{"items":["#);
             for i in 0..10_000 {
                 if i > 0 {
