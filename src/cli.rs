@@ -49,6 +49,16 @@ pub enum Verb {
         /// Load a demo program with three months of activity (once).
         #[arg(long)]
         demo: bool,
+        /// Public endpoints (`/r/…`, `/px.gif`): requests a minute per client address.
+        #[arg(
+            long,
+            env = "COMMISSION_LEDGER_PUBLIC_PER_MINUTE",
+            default_value_t = 120
+        )]
+        public_per_minute: u32,
+        /// Public endpoints: the burst allowed above that pace.
+        #[arg(long, env = "COMMISSION_LEDGER_PUBLIC_BURST", default_value_t = 30)]
+        public_burst: u32,
     },
     /// Delete the index store and rebuild it and every projection from the log.
     Replay,
@@ -115,7 +125,17 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             listen,
             base_url,
             demo,
-        } => serve(&data, listen, base_url, demo),
+            public_per_minute,
+            public_burst,
+        } => {
+            let config = crate::api::ApiConfig {
+                base_url: base_url.unwrap_or_default(),
+                public_per_minute,
+                public_burst,
+                ..crate::api::ApiConfig::default()
+            };
+            serve(&data, listen, config, demo)
+        }
         Verb::Replay => {
             let head = ledger::rebuild_index(&data)?;
             println!(
@@ -244,7 +264,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 fn serve(
     data: &std::path::Path,
     listen: SocketAddr,
-    base_url: Option<String>,
+    mut config: crate::api::ApiConfig,
     demo: bool,
 ) -> anyhow::Result<i32> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -287,10 +307,9 @@ fn serve(
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
         println!("listening on http://{bound}");
-        let config = crate::api::ApiConfig {
-            base_url: base_url.unwrap_or_else(|| format!("http://{bound}")),
-            ..crate::api::ApiConfig::default()
-        };
+        if config.base_url.is_empty() {
+            config.base_url = format!("http://{bound}");
+        }
         crate::api::serve(listener, ledger, config, shutdown_signal())
             .await
             .context("serving")?;
