@@ -1601,23 +1601,40 @@ struct CloseCustomerBody {
     at: Option<String>,
 }
 
-async fn close_customer(
-    State(app): State<AppState>,
-    Path((program, customer)): Path<(String, String)>,
+/// A change the billing system reports about one customer: the body names
+/// when (`at`) and what; the answer is the seq of the recorded event.
+async fn customer_change<B: serde::de::DeserializeOwned>(
+    app: AppState,
+    (program, customer): (String, String),
     w: Write,
+    change: impl FnOnce(CustomerId, B) -> (Option<String>, Command),
 ) -> ApiResult {
     let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: CloseCustomerBody = w.json()?;
-    let at = parse_at(input.at)?;
-    let command = Command::CloseCustomer {
-        customer_id: CustomerId::parse(&customer)?,
-        reason: input.reason,
-    };
-    let receipt = w.submit(&app, &caller, &program, at, command).await?;
+    let (at, command) = change(CustomerId::parse(&customer)?, w.json()?);
+    let receipt = w
+        .submit(&app, &caller, &program, parse_at(at)?, command)
+        .await?;
     Ok(created(
         json!({"seq": receipt.events.first().map(|r| r.seq)}),
     ))
+}
+
+async fn close_customer(
+    State(app): State<AppState>,
+    Path(ids): Path<(String, String)>,
+    w: Write,
+) -> ApiResult {
+    customer_change(app, ids, w, |customer_id, body: CloseCustomerBody| {
+        (
+            body.at,
+            Command::CloseCustomer {
+                customer_id,
+                reason: body.reason,
+            },
+        )
+    })
+    .await
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -1629,21 +1646,19 @@ struct GroupBody {
 
 async fn customer_group(
     State(app): State<AppState>,
-    Path((program, customer)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
     w: Write,
 ) -> ApiResult {
-    let caller = require(&app, &w.headers, INGEST)?;
-    let program = program_id(&program)?;
-    let input: GroupBody = w.json()?;
-    let at = parse_at(input.at)?;
-    let command = Command::ChangeCustomerGroup {
-        customer_id: CustomerId::parse(&customer)?,
-        group: input.group,
-    };
-    let receipt = w.submit(&app, &caller, &program, at, command).await?;
-    Ok(created(
-        json!({"seq": receipt.events.first().map(|r| r.seq)}),
-    ))
+    customer_change(app, ids, w, |customer_id, body: GroupBody| {
+        (
+            body.at,
+            Command::ChangeCustomerGroup {
+                customer_id,
+                group: body.group,
+            },
+        )
+    })
+    .await
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
