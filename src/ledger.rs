@@ -628,6 +628,7 @@ impl Ledger {
     /// Opens the ledger in `config.data_dir`: recovers the log (cutting a
     /// torn tail, refusing a corrupt one), replays it, starts the writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
+        crate::return_freed_memory_promptly();
         let dir = config.data_dir.clone();
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let lock = lock_dir(&dir)?;

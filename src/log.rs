@@ -202,15 +202,13 @@ pub fn scan(
                 ),
             ));
         }
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(io("read", path))?;
-        if bytes.len() < SEGMENT_MAGIC.len() || &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
-            let torn_header = is_last
-                && SEGMENT_MAGIC.starts_with(&bytes[..bytes.len().min(SEGMENT_MAGIC.len())]);
+        let mut window = Window::open(path)?;
+        let header = window.fill(SEGMENT_MAGIC.len())?;
+        let header = header[..header.len().min(SEGMENT_MAGIC.len())].to_vec();
+        if header != SEGMENT_MAGIC {
+            let torn_header = is_last && SEGMENT_MAGIC.starts_with(&header);
             if torn_header && mode != ScanMode::Strict {
-                torn_bytes = bytes.len() as u64;
+                torn_bytes = header.len() as u64;
                 if mode == ScanMode::Repair {
                     rewrite_segment_header(path)?;
                 }
@@ -219,8 +217,9 @@ pub fn scan(
             }
             return Err(corrupt(0, head.seq + 1, "bad segment header".into()));
         }
-        let mut offset = SEGMENT_MAGIC.len();
-        while offset < bytes.len() {
+        window.consume(SEGMENT_MAGIC.len());
+        loop {
+            let offset = window.offset();
             if let Some(until) = until
                 && head.seq >= until
             {
@@ -228,35 +227,60 @@ pub fn scan(
                     head,
                     segments,
                     torn_bytes,
-                    end: offset as u64,
+                    end: offset,
                 });
             }
-            if bytes[offset..].iter().all(|b| *b == 0) {
+            let frame = window.fill(FRAME_HEADER_LEN)?;
+            if frame.is_empty() {
+                break;
+            }
+            let zero_frame = frame.iter().all(|b| *b == 0);
+            let wanted = if frame.len() >= FRAME_HEADER_LEN {
+                let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+                FRAME_HEADER_LEN + len.min(MAX_RECORD_LEN)
+            } else {
+                FRAME_HEADER_LEN
+            };
+            if zero_frame && window.rest_is_zero(0)? {
                 // Preallocated space, never written: the records end here.
                 break;
             }
             let seq = head.seq + 1;
-            match check_record(&bytes, offset, &head) {
+            let rest = window.fill(wanted)?;
+            let checked = match check_record(rest, &head) {
+                Err(Bad::CrcMismatch { record_len }) => {
+                    // The last record written, in a file that ends with it or
+                    // with never-written preallocated space, was torn by a crash.
+                    let what = "CRC32C mismatch".to_string();
+                    Err(if window.rest_is_zero(record_len)? {
+                        Bad::Torn(what)
+                    } else {
+                        Bad::Corrupt(what)
+                    })
+                }
+                other => other,
+            };
+            let offset_usize = usize::try_from(offset).unwrap_or(usize::MAX);
+            match checked {
                 Ok((record_len, hash)) => {
-                    let payload =
-                        &bytes[offset + FRAME_HEADER_LEN + BODY_PREFIX_LEN..offset + record_len];
+                    let rest = window.fill(record_len)?;
                     let record = Record {
                         seq,
                         hash,
-                        payload,
+                        payload: &rest[FRAME_HEADER_LEN + BODY_PREFIX_LEN..record_len],
                         position: Position {
                             segment_first_seq: *first_seq,
-                            offset: offset as u64,
+                            offset,
                         },
                     };
-                    visit(record).map_err(|what| corrupt(offset, seq, what))?;
+                    visit(record).map_err(|what| corrupt(offset_usize, seq, what))?;
                     head = Head { seq, hash };
-                    offset += record_len;
+                    window.consume(record_len);
                 }
                 Err(Bad::Torn(_)) if is_last && mode != ScanMode::Strict => {
-                    torn_bytes = (bytes.len() - offset) as u64;
+                    torn_bytes = window.file_len().saturating_sub(offset);
                     if mode == ScanMode::Repair {
-                        cut_tail(path, offset as u64)?;
+                        cut_tail(path, offset)?;
                     }
                     break;
                 }
@@ -268,12 +292,15 @@ pub fn scan(
                     } else {
                         what
                     };
-                    return Err(corrupt(offset, seq, what));
+                    return Err(corrupt(offset_usize, seq, what));
                 }
-                Err(Bad::Corrupt(what)) => return Err(corrupt(offset, seq, what)),
+                Err(Bad::Corrupt(what)) => return Err(corrupt(offset_usize, seq, what)),
+                Err(Bad::CrcMismatch { .. }) => {
+                    return Err(corrupt(offset_usize, seq, "CRC32C mismatch".into()));
+                }
             }
         }
-        end = offset.min(bytes.len()) as u64;
+        end = window.offset().min(window.file_len());
     }
     Ok(ScanReport {
         head,
@@ -288,11 +315,13 @@ enum Bad {
     Torn(String),
     /// The record is whole but wrong.
     Corrupt(String),
+    /// The body fails its CRC: torn if only zeros follow it, else corrupt.
+    CrcMismatch { record_len: usize },
 }
 
-/// Checks the record at `offset`; returns its framed length and hash.
-fn check_record(bytes: &[u8], offset: usize, previous: &Head) -> Result<(usize, Hash), Bad> {
-    let rest = &bytes[offset..];
+/// Checks the record at the start of `rest` (the rest of the segment, or
+/// at least the whole record); returns its framed length and hash.
+fn check_record(rest: &[u8], previous: &Head) -> Result<(usize, Hash), Bad> {
     if rest.len() < FRAME_HEADER_LEN {
         return Err(Bad::Torn("incomplete frame header".into()));
     }
@@ -310,14 +339,7 @@ fn check_record(bytes: &[u8], offset: usize, previous: &Head) -> Result<(usize, 
     }
     let body = &rest[FRAME_HEADER_LEN..record_len];
     if crc32c::crc32c(body) != crc {
-        let what = "CRC32C mismatch".to_string();
-        // The last record written, in a file that ends with it or with
-        // never-written preallocated space, was torn by a crash.
-        return Err(if rest[record_len..].iter().all(|b| *b == 0) {
-            Bad::Torn(what)
-        } else {
-            Bad::Corrupt(what)
-        });
+        return Err(Bad::CrcMismatch { record_len });
     }
     let seq = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
     let expected = previous.seq + 1;
@@ -333,6 +355,105 @@ fn check_record(bytes: &[u8], offset: usize, previous: &Head) -> Result<(usize, 
         return Err(Bad::Corrupt("hash chain broken".into()));
     }
     Ok((record_len, hash))
+}
+
+/// A segment read front to back through one reused buffer: a scan holds a
+/// window of the file, not the file (the whole of a 64 MiB segment in
+/// memory cost page faults and RSS at every start).
+struct Window {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    buf: Vec<u8>,
+    /// Where the unread bytes start in `buf`.
+    pos: usize,
+    /// The file offset of `buf[0]`.
+    base: u64,
+}
+
+/// What a window reads from the file at a time.
+const WINDOW_READ: usize = 1 << 20;
+
+impl Window {
+    fn open(path: &Path) -> Result<Window, LogError> {
+        let file = File::open(path).map_err(io("open", path))?;
+        let len = file.metadata().map_err(io("stat", path))?.len();
+        Ok(Window {
+            file,
+            path: path.to_path_buf(),
+            len,
+            buf: Vec::new(),
+            pos: 0,
+            base: 0,
+        })
+    }
+
+    fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// The file offset of the next unread byte.
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    /// The unread bytes, at least `n` of them unless the file ends first.
+    fn fill(&mut self, n: usize) -> Result<&[u8], LogError> {
+        if self.buf.len() - self.pos < n {
+            self.buf.drain(..self.pos);
+            self.base += self.pos as u64;
+            self.pos = 0;
+            while self.buf.len() < n {
+                let have = self.buf.len();
+                let want = (n - have).max(WINDOW_READ);
+                self.buf.resize(have + want, 0);
+                let read = self
+                    .file
+                    .read(&mut self.buf[have..])
+                    .map_err(io("read", &self.path))?;
+                self.buf.truncate(have + read);
+                if read == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+
+    /// Whether everything from `skip` bytes past the unread start to the
+    /// end of the file is zero (never-written preallocated space). Reads
+    /// past the window without moving it.
+    fn rest_is_zero(&mut self, skip: usize) -> Result<bool, LogError> {
+        use std::os::unix::fs::FileExt;
+        let from = self.pos + skip;
+        if self
+            .buf
+            .get(from..)
+            .is_some_and(|bytes| bytes.iter().any(|b| *b != 0))
+        {
+            return Ok(false);
+        }
+        let mut at = self.base + self.buf.len().max(from) as u64;
+        let mut scratch = vec![0u8; WINDOW_READ];
+        while at < self.len {
+            let read = self
+                .file
+                .read_at(&mut scratch, at)
+                .map_err(io("read", &self.path))?;
+            if read == 0 {
+                break;
+            }
+            if scratch[..read].iter().any(|b| *b != 0) {
+                return Ok(false);
+            }
+            at += read as u64;
+        }
+        Ok(true)
+    }
 }
 
 fn cut_tail(path: &Path, len: u64) -> Result<(), LogError> {

@@ -388,10 +388,9 @@ fn main() {
         "bench" => bench(&PathBuf::from(arg(2)), number(3, 1_000_000)),
         "writer" => {
             let submitters = number(3, 64) as usize;
-            let ledger = Arc::new(
-                Ledger::open(LedgerConfig::new(PathBuf::from(arg(2))))
-                    .unwrap_or_else(|e| fail(&e.to_string())),
-            );
+            let mut config = LedgerConfig::new(PathBuf::from(arg(2)));
+            config.checkpoint_every = number(5, config.checkpoint_every);
+            let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
             let codes = setup(&ledger);
             let start = Instant::now();
             let n = drive(
