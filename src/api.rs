@@ -490,6 +490,7 @@ fn rejection_kind(rejection: &Rejection) -> (&'static str, StatusCode) {
         WithdrawalSettled(_) => ("withdrawal-settled", StatusCode::CONFLICT),
         KeyExists(_) => ("key-exists", StatusCode::CONFLICT),
         UnknownKey(_) => ("unknown-key", StatusCode::NOT_FOUND),
+        ReplayStale { .. } => ("replay-stale", StatusCode::CONFLICT),
     }
 }
 
@@ -571,6 +572,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::Rejected(r) => ApiError::Rejected(r),
             SubmitError::IdempotencyConflict(key) => ApiError::IdempotencyConflict(key),
             SubmitError::Stopped => ApiError::Unavailable,
+            SubmitError::Failed(e) => ApiError::Internal(e),
         }
     }
 }

@@ -930,6 +930,124 @@ pub struct AdjustmentPosted {
     pub reason: String,
 }
 
+/// Overrides of a what-if replay: the corrected assumptions history is
+/// replayed under. Every part is optional; an empty set changes nothing.
+/// (No `skip_serializing_if` here or in any event: postcard is not
+/// self-describing, a skipped field would make the record undecodable.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Customers who belong to another affiliate (from a moment, or always).
+    #[serde(default)]
+    pub attribution: Vec<AttributionOverride>,
+    /// Another attribution model for signups that came by a click.
+    #[serde(default)]
+    pub model: Option<ModelOverride>,
+    /// Corrected rules (a whole program-rules document) from a moment on.
+    #[serde(default)]
+    pub rules: Option<RulesOverride>,
+    /// Corrected per-affiliate rates (custom deals) from a moment on.
+    #[serde(default)]
+    pub affiliate_rates: Vec<AffiliateRateOverride>,
+    /// Events that should never have counted, by seq: fraudulent clicks or
+    /// signups, test charges or refunds.
+    #[serde(default)]
+    pub exclude: Vec<Seq>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self == &Overrides::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionOverride {
+    pub customer_id: CustomerId,
+    pub affiliate_id: AffiliateId,
+    /// Lines from this moment on; absent = all time.
+    #[serde(default)]
+    pub from: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverride {
+    #[serde(default)]
+    pub attribution: Option<Attribution>,
+    #[serde(default)]
+    pub cookie_days: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RulesOverride {
+    pub from: Timestamp,
+    pub rules: ProgramRules,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AffiliateRateOverride {
+    pub affiliate_id: AffiliateId,
+    pub rate: Rate,
+    pub from: Timestamp,
+}
+
+/// One money item a replay changes: a reward, bounty, claw-back or
+/// reassignment adjustment of one affiliate, in the statement month it was
+/// (or would have been) posted in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplayChange {
+    pub affiliate_id: AffiliateId,
+    pub month: Month,
+    pub kind: ChangeKind,
+    pub customer_id: Option<CustomerId>,
+    /// The basis line (or, for a claw-back, the refund) behind the amount.
+    pub line: Option<LineId>,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+}
+
+/// What kind of money a replay change is about.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Reward,
+    Bounty,
+    Clawback,
+    Adjustment,
+}
+
+/// An operator applied a what-if replay: its overrides hold for history
+/// from now on (later replays include them), and the `AdjustmentPosted`
+/// events that follow (cause `replay`) move the money of `changes` into the
+/// open month.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplayApplied {
+    pub replay_id: Uuid,
+    /// The log position the diff was computed at.
+    pub at_seq: Seq,
+    pub overrides: Overrides,
+    /// Per affiliate and the month the money was (or should have been)
+    /// posted in, the change.
+    pub changes: Vec<ReplayChange>,
+    /// The statement months the replay was restricted to; absent = all.
+    pub months: Option<MonthRange>,
+    pub reason: String,
+}
+
+/// Statement months `from` to `to`, both included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MonthRange {
+    pub from: Month,
+    pub to: Month,
+}
+
 /// An API key was issued; only its keyed hash is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiKeyIssued {
@@ -991,6 +1109,7 @@ events!(
     AdjustmentPosted,
     ApiKeyIssued,
     ApiKeyRevoked,
+    ReplayApplied,
 );
 
 /// The idempotency key a command was submitted with, and a hash of the

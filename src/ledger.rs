@@ -110,7 +110,29 @@ pub enum SubmitError {
     /// The writer is gone (shut down, or stopped on a failed write).
     #[error("the ledger is not accepting writes")]
     Stopped,
+    /// Reading the log failed (a what-if replay); logged, answered as 500.
+    #[error("{0}")]
+    Failed(String),
 }
+
+/// A what-if replay: what was asked, where in the log, and its diff.
+#[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Replay {
+    pub replay_id: Uuid,
+    pub program: ProgramId,
+    /// The log position the diff was computed at.
+    pub at_seq: Seq,
+    pub computed_at: Timestamp,
+    pub overrides: Overrides,
+    pub months: Option<MonthRange>,
+    pub diff: crate::replay::Diff,
+    /// The seq of its `ReplayApplied` once applied.
+    pub applied_seq: Option<Seq>,
+}
+
+/// Replays kept in memory for `GET` and apply; the oldest go first.
+/// Applied ones are recomputed from the log when asked for again.
+pub const MAX_KEPT_REPLAYS: usize = 256;
 
 /// A command with everything the log records around it.
 #[derive(Clone, Debug)]
@@ -555,6 +577,8 @@ struct Inner {
     head: watch::Sender<Seq>,
     /// The secret that keys the hash of API keys.
     key_secret: [u8; 32],
+    /// What-if replays computed since start, by id.
+    replays: Mutex<BTreeMap<Uuid, Replay>>,
     /// Held for the ledger's life: one process per data directory.
     _lock: File,
 }
@@ -671,6 +695,7 @@ impl Ledger {
             state: RwLock::new(state),
             head: head_tx,
             key_secret,
+            replays: Mutex::new(BTreeMap::new()),
             _lock: lock,
         });
         let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
@@ -792,6 +817,229 @@ impl Ledger {
             .blocking_send(Job { submission, reply })
             .map_err(|_| SubmitError::Stopped)?;
         answer.blocking_recv().map_err(|_| SubmitError::Stopped)?
+    }
+
+    /// Replays `program`'s history under `overrides` (on top of the replays
+    /// applied before), without writing, and keeps the result for
+    /// [`Self::replay`] and [`Self::apply_replay`].
+    pub fn what_if(
+        &self,
+        program: &ProgramId,
+        overrides: Overrides,
+        months: Option<MonthRange>,
+    ) -> Result<Replay, SubmitError> {
+        let (head, applied) = {
+            let state = self.state();
+            let pm = state
+                .model
+                .program(program)
+                .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
+            rules::validate_overrides(pm, program, &overrides)?;
+            let applied: Vec<Overrides> = pm
+                .applied_replays
+                .iter()
+                .map(|(_, _, o)| o.clone())
+                .collect();
+            (state.head.seq, applied)
+        };
+        if let Some(range) = months
+            && range.from > range.to
+        {
+            return Err(
+                Rejection::Invalid(InvalidValue::new("months", "`from` is after `to`")).into(),
+            );
+        }
+        let diff = self.compute_diff(program, applied, overrides.clone(), months, head)?;
+        let replay = Replay {
+            replay_id: Uuid::now_v7(),
+            program: program.clone(),
+            at_seq: head,
+            computed_at: self.now(),
+            overrides,
+            months,
+            diff,
+            applied_seq: None,
+        };
+        let mut replays = self
+            .inner
+            .replays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while replays.len() >= MAX_KEPT_REPLAYS {
+            replays.pop_first();
+        }
+        replays.insert(replay.replay_id, replay.clone());
+        Ok(replay)
+    }
+
+    /// Folds the log up to `head` into a what-if replay: reading and
+    /// decoding on this thread, folding on another.
+    fn compute_diff(
+        &self,
+        program: &ProgramId,
+        applied: Vec<Overrides>,
+        overrides: Overrides,
+        months: Option<MonthRange>,
+        head: Seq,
+    ) -> Result<crate::replay::Diff, SubmitError> {
+        let mut what_if = crate::replay::WhatIf::new(program.clone(), applied, overrides);
+        let result = std::thread::scope(|scope| {
+            let (chunks, received) =
+                std::sync::mpsc::sync_channel::<Vec<Recorded>>(REPLAY_QUEUE_LEN);
+            let folder = scope.spawn(move || {
+                for chunk in received {
+                    for recorded in &chunk {
+                        what_if.apply(recorded)?;
+                    }
+                }
+                Ok::<_, Rejection>(what_if)
+            });
+            let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+            let scanned = log::scan(&self.inner.log_dir, ScanMode::Read, Some(head), |record| {
+                chunk.push(decode_record(record.seq, record.payload)?);
+                if chunk.len() == REPLAY_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
+                    chunks
+                        .send(full)
+                        .map_err(|_| "the replay stopped".to_string())?;
+                }
+                Ok(())
+            });
+            if !chunk.is_empty() {
+                let _ = chunks.send(chunk);
+            }
+            drop(chunks);
+            let folded = folder
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (scanned, folded)
+        });
+        let (scanned, folded) = result;
+        let what_if = match (scanned, folded) {
+            (_, Err(rejection)) => return Err(rejection.into()),
+            (Err(e), _) => return Err(SubmitError::Failed(e.to_string())),
+            (Ok(_), Ok(what_if)) => what_if,
+        };
+        Ok(what_if.finish(months)?)
+    }
+
+    /// A replay by id: one computed since start, or an applied one
+    /// (recomputed from the log at the position it was applied at).
+    pub fn replay(&self, program: &ProgramId, id: &Uuid) -> Result<Option<Replay>, SubmitError> {
+        let applied_seq = {
+            let state = self.state();
+            state
+                .model
+                .program(program)
+                .and_then(|pm| pm.applied_replays.iter().find(|(r, _, _)| r == id))
+                .map(|(_, seq, _)| *seq)
+        };
+        let kept = self
+            .inner
+            .replays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .filter(|r| &r.program == program)
+            .cloned();
+        if let Some(mut replay) = kept {
+            replay.applied_seq = applied_seq;
+            return Ok(Some(replay));
+        }
+        let Some(seq) = applied_seq else {
+            return Ok(None);
+        };
+        let recorded = self
+            .events_range(seq, seq)
+            .map_err(|e| SubmitError::Failed(e.to_string()))?;
+        let Some(Event::ReplayApplied(e)) = recorded.first().map(|r| &r.event) else {
+            return Ok(None);
+        };
+        let applied: Vec<Overrides> = {
+            let state = self.state();
+            state
+                .model
+                .program(program)
+                .map(|pm| {
+                    pm.applied_replays
+                        .iter()
+                        .take_while(|(r, _, _)| r != id)
+                        .map(|(_, _, o)| o.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let diff = self.compute_diff(program, applied, e.overrides.clone(), e.months, e.at_seq)?;
+        Ok(Some(Replay {
+            replay_id: *id,
+            program: program.clone(),
+            at_seq: e.at_seq,
+            computed_at: recorded.first().map(|r| r.recorded_at).unwrap_or_default(),
+            overrides: e.overrides.clone(),
+            months: e.months,
+            diff,
+            applied_seq: Some(seq),
+        }))
+    }
+
+    /// The submission that applies a replay: checked first against the log
+    /// as it is now. When money of the program moved since the replay was
+    /// computed, it is computed again; a different diff is refused
+    /// ([`Rejection::ReplayStale`]), the same one is applied. The writer
+    /// checks once more, in log order.
+    pub fn apply_replay_submission(
+        &self,
+        program: &ProgramId,
+        id: &Uuid,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Option<Submission>, SubmitError> {
+        let Some(replay) = self.replay(program, id)? else {
+            return Ok(None);
+        };
+        let (head, money_seq, applied) = {
+            let state = self.state();
+            let pm = state
+                .model
+                .program(program)
+                .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
+            let applied: Vec<Overrides> = pm
+                .applied_replays
+                .iter()
+                .map(|(_, _, o)| o.clone())
+                .collect();
+            (state.head.seq, pm.money_seq, applied)
+        };
+        let mut at_seq = replay.at_seq;
+        if replay.applied_seq.is_none() && money_seq > replay.at_seq {
+            let now = self.compute_diff(
+                program,
+                applied,
+                replay.overrides.clone(),
+                replay.months,
+                head,
+            )?;
+            if now.changes != replay.diff.changes {
+                return Err(Rejection::ReplayStale {
+                    at_seq: replay.at_seq,
+                    moved_at: money_seq,
+                }
+                .into());
+            }
+            at_seq = head;
+        }
+        Ok(Some(Submission::new(
+            Some(program),
+            actor,
+            Command::ApplyReplay {
+                replay_id: *id,
+                at_seq,
+                overrides: replay.overrides,
+                changes: replay.diff.changes,
+                months: replay.months,
+                reason: reason.to_string(),
+            },
+        )))
     }
 
     /// Waits for new events: the receiver changes whenever the head moves.

@@ -39,6 +39,10 @@
 //!   every program rule, pure, with refusals as [`rules::Rejection`] values.
 //! - [`projections`]: balances, statements, statistics, referral lists:
 //!   infallible folds over recorded events. Pure; never calls the rules.
+//! - [`replay`]: what-if replays: one program's history folded again under
+//!   overrides, rewards decided again by the rules' own close and
+//!   reassignment functions, and the money diff against what was recorded.
+//!   Pure.
 //! - [`store`]: sled: the sparse seq → position index, idempotency keys and
 //!   checkpoints of the state; all derived, checked against the log at open,
 //!   rebuilt when deleted or stale. The only module that imports sled.
@@ -50,7 +54,7 @@
 //! - [`cli`]: the command line. The only module that imports clap.
 //!
 //! Dependencies point one way:
-//! `money ← events ← {log, rules, projections} ← store ← ledger ← {api, cli}`.
+//! `money ← events ← {log, rules ← replay, projections} ← store ← ledger ← {api, cli}`.
 //!
 //! ## Architecture invariants
 //!
@@ -64,7 +68,7 @@
 //! 3. **One writer decides.** Decisions that depend on state (withdrawals
 //!    against the balance, code uniqueness) are made in log order by one
 //!    thread, so racing requests cannot overdraw.
-//! 4. **Pure core.** `money`, `events`, `rules` and `projections` do no I/O
+//! 4. **Pure core.** `money`, `events`, `rules`, `replay` and `projections` do no I/O
 //!    and read no clock: time and ids are arguments.
 //! 5. **Amounts are decided once.** A reward's amount is computed by the
 //!    rules at month close and recorded in its event; projections only add
@@ -99,6 +103,7 @@ pub mod ledger;
 pub mod log;
 pub mod money;
 pub mod projections;
+pub mod replay;
 pub mod rules;
 pub mod store;
 

@@ -419,7 +419,8 @@ impl ProgramView {
             | Event::WithdrawalRequested(_)
             | Event::WithdrawalRejected(_)
             | Event::ApiKeyIssued(_)
-            | Event::ApiKeyRevoked(_) => {}
+            | Event::ApiKeyRevoked(_)
+            | Event::ReplayApplied(_) => {}
         }
     }
 }

@@ -84,6 +84,10 @@ pub enum Rejection {
     KeyExists(String),
     #[error("no key `{0}`")]
     UnknownKey(String),
+    #[error(
+        "the log moved since the replay was computed at seq {at_seq} (seq {moved_at} changed this program's money): run the replay again"
+    )]
+    ReplayStale { at_seq: Seq, moved_at: Seq },
 }
 
 impl From<InvalidValue> for Rejection {
@@ -190,6 +194,15 @@ pub enum Command {
         key_id: String,
         reason: String,
     },
+    /// Appends a what-if replay's changes as compensating events.
+    ApplyReplay {
+        replay_id: Uuid,
+        at_seq: Seq,
+        overrides: Overrides,
+        changes: Vec<ReplayChange>,
+        months: Option<MonthRange>,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -214,6 +227,10 @@ pub enum Noop {
         seq: Seq,
     },
     MonthAlreadyClosed(MonthClosed),
+    /// This replay was applied before, at this seq.
+    ReplayAlreadyApplied {
+        seq: Seq,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -387,6 +404,15 @@ pub struct ProgramModel {
     lines_by_month: HashMap<Month, Vec<LineId>>,
     pub closed: BTreeMap<Month, MonthClosed>,
     pub withdrawals: HashMap<Uuid, Withdrawal>,
+    /// Replays applied, in order, with the seq of their `ReplayApplied`:
+    /// their overrides are part of history for every later replay.
+    pub applied_replays: Vec<(Uuid, Seq, Overrides)>,
+    /// The last seq that changed money a replay compares (rewards, claw-backs,
+    /// adjustments, closes, reassignments, rules): applying a replay computed
+    /// before it is refused.
+    pub money_seq: Seq,
+    /// Per-affiliate rates set by applied replays, from a moment on.
+    rate_overrides: Vec<AffiliateRateOverride>,
     /// The current rules' time zone, parsed once (again after a checkpoint is loaded).
     #[serde(skip)]
     zone: Option<chrono_tz::Tz>,
@@ -423,6 +449,124 @@ impl ProgramModel {
     /// The time zone of the current rules.
     pub fn zone(&self) -> chrono_tz::Tz {
         self.zone.unwrap_or(chrono_tz::UTC)
+    }
+
+    /// Makes `overrides` hold from now on. In a what-if replay (`shadow`)
+    /// they are installed before the first event and imposed again as
+    /// events fold; an applied replay installs them in the live model, for
+    /// the closes still to come: attribution and rates follow them, and
+    /// excluded lines that no close took yet never earn.
+    pub(crate) fn install_overrides(&mut self, overrides: &Overrides, shadow: bool) {
+        for o in &overrides.affiliate_rates {
+            self.rate_overrides.push(o.clone());
+        }
+        if let Some(model) = &overrides.model {
+            for (_, rules) in &mut self.rules {
+                if let Some(attribution) = model.attribution {
+                    rules.attribution = attribution;
+                }
+                if let Some(days) = model.cookie_days {
+                    rules.cookie_days = days;
+                }
+            }
+        }
+        self.impose_rules(overrides);
+        let customers: Vec<CustomerId> = overrides
+            .attribution
+            .iter()
+            .map(|o| o.customer_id.clone())
+            .collect();
+        for customer in customers {
+            self.impose_attribution(overrides, &customer);
+        }
+        if !shadow {
+            for seq in &overrides.exclude {
+                self.open_lines.retain(|(_, _, s), _| s != seq);
+                self.open_refunds.retain(|(_, _, s), _| s != seq);
+            }
+        }
+    }
+
+    /// The rules override holds from its moment on, over any later version.
+    pub(crate) fn impose_rules(&mut self, overrides: &Overrides) {
+        if let Some(o) = &overrides.rules {
+            self.rules.retain(|(at, _)| *at < o.from);
+            let mut rules = o.rules.clone();
+            if let Some(model) = &overrides.model {
+                rules.attribution = model.attribution.unwrap_or(rules.attribution);
+                rules.cookie_days = model.cookie_days.unwrap_or(rules.cookie_days);
+            }
+            self.rules.push((o.from, rules));
+            self.zone = self.current_rules().map(ProgramRules::zone);
+        }
+    }
+
+    /// The customer's attribution overrides hold over what was recorded.
+    pub(crate) fn impose_attribution(&mut self, overrides: &Overrides, customer_id: &CustomerId) {
+        let mut wanted = overrides
+            .attribution
+            .iter()
+            .filter(|o| &o.customer_id == customer_id)
+            .peekable();
+        if wanted.peek().is_none() {
+            return;
+        }
+        let customer = self.customers.entry(customer_id.clone()).or_default();
+        for o in wanted {
+            match o.from {
+                None => customer.attribution = vec![(None, o.affiliate_id.clone())],
+                Some(from) => {
+                    customer
+                        .attribution
+                        .retain(|(start, _)| start.is_none_or(|start| start < from));
+                    customer
+                        .attribution
+                        .push((Some(from), o.affiliate_id.clone()));
+                }
+            }
+        }
+    }
+
+    /// The enrolled affiliate a signup by `visitor` at `at` goes to under
+    /// `rules`' attribution model and cookie window, if any click counts.
+    pub(crate) fn click_attribution(
+        &self,
+        rules: &ProgramRules,
+        visitor: &str,
+        at: Timestamp,
+        customer_id: &CustomerId,
+    ) -> Option<&AffiliateId> {
+        let clicks = self.visitors.get(visitor)?;
+        let window_start =
+            Timestamp::from_micros(at.micros() - i64::from(rules.cookie_days) * 86_400_000_000);
+        let inside = clicks
+            .iter()
+            .filter_map(|(click_at, index)| {
+                Some((*click_at, self.affiliate_order.get(*index as usize)?))
+            })
+            .filter(|(click_at, a)| {
+                *click_at >= window_start
+                    && *click_at <= at
+                    && self.signup_eligible(a, at, customer_id)
+            });
+        let chosen = match rules.attribution {
+            Attribution::LastClick => inside.max_by_key(|(click_at, _)| *click_at),
+            Attribution::FirstClick => inside.min_by_key(|(click_at, _)| *click_at),
+        };
+        chosen.map(|(_, a)| a)
+    }
+
+    /// Whether an affiliate may get a signup at `at`: enrolled, not
+    /// suspended, and not the customer themselves.
+    fn signup_eligible(
+        &self,
+        affiliate: &AffiliateId,
+        at: Timestamp,
+        customer_id: &CustomerId,
+    ) -> bool {
+        self.affiliates.get(affiliate).is_some_and(|a| {
+            a.suspended_at.is_none_or(|s| s > at) && a.customer_id.as_ref() != Some(customer_id)
+        })
     }
 }
 
@@ -531,9 +675,22 @@ fn posting_affiliate(account: &Account) -> Option<&AffiliateId> {
     }
 }
 
-fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
+pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
     let at = recorded.occurred_at;
     let seq = recorded.seq;
+    if matches!(
+        recorded.event,
+        Event::ProgramDefined(_)
+            | Event::AffiliateSuspended(_)
+            | Event::RewardAccrued(_)
+            | Event::RewardClawedBack(_)
+            | Event::MonthClosed(_)
+            | Event::ReferralReassigned(_)
+            | Event::AdjustmentPosted(_)
+            | Event::ReplayApplied(_)
+    ) {
+        pm.money_seq = seq;
+    }
     match &recorded.event {
         Event::ProgramDefined(e) => {
             pm.zone = Some(e.rules.zone());
@@ -742,6 +899,11 @@ fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             }
         }
         Event::ReferralReassigned(e) => reassign(pm, e),
+        Event::ReplayApplied(e) => {
+            pm.install_overrides(&e.overrides, false);
+            pm.applied_replays
+                .push((e.replay_id, seq, e.overrides.clone()));
+        }
         Event::CreditApplied(_)
         | Event::AdjustmentPosted(_)
         | Event::ApiKeyIssued(_)
@@ -1040,12 +1202,7 @@ pub fn decide(
                 }));
             }
             let has_billed_lines = customer.is_some_and(|c| !c.lines.is_empty());
-            let eligible = |a: &AffiliateId| {
-                pm.affiliates.get(a).is_some_and(|aff| {
-                    aff.suspended_at.is_none_or(|s| s > ctx.at)
-                        && aff.customer_id.as_ref() != Some(customer_id)
-                })
-            };
+            let eligible = |a: &AffiliateId| pm.signup_eligible(a, ctx.at, customer_id);
             let by_promo = promo_code
                 .as_deref()
                 .filter(|_| !has_billed_lines)
@@ -1053,19 +1210,8 @@ pub fn decide(
                 .filter(|a| eligible(a))
                 .map(|a| (a.clone(), Via::PromoCode));
             let by_click = || {
-                let clicks = pm.visitors.get(visitor.as_ref()?)?;
-                let window_start = Timestamp::from_micros(
-                    ctx.at.micros() - i64::from(rules.cookie_days) * 86_400_000_000,
-                );
-                let inside = clicks
-                    .iter()
-                    .filter_map(|(at, index)| Some((*at, pm.affiliate_order.get(*index as usize)?)))
-                    .filter(|(at, a)| *at >= window_start && *at <= ctx.at && eligible(a));
-                let chosen = match rules.attribution {
-                    Attribution::LastClick => inside.max_by_key(|(at, _)| *at),
-                    Attribution::FirstClick => inside.min_by_key(|(at, _)| *at),
-                };
-                chosen.map(|(_, a)| (a.clone(), Via::Click))
+                pm.click_attribution(rules, visitor.as_ref()?, ctx.at, customer_id)
+                    .map(|a| (a.clone(), Via::Click))
             };
             let Some((affiliate_id, via)) = by_promo.or_else(by_click) else {
                 return Ok(Decision::Noop(Noop::SignupIgnored));
@@ -1191,6 +1337,52 @@ pub fn decide(
             retroactive,
             reason,
         } => decide_reassign(model, ctx, customer_id, to, *from, *retroactive, reason),
+        Command::ApplyReplay {
+            replay_id,
+            at_seq,
+            overrides,
+            changes,
+            months,
+            reason,
+        } => {
+            let (id, pm) = program_of(model, ctx)?;
+            current_rules(pm, id)?;
+            required_text("reason", reason)?;
+            if let Some((_, seq, _)) = pm.applied_replays.iter().find(|(r, _, _)| r == replay_id) {
+                return Ok(Decision::Noop(Noop::ReplayAlreadyApplied { seq: *seq }));
+            }
+            if pm.money_seq > *at_seq {
+                return Err(Rejection::ReplayStale {
+                    at_seq: *at_seq,
+                    moved_at: pm.money_seq,
+                });
+            }
+            validate_overrides(pm, id, overrides)?;
+            let month = ctx.now.month_in(pm.zone());
+            let mut events = vec![Event::ReplayApplied(ReplayApplied {
+                replay_id: *replay_id,
+                at_seq: *at_seq,
+                overrides: overrides.clone(),
+                changes: changes.clone(),
+                months: *months,
+                reason: reason.clone(),
+            })];
+            for change in changes.iter().filter(|c| !c.amount.is_zero()) {
+                events.push(Event::AdjustmentPosted(AdjustmentPosted {
+                    affiliate_id: change.affiliate_id.clone(),
+                    customer_id: change.customer_id.clone(),
+                    line: change.line.clone(),
+                    amount: change.amount,
+                    month,
+                    cause: Cause::Replay {
+                        replay_id: *replay_id,
+                        at_seq: *at_seq,
+                    },
+                    reason: reason.clone(),
+                }));
+            }
+            append(events)
+        }
         Command::CloseMonth { month } => {
             let (id, pm) = program_of(model, ctx)?;
             let rules = current_rules(pm, id)?;
@@ -1368,6 +1560,71 @@ fn open_withdrawal<'m>(pm: &'m ProgramModel, id: &Uuid) -> Result<&'m Withdrawal
     Ok(w)
 }
 
+/// Most entries an override list may have.
+pub const MAX_OVERRIDES: usize = 10_000;
+
+/// Checks a replay's overrides against the program: the affiliates exist,
+/// no one is attributed their own account, corrected rules keep the
+/// program's id, currency and time zone.
+pub fn validate_overrides(
+    pm: &ProgramModel,
+    program: &ProgramId,
+    overrides: &Overrides,
+) -> Result<(), Rejection> {
+    for (field, len) in [
+        ("attribution", overrides.attribution.len()),
+        ("affiliate_rates", overrides.affiliate_rates.len()),
+        ("exclude", overrides.exclude.len()),
+    ] {
+        if len > MAX_OVERRIDES {
+            return Err(
+                InvalidValue::new(field, format!("at most {MAX_OVERRIDES} entries")).into(),
+            );
+        }
+    }
+    for o in &overrides.attribution {
+        let target = affiliate(pm, &o.affiliate_id)?;
+        if target.customer_id.as_ref() == Some(&o.customer_id) {
+            return Err(Rejection::SelfReferral(o.customer_id.clone()));
+        }
+    }
+    for o in &overrides.affiliate_rates {
+        affiliate(pm, &o.affiliate_id)?;
+    }
+    if let Some(model) = &overrides.model
+        && model.cookie_days.is_some_and(|d| d > 3650)
+    {
+        return Err(InvalidValue::new("model.cookie_days", "at most 3650 days").into());
+    }
+    if let Some(o) = &overrides.rules {
+        o.rules.validate()?;
+        if &o.rules.id != program {
+            return Err(Rejection::ProgramMismatch {
+                path: program.clone(),
+                body: o.rules.id.clone(),
+            });
+        }
+        if let Some(current) = pm.current_rules() {
+            if current.currency != o.rules.currency {
+                return Err(Rejection::CurrencyChange {
+                    current: current.currency,
+                });
+            }
+            if current.timezone != o.rules.timezone {
+                return Err(InvalidValue::new(
+                    "rules.rules.timezone",
+                    format!(
+                        "a replay keeps the program's time zone ({})",
+                        current.timezone
+                    ),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn decide_reassign(
     model: &Model,
     ctx: &Context<'_>,
@@ -1401,6 +1658,36 @@ fn decide_reassign(
     })];
     if retroactive {
         let month = ctx.now.month_in(pm.zone());
+        events.extend(reassignment_adjustments(
+            pm,
+            customer,
+            customer_id,
+            to,
+            from,
+            month,
+            seq,
+            reason,
+        ));
+    }
+    Ok(Decision::Append(events))
+}
+
+/// The adjustments a retroactive reassignment posts in `month`: the net
+/// rewards (and the bounty) of the customer's lines from `from` on move
+/// from whoever earned them to `to`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reassignment_adjustments(
+    pm: &ProgramModel,
+    customer: &Customer,
+    customer_id: &CustomerId,
+    to: &AffiliateId,
+    from: Option<Timestamp>,
+    month: Month,
+    seq: Seq,
+    reason: &str,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    {
         let start = from.unwrap_or(Timestamp::MIN);
         let mut moves: BTreeMap<(AffiliateId, Option<LineId>), Decimal> = BTreeMap::new();
         for line_id in &customer.lines {
@@ -1439,7 +1726,7 @@ fn decide_reassign(
             }
         }
     }
-    Ok(Decision::Append(events))
+    events
 }
 
 /// What one line earns if a close took it now: to whom, at what rate, how much.
@@ -1484,8 +1771,15 @@ fn line_earning(
     if !in_term {
         return None;
     }
+    let affiliate_rate = pm
+        .rate_overrides
+        .iter()
+        .rev()
+        .find(|o| &o.affiliate_id == affiliate_id && o.from <= line.at)
+        .map(|o| o.rate)
+        .or(affiliate.rate);
     let rate = match (
-        affiliate.rate,
+        affiliate_rate,
         line.product
             .as_ref()
             .and_then(|p| rules.product_rates.get(p)),

@@ -164,6 +164,41 @@ pub fn one_of_each() -> Vec<Event> {
             key_id: "k-1".into(),
             reason: "rotated".into(),
         }),
+        Event::ReplayApplied(ReplayApplied {
+            replay_id: Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_00ff),
+            at_seq: 99,
+            overrides: Overrides {
+                attribution: vec![AttributionOverride {
+                    customer_id: cust("cust-1"),
+                    affiliate_id: aff("bob"),
+                    from: Some(ts("2026-05-01T00:00:00Z")),
+                }],
+                model: Some(ModelOverride {
+                    attribution: Some(Attribution::FirstClick),
+                    cookie_days: Some(60),
+                }),
+                rules: None,
+                affiliate_rates: vec![AffiliateRateOverride {
+                    affiliate_id: aff("alice"),
+                    rate: commission_ledger::money::Rate::parse("25").unwrap(),
+                    from: ts("2026-06-01T00:00:00Z"),
+                }],
+                exclude: vec![17, 23],
+            },
+            changes: vec![ReplayChange {
+                affiliate_id: aff("bob"),
+                month: month("2026-05"),
+                kind: ChangeKind::Reward,
+                customer_id: Some(cust("cust-1")),
+                line: Some(line("inv-5-1")),
+                amount: d("20.00"),
+            }],
+            months: Some(MonthRange {
+                from: month("2026-05"),
+                to: month("2026-07"),
+            }),
+            reason: "ticket 4411".into(),
+        }),
     ]
 }
 

@@ -7,6 +7,7 @@ mod encoding;
 mod log;
 mod money;
 mod properties;
+mod replays;
 mod rules;
 mod scenarios;
 mod store;

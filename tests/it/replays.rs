@@ -1,0 +1,370 @@
+//! What-if replays through the ledger library: the diff, with the money
+//! worked out by hand, apply, and the races around it.
+
+use commission_ledger::events::*;
+use commission_ledger::ledger::{Receipt, Replay, SubmitError};
+use commission_ledger::projections::StatementKind;
+use commission_ledger::rules::{Noop, Rejection};
+
+use crate::support::*;
+
+/// alice and bob in a USD program at 20% (Europe/Amsterdam months).
+fn program() -> (TestLedger, AffiliateEnrolled, AffiliateEnrolled) {
+    let t = TestLedger::new("hosting");
+    t.define(rules("hosting", serde_json::json!({})));
+    let alice = t.enroll("alice");
+    let bob = t.enroll("bob");
+    (t, alice, bob)
+}
+
+fn what_if(t: &TestLedger, overrides: serde_json::Value) -> Result<Replay, SubmitError> {
+    let overrides: Overrides = serde_json::from_value(overrides).unwrap();
+    t.ledger().what_if(&t.program, overrides, None)
+}
+
+fn apply(t: &TestLedger, replay: &Replay, reason: &str) -> Result<Receipt, SubmitError> {
+    let submission = t
+        .ledger()
+        .apply_replay_submission(&t.program, &replay.replay_id, reason, "operator")?
+        .expect("the replay is kept");
+    t.ledger().submit_blocking(submission)
+}
+
+/// (affiliate, month, before, after, change) of every row.
+fn rows(replay: &Replay) -> Vec<(String, String, String, String, String)> {
+    replay
+        .diff
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r.affiliate_id.to_string(),
+                r.month.to_string(),
+                r.before.clone(),
+                r.after.clone(),
+                r.change.clone(),
+            )
+        })
+        .collect()
+}
+
+fn row(
+    a: &str,
+    m: &str,
+    before: &str,
+    after: &str,
+    change: &str,
+) -> (String, String, String, String, String) {
+    (
+        a.into(),
+        m.into(),
+        before.into(),
+        after.into(),
+        change.into(),
+    )
+}
+
+/// The BILLmanager case: cust-1 came by alice's link, but the ticket shows
+/// bob referred them. Three closed months of rewards went to alice.
+fn wrongly_attributed() -> (TestLedger, AffiliateEnrolled, AffiliateEnrolled) {
+    let (t, alice, _bob) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    assert_eq!(
+        t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None),
+        Some("alice".into())
+    );
+    t.click("2026-05-03T10:00:00Z", &alice.referral_code, "v-2");
+    t.signup("2026-05-03T10:05:00Z", "cust-2", Some("v-2"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00
+    t.close("2026-05");
+    t.expense("2026-06-10T12:00:00Z", "jun-1", "cust-1", "50.00"); // 10.00
+    t.expense("2026-06-11T12:00:00Z", "jun-2", "cust-2", "40.00"); // 8.00, alice's own
+    t.close("2026-06");
+    t.expense("2026-07-10T12:00:00Z", "jul-1", "cust-1", "80.00"); // 16.00
+    t.close("2026-07");
+    t.set_now("2026-08-05T09:00:00Z");
+    (t, alice, _bob)
+}
+
+#[test]
+fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
+    let (t, _, _) = wrongly_attributed();
+    assert_eq!(t.money("alice").0, "54.00");
+    let closed_view = |s: commission_ledger::projections::Statement| {
+        (s.opening_balance, s.lines, s.totals, s.closing_balance)
+    };
+    let may_statement = closed_view(t.statement("alice", "2026-05"));
+    let replay = what_if(
+        &t,
+        serde_json::json!({"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}),
+    )
+    .unwrap();
+    // Exactly cust-1's rewards of May, June and July move; cust-2's 8.00 stays.
+    assert_eq!(
+        rows(&replay),
+        vec![
+            row("alice", "2026-05", "20.00", "0.00", "-20.00"),
+            row("alice", "2026-06", "18.00", "8.00", "-10.00"),
+            row("alice", "2026-07", "16.00", "0.00", "-16.00"),
+            row("bob", "2026-05", "0.00", "20.00", "20.00"),
+            row("bob", "2026-06", "0.00", "10.00", "10.00"),
+            row("bob", "2026-07", "0.00", "16.00", "16.00"),
+        ]
+    );
+    assert_eq!(replay.diff.total_change, "0.00");
+    let june = &replay.diff.rows[1].lines;
+    assert_eq!(june.len(), 1, "only the changed line is listed: {june:?}");
+    assert_eq!(
+        (
+            june[0].line.as_ref().map(|l| l.to_string()),
+            june[0].basis.clone()
+        ),
+        (Some("jun-1".into()), Some("50.00".into()))
+    );
+    // Nothing was written by the replay.
+    let head = t.head();
+    assert_eq!(replay.at_seq, head);
+
+    let receipt = apply(&t, &replay, "ticket 4411: bob referred cust-1").unwrap();
+    assert_eq!(receipt.events.len(), 7, "ReplayApplied and six adjustments");
+    match &receipt.events[0].event {
+        Event::ReplayApplied(e) => {
+            assert_eq!(e.replay_id, replay.replay_id);
+            assert_eq!(e.at_seq, head);
+            assert_eq!(e.reason, "ticket 4411: bob referred cust-1");
+        }
+        other => panic!("expected ReplayApplied, got {other:?}"),
+    }
+    for r in &receipt.events[1..] {
+        match &r.event {
+            Event::AdjustmentPosted(e) => {
+                assert_eq!(e.month, month("2026-08"), "posted in the open month");
+                assert_eq!(
+                    e.cause,
+                    Cause::Replay {
+                        replay_id: replay.replay_id,
+                        at_seq: head
+                    }
+                );
+            }
+            other => panic!("expected AdjustmentPosted, got {other:?}"),
+        }
+    }
+    assert_eq!(t.money("alice").0, "8.00");
+    assert_eq!(t.money("bob").0, "46.00");
+    assert_eq!(
+        closed_view(t.statement("alice", "2026-05")),
+        may_statement,
+        "a closed statement stays exactly as it was"
+    );
+    let open = t.statement("alice", "2026-08");
+    let kinds: Vec<(StatementKind, &str)> = open
+        .lines
+        .iter()
+        .map(|l| (l.kind, l.amount.as_str()))
+        .collect();
+    let adjustment = StatementKind::Adjustment;
+    assert_eq!(
+        kinds,
+        vec![
+            (adjustment, "-20.00"),
+            (adjustment, "-10.00"),
+            (adjustment, "-16.00")
+        ]
+    );
+
+    // Applying twice appends nothing; the same overrides again find nothing
+    // to change, and so does an empty override set.
+    let again = apply(&t, &replay, "again").unwrap();
+    assert!(again.events.is_empty());
+    assert!(matches!(
+        again.noop,
+        Some(Noop::ReplayAlreadyApplied { .. })
+    ));
+    let rerun = what_if(
+        &t,
+        serde_json::json!({"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}),
+    )
+    .unwrap();
+    assert!(rerun.diff.is_empty(), "{:?}", rerun.diff);
+    assert!(what_if(&t, serde_json::json!({})).unwrap().diff.is_empty());
+
+    // The correction holds for what comes: cust-1's August line earns bob.
+    t.expense("2026-08-10T12:00:00Z", "aug-1", "cust-1", "10.00");
+    t.close("2026-08");
+    assert_eq!(t.money("bob").0, "48.00");
+    assert!(what_if(&t, serde_json::json!({})).unwrap().diff.is_empty());
+    // The applied replay can be read back, also after a restart.
+    let mut t = t;
+    t.reopen();
+    let read = t
+        .ledger()
+        .replay(&t.program, &replay.replay_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.diff, replay.diff);
+    assert!(read.applied_seq.is_some());
+    t.verify_ok();
+}
+
+#[test]
+fn a_rate_fix_from_a_date() {
+    let (t, alice, _) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00 either way
+    t.close("2026-05");
+    t.expense("2026-06-10T12:00:00Z", "jun-1", "cust-1", "100.00"); // 20.00 -> 25.00
+    t.close("2026-06");
+    t.expense("2026-07-10T12:00:00Z", "jul-1", "cust-1", "40.00"); // 8.00 -> 10.00
+    t.expense("2026-07-12T12:00:00Z", "jul-2", "cust-1", "0.10"); // 0.02 -> 0.025 -> 0.02 (half-even)
+    t.close("2026-07");
+    t.set_now("2026-08-05T09:00:00Z");
+    let mut corrected = serde_json::to_value(rules("hosting", serde_json::json!({}))).unwrap();
+    corrected["default_rate"] = "25".into();
+    let replay = what_if(
+        &t,
+        serde_json::json!({"rules": {"from": "2026-06-01T00:00:00+02:00", "rules": corrected}}),
+    )
+    .unwrap();
+    assert_eq!(
+        rows(&replay),
+        vec![
+            row("alice", "2026-06", "20.00", "25.00", "5.00"),
+            row("alice", "2026-07", "8.02", "10.02", "2.00"),
+        ]
+    );
+    let line = &replay.diff.rows[0].lines[0];
+    assert_eq!(
+        (
+            line.rate_before.map(|r| r.to_string()),
+            line.rate_after.map(|r| r.to_string())
+        ),
+        (Some("20".into()), Some("25".into()))
+    );
+    apply(&t, &replay, "the June deal was 25%").unwrap();
+    assert_eq!(t.money("alice").0, "55.02");
+    // From now on the corrected rules are the program's rules.
+    t.expense("2026-08-10T12:00:00Z", "aug-1", "cust-1", "100.00");
+    t.close("2026-08");
+    assert_eq!(t.money("alice").0, "80.02");
+    t.verify_ok();
+}
+
+#[test]
+fn a_fraudulent_click_excluded() {
+    let (t, alice, bob) = program();
+    t.click("2026-05-01T10:00:00Z", &alice.referral_code, "v-1");
+    let fraud = t
+        .click("2026-05-03T10:00:00Z", &bob.referral_code, "v-1")
+        .events[0]
+        .seq;
+    assert_eq!(
+        t.signup("2026-05-04T10:00:00Z", "cust-1", Some("v-1"), None),
+        Some("bob".into()),
+        "last click wins"
+    );
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
+    t.close("2026-05");
+    t.set_now("2026-06-02T09:00:00Z");
+    // Without bob's click, alice's click (inside the 30-day window) wins.
+    let replay = what_if(&t, serde_json::json!({"exclude": [fraud]})).unwrap();
+    assert_eq!(
+        rows(&replay),
+        vec![
+            row("alice", "2026-05", "0.00", "20.00", "20.00"),
+            row("bob", "2026-05", "20.00", "0.00", "-20.00"),
+        ]
+    );
+    // Only clicks, signups, basis lines and refunds can be excluded, and
+    // only events of the program.
+    let close_seq = t.head();
+    let refused = what_if(&t, serde_json::json!({"exclude": [close_seq]})).unwrap_err();
+    assert!(
+        matches!(refused, SubmitError::Rejected(Rejection::Invalid(_))),
+        "{refused:?}"
+    );
+    let refused = what_if(&t, serde_json::json!({"exclude": [close_seq + 100]})).unwrap_err();
+    assert!(
+        matches!(refused, SubmitError::Rejected(Rejection::Invalid(_))),
+        "{refused:?}"
+    );
+    apply(&t, &replay, "click fraud, ticket 77").unwrap();
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("20.00".into(), "0.00".into())
+    );
+}
+
+#[test]
+fn first_click_instead_of_last_click() {
+    let (t, alice, bob) = program();
+    t.click("2026-05-01T10:00:00Z", &alice.referral_code, "v-1");
+    t.click("2026-05-03T10:00:00Z", &bob.referral_code, "v-1");
+    t.signup("2026-05-04T10:00:00Z", "cust-1", Some("v-1"), None);
+    // A click 40 days before the signup is outside any 30-day window.
+    t.click("2026-04-01T10:00:00Z", &bob.referral_code, "v-2");
+    t.click("2026-05-05T10:00:00Z", &alice.referral_code, "v-2");
+    t.signup("2026-05-11T10:00:00Z", "cust-2", Some("v-2"), None);
+    t.expense("2026-05-20T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00
+    t.expense("2026-05-21T12:00:00Z", "may-2", "cust-2", "50.00"); // 10.00
+    t.close("2026-05");
+    t.set_now("2026-06-02T09:00:00Z");
+    let replay = what_if(
+        &t,
+        serde_json::json!({"model": {"attribution": "first_click"}}),
+    )
+    .unwrap();
+    // cust-1 goes to alice (first click); cust-2 stays with alice: bob's
+    // first click is outside the window.
+    assert_eq!(
+        rows(&replay),
+        vec![
+            row("alice", "2026-05", "10.00", "30.00", "20.00"),
+            row("bob", "2026-05", "20.00", "0.00", "-20.00"),
+        ]
+    );
+    // With a 60-day window as well, bob's April click wins cust-2.
+    let wider = what_if(
+        &t,
+        serde_json::json!({"model": {"attribution": "first_click", "cookie_days": 60}}),
+    )
+    .unwrap();
+    assert_eq!(
+        rows(&wider),
+        vec![
+            row("alice", "2026-05", "10.00", "20.00", "10.00"),
+            row("bob", "2026-05", "20.00", "10.00", "-10.00"),
+        ]
+    );
+}
+
+#[test]
+fn apply_is_refused_when_the_log_moved_under_the_replay_and_not_otherwise() {
+    let (t, alice, _) = wrongly_attributed();
+    let overrides =
+        serde_json::json!({"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]});
+    let replay = what_if(&t, overrides.clone()).unwrap();
+    // Events that do not touch it: clicks, a line in the open month, and a
+    // close that moves money only of another customer.
+    t.click("2026-08-06T10:00:00Z", &alice.referral_code, "v-9");
+    t.expense("2026-08-07T12:00:00Z", "aug-2", "cust-2", "10.00");
+    t.close("2026-08");
+    assert!(apply(&t, &replay, "ticket 4411").is_ok());
+
+    let (t, _, _) = wrongly_attributed();
+    let replay = what_if(&t, overrides).unwrap();
+    // A refund of cust-1's July line, clawed back from alice at the August
+    // close: the diff now moves the claw-back too.
+    t.refund("2026-08-06T12:00:00Z", "cn-1", "cust-1", "jul-1", "80.00");
+    t.close("2026-08");
+    let refused = apply(&t, &replay, "ticket 4411").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            SubmitError::Rejected(Rejection::ReplayStale { .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(t.money("alice").0, "38.00", "nothing was appended");
+}
