@@ -354,7 +354,10 @@ fn routes(
         .route("/months/{month}/close", post(close_month))
         .route("/customers/{customer}/close", post(close_customer))
         .route("/customers/{customer}/group", post(customer_group))
-        .route("/customers/{customer}/reassign", post(reassign));
+        .route("/customers/{customer}/reassign", post(reassign))
+        .route("/replays", post(create_replay))
+        .route("/replays/{id}", get(get_replay))
+        .route("/replays/{id}/apply", post(apply_replay));
     Router::new()
         .route("/r/{code}", get(follow_link))
         .route("/px.gif", get(pixel))
@@ -1417,6 +1420,51 @@ struct EventsQuery {
     limit: Option<usize>,
     program: Option<String>,
     r#type: Option<String>,
+    /// `replay:{id}` or `reassignment:{seq}`: the events one correction caused.
+    cause: Option<String>,
+}
+
+/// A correction whose events `GET /v1/events?cause=` selects.
+#[derive(Clone, Copy)]
+enum CauseFilter {
+    Replay(uuid::Uuid),
+    Reassignment(Seq),
+}
+
+impl CauseFilter {
+    fn parse(text: &str) -> Result<CauseFilter, ApiError> {
+        let bad = || {
+            ApiError::from(InvalidValue::new(
+                "cause",
+                format!("`{text}` is not `replay:{{id}}` or `reassignment:{{seq}}`"),
+            ))
+        };
+        match text.split_once(':') {
+            Some(("replay", id)) => uuid::Uuid::parse_str(id)
+                .map(CauseFilter::Replay)
+                .map_err(|_| bad()),
+            Some(("reassignment", seq)) => seq
+                .parse()
+                .map(CauseFilter::Reassignment)
+                .map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The correction's own event and the adjustments it posted.
+    fn matches(&self, recorded: &Recorded) -> bool {
+        match (self, &recorded.event) {
+            (CauseFilter::Replay(id), Event::ReplayApplied(e)) => e.replay_id == *id,
+            (CauseFilter::Reassignment(seq), Event::ReferralReassigned(_)) => recorded.seq == *seq,
+            (CauseFilter::Replay(id), Event::AdjustmentPosted(e)) => {
+                matches!(e.cause, Cause::Replay { replay_id, .. } if replay_id == *id)
+            }
+            (CauseFilter::Reassignment(seq), Event::AdjustmentPosted(e)) => {
+                matches!(e.cause, Cause::Reassignment { seq: s } if s == *seq)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The most events one page of `/v1/events` returns.
@@ -1444,6 +1492,7 @@ async fn events(
     {
         return Err(InvalidValue::new("type", format!("`{t}` is not an event type")).into());
     }
+    let cause = query.cause.as_deref().map(CauseFilter::parse).transpose()?;
     let ledger = app.ledger.clone();
     let head = ledger.state().head.seq;
     let scan_to = head.min(after.saturating_add(MAX_EVENTS_SCANNED));
@@ -1459,7 +1508,8 @@ async fn events(
         let type_matches = wanted_type
             .as_deref()
             .is_none_or(|t| t == recorded.event.type_name());
-        if program_matches && type_matches {
+        let cause_matches = cause.is_none_or(|c| c.matches(&recorded));
+        if program_matches && type_matches && cause_matches {
             lines.push(crate::ledger::ExportLine::new(&recorded, &hash));
             if lines.len() == limit {
                 break;
@@ -1733,6 +1783,203 @@ async fn reassign(
     Ok(created(
         json!({"seq": receipt.events.first().map(|r| r.seq), "adjustments": adjustments}),
     ))
+}
+
+// ---------------------------------------------------------------------------
+// What-if replays.
+
+/// `POST .../replays`: the overrides, and optionally the statement months
+/// the diff is restricted to.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    #[serde(default)]
+    pub overrides: Overrides,
+    #[serde(default)]
+    pub months: Option<MonthRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    reason: String,
+}
+
+async fn create_replay(
+    State(app): State<AppState>,
+    Path(program): Path<String>,
+    w: Write,
+) -> ApiResult {
+    require(&app, &w.headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let body: ReplayBody = w.json()?;
+    let ledger = app.ledger.clone();
+    let replay =
+        tokio::task::spawn_blocking(move || ledger.what_if(&program, body.overrides, body.months))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(replay)).into_response())
+}
+
+async fn find_replay(
+    app: &AppState,
+    program: &ProgramId,
+    id: &str,
+) -> Result<crate::ledger::Replay, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
+    let id = uuid::Uuid::parse_str(id).map_err(|_| not_found())?;
+    let ledger = app.ledger.clone();
+    let p = program.clone();
+    tokio::task::spawn_blocking(move || ledger.replay(&p, &id))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
+        .ok_or_else(not_found)
+}
+
+async fn get_replay(
+    State(app): State<AppState>,
+    Path((program, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require(&app, &headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let replay = find_replay(&app, &program, &id).await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if accept.contains("text/csv") {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            replay_csv(&replay),
+        )
+            .into_response());
+    }
+    if accept.contains("text/html") {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            replay_html(&replay),
+        )
+            .into_response());
+    }
+    Ok(Json(replay).into_response())
+}
+
+async fn apply_replay(
+    State(app): State<AppState>,
+    Path((program, id)): Path<(String, String)>,
+    w: Write,
+) -> ApiResult {
+    let caller = require(&app, &w.headers, ADMIN)?;
+    let program = program_id(&program)?;
+    let body: ApplyBody = w.json()?;
+    let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
+    let replay_id = uuid::Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let ledger = app.ledger.clone();
+    let (p, actor) = (program.clone(), caller.key_id.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        ledger.apply_replay_submission(&p, &replay_id, &body.reason, &actor)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??
+    .ok_or_else(not_found)?;
+    let receipt = w
+        .submit(&app, &caller, &program, None, prepared.command)
+        .await?;
+    if let Some(Noop::ReplayAlreadyApplied { seq }) = receipt.noop {
+        return Ok(Json(json!({"replay_id": replay_id, "applied_seq": seq, "adjustments": [], "already_applied": true})).into_response());
+    }
+    let adjustments: Vec<Value> = receipt
+        .events
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AdjustmentPosted(a) => Some(json!({"affiliate_id": a.affiliate_id, "amount": a.amount.to_string(), "month": a.month, "line": a.line, "seq": r.seq})),
+            _ => None,
+        })
+        .collect();
+    Ok(created(json!({
+        "replay_id": replay_id,
+        "applied_seq": receipt.events.first().map(|r| r.seq),
+        "adjustments": adjustments,
+        "already_applied": false,
+    })))
+}
+
+fn replay_csv(replay: &crate::ledger::Replay) -> String {
+    let mut out = String::from(
+        "affiliate_id,month,kind,customer_id,line,basis,rate_before,rate_after,before,after,change\n",
+    );
+    for row in &replay.diff.rows {
+        for line in &row.lines {
+            let fields = [
+                row.affiliate_id.to_string(),
+                row.month.to_string(),
+                serde_json::to_value(line.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                line.customer_id
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                line.line
+                    .as_ref()
+                    .map(|l| l.to_string())
+                    .unwrap_or_default(),
+                line.basis.clone().unwrap_or_default(),
+                line.rate_before.map(|r| r.to_string()).unwrap_or_default(),
+                line.rate_after.map(|r| r.to_string()).unwrap_or_default(),
+                line.before.clone(),
+                line.after.clone(),
+                line.change.clone(),
+            ];
+            let fields: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn replay_html(replay: &crate::ledger::Replay) -> String {
+    let mut rows = String::new();
+    for row in &replay.diff.rows {
+        rows.push_str(&format!(
+            "<tr class=\"month\"><th>{}</th><th>{}</th><th colspan=\"4\"></th><th>{}</th><th>{}</th><th>{}</th></tr>\n",
+            html_escape(row.affiliate_id.as_str()),
+            row.month,
+            html_escape(&row.before),
+            html_escape(&row.after),
+            html_escape(&row.change),
+        ));
+        for line in &row.lines {
+            rows.push_str(&format!(
+                "<tr><td></td><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                html_escape(&format!("{:?}", line.kind).to_lowercase()),
+                html_escape(line.customer_id.as_ref().map(|c| c.as_str()).unwrap_or("")),
+                html_escape(line.line.as_ref().map(|l| l.as_str()).unwrap_or("")),
+                html_escape(line.basis.as_deref().unwrap_or("")),
+                html_escape(&line.before),
+                html_escape(&line.after),
+                html_escape(&line.change),
+            ));
+        }
+    }
+    let overrides = serde_json::to_string_pretty(&replay.overrides).unwrap_or_default();
+    let status = match replay.applied_seq {
+        Some(seq) => format!("applied at seq {seq}"),
+        None => "not applied".to_string(),
+    };
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Replay {id}</title>\n<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left}}tr.month th{{background:#f4f4f4}}pre{{background:#f8f8f8;padding:1em}}</style></head>\n<body><h1>What-if replay {id}</h1>\n<p>Program {program}, computed at seq {at_seq} on {computed_at}; {status}. Amounts in {currency}. Total change: {total}.</p>\n<h2>Overrides</h2><pre>{overrides}</pre>\n<h2>Changes by affiliate and month</h2>\n<table><thead><tr><th>affiliate</th><th>month</th><th>kind</th><th>customer</th><th>line</th><th>basis</th><th>before</th><th>after</th><th>change</th></tr></thead><tbody>\n{rows}</tbody></table></body></html>\n",
+        id = replay.replay_id,
+        program = html_escape(replay.program.as_str()),
+        at_seq = replay.at_seq,
+        computed_at = replay.computed_at,
+        currency = replay.diff.currency.code(),
+        total = html_escape(&replay.diff.total_change),
+        overrides = html_escape(&overrides),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -2503,6 +2750,8 @@ pub fn openapi() -> Value {
     let statement = schema(&mut |g| g.subschema_for::<Statement>());
     let stats = schema(&mut |g| g.subschema_for::<Stats>());
     let referral = schema(&mut |g| g.subschema_for::<Referral>());
+    let replay_body = schema(&mut |g| g.subschema_for::<ReplayBody>());
+    let replay = schema(&mut |g| g.subschema_for::<crate::ledger::Replay>());
     let definitions = generator.take_definitions(true);
 
     let object = |properties: Value| json!({"type": "object", "properties": properties});
@@ -2801,6 +3050,41 @@ pub fn openapi() -> Value {
         ),
         (
             "post",
+            "/v1/programs/{program}/replays",
+            "What-if replay: history under overrides, without writing; returns its id and money diff",
+            "admin",
+            program_params(),
+            vec![],
+            Some(replay_body),
+            (201, replay.clone()),
+        ),
+        (
+            "get",
+            "/v1/programs/{program}/replays/{id}",
+            "A replay and its diff (JSON, text/csv or text/html by Accept)",
+            "admin",
+            vec!["program", "id"],
+            vec![],
+            None,
+            (200, replay),
+        ),
+        (
+            "post",
+            "/v1/programs/{program}/replays/{id}/apply",
+            "Append the replay's diff as adjustments in the open month (409 when the log moved under it)",
+            "admin",
+            vec!["program", "id"],
+            vec![],
+            Some(object(json!({"reason": string}))),
+            (
+                201,
+                object(
+                    json!({"replay_id": string, "applied_seq": {"type": "integer"}, "adjustments": {"type": "array", "items": {"type": "object"}}, "already_applied": {"type": "boolean"}}),
+                ),
+            ),
+        ),
+        (
+            "post",
             "/v1/programs/{program}/months/{month}/close",
             "Close a month; again = no-op",
             "admin",
@@ -2825,6 +3109,10 @@ pub fn openapi() -> Value {
                 query("limit", "1 to 1000"),
                 query("program", "a program id"),
                 query("type", "an event type"),
+                query(
+                    "cause",
+                    "`replay:{id}` or `reassignment:{seq}`: the events one correction caused",
+                ),
             ],
             None,
             (

@@ -1514,6 +1514,14 @@ fn the_role_matrix() {
             "A",
         ),
         ("POST", format!("{p}/months/2026-07/close"), json!({}), "A"),
+        ("POST", format!("{p}/replays"), json!({}), "A"),
+        ("GET", format!("{p}/replays/{w}"), Value::Null, "A"),
+        (
+            "POST",
+            format!("{p}/replays/{w}/apply"),
+            json!({"reason": "r"}),
+            "A",
+        ),
         ("GET", "/v1/events".into(), Value::Null, "A"),
         ("GET", "/v1/verify".into(), Value::Null, "A"),
     ];
@@ -1984,4 +1992,259 @@ fn yourhosting_over_http() {
         app.balance("yourhosting", "klant-42")["withdrawn_total"],
         "9.50"
     );
+}
+
+/// The operator's walk-through of the README: a customer credited to the
+/// wrong affiliate for three closed months, fixed by a replay over HTTP.
+#[test]
+fn a_wrong_attribution_fixed_by_a_replay_over_http() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.click(
+        "hosting",
+        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
+    );
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
+    );
+    for (id, at, amount) in [
+        ("inv-8", "2026-08-10T12:00:00Z", "100.00"),
+        ("inv-9", "2026-09-10T12:00:00Z", "50.00"),
+        ("inv-10", "2026-10-10T12:00:00Z", "80.00"),
+    ] {
+        app.expense("hosting", json!({"id": id, "customer_id": "cust-1", "amount": amount, "currency": "USD", "at": at}));
+        let month = &at[..7];
+        app.set_now(&format!("{}-05T00:00:00Z", next_month(month)));
+        assert_eq!(app.close("hosting", month).0, 200);
+    }
+    assert_eq!(app.balance("hosting", "alice")["earned"], "46.00");
+    let closed_before = app.statement("hosting", "alice", "2026-08");
+    let head = app.head();
+
+    // Bad overrides: a problem, nothing computed or appended.
+    let p = "/v1/programs/hosting";
+    let (status, problem) = app.post(&app.admin, &format!("{p}/replays"), json!({"overrides": {"attribution": [{"customer_id": "cust-1", "affiliate_id": "nobody"}]}}));
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            404,
+            Some("https://commission-ledger.dev/problems/unknown-affiliate")
+        )
+    );
+    let (status, problem) = app.post(
+        &app.admin,
+        &format!("{p}/replays"),
+        json!({"overrides": {"exclude": "all"}}),
+    );
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            400,
+            Some("https://commission-ledger.dev/problems/malformed")
+        )
+    );
+
+    let (status, replay) = app.post(
+        &app.admin,
+        &format!("{p}/replays"),
+        json!({"overrides": {"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}}),
+    );
+    assert_eq!(status, 201, "{replay}");
+    assert_eq!(app.head(), head, "a replay writes nothing");
+    assert_eq!(replay["at_seq"], head);
+    assert_eq!(replay["diff"]["total_change"], "0.00");
+    let changes: Vec<(String, String, String)> = replay["diff"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["affiliate_id"].as_str().unwrap().into(),
+                r["month"].as_str().unwrap().into(),
+                r["change"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let row = |a: &str, m: &str, c: &str| (a.to_string(), m.to_string(), c.to_string());
+    assert_eq!(
+        changes,
+        vec![
+            row("alice", "2026-08", "-20.00"),
+            row("alice", "2026-09", "-10.00"),
+            row("alice", "2026-10", "-16.00"),
+            row("bob", "2026-08", "20.00"),
+            row("bob", "2026-09", "10.00"),
+            row("bob", "2026-10", "16.00"),
+        ]
+    );
+    let id = replay["replay_id"].as_str().unwrap().to_string();
+    let path = format!("{p}/replays/{id}");
+    let got: Value = app.get(Some(&app.admin), &path).json().unwrap();
+    assert_eq!(got["diff"], replay["diff"]);
+    let csv = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&app.admin)
+        .header("Accept", "text/csv")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(csv.starts_with("affiliate_id,month,kind,customer_id,line,basis,rate_before,rate_after,before,after,change\n"), "{csv}");
+    assert!(
+        csv.contains("alice,2026-08,reward,cust-1,inv-8,100.00,20,,20.00,0.00,-20.00\n"),
+        "{csv}"
+    );
+    let html = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&app.admin)
+        .header("Accept", "text/html")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        html.contains("<h1>What-if replay") && html.contains("-16.00"),
+        "{html}"
+    );
+    assert_eq!(
+        app.get(
+            Some(&app.admin),
+            &format!("{p}/replays/00000000-0000-7000-8000-000000000000")
+        )
+        .status()
+        .as_u16(),
+        404
+    );
+
+    // Apply needs a reason; then appends the adjustments once.
+    app.set_now("2026-11-06T09:00:00Z");
+    let (status, problem) = app.post(&app.admin, &format!("{path}/apply"), json!({"reason": " "}));
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            422,
+            Some("https://commission-ledger.dev/problems/invalid-value")
+        )
+    );
+    let (status, applied) = app.post(
+        &app.admin,
+        &format!("{path}/apply"),
+        json!({"reason": "ticket 4411"}),
+    );
+    assert_eq!(status, 201, "{applied}");
+    assert_eq!(applied["adjustments"].as_array().unwrap().len(), 6);
+    assert_eq!(app.balance("hosting", "alice")["earned"], "0.00");
+    assert_eq!(app.balance("hosting", "bob")["earned"], "46.00");
+    let (status, again) = app.post(
+        &app.admin,
+        &format!("{path}/apply"),
+        json!({"reason": "ticket 4411"}),
+    );
+    assert_eq!(
+        (status, again["already_applied"].as_bool()),
+        (200, Some(true))
+    );
+    assert_eq!(
+        app.statement("hosting", "alice", "2026-08")["lines"],
+        closed_before["lines"]
+    );
+    let open = app.statement("hosting", "bob", "2026-11");
+    let amounts: Vec<&str> = open["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, vec!["20.00", "10.00", "16.00"]);
+    assert_eq!(open["lines"][0]["kind"], "adjustment");
+
+    // The audit trail: the events this replay caused, and only those.
+    let caused: Value = app
+        .get(Some(&app.admin), &format!("/v1/events?cause=replay:{id}"))
+        .json()
+        .unwrap();
+    let types: Vec<&str> = caused["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.len(), 7);
+    assert_eq!(types[0], "ReplayApplied");
+    assert!(types[1..].iter().all(|t| *t == "AdjustmentPosted"));
+    let actor = caused["events"][0]["actor"].as_str().unwrap();
+    assert!(
+        actor.starts_with("k-"),
+        "the admin key that applied it: {actor}"
+    );
+    assert_eq!(caused["events"][1]["data"]["reason"], "ticket 4411");
+    assert_eq!(
+        app.get(Some(&app.admin), "/v1/events?cause=nonsense")
+            .status()
+            .as_u16(),
+        422
+    );
+    let verify: Value = app.get(Some(&app.admin), "/v1/verify").json().unwrap();
+    assert_eq!(verify["ok"], true);
+}
+
+/// A stale replay: money of the program moved in a way that changes it.
+#[test]
+fn applying_a_replay_the_log_moved_under_is_a_conflict() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.click(
+        "hosting",
+        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
+    );
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
+    );
+    app.expense("hosting", json!({"id": "inv-8", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "at": "2026-08-10T12:00:00Z"}));
+    app.set_now("2026-09-02T00:00:00Z");
+    app.close("hosting", "2026-08");
+    let p = "/v1/programs/hosting";
+    let (_, replay) = app.post(
+        &app.admin,
+        &format!("{p}/replays"),
+        json!({"overrides": {"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}}),
+    );
+    let id = replay["replay_id"].as_str().unwrap();
+    app.expense("hosting", json!({"id": "inv-9", "customer_id": "cust-1", "amount": "50.00", "currency": "USD", "at": "2026-09-10T12:00:00Z"}));
+    app.set_now("2026-10-02T00:00:00Z");
+    app.close("hosting", "2026-09");
+    let head = app.head();
+    let (status, problem) = app.post(
+        &app.admin,
+        &format!("{p}/replays/{id}/apply"),
+        json!({"reason": "ticket 1"}),
+    );
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            409,
+            Some("https://commission-ledger.dev/problems/replay-stale")
+        ),
+        "{problem}"
+    );
+    assert_eq!(app.head(), head, "nothing appended");
+}
+
+fn next_month(month: &str) -> String {
+    let (y, m): (i32, u32) = (month[..4].parse().unwrap(), month[5..].parse().unwrap());
+    if m == 12 {
+        format!("{}-01", y + 1)
+    } else {
+        format!("{y}-{:02}", m + 1)
+    }
 }
