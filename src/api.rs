@@ -1905,7 +1905,8 @@ async fn apply_replay(
     })))
 }
 
-fn replay_csv(replay: &crate::ledger::Replay) -> String {
+/// A replay's changed lines as CSV, one row per line (the API and the CLI).
+pub fn replay_csv(replay: &crate::ledger::Replay) -> String {
     let mut out = String::from(
         "affiliate_id,month,kind,customer_id,line,basis,rate_before,rate_after,before,after,change\n",
     );

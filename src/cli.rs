@@ -60,8 +60,27 @@ pub enum Verb {
         #[arg(long, env = "COMMISSION_LEDGER_PUBLIC_BURST", default_value_t = 30)]
         public_burst: u32,
     },
-    /// Delete the index store and rebuild it and every projection from the log.
-    Replay,
+    /// Delete the index store and rebuild it and every projection from the
+    /// log; or, with --what-if, replay a program under overrides and print
+    /// the money diff (and with --apply, append it as adjustments).
+    Replay {
+        /// The overrides document: the body of `POST .../replays`
+        /// (`{"overrides": {...}, "months": {"from": "YYYY-MM", "to": "YYYY-MM"}}`).
+        #[arg(long, value_name = "FILE", requires = "program")]
+        what_if: Option<PathBuf>,
+        /// The program to replay (with --what-if).
+        #[arg(long)]
+        program: Option<String>,
+        /// Append the diff as compensating events in the open month.
+        #[arg(long, requires_all = ["what_if", "reason"])]
+        apply: bool,
+        /// Why (kept in the log with the adjustments).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Also write the changed lines as CSV to this file.
+        #[arg(long, value_name = "FILE", requires = "what_if")]
+        csv: Option<PathBuf>,
+    },
     /// Check the log: frames, CRCs, hash chain, postings. Exit 0 only for a sound log.
     Verify,
     /// Write every event as NDJSON (to stdout, or --out).
@@ -117,6 +136,88 @@ fn submit(ledger: &Ledger, submission: Submission) -> anyhow::Result<ledger::Rec
     }
 }
 
+/// `replay --what-if`: computes, prints, optionally writes CSV and applies.
+fn what_if(
+    data: &std::path::Path,
+    file: &std::path::Path,
+    program: Option<String>,
+    apply: bool,
+    reason: Option<String>,
+    csv: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    let program = ProgramId::parse(program.as_deref().unwrap_or_default())?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let body: crate::api::ReplayBody = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an overrides document", file.display()))?;
+    let ledger = open(data)?;
+    let replay = match ledger.what_if(&program, body.overrides, body.months) {
+        Ok(replay) => replay,
+        Err(SubmitError::Rejected(rejection)) => bail!("refused: {rejection}"),
+        Err(e) => bail!("{e}"),
+    };
+    let diff = &replay.diff;
+    println!(
+        "replay {} of {program} at seq {}: {} changed items, total change {} {}",
+        replay.replay_id,
+        replay.at_seq,
+        diff.changes.len(),
+        diff.total_change,
+        diff.currency.code()
+    );
+    println!(
+        "{:<24} {:<8} {:>14} {:>14} {:>14}",
+        "affiliate", "month", "before", "after", "change"
+    );
+    for row in &diff.rows {
+        println!(
+            "{:<24} {:<8} {:>14} {:>14} {:>14}",
+            row.affiliate_id.as_str(),
+            row.month.to_string(),
+            row.before,
+            row.after,
+            row.change
+        );
+        for line in &row.lines {
+            let what = format!(
+                "  {:?} {} {}",
+                line.kind,
+                line.customer_id.as_ref().map(|c| c.as_str()).unwrap_or("-"),
+                line.line.as_ref().map(|l| l.as_str()).unwrap_or("-")
+            )
+            .to_lowercase();
+            println!(
+                "{what:<33} {:>14} {:>14} {:>14}",
+                line.before, line.after, line.change
+            );
+        }
+    }
+    if let Some(path) = csv {
+        std::fs::write(&path, crate::api::replay_csv(&replay))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if apply {
+        let reason = reason.unwrap_or_default();
+        let submission =
+            match ledger.apply_replay_submission(&program, &replay.replay_id, &reason, "cli") {
+                Ok(Some(submission)) => submission,
+                Ok(None) => bail!("the replay is gone"),
+                Err(SubmitError::Rejected(rejection)) => bail!("refused: {rejection}"),
+                Err(e) => bail!("{e}"),
+            };
+        let receipt = submit(&ledger, submission)?;
+        let adjustments = receipt.events.len().saturating_sub(1);
+        match receipt.events.first() {
+            Some(first) => println!(
+                "applied at seq {}: {adjustments} adjustments in the open month",
+                first.seq
+            ),
+            None => println!("nothing to apply"),
+        }
+    }
+    Ok(0)
+}
+
 /// Runs the command line; the exit status is the process's.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let data = cli.data;
@@ -136,7 +237,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             serve(&data, listen, config, demo)
         }
-        Verb::Replay => {
+        Verb::Replay {
+            what_if: Some(file),
+            program,
+            apply,
+            reason,
+            csv,
+        } => what_if(&data, &file, program, apply, reason, csv),
+        Verb::Replay { what_if: None, .. } => {
             let head = ledger::rebuild_index(&data)?;
             println!(
                 "rebuilt the index and projections from {} events; head hash {}",

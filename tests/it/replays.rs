@@ -368,3 +368,121 @@ fn apply_is_refused_when_the_log_moved_under_the_replay_and_not_otherwise() {
     );
     assert_eq!(t.money("alice").0, "38.00", "nothing was appended");
 }
+
+/// `replay --what-if` as a process: the table, the CSV, bad input, --apply.
+#[test]
+fn the_command_line_prints_the_diff_writes_csv_and_applies() {
+    let (mut t, _, _) = wrongly_attributed();
+    t.ledger = None; // the command line takes the data directory's lock
+    let data = t.dir.path().to_path_buf();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_commission-ledger"))
+            .args(args)
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let work = tempfile::tempdir().unwrap();
+    let overrides = work.path().join("overrides.json");
+    std::fs::write(
+        &overrides,
+        r#"{"overrides": {"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]},
+            "months": {"from": "2026-06", "to": "2026-07"}}"#,
+    )
+    .unwrap();
+    let csv = work.path().join("diff.csv");
+    let o = overrides.to_str().unwrap();
+    let out = run(&[
+        "replay",
+        "--what-if",
+        o,
+        "--program",
+        "hosting",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("4 changed items, total change 0.00 USD"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("2026-05"),
+        "the months were restricted: {table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["bob", "2026-07", "0.00", "16.00", "16.00"]),
+        "{table}"
+    );
+    let written = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(
+        written.lines().count(),
+        5,
+        "a header and four lines: {written}"
+    );
+
+    // Bad input: a clear error, a non-zero exit, nothing appended.
+    let head = commission_ledger::ledger::verify_log(&data.join("log"), None).head_seq;
+    std::fs::write(
+        work.path().join("bad.json"),
+        r#"{"overrides": {"exclude": "x"}}"#,
+    )
+    .unwrap();
+    let bad = work.path().join("bad.json");
+    let out = run(&[
+        "replay",
+        "--what-if",
+        bad.to_str().unwrap(),
+        "--program",
+        "hosting",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not an overrides document"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["replay", "--what-if", o, "--program", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no program `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["replay", "--what-if", o, "--program", "hosting", "--apply"]);
+    assert_eq!(out.status.code(), Some(2), "--apply needs a --reason");
+    assert_eq!(
+        commission_ledger::ledger::verify_log(&data.join("log"), None).head_seq,
+        head
+    );
+
+    let out = run(&[
+        "replay",
+        "--what-if",
+        o,
+        "--program",
+        "hosting",
+        "--apply",
+        "--reason",
+        "ticket 4411",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("4 adjustments in the open month"),
+        "{}",
+        text(&out.stdout)
+    );
+    t.reopen();
+    // June and July moved; May (outside the months asked for) did not.
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("28.00".into(), "26.00".into())
+    );
+    t.verify_ok();
+}
