@@ -78,7 +78,36 @@ fn cents(c: u32) -> String {
     format!("{}.{:02}", c / 100, c % 100)
 }
 
-type Served = Vec<(Seq, Vec<commission_ledger::projections::Balance>)>;
+/// What was served after each op: at which head, each affiliate's balance,
+/// statement of the op's month, and monthly statistics.
+type Served = Vec<(
+    Seq,
+    Vec<commission_ledger::projections::Balance>,
+    Month,
+    Vec<Reads>,
+)>;
+type Reads = (
+    commission_ledger::projections::Statement,
+    commission_ledger::projections::Stats,
+);
+
+fn reads(t: &TestLedger, a: &str, m: Month, as_of: Option<AsOf>) -> Reads {
+    let ledger = t.ledger();
+    let statement = ledger
+        .statement(&t.program, &aff(a), m, as_of)
+        .unwrap()
+        .unwrap();
+    let (from, to) = (
+        chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+        chrono::NaiveDate::from_ymd_opt(2026, 12, 31).unwrap(),
+    );
+    let by = commission_ledger::projections::StatsBy::Month;
+    let stats = ledger
+        .stats(&t.program, &aff(a), from, to, by, as_of)
+        .unwrap()
+        .unwrap();
+    (statement, stats)
+}
 
 /// Runs a history; returns the ledger, the balances served after each op,
 /// and the submissions that appended events, with their receipts' events.
@@ -296,7 +325,13 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
             }
             Err(e) => panic!("{e}"),
         }
-        served.push((t.head(), AFFILIATES.iter().map(|a| t.balance(a)).collect()));
+        let m = Timestamp::parse(&at_text).unwrap().month_in(chrono_tz::UTC);
+        served.push((
+            t.head(),
+            AFFILIATES.iter().map(|a| t.balance(a)).collect(),
+            m,
+            AFFILIATES.iter().map(|a| reads(&t, a, m, None)).collect(),
+        ));
     }
     if std::env::var_os("PROP_STATS").is_some() {
         let kinds: Vec<&str> = appended
@@ -338,11 +373,14 @@ proptest! {
                 prop_assert_eq!(lines, affiliate.accounts.earned(), "{}", a);
             }
         }
-        // reads as of an earlier seq answer what was served then (pending aside: it estimates)
-        for (seq, balances) in served.iter().step_by(7) {
-            for (a, served) in AFFILIATES.iter().zip(balances) {
+        // reads as of an earlier seq answer what was served then: balances,
+        // statements (with their as_of_seq and log hash) and statistics
+        for (seq, balances, m, served_reads) in served.iter().step_by(7) {
+            for ((a, served), served_reads) in AFFILIATES.iter().zip(balances).zip(served_reads) {
                 let then = t.ledger().balance(&t.program, &aff(a), Some(AsOf::Seq(*seq))).unwrap().unwrap();
                 prop_assert_eq!(&then, served);
+                let then = reads(&t, a, *m, Some(AsOf::Seq(*seq)));
+                prop_assert_eq!(&then, served_reads);
             }
         }
         // resubmitting an idempotency key appends nothing
