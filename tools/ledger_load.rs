@@ -9,7 +9,8 @@
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
-//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS]`: durable appends/s alone.
+//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY]`:
+//!   durable appends/s alone (optionally with another checkpoint interval).
 //! - `ledger-load replay DIR` / `replay-full DIR`: opens DIR from its
 //!   checkpoint / after deleting its index store, reporting events/s and RSS.
 //! - `ledger-load what-if DIR`: a what-if replay of DIR's whole log with one
