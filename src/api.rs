@@ -1139,25 +1139,12 @@ async fn statement(
     })
     .await?
     .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    if accept.contains("text/csv") {
-        return Ok((
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            statement_csv(&statement),
-        )
-            .into_response());
-    }
-    if accept.contains("text/html") {
-        return Ok((
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            statement_html(&statement),
-        )
-            .into_response());
-    }
-    Ok(Json(statement).into_response())
+    Ok(by_accept(
+        &headers,
+        &statement,
+        statement_csv,
+        statement_html,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -1821,6 +1808,34 @@ async fn create_replay(
     Ok((StatusCode::CREATED, Json(replay)).into_response())
 }
 
+/// A read shape as `text/csv`, `text/html` or JSON, by the `Accept` header.
+fn by_accept<T: serde::Serialize>(
+    headers: &HeaderMap,
+    value: &T,
+    csv: fn(&T) -> String,
+    html: fn(&T) -> String,
+) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if accept.contains("text/csv") {
+        (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            csv(value),
+        )
+            .into_response()
+    } else if accept.contains("text/html") {
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            html(value),
+        )
+            .into_response()
+    } else {
+        Json(value).into_response()
+    }
+}
+
 async fn find_replay(
     app: &AppState,
     program: &ProgramId,
@@ -1844,25 +1859,7 @@ async fn get_replay(
     require(&app, &headers, ADMIN)?;
     let program = program_id(&program)?;
     let replay = find_replay(&app, &program, &id).await?;
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    if accept.contains("text/csv") {
-        return Ok((
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            replay_csv(&replay),
-        )
-            .into_response());
-    }
-    if accept.contains("text/html") {
-        return Ok((
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            replay_html(&replay),
-        )
-            .into_response());
-    }
-    Ok(Json(replay).into_response())
+    Ok(by_accept(&headers, &replay, replay_csv, replay_html))
 }
 
 async fn apply_replay(

@@ -835,11 +835,7 @@ impl Ledger {
                 .program(program)
                 .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
             rules::validate_overrides(pm, program, &overrides)?;
-            let applied: Vec<Overrides> = pm
-                .applied_replays
-                .iter()
-                .map(|(_, _, o)| o.clone())
-                .collect();
+            let applied = pm.applied_overrides(None);
             (state.head.seq, applied)
         };
         if let Some(range) = months
@@ -960,13 +956,7 @@ impl Ledger {
             state
                 .model
                 .program(program)
-                .map(|pm| {
-                    pm.applied_replays
-                        .iter()
-                        .take_while(|(r, _, _)| r != id)
-                        .map(|(_, _, o)| o.clone())
-                        .collect()
-                })
+                .map(|pm| pm.applied_overrides(Some(id)))
                 .unwrap_or_default()
         };
         let diff = self.compute_diff(program, applied, e.overrides.clone(), e.months, e.at_seq)?;
@@ -1003,11 +993,7 @@ impl Ledger {
                 .model
                 .program(program)
                 .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
-            let applied: Vec<Overrides> = pm
-                .applied_replays
-                .iter()
-                .map(|(_, _, o)| o.clone())
-                .collect();
+            let applied = pm.applied_overrides(None);
             (state.head.seq, pm.money_seq, applied)
         };
         let mut at_seq = replay.at_seq;

@@ -126,21 +126,13 @@ impl WhatIf {
             };
         }
         match &recorded.event {
-            Event::RewardAccrued(e) => {
-                let basis = (e.kind == RewardKind::Reward).then_some((e.basis, e.rate));
-                add(&mut self.before, reward_item(e), e.amount, basis);
-            }
-            Event::RewardClawedBack(e) => {
-                add(
-                    &mut self.before,
-                    clawback_item(e),
-                    -e.amount,
-                    Some((e.basis, e.rate)),
-                );
+            Event::RewardAccrued(_) | Event::RewardClawedBack(_) => {
+                count(&mut self.before, &recorded.event);
             }
             Event::AdjustmentPosted(e) => {
+                // Replays' own adjustments count through their ReplayApplied.
                 if let Cause::Reassignment { .. } = e.cause {
-                    add(&mut self.before, adjustment_item(e), e.amount, None);
+                    count(&mut self.before, &recorded.event);
                 }
             }
             Event::ReplayApplied(e) => {
@@ -238,24 +230,7 @@ impl WhatIf {
     /// Folds an event the replay decided (at the position of `at`), and
     /// counts its money on the after side.
     fn fold_derived(&mut self, at: &Recorded, event: Event) {
-        match &event {
-            Event::RewardAccrued(e) => {
-                let basis = (e.kind == RewardKind::Reward).then_some((e.basis, e.rate));
-                add(&mut self.after, reward_item(e), e.amount, basis);
-            }
-            Event::RewardClawedBack(e) => {
-                add(
-                    &mut self.after,
-                    clawback_item(e),
-                    -e.amount,
-                    Some((e.basis, e.rate)),
-                );
-            }
-            Event::AdjustmentPosted(e) => {
-                add(&mut self.after, adjustment_item(e), e.amount, None);
-            }
-            _ => {}
-        }
+        count(&mut self.after, &event);
         let derived = Recorded {
             event,
             ..at.clone()
@@ -351,6 +326,21 @@ impl WhatIf {
             total_change: currency.format(total),
             changes,
         })
+    }
+}
+
+/// Adds a money event's amount to its item on one side.
+fn count(map: &mut BTreeMap<Item, Side>, event: &Event) {
+    match event {
+        Event::RewardAccrued(e) => {
+            let basis = (e.kind == RewardKind::Reward).then_some((e.basis, e.rate));
+            add(map, reward_item(e), e.amount, basis);
+        }
+        Event::RewardClawedBack(e) => {
+            add(map, clawback_item(e), -e.amount, Some((e.basis, e.rate)));
+        }
+        Event::AdjustmentPosted(e) => add(map, adjustment_item(e), e.amount, None),
+        _ => {}
     }
 }
 

@@ -487,6 +487,16 @@ impl ProgramModel {
         }
     }
 
+    /// The overrides of the replays applied so far, in order (those before
+    /// replay `before`, when given): the layers a new replay starts from.
+    pub fn applied_overrides(&self, before: Option<&Uuid>) -> Vec<Overrides> {
+        self.applied_replays
+            .iter()
+            .take_while(|(r, _, _)| Some(r) != before)
+            .map(|(_, _, o)| o.clone())
+            .collect()
+    }
+
     /// The rules override holds from its moment on, over any later version.
     pub(crate) fn impose_rules(&mut self, overrides: &Overrides) {
         if let Some(o) = &overrides.rules {
