@@ -1998,19 +1998,7 @@ fn yourhosting_over_http() {
 /// wrong affiliate for three closed months, fixed by a replay over HTTP.
 #[test]
 fn a_wrong_attribution_fixed_by_a_replay_over_http() {
-    let app = TestApp::start();
-    app.put_program("hosting", hosting_rules());
-    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
-    app.enroll("hosting", json!({"affiliate_id": "bob"}));
-    let code = alice["referral_code"].as_str().unwrap();
-    app.click(
-        "hosting",
-        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
-    );
-    app.signup(
-        "hosting",
-        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
-    );
+    let app = cust_1_by_alices_link();
     for (id, at, amount) in [
         ("inv-8", "2026-08-10T12:00:00Z", "100.00"),
         ("inv-9", "2026-09-10T12:00:00Z", "50.00"),
@@ -2197,19 +2185,7 @@ fn a_wrong_attribution_fixed_by_a_replay_over_http() {
 /// A stale replay: money of the program moved in a way that changes it.
 #[test]
 fn applying_a_replay_the_log_moved_under_is_a_conflict() {
-    let app = TestApp::start();
-    app.put_program("hosting", hosting_rules());
-    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
-    app.enroll("hosting", json!({"affiliate_id": "bob"}));
-    let code = alice["referral_code"].as_str().unwrap();
-    app.click(
-        "hosting",
-        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
-    );
-    app.signup(
-        "hosting",
-        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
-    );
+    let app = cust_1_by_alices_link();
     app.expense("hosting", json!({"id": "inv-8", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "at": "2026-08-10T12:00:00Z"}));
     app.set_now("2026-09-02T00:00:00Z");
     app.close("hosting", "2026-08");
@@ -2238,6 +2214,24 @@ fn applying_a_replay_the_log_moved_under_is_a_conflict() {
         "{problem}"
     );
     assert_eq!(app.head(), head, "nothing appended");
+}
+
+/// alice and bob in `hosting`; cust-1 signed up through alice's link.
+fn cust_1_by_alices_link() -> TestApp {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    app.enroll("hosting", json!({"affiliate_id": "bob"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.click(
+        "hosting",
+        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
+    );
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
+    );
+    app
 }
 
 fn next_month(month: &str) -> String {
