@@ -3,14 +3,16 @@
 //!
 //! Writes: every [`Submission`] goes through one bounded queue to one writer
 //! thread. The writer takes every command waiting (up to a batch limit),
-//! decides each in log order against the state left by the one before,
-//! appends the whole batch to the log with one `fdatasync` (group commit),
-//! and only then releases the state to readers and answers the callers. A
-//! failed write or sync stops the process: nothing unacknowledged is ever
-//! served, nothing acknowledged is ever lost.
+//! decides each in log order against the state left by the one before, and
+//! frames the batch's records. A syncer thread writes every framed batch
+//! waiting and makes them durable with one `fdatasync` (group commit), then
+//! publishes the durable head and answers the callers; meanwhile the writer
+//! decides the next batch. A failed write or sync stops the process:
+//! nothing unacknowledged is ever served, nothing acknowledged is ever lost.
 //!
-//! Reads see the state as of the last durable batch, or, `as_of` an earlier
-//! seq or time, a replay of the log up to there.
+//! Reads see the state once its head is durable ([`Ledger::state`] waits for
+//! the batches in flight), or, `as_of` an earlier seq or time, a replay of
+//! the log up to there.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -198,9 +200,6 @@ pub struct State {
     pub last_recorded_at: Timestamp,
     /// Idempotency keys the store has not indexed yet (memory serves the tail).
     recent_keys: HashMap<String, KeyRow>,
-    /// Positions of records the store has not indexed yet, as read anchors:
-    /// every `POSITION_STRIDE`th seq and the first record of every batch.
-    recent_anchors: BTreeMap<Seq, Position>,
 }
 
 /// What a checkpoint in the store keeps of the state.
@@ -228,9 +227,8 @@ impl State {
         log::hex(&self.head.hash)
     }
 
-    /// Forgets the tail the store has indexed up to `indexed`.
+    /// Forgets the keys the store has indexed up to `indexed`.
     fn prune(&mut self, indexed: Seq) {
-        self.recent_anchors = self.recent_anchors.split_off(&(indexed + 1));
         self.recent_keys
             .retain(|_, row| row.first_seq + u64::from(row.count) > indexed + 1);
     }
@@ -338,6 +336,8 @@ const REPLAY_QUEUE_LEN: usize = 16;
 /// The state rebuilt at open, and what the store still has to index.
 struct Loaded {
     log: Log,
+    /// Read anchors of the records the store has not indexed.
+    anchors: BTreeMap<Seq, Position>,
     state: State,
     pending_index: Option<IndexJob>,
     indexed: Seq,
@@ -435,10 +435,10 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     if !seen_indexed || !seen_checkpoint || report.head.seq < checkpoint_seq.max(indexed_seq) {
         return Ok(None);
     }
-    state.recent_anchors.extend(anchors.iter().copied());
     state
         .recent_keys
         .extend(keys.iter().map(|(k, v)| (k.clone(), *v)));
+    let recent_anchors = anchors.iter().copied().collect();
     let pending_index = (report.head.seq > indexed_seq).then(|| IndexJob {
         anchors,
         keys: keys.into_iter().collect(),
@@ -447,6 +447,7 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     });
     Ok(Some(Loaded {
         log,
+        anchors: recent_anchors,
         state,
         pending_index,
         indexed: indexed_seq,
@@ -509,7 +510,9 @@ fn write_checkpoint(inner: &Inner) {
         .state
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if state.head.seq == inner.checkpointed.load(Ordering::Acquire) {
+    if state.head.seq == inner.checkpointed.load(Ordering::Acquire)
+        || state.head.seq > inner.durable.load(Ordering::Acquire)
+    {
         return;
     }
     let checkpoint = CheckpointRef {
@@ -592,9 +595,17 @@ struct Inner {
     dir: PathBuf,
     log_dir: PathBuf,
     clock: Clock,
-    /// The state as of the last durable batch.
+    /// The state as of the last batch decided; readers wait until it is
+    /// durable ([`Inner::wait_durable`]).
     state: RwLock<State>,
-    /// The head seq, for live tails (server-sent events) to wait on.
+    /// The seq of the last durable record (the syncer advances it).
+    durable: AtomicU64,
+    durable_lock: Mutex<()>,
+    durable_moved: std::sync::Condvar,
+    /// Read anchors of the records the store has not indexed yet: every
+    /// `POSITION_STRIDE`th seq and the first record of every batch.
+    anchors: Mutex<BTreeMap<Seq, Position>>,
+    /// The durable head seq, for live tails (server-sent events) to wait on.
     head: watch::Sender<Seq>,
     /// The secret that keys the hash of API keys.
     key_secret: [u8; 32],
@@ -602,6 +613,38 @@ struct Inner {
     replays: Mutex<BTreeMap<Uuid, Replay>>,
     /// Held for the ledger's life: one process per data directory.
     _lock: File,
+}
+
+impl Inner {
+    /// Publishes that every record up to `seq` is on disk.
+    fn set_durable(&self, seq: Seq) {
+        self.durable.store(seq, Ordering::Release);
+        // Taking the lock orders this store before any waiter's check.
+        drop(
+            self.durable_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        self.durable_moved.notify_all();
+        self.head.send_replace(seq);
+    }
+
+    /// Waits until every record up to `seq` is on disk.
+    fn wait_durable(&self, seq: Seq) {
+        if self.durable.load(Ordering::Acquire) >= seq {
+            return;
+        }
+        let mut guard = self
+            .durable_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while self.durable.load(Ordering::Acquire) < seq {
+            guard = self
+                .durable_moved
+                .wait(guard)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 /// A stable hash of a command's request, for idempotency of API callers.
@@ -696,6 +739,7 @@ impl Ledger {
         };
         let Loaded {
             log,
+            anchors,
             state,
             pending_index,
             indexed,
@@ -713,6 +757,10 @@ impl Ledger {
             dir,
             log_dir,
             clock: config.clock.clone(),
+            durable: AtomicU64::new(state.head.seq),
+            durable_lock: Mutex::new(()),
+            durable_moved: std::sync::Condvar::new(),
+            anchors: Mutex::new(anchors),
             state: RwLock::new(state),
             head: head_tx,
             key_secret,
@@ -1054,12 +1102,18 @@ impl Ledger {
         self.inner.head.subscribe()
     }
 
-    /// The current state, as of the last durable batch.
+    /// The current state, once it is durable: the writer decides the next
+    /// batch while the last one is being synced, and a reader must not see
+    /// an event that a crash could still lose. So this waits (for at most
+    /// the batches in flight) until the state's head is on disk.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.inner
+        let state = self
+            .inner
             .state
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.inner.wait_durable(state.head.seq);
+        state
     }
 
     /// Runs a read against the current state, or against a replay of the
@@ -1344,129 +1398,323 @@ fn gather(
     }
 }
 
+/// A batch the writer decided and framed, on its way to the syncer.
+struct Decided {
+    /// The records to write; none when every command was refused or a no-op.
+    framed: Option<log::FramedBatch>,
+    answers: Vec<(oneshot::Sender<Result<Receipt, SubmitError>>, Answer)>,
+    index: Option<IndexJob>,
+    commands: usize,
+    events: usize,
+}
+
+/// The hand-off between the writer, which decides batch N + 1 while the
+/// syncer writes and syncs batch N (and answers it), and the syncer. The
+/// syncer takes every batch waiting at once: one `fdatasync` for them all.
+#[derive(Default)]
+struct Pipeline {
+    queue: Mutex<PipelineQueue>,
+    /// Signalled when a batch is queued, answered, or the writer stops.
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct PipelineQueue {
+    batches: std::collections::VecDeque<Decided>,
+    /// Commands decided and not answered yet, queued or being synced.
+    commands: usize,
+    closed: bool,
+}
+
+impl Pipeline {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipelineQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait<'a>(
+        &self,
+        queue: std::sync::MutexGuard<'a, PipelineQueue>,
+    ) -> std::sync::MutexGuard<'a, PipelineQueue> {
+        self.changed
+            .wait(queue)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the syncer has work: then the writer decides what is waiting
+    /// at once instead of lingering for more (the sync in progress is the
+    /// linger).
+    fn busy(&self) -> bool {
+        self.lock().commands > 0
+    }
+
+    /// Queues a decided batch; waits while `limit` commands are already
+    /// decided and unanswered (a bound on memory and on how far the state
+    /// runs ahead of the disk).
+    fn push(&self, decided: Decided, limit: usize) {
+        let mut queue = self.lock();
+        while queue.commands > 0 && queue.commands + decided.commands > limit {
+            queue = self.wait(queue);
+        }
+        queue.commands += decided.commands;
+        queue.batches.push_back(decided);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every decided batch is durable and answered.
+    fn drain(&self) {
+        let mut queue = self.lock();
+        while queue.commands > 0 {
+            queue = self.wait(queue);
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// For the syncer: every batch waiting, once there is one; `None` once
+    /// the writer has stopped and nothing is left.
+    fn take(&self) -> Option<Vec<Decided>> {
+        let mut queue = self.lock();
+        while queue.batches.is_empty() {
+            if queue.closed {
+                return None;
+            }
+            queue = self.wait(queue);
+        }
+        Some(queue.batches.drain(..).collect())
+    }
+
+    /// For the syncer: `commands` are answered.
+    fn answered(&self, commands: usize) {
+        let mut queue = self.lock();
+        queue.commands = queue.commands.saturating_sub(commands);
+        self.changed.notify_all();
+    }
+}
+
+/// The writer: gathers commands, decides them in log order against the
+/// state (the state write lock held only while deciding), frames their
+/// records, and hands them to the syncer on another thread. So batch N + 1
+/// is decided while batch N is on its way to the disk. Readers see the
+/// state only once it is durable ([`Ledger::state`] waits).
 fn writer_loop(
     inner: &Inner,
-    mut log: Log,
+    log: Log,
     mut jobs: mpsc::Receiver<Job>,
     index: std::sync::mpsc::SyncSender<IndexJob>,
     max_batch: usize,
     checkpoint_every: u64,
     linger: std::time::Duration,
 ) {
-    let mut ids = RandomIds;
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    let mut appended_types: Vec<&'static str> = Vec::new();
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        gather(inner, &mut jobs, &mut batch, max_batch, linger);
-        let started = Instant::now();
-        let commands = batch.len() as u64;
-        let mut state = inner
-            .state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.prune(inner.indexed.load(Ordering::Acquire));
-        let now = (inner.clock)().max(state.last_recorded_at);
-        let mut payloads: Vec<Vec<u8>> = Vec::new();
-        let mut answers: Vec<(oneshot::Sender<Result<Receipt, SubmitError>>, Answer)> = Vec::new();
-        for job in batch.drain(..) {
-            let answer = decide_one(
-                inner,
-                &mut state,
-                &job.submission,
-                now,
-                &mut ids,
-                &mut payloads,
-            );
-            if let Answer::Done(Ok(receipt)) = &answer {
-                appended_types.extend(receipt.events.iter().map(|r| r.event.type_name()));
-            }
-            answers.push((job.reply, answer));
-        }
-        let decided = Instant::now();
-        if !appended_types.is_empty() {
-            let mut by_type = inner
-                .stats
-                .events_by_type
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for name in appended_types.drain(..) {
-                *by_type.entry(name).or_default() += 1;
-            }
-        }
-        let mut index_job = None;
-        if !payloads.is_empty() {
-            let first_seq = log.head().seq + 1;
-            match log.append(&payloads) {
-                Ok(placed) => {
-                    let mut anchors = Vec::new();
-                    for (i, (position, _)) in placed.iter().enumerate() {
-                        let seq = first_seq + i as u64;
-                        if i == 0 || is_stride_anchor(seq) {
-                            state.recent_anchors.insert(seq, *position);
-                        }
-                        if is_stride_anchor(seq) {
-                            anchors.push((seq, *position));
-                        }
-                    }
-                    state.head = log.head();
-                    let keys = state
-                        .recent_keys
-                        .iter()
-                        .filter(|(_, row)| row.first_seq >= first_seq)
-                        .map(|(k, row)| (k.clone(), *row))
-                        .collect();
-                    index_job = Some(IndexJob {
-                        anchors,
-                        keys,
-                        seq: state.head.seq,
-                        hash: state.head.hash,
-                    });
-                }
-                Err(e) => {
-                    // PostgreSQL's lesson: after a failed write or fsync the
-                    // page cache cannot be trusted. Stop; recovery replays the log.
-                    eprintln!("fatal: {e}; stopping the process");
+    let (mut framer, segments) = log.split();
+    let pipeline = Pipeline::default();
+    std::thread::scope(|scope| {
+        let syncer = std::thread::Builder::new()
+            .name("ledger-syncer".into())
+            .spawn_scoped(scope, || {
+                let run = std::panic::AssertUnwindSafe(|| {
+                    syncer_loop(inner, segments, &pipeline, index);
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    eprintln!("fatal: the ledger syncer panicked; stopping the process");
                     std::process::abort();
                 }
-            }
+            });
+        if let Err(e) = syncer {
+            eprintln!("fatal: cannot start the ledger syncer: {e}; stopping the process");
+            std::process::abort();
         }
-        let head = state.head.seq;
-        drop(state);
-        let synced = Instant::now();
-        inner.head.send_replace(head);
-        for (reply, answer) in answers {
-            let result = match answer {
-                Answer::Done(result) => result,
-                Answer::Replay { first_seq, count } => {
-                    match read_events(inner, first_seq, first_seq + u64::from(count) - 1) {
-                        Ok(events) => Ok(Receipt {
-                            events,
-                            noop: None,
-                            replayed: true,
-                        }),
-                        Err(e) => {
-                            eprintln!("error: reading back an idempotent answer: {e}");
-                            Err(SubmitError::Stopped)
-                        }
+        let mut ids = RandomIds;
+        let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+        while let Some(first) = jobs.blocking_recv() {
+            batch.push(first);
+            if pipeline.busy() {
+                while batch.len() < max_batch {
+                    match jobs.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
                     }
                 }
-            };
-            let _ = reply.send(result);
+            } else {
+                gather(inner, &mut jobs, &mut batch, max_batch, linger);
+            }
+            let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
+            let head = decided
+                .framed
+                .as_ref()
+                .map(|f| f.head.seq)
+                .unwrap_or_default();
+            pipeline.push(decided, 2 * max_batch);
+            let since = head.saturating_sub(inner.checkpointed.load(Ordering::Acquire));
+            if head > 0
+                && since >= checkpoint_every
+                && (jobs.is_empty() || since >= 10 * checkpoint_every)
+            {
+                pipeline.drain();
+                write_checkpoint(inner);
+            }
         }
+        pipeline.close();
+    });
+    write_checkpoint(inner);
+}
+
+/// Decides a batch of commands under the state's write lock and frames the
+/// records of those accepted.
+fn decide_batch(
+    inner: &Inner,
+    framer: &mut log::Framer,
+    batch: &mut Vec<Job>,
+    ids: &mut RandomIds,
+) -> Decided {
+    let started = Instant::now();
+    let commands = batch.len();
+    let mut appended_types: Vec<&'static str> = Vec::new();
+    let mut state = inner
+        .state
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let indexed = inner.indexed.load(Ordering::Acquire);
+    state.prune(indexed);
+    let now = (inner.clock)().max(state.last_recorded_at);
+    let mut payloads: Vec<Vec<u8>> = Vec::new();
+    let mut answers = Vec::with_capacity(commands);
+    for job in batch.drain(..) {
+        let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut payloads);
+        if let Answer::Done(Ok(receipt)) = &answer {
+            appended_types.extend(receipt.events.iter().map(|r| r.event.type_name()));
+        }
+        answers.push((job.reply, answer));
+    }
+    let mut framed = None;
+    let mut index = None;
+    if !payloads.is_empty() {
+        let first_seq = state.head.seq + 1;
+        let batch = framer.frame(&payloads);
+        let mut anchors = Vec::new();
+        {
+            let mut recent = inner
+                .anchors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *recent = recent.split_off(&(indexed + 1));
+            for (i, (position, _)) in batch.placed.iter().enumerate() {
+                let seq = first_seq + i as u64;
+                if i == 0 || is_stride_anchor(seq) {
+                    recent.insert(seq, *position);
+                }
+                if is_stride_anchor(seq) {
+                    anchors.push((seq, *position));
+                }
+            }
+        }
+        state.head = batch.head;
+        let keys = state
+            .recent_keys
+            .iter()
+            .filter(|(_, row)| row.first_seq >= first_seq)
+            .map(|(k, row)| (k.clone(), *row))
+            .collect();
+        index = Some(IndexJob {
+            anchors,
+            keys,
+            seq: batch.head.seq,
+            hash: batch.head.hash,
+        });
+        framed = Some(batch);
+    }
+    drop(state);
+    if !appended_types.is_empty() {
+        let mut by_type = inner
+            .stats
+            .events_by_type
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for name in appended_types {
+            *by_type.entry(name).or_default() += 1;
+        }
+    }
+    inner
+        .stats
+        .decide_us
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Decided {
+        framed,
+        answers,
+        index,
+        commands,
+        events: payloads.len(),
+    }
+}
+
+/// The syncer: writes every decided batch waiting, makes them durable with
+/// one `fdatasync`, publishes the durable head, answers the submitters, and
+/// hands the new records to the indexer. It never takes the state lock:
+/// readers holding it wait for the durable head this thread moves.
+fn syncer_loop(
+    inner: &Inner,
+    mut segments: log::SegmentWriter,
+    pipeline: &Pipeline,
+    index: std::sync::mpsc::SyncSender<IndexJob>,
+) {
+    let fail = |e: LogError| -> ! {
+        // PostgreSQL's lesson: after a failed write or fsync the page
+        // cache cannot be trusted. Stop; recovery replays the log.
+        eprintln!("fatal: {e}; stopping the process");
+        std::process::abort();
+    };
+    while let Some(batches) = pipeline.take() {
+        let started = Instant::now();
+        let mut head = None;
+        for decided in &batches {
+            if let Some(framed) = &decided.framed {
+                segments.put(framed).unwrap_or_else(|e| fail(e));
+                head = Some(framed.head);
+            }
+        }
+        if head.is_some() {
+            segments.sync().unwrap_or_else(|e| fail(e));
+        }
+        let synced = Instant::now();
+        if let Some(head) = head {
+            inner.set_durable(head.seq);
+        }
+        let mut commands = 0;
+        let mut events = 0;
+        let mut index_job: Option<IndexJob> = None;
+        for decided in batches {
+            commands += decided.commands;
+            events += decided.events;
+            for (reply, answer) in decided.answers {
+                let _ = reply.send(answer_of(inner, answer));
+            }
+            if let Some(job) = decided.index {
+                match &mut index_job {
+                    None => index_job = Some(job),
+                    Some(merged) => {
+                        merged.anchors.extend(job.anchors);
+                        merged.keys.extend(job.keys);
+                        merged.seq = job.seq;
+                        merged.hash = job.hash;
+                    }
+                }
+            }
+        }
+        pipeline.answered(commands);
         let stats = &inner.stats;
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.commands.fetch_add(commands, Ordering::Relaxed);
-        stats
-            .events
-            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        if head.is_some() {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.commands.fetch_add(commands as u64, Ordering::Relaxed);
+        stats.events.fetch_add(events as u64, Ordering::Relaxed);
         let micros = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
         stats
-            .decide_us
-            .fetch_add(micros(started, decided), Ordering::Relaxed);
-        stats
             .sync_us
-            .fetch_add(micros(decided, synced), Ordering::Relaxed);
+            .fetch_add(micros(started, synced), Ordering::Relaxed);
         stats
             .reply_us
             .fetch_add(micros(synced, Instant::now()), Ordering::Relaxed);
@@ -1474,12 +1722,27 @@ fn writer_loop(
             // Waits only when the indexer is INDEX_QUEUE_LEN batches behind.
             let _ = index.send(job);
         }
-        let since = head.saturating_sub(inner.checkpointed.load(Ordering::Acquire));
-        if since >= checkpoint_every && (jobs.is_empty() || since >= 10 * checkpoint_every) {
-            write_checkpoint(inner);
+    }
+}
+
+/// The answer a submitter gets once its batch is durable.
+fn answer_of(inner: &Inner, answer: Answer) -> Result<Receipt, SubmitError> {
+    match answer {
+        Answer::Done(result) => result,
+        Answer::Replay { first_seq, count } => {
+            match read_events(inner, first_seq, first_seq + u64::from(count) - 1) {
+                Ok(events) => Ok(Receipt {
+                    events,
+                    noop: None,
+                    replayed: true,
+                }),
+                Err(e) => {
+                    eprintln!("error: reading back an idempotent answer: {e}");
+                    Err(SubmitError::Stopped)
+                }
+            }
         }
     }
-    write_checkpoint(inner);
 }
 
 enum Answer {
@@ -1507,18 +1770,15 @@ fn read_events_hashed(
     from: Seq,
     to: Seq,
 ) -> Result<Vec<(Recorded, log::Hash)>, LedgerError> {
-    let (to, memory_anchor) = {
-        let state = inner
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let anchor = state
-            .recent_anchors
-            .range(..=from)
-            .next_back()
-            .map(|(seq, position)| (*seq, *position));
-        (to.min(state.head.seq), anchor)
-    };
+    // Never the state lock: the syncer reads here (idempotent answers).
+    let to = to.min(inner.durable.load(Ordering::Acquire));
+    let memory_anchor = inner
+        .anchors
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .range(..=from)
+        .next_back()
+        .map(|(seq, position)| (*seq, *position));
     if from == 0 || from > to {
         return Ok(Vec::new());
     }

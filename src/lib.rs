@@ -14,9 +14,12 @@
 //!        ▼
 //!  ledger::Ledger ──bounded queue──▶ writer thread (one per data directory)
 //!        ▲                            │ rules::decide(model, ctx, command) → events
-//!        │ reads (RwLock, as_of)      │ Model::apply + Projections::apply
-//!        │                            │ log::Log::append(batch) + one fdatasync
-//!  State { Model, Projections } ◀─────┘ then release the state, then answer
+//!        │ reads (RwLock, as_of;      │ Model::apply + Projections::apply
+//!        │  wait until durable)       │ log::Framer::frame (CRC, hash chain)
+//!  State { Model, Projections } ◀─────┤ while the batch before is synced:
+//!        │                            ▼
+//!        └─ durable head ◀──────── syncer thread: SegmentWriter::put + one
+//!                                   fdatasync for every batch waiting, then answer
 //! ```
 //!
 //! The ground state is the log: `DATA/log/*.seg`. Everything else (the
@@ -59,7 +62,8 @@
 //! ## Architecture invariants
 //!
 //! 1. **The log is the truth.** Nothing is acknowledged before its batch is
-//!    on disk (`fdatasync`); a failed write or sync aborts the process and is
+//!    on disk (`fdatasync`), and no reader is shown a state whose head is
+//!    not on disk yet; a failed write or sync aborts the process and is
 //!    never retried. Recovery cuts a torn tail of the last segment and
 //!    refuses any other bad record, naming segment, offset and seq.
 //! 2. **History is never rewritten.** Corrections are new events

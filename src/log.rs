@@ -667,8 +667,19 @@ impl SegmentWriter {
     /// (starting its new segment first, with the directory synced). On
     /// error the log must not be used again: the process stops.
     pub fn write(&mut self, batch: &FramedBatch) -> Result<(), LogError> {
+        self.put(batch)?;
+        self.sync()
+    }
+
+    /// Writes a framed batch without syncing it: [`Self::sync`] then makes
+    /// every batch put so far durable with one `fdatasync`. A batch that
+    /// starts a new segment first syncs the records of the old one, so a
+    /// crash never leaves a torn record before a later segment. On error the
+    /// log must not be used again: the process stops.
+    pub fn put(&mut self, batch: &FramedBatch) -> Result<(), LogError> {
         use std::os::unix::fs::FileExt;
         if let Some(first_seq) = batch.roll_to {
+            self.sync()?;
             let path = self.dir.join(segment_name(first_seq));
             create_segment(&self.dir, &path)?;
             self.active = OpenOptions::new()
@@ -693,7 +704,11 @@ impl SegmentWriter {
         }
         self.active
             .write_all_at(&batch.bytes, start)
-            .map_err(io("write", &self.active_path))?;
+            .map_err(io("write", &self.active_path))
+    }
+
+    /// Makes what was put into the active segment durable (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), LogError> {
         self.active
             .sync_data()
             .map_err(io("fdatasync", &self.active_path))

@@ -9,8 +9,9 @@
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
-//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY]`:
-//!   durable appends/s alone (optionally with another checkpoint interval).
+//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US]`:
+//!   durable appends/s alone (optionally with another checkpoint interval
+//!   or group-commit linger).
 //! - `ledger-load replay DIR` / `replay-full DIR`: opens DIR from its
 //!   checkpoint / after deleting its index store, reporting events/s and RSS.
 //! - `ledger-load what-if DIR`: a what-if replay of DIR's whole log with one
@@ -393,6 +394,8 @@ fn main() {
             let submitters = number(3, 64) as usize;
             let mut config = LedgerConfig::new(PathBuf::from(arg(2)));
             config.checkpoint_every = number(5, config.checkpoint_every);
+            config.group_commit_linger =
+                Duration::from_micros(number(6, config.group_commit_linger.as_micros() as u64));
             let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
             let codes = setup(&ledger);
             let start = Instant::now();

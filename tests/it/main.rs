@@ -13,3 +13,4 @@ mod scenarios;
 mod store;
 mod support;
 mod tidy;
+mod writer;
