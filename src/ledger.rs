@@ -378,20 +378,31 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     let mut keys = HashMap::default();
     // Two stages on two threads: this one reads, checks and decodes the
     // log; the other folds the events into the state, in order.
-    let (opened, state) = std::thread::scope(|scope| {
+    let (opened, state) = std::thread::scope(|scope| -> Result<_, LedgerError> {
         let (events, received) =
             std::sync::mpsc::sync_channel::<Vec<(Recorded, log::Hash)>>(REPLAY_QUEUE_LEN);
-        let applier = scope.spawn(move || {
+        let fold = move || {
             let mut state = state;
             for chunk in received {
-                for (recorded, hash) in chunk {
-                    let seq = recorded.seq;
-                    state.apply(&recorded);
-                    state.head = Head { seq, hash };
+                // By reference: moving each event out of the chunk was a
+                // copy of its bytes for nothing.
+                for (recorded, hash) in &chunk {
+                    state.apply(recorded);
+                    state.head = Head {
+                        seq: recorded.seq,
+                        hash: *hash,
+                    };
                 }
             }
             state
-        });
+        };
+        let applier = std::thread::Builder::new()
+            .name("ledger-fold".into())
+            .spawn_scoped(scope, fold)
+            .map_err(|e| LedgerError::Io {
+                path: log_dir.to_path_buf(),
+                source: e,
+            })?;
         let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
         let opened = Log::open(log_dir, segment_bytes, |record| {
             if record.seq == indexed_seq {
@@ -428,8 +439,8 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
         let state = applier
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (opened, state)
-    });
+        Ok((opened, state))
+    })?;
     let (log, report) = opened?;
     let mut state = state;
     if !seen_indexed || !seen_checkpoint || report.head.seq < checkpoint_seq.max(indexed_seq) {
@@ -716,7 +727,6 @@ impl Ledger {
     /// Opens the ledger in `config.data_dir`: recovers the log (cutting a
     /// torn tail, refusing a corrupt one), replays it, starts the writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
-        crate::return_freed_memory_promptly();
         let dir = config.data_dir.clone();
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let lock = lock_dir(&dir)?;
@@ -745,6 +755,7 @@ impl Ledger {
             indexed,
             checkpointed,
         } = loaded;
+        crate::return_free_memory();
         let mut log = log;
         log.set_preallocate(config.preallocate_bytes);
         let (head_tx, _) = watch::channel(state.head.seq);

@@ -1095,10 +1095,10 @@ pub fn decide(
                     current: current.currency,
                 });
             }
-            append(vec![Event::ProgramDefined(ProgramDefined {
+            append(vec![Event::ProgramDefined(Box::new(ProgramDefined {
                 rules: rules.clone(),
                 reason: reason.clone(),
-            })])
+            }))])
         }
         Command::EnrollAffiliate {
             affiliate_id,
@@ -1369,14 +1369,14 @@ pub fn decide(
             }
             validate_overrides(pm, id, overrides)?;
             let month = ctx.now.month_in(pm.zone());
-            let mut events = vec![Event::ReplayApplied(ReplayApplied {
+            let mut events = vec![Event::ReplayApplied(Box::new(ReplayApplied {
                 replay_id: *replay_id,
                 at_seq: *at_seq,
                 overrides: overrides.clone(),
                 changes: changes.clone(),
                 months: *months,
                 reason: reason.clone(),
-            })];
+            }))];
             for change in changes.iter().filter(|c| !c.amount.is_zero()) {
                 events.push(Event::AdjustmentPosted(AdjustmentPosted {
                     affiliate_id: change.affiliate_id.clone(),

@@ -29,10 +29,10 @@ pub fn one_of_each() -> Vec<Event> {
     let uuid = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
     let at = ts("2026-08-01T10:00:00Z");
     vec![
-        Event::ProgramDefined(ProgramDefined {
+        Event::ProgramDefined(Box::new(ProgramDefined {
             rules,
             reason: Some("launch".into()),
-        }),
+        })),
         Event::AffiliateEnrolled(AffiliateEnrolled {
             affiliate_id: aff("alice"),
             referral_code: "k3x9m2p7qa".into(),
@@ -164,7 +164,7 @@ pub fn one_of_each() -> Vec<Event> {
             key_id: "k-1".into(),
             reason: "rotated".into(),
         }),
-        Event::ReplayApplied(ReplayApplied {
+        Event::ReplayApplied(Box::new(ReplayApplied {
             replay_id: Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_00ff),
             at_seq: 99,
             overrides: Overrides {
@@ -198,7 +198,7 @@ pub fn one_of_each() -> Vec<Event> {
                 to: month("2026-07"),
             }),
             reason: "ticket 4411".into(),
-        }),
+        })),
     ]
 }
 
