@@ -351,7 +351,8 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     let (indexed_seq, indexed_hash) = store.indexed().unwrap_or((0, [0; 32]));
     let checkpoint = store
         .load_checkpoint(|seq, hash, bytes| {
-            let checkpoint: Checkpoint = postcard::from_bytes(bytes).ok()?;
+            let checkpoint: Checkpoint =
+                crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
             Some((seq, hash, checkpoint))
         })
         .ok()
