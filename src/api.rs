@@ -2075,7 +2075,8 @@ async fn follow_link(
         return Err(ApiError::RateLimited);
     }
     let found = {
-        let state = app.ledger.state();
+        // A code is known only once its enrolment is durable.
+        let state = app.ledger.decided_state();
         state
             .model
             .referral_codes

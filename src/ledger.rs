@@ -1128,6 +1128,20 @@ impl Ledger {
         state
     }
 
+    /// The state as decided, which may run ahead of the disk by the batches
+    /// in flight; without waiting for them. Only for lookups whose answer
+    /// cannot reveal an event that is not durable yet: an API key or a
+    /// referral code is known to its holder only once the event that made
+    /// it was acknowledged, that is, durable. (A revocation decided and not
+    /// yet durable takes effect a moment early: the safe side.) Waiting here
+    /// would hold an async worker for up to a sync.
+    pub fn decided_state(&self) -> RwLockReadGuard<'_, State> {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Runs a read against the current state, or against a replay of the
     /// log up to `as_of`.
     pub fn read<T>(
@@ -1271,7 +1285,7 @@ impl Ledger {
     /// The live key a presented key matches, if any.
     pub fn authenticate(&self, key: &str) -> Option<rules::KeyRecord> {
         let hash = self.key_hash(key);
-        let state = self.state();
+        let state = self.decided_state();
         let key_id = state.model.key_hashes.get(&hash)?;
         state.model.keys.get(key_id).filter(|k| !k.revoked).cloned()
     }
