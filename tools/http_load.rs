@@ -277,6 +277,13 @@ fn main() {
             batches.requests,
             batches.percentile(0.5)
         );
+        let s = stats_ledger.writer_stats();
+        println!(
+            "  checkpoints so far: {} ({} ms in all, the last {} MB)",
+            s.checkpoints.load(Ordering::Relaxed),
+            s.checkpoint_us.load(Ordering::Relaxed) / 1000,
+            s.checkpoint_bytes.load(Ordering::Relaxed) >> 20
+        );
         let _ = stop.send(());
         let _ = server.await;
     });

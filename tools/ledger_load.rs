@@ -420,6 +420,12 @@ fn main() {
                 s.sync_us.load(Ordering::Relaxed) / batches,
                 s.reply_us.load(Ordering::Relaxed) / batches
             );
+            println!(
+                "checkpoints {} ({} ms in all, the last {} MB)",
+                s.checkpoints.load(Ordering::Relaxed),
+                s.checkpoint_us.load(Ordering::Relaxed) / 1000,
+                s.checkpoint_bytes.load(Ordering::Relaxed) >> 20
+            );
         }
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "fold" => {
