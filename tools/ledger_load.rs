@@ -2,9 +2,11 @@
 //! the benchmarks. Bounded in count and time; writes only to the data
 //! directory it is given; no network.
 //!
-//! - `ledger-load crash DIR SUBMITTERS SECONDS`: appends mixed events from
-//!   SUBMITTERS threads for at most SECONDS, printing `ack SEQ EVENT_ID` for
-//!   every acknowledged event; the crash test kills it with SIGKILL.
+//! - `ledger-load crash DIR SUBMITTERS SECONDS [CHECKPOINT_EVERY]`: appends
+//!   mixed events from SUBMITTERS threads for at most SECONDS, printing
+//!   `ack SEQ EVENT_ID` for every acknowledged event; the crash test kills it
+//!   with SIGKILL (with checkpoints every few hundred events, so restarts
+//!   start from checkpoints taken mid-run).
 //! - `ledger-load bench DIR [EVENTS]`: durable appends/s through the writer
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
@@ -187,9 +189,10 @@ fn drive(
     done.load(Ordering::Relaxed).min(limit)
 }
 
-fn crash(dir: &Path, submitters: usize, seconds: u64) {
-    let ledger =
-        Arc::new(Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string())));
+fn crash(dir: &Path, submitters: usize, seconds: u64, checkpoint_every: u64) {
+    let mut config = LedgerConfig::new(dir);
+    config.checkpoint_every = checkpoint_every;
+    let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
     let codes = setup(&ledger);
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let print: Arc<dyn Fn(&Recorded) + Send + Sync> = Arc::new(move |r: &Recorded| {
@@ -388,6 +391,7 @@ fn main() {
             &PathBuf::from(arg(2)),
             number(3, 8) as usize,
             number(4, 30).min(600),
+            number(5, LedgerConfig::new(".").checkpoint_every),
         ),
         "bench" => bench(&PathBuf::from(arg(2)), number(3, 1_000_000)),
         "writer" => {

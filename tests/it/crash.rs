@@ -13,11 +13,14 @@ use commission_ledger::ledger::{Ledger, LedgerConfig, verify_log};
 fn every_acknowledged_event_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut acknowledged: HashMap<u64, uuid::Uuid> = HashMap::new();
+    let mut restarts_from_checkpoint = 0;
+    let mut previous_head = 0;
     // Kill points spread over the run: a small deterministic sequence.
     let kill_after_ms = [150u64, 420, 90, 300, 610, 230];
     for (round, wait) in kill_after_ms.iter().enumerate() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ledger-load"))
-            .args(["crash", dir.path().to_str().unwrap(), "16", "20"])
+            // Checkpoints every few hundred events: restarts load one taken mid-run.
+            .args(["crash", dir.path().to_str().unwrap(), "16", "20", "300"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -61,6 +64,11 @@ fn every_acknowledged_event_survives_sigkill() {
         // Restart: recovery, then every acknowledged event is there at its seq, once.
         let ledger = Ledger::open(LedgerConfig::new(dir.path())).unwrap();
         let head = ledger.state().head.seq;
+        let (_, checkpointed) = ledger.store_status();
+        // A checkpoint the killed child took, not the last clean shutdown's.
+        if checkpointed > previous_head && checkpointed < head {
+            restarts_from_checkpoint += 1;
+        }
         let events = ledger.events_range(1, head).unwrap();
         let mut seen = HashMap::new();
         for (i, r) in events.iter().enumerate() {
@@ -81,8 +89,13 @@ fn every_acknowledged_event_survives_sigkill() {
         let report = ledger.verify();
         assert!(report.ok, "round {round}: {:?}", report.problem);
         drop(ledger);
+        previous_head = head;
         assert!(verify_log(&dir.path().join("log"), None).ok);
     }
+    assert!(
+        restarts_from_checkpoint > 0,
+        "no restart started from a checkpoint taken before the kill"
+    );
     assert!(
         acknowledged.len() > 100,
         "the rounds acknowledged only {} events",
