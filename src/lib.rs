@@ -28,7 +28,9 @@
 //! start the whole log is checked (frames, CRCs, chain); the state is the
 //! last checkpoint plus the events after it, on two threads (read and
 //! decode; fold). An indexer thread writes the sparse seq index and the
-//! idempotency keys to sled after each batch is acknowledged, never before.
+//! idempotency keys to sled at most every 50 ms, only for acknowledged
+//! batches, and saves the checkpoints the writer encodes (when quiet, or
+//! when the log has doubled since the last one).
 //!
 //! ## Code map
 //!
@@ -49,7 +51,7 @@
 //! - [`store`]: sled: the sparse seq → position index, idempotency keys and
 //!   checkpoints of the state; all derived, checked against the log at open,
 //!   rebuilt when deleted or stale. The only module that imports sled.
-//! - [`ledger`]: the single writer (adaptive group commit), the indexer, the
+//! - [`ledger`]: the single writer and its syncer (pipelined group commit), the indexer, the
 //!   read model, `as_of` replays, verify, export/import, backup. The only
 //!   module joining log, rules, projections and store.
 //! - [`api`]: axum routes and `application/problem+json` errors. The only
