@@ -84,29 +84,21 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
             .len()
             > 5
     );
-    let stats = t.ledger().stats(
-        &t.program,
-        &aff("alice"),
-        chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap(),
-        chrono::NaiveDate::from_ymd_opt(2026, 12, 31).unwrap(),
-        commission_ledger::projections::StatsBy::Month,
-        None,
-    );
-    let before = serde_json::to_string(&stats.unwrap()).unwrap();
-    t.verify_ok();
-    t.reopen();
-    let after = t
-        .ledger()
-        .stats(
+    let monthly_stats = |t: &TestLedger| {
+        let stats = t.ledger().stats(
             &t.program,
             &aff("alice"),
             chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap(),
             chrono::NaiveDate::from_ymd_opt(2026, 12, 31).unwrap(),
             commission_ledger::projections::StatsBy::Month,
             None,
-        )
-        .unwrap();
-    assert_eq!(serde_json::to_string(&after).unwrap(), before);
+        );
+        serde_json::to_string(&stats.unwrap()).unwrap()
+    };
+    let before = monthly_stats(&t);
+    t.verify_ok();
+    t.reopen();
+    assert_eq!(monthly_stats(&t), before);
     assert!(
         before.contains(&format!("\"clicks\":{}", 24 * 60)),
         "{before}"
