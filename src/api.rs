@@ -243,6 +243,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "Commands decided, accepted or not.",
             load(&writer.commands),
         ),
+        (
+            "commission_ledger_checkpoints_total",
+            "Checkpoints of the state saved to the index store.",
+            load(&writer.checkpoints),
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -258,6 +263,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
         out,
         "commission_ledger_write_sync_seconds_total {}",
         seconds(load(&writer.sync_us))
+    );
+    let _ = writeln!(
+        out,
+        "# HELP commission_ledger_checkpoint_seconds_total Time encoding and saving checkpoints.\n# TYPE commission_ledger_checkpoint_seconds_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "commission_ledger_checkpoint_seconds_total {}",
+        seconds(load(&writer.checkpoint_us))
     );
     let _ = writeln!(
         out,
@@ -295,6 +309,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "commission_ledger_checkpoint_seq",
             "The seq of the last checkpoint.",
             checkpointed,
+        ),
+        (
+            "commission_ledger_checkpoint_bytes",
+            "The size of the last checkpoint saved since start.",
+            load(&writer.checkpoint_bytes),
         ),
     ];
     for (name, help, value) in gauges {
