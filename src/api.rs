@@ -846,6 +846,18 @@ fn submission(
 ) -> Result<Submission, ApiError> {
     let mut s = Submission::new(Some(program), &caller.key_id, command);
     s.at = at;
+    s.idempotency = idempotency(caller, headers, request)?;
+    Ok(s)
+}
+
+/// The request's `Idempotency-Key`, scoped to the caller, with a hash of
+/// the method, path and body (a retry with another body is a 409).
+fn idempotency(
+    caller: &Caller,
+    headers: &HeaderMap,
+    request: (&Method, &Uri, &Bytes),
+) -> Result<Option<Idempotency>, ApiError> {
+    let mut found = None;
     if let Some(key) = headers.get("idempotency-key") {
         let key = key
             .to_str()
@@ -861,12 +873,12 @@ fn submission(
         fingerprint.extend_from_slice(uri.path().as_bytes());
         fingerprint.push(b'\n');
         fingerprint.extend_from_slice(body);
-        s.idempotency = Some(Idempotency {
+        found = Some(Idempotency {
             key: format!("{}:{key}", caller.key_id),
             request_hash: request_hash(&fingerprint),
         });
     }
-    Ok(s)
+    Ok(found)
 }
 
 /// Runs a read: right here for the current state (a read lock, quick), on
@@ -2472,6 +2484,8 @@ async fn batch(State(app): State<AppState>, Path(program): Path<String>, w: Writ
     if input.items.len() > MAX_BATCH_ITEMS {
         return Err(InvalidValue::new("items", format!("at most {MAX_BATCH_ITEMS} items")).into());
     }
+    // Hashed once for the whole body: item `i` is keyed `KEY#i` under it.
+    let batch_key = idempotency(&caller, &w.headers, (&w.method, &w.uri, &w.body))?;
     let mut results: Vec<Option<Value>> = vec![None; input.items.len()];
     let mut submissions = Vec::with_capacity(input.items.len());
     let mut slots = Vec::with_capacity(input.items.len());
@@ -2480,12 +2494,14 @@ async fn batch(State(app): State<AppState>, Path(program): Path<String>, w: Writ
             Some(Value::String(kind)) => Ingest::parse(&kind, item).and_then(Ingest::command),
             _ => Err(ApiError::Malformed("each item needs a \"type\"".into())),
         };
-        let built = parsed.and_then(|(at, command)| {
-            let mut s = w.submission(&caller, &program, at, command)?;
-            if let Some(idem) = &mut s.idempotency {
-                idem.key = format!("{}#{i}", idem.key);
-            }
-            Ok(s)
+        let built = parsed.map(|(at, command)| {
+            let mut s = Submission::new(Some(&program), &caller.key_id, command);
+            s.at = at;
+            s.idempotency = batch_key.as_ref().map(|idem| Idempotency {
+                key: format!("{}#{i}", idem.key),
+                request_hash: idem.request_hash,
+            });
+            s
         });
         match built {
             Ok(s) => {
