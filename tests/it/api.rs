@@ -1180,6 +1180,25 @@ fn a_batch_takes_thousands_of_items_with_one_result_each() {
         again["results"][CLICKS + 1_003]["status"].as_u64(),
         Some(200)
     );
+    // the same key with another body: each item that recorded is a conflict
+    let mut other = body.clone();
+    other["items"][0]["visitor"] = json!("v-other");
+    let conflict: Value = app
+        .send(
+            "POST",
+            Some(&app.ingest),
+            "/v1/programs/hosting/batch",
+            &other,
+            Some("nightly-import-1"),
+        )
+        .json()
+        .unwrap();
+    assert_eq!(conflict["results"][0]["status"], 409);
+    assert_eq!(
+        conflict["results"][CLICKS]["type"],
+        "https://commission-ledger.dev/problems/idempotency-conflict"
+    );
+    assert_eq!(app.head(), head);
     // over the item limit
     let too_many = json!({"items": vec![json!({"type": "click"}); 10_001]});
     let response = app.send(
