@@ -890,7 +890,11 @@ async fn read<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let internal = |e: crate::ledger::LedgerError| ApiError::Internal(e.to_string());
     if as_of.is_none() {
-        return read(&app.ledger, None).map_err(internal);
+        // Read the state as decided, then await its durability here: a
+        // worker thread is not held while the sync in flight completes.
+        let (answer, seq) = app.ledger.deferring_settle(|| read(&app.ledger, None));
+        app.ledger.settled(seq).await;
+        return answer.map_err(internal);
     }
     let ledger = app.ledger.clone();
     tokio::task::spawn_blocking(move || read(&ledger, as_of))

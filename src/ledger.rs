@@ -725,6 +725,12 @@ impl Inner {
     }
 }
 
+thread_local! {
+    /// Set while [`Ledger::deferring_settle`] runs on this thread: the
+    /// highest seq a read saw, which the answer must wait for.
+    static DEFERRED: std::cell::Cell<Option<Seq>> = const { std::cell::Cell::new(None) };
+}
+
 /// A stable hash of a command's request, for idempotency of API callers.
 pub fn request_hash(bytes: &[u8]) -> Bytes<32> {
     Bytes(*blake3::hash(bytes).as_bytes())
@@ -1184,14 +1190,50 @@ impl Ledger {
     /// batch while the last one is being synced, and a reader must not see
     /// an event that a crash could still lose. So this waits (for at most
     /// the batches in flight) until the state's head is on disk.
+    ///
+    /// Inside [`Self::deferring_settle`] it does not wait: it notes the seq
+    /// the answer must not be given before, for the caller to await.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
         let state = self
             .inner
             .state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.inner.wait_durable(state.head.seq);
+        let seq = state.head.seq;
+        let deferred = DEFERRED.with(|deferred| match deferred.get() {
+            Some(noted) => {
+                deferred.set(Some(noted.max(seq)));
+                true
+            }
+            None => false,
+        });
+        if !deferred {
+            self.inner.wait_durable(seq);
+        }
         state
+    }
+
+    /// Runs reads (`read` and everything built on [`Self::state`]) without
+    /// waiting for the batches in flight, and returns their answer with the
+    /// seq it must not be given out before: an async caller awaits
+    /// [`Self::settled`] with it instead of holding its thread.
+    pub fn deferring_settle<T>(&self, read: impl FnOnce() -> T) -> (T, Seq) {
+        let outer = DEFERRED.replace(Some(0));
+        let value = read();
+        let seq = DEFERRED.replace(outer).unwrap_or(0);
+        if let Some(noted) = outer {
+            // A nested call: the outer one answers after this seq too.
+            DEFERRED.set(Some(noted.max(seq)));
+        }
+        (value, seq)
+    }
+
+    /// Waits, without holding a thread, until every event up to `seq` is durable.
+    pub async fn settled(&self, seq: Seq) {
+        let mut durable = self.inner.head.subscribe();
+        // An error means the writer stopped: nothing more becomes durable,
+        // and the caller's answer is no longer wanted.
+        let _ = durable.wait_for(|head| *head >= seq).await;
     }
 
     /// The state as decided, which may run ahead of the disk by the batches

@@ -1,5 +1,6 @@
 //! The writer pipeline: batch N + 1 is decided while batch N is synced.
-//! Readers must still see only what is on disk, acknowledgements must come
+//! Readers, blocking or async, must still see only what is on disk;
+//! acknowledgements must come
 //! in log order, and segment rolls in the middle of the pipeline must leave
 //! a log that verifies and reopens to the same answers.
 
@@ -50,16 +51,28 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
             })
             .collect();
         let reader = scope.spawn(|| {
-            let mut reads = 0;
-            while !done.load(Ordering::Acquire) {
-                let head = t.ledger().state().head.seq;
-                // Whatever a reader is shown is already in the log.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // Whatever a reader is shown is already in the log.
+            let in_the_log = |head: u64, how: &str| {
                 let events = t.ledger().events_range(head, head).unwrap();
                 assert_eq!(
                     events.iter().map(|r| r.seq).collect::<Vec<_>>(),
                     vec![head],
-                    "a reader saw seq {head} before it was durable"
+                    "{how}: a reader saw seq {head} before it was durable"
                 );
+            };
+            let mut reads = 0;
+            while !done.load(Ordering::Acquire) {
+                // A blocking reader waits in `state()`.
+                in_the_log(t.ledger().state().head.seq, "state()");
+                // An async reader (the API's) reads at once and awaits the disk.
+                let (head, settle) = t.ledger().deferring_settle(|| t.ledger().state().head.seq);
+                assert!(settle >= head);
+                runtime.block_on(t.ledger().settled(settle));
+                in_the_log(head, "deferring_settle + settled");
                 reads += 1;
             }
             reads
