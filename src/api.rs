@@ -881,6 +881,14 @@ fn idempotency(
     Ok(found)
 }
 
+/// Answers from the current state once it is durable, without holding a
+/// worker thread while the sync in flight completes.
+async fn settled<T>(app: &AppState, read: impl FnOnce(&crate::ledger::State) -> T) -> T {
+    let (answer, seq) = app.ledger.deferring_settle(|| read(&app.ledger.state()));
+    app.ledger.settled(seq).await;
+    answer
+}
+
 /// Runs a read: right here for the current state (a read lock, quick), on
 /// the blocking pool for a past state (a replay of the log).
 async fn read<T: Send + 'static>(
@@ -1054,13 +1062,15 @@ async fn get_program(
 ) -> ApiResult {
     require(&app, &headers, READERS)?;
     let program = program_id(&program)?;
-    let state = app.ledger.state();
-    let rules = state
-        .model
-        .program(&program)
-        .and_then(|pm| pm.current_rules())
-        .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
-    Ok(Json(rules).into_response())
+    settled(&app, |state| {
+        let rules = state
+            .model
+            .program(&program)
+            .and_then(|pm| pm.current_rules())
+            .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
+        Ok(Json(rules).into_response())
+    })
+    .await
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -1117,25 +1127,29 @@ async fn get_affiliate(
     let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
     may_act_for(&caller, &program, &affiliate)?;
-    let state = app.ledger.state();
-    let a = state
-        .views
-        .programs
-        .get(&program)
-        .and_then(|p| p.affiliates.get(&affiliate))
-        .ok_or_else(|| ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`")))?;
-    Ok(Json(json!({
-        "affiliate_id": a.profile.affiliate_id,
-        "referral_code": a.profile.referral_code,
-        "referral_link": referral_link(&app, &a.profile.referral_code),
-        "promo_code": a.profile.promo_code,
-        "customer_id": a.profile.customer_id,
-        "group": a.profile.group,
-        "rate": a.profile.rate,
-        "enrolled_at": a.enrolled_at,
-        "suspended": a.suspended,
-    }))
-    .into_response())
+    settled(&app, |state| {
+        let a = state
+            .views
+            .programs
+            .get(&program)
+            .and_then(|p| p.affiliates.get(&affiliate))
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("no affiliate `{affiliate}` in `{program}`"))
+            })?;
+        Ok(Json(json!({
+            "affiliate_id": a.profile.affiliate_id,
+            "referral_code": a.profile.referral_code,
+            "referral_link": referral_link(&app, &a.profile.referral_code),
+            "promo_code": a.profile.promo_code,
+            "customer_id": a.profile.customer_id,
+            "group": a.profile.group,
+            "rate": a.profile.rate,
+            "enrolled_at": a.enrolled_at,
+            "suspended": a.suspended,
+        }))
+        .into_response())
+    })
+    .await
 }
 
 async fn balance(
@@ -1215,13 +1229,11 @@ async fn stats(
             })
             .transpose()
     };
-    let zone = app
-        .ledger
-        .state()
-        .model
-        .program(&program)
-        .map(|pm| pm.zone())
-        .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
+    let zone = settled(&app, |state| {
+        state.model.program(&program).map(|pm| pm.zone())
+    })
+    .await
+    .ok_or_else(|| ApiError::NotFound(format!("no program `{program}`")))?;
     let today = app.ledger.now().date_in(zone);
     let to = day(&query.to, "to")?.unwrap_or(today);
     let from = day(&query.from, "from")?.unwrap_or(to - chrono::Duration::days(29));
