@@ -350,6 +350,40 @@ const REPLAY_CHUNK: usize = 1024;
 /// Chunks in flight between the two replay threads: a bound on memory.
 const REPLAY_QUEUE_LEN: usize = 16;
 
+/// The reading end of a two-thread replay: hands items to the folding
+/// thread [`REPLAY_CHUNK`] at a time over a queue of [`REPLAY_QUEUE_LEN`].
+struct ChunkSender<T> {
+    chunk: Vec<T>,
+    to: std::sync::mpsc::SyncSender<Vec<T>>,
+}
+
+impl<T> ChunkSender<T> {
+    /// The sender, and the receiver for the folding thread.
+    fn channel() -> (ChunkSender<T>, std::sync::mpsc::Receiver<Vec<T>>) {
+        let (to, received) = std::sync::mpsc::sync_channel(REPLAY_QUEUE_LEN);
+        let chunk = Vec::with_capacity(REPLAY_CHUNK);
+        (ChunkSender { chunk, to }, received)
+    }
+
+    fn push(&mut self, item: T) -> Result<(), String> {
+        self.chunk.push(item);
+        if self.chunk.len() == REPLAY_CHUNK {
+            let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(REPLAY_CHUNK));
+            self.to
+                .send(full)
+                .map_err(|_| "the replay stopped".to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is left; the folding thread's loop then ends.
+    fn finish(self) {
+        if !self.chunk.is_empty() {
+            let _ = self.to.send(self.chunk);
+        }
+    }
+}
+
 /// The state rebuilt at open, and what the store still has to index.
 struct Loaded {
     log: Log,
@@ -397,8 +431,7 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     // Two stages on two threads: this one reads, checks and decodes the
     // log; the other folds the events into the state, in order.
     let (opened, state) = std::thread::scope(|scope| -> Result<_, LedgerError> {
-        let (events, received) =
-            std::sync::mpsc::sync_channel::<Vec<(Recorded, log::Hash)>>(REPLAY_QUEUE_LEN);
+        let (mut events, received) = ChunkSender::<(Recorded, log::Hash)>::channel();
         let fold = move || {
             let mut state = state;
             for chunk in received {
@@ -421,7 +454,6 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
                 path: log_dir.to_path_buf(),
                 source: e,
             })?;
-        let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
         let opened = Log::open(log_dir, segment_bytes, |record| {
             if record.seq == indexed_seq {
                 seen_indexed = record.hash == indexed_hash;
@@ -440,20 +472,11 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
                 note_key(&mut keys, &recorded);
             }
             if record.seq > checkpoint_seq {
-                chunk.push((recorded, record.hash));
-                if chunk.len() == REPLAY_CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
-                    events
-                        .send(full)
-                        .map_err(|_| "the replay stopped".to_string())?;
-                }
+                events.push((recorded, record.hash))?;
             }
             Ok(())
         });
-        if !chunk.is_empty() {
-            let _ = events.send(chunk);
-        }
-        drop(events);
+        events.finish();
         let state = applier
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -1033,8 +1056,7 @@ impl Ledger {
     ) -> Result<crate::replay::Diff, SubmitError> {
         let mut what_if = crate::replay::WhatIf::new(program.clone(), applied, overrides);
         let result = std::thread::scope(|scope| {
-            let (chunks, received) =
-                std::sync::mpsc::sync_channel::<Vec<Recorded>>(REPLAY_QUEUE_LEN);
+            let (mut chunks, received) = ChunkSender::<Recorded>::channel();
             let folder = scope.spawn(move || {
                 for chunk in received {
                     for recorded in &chunk {
@@ -1043,21 +1065,10 @@ impl Ledger {
                 }
                 Ok::<_, Rejection>(what_if)
             });
-            let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
             let scanned = log::scan(&self.inner.log_dir, ScanMode::Read, Some(head), |record| {
-                chunk.push(decode_record(record.seq, record.payload)?);
-                if chunk.len() == REPLAY_CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
-                    chunks
-                        .send(full)
-                        .map_err(|_| "the replay stopped".to_string())?;
-                }
-                Ok(())
+                chunks.push(decode_record(record.seq, record.payload)?)
             });
-            if !chunk.is_empty() {
-                let _ = chunks.send(chunk);
-            }
-            drop(chunks);
+            chunks.finish();
             let folded = folder
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -1194,11 +1205,7 @@ impl Ledger {
     /// Inside [`Self::deferring_settle`] it does not wait: it notes the seq
     /// the answer must not be given before, for the caller to await.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        let state = self
-            .inner
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = self.decided_state();
         let seq = state.head.seq;
         let deferred = DEFERRED.with(|deferred| match deferred.get() {
             Some(noted) => {

@@ -74,6 +74,14 @@ fn chunk_key(index: u32) -> [u8; 5] {
     key
 }
 
+fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
 fn seq_and_hash(bytes: &[u8]) -> Option<(Seq, Hash)> {
     let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
     let hash: Hash = bytes.get(8..40)?.try_into().ok()?;
@@ -103,19 +111,19 @@ impl Store {
             }
         };
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
-        // Where checkpoints were kept before: beside `indexed`, in one value.
-        tree("meta")?.remove(OLD_CHECKPOINT).map_err(sled_error)?;
-        tree("checkpoint")?
-            .remove(OLD_CHECKPOINT)
-            .map_err(sled_error)?;
-        Ok(Store {
+        let store = Store {
             path: path.to_path_buf(),
             positions: tree("positions")?,
             idempotency: tree("idempotency")?,
             meta: tree("meta")?,
             checkpoint: tree("checkpoint")?,
             db,
-        })
+        };
+        // Where checkpoints were kept before: beside `indexed`, in one value.
+        for tree in [&store.meta, &store.checkpoint] {
+            tree.remove(OLD_CHECKPOINT).map_err(store.sled_error())?;
+        }
+        Ok(store)
     }
 
     /// Deletes the store's directory (it is rebuilt from the log).
@@ -274,7 +282,10 @@ impl Store {
         head.extend_from_slice(&count.to_be_bytes());
         let mut batch = sled::Batch::default();
         // Chunks of a longer checkpoint before go.
-        for key in self.checkpoint.range(chunk_key(count)..) {
+        for key in self
+            .checkpoint
+            .range(chunk_key(count)..=chunk_key(u32::MAX))
+        {
             let (key, _) = key.map_err(self.sled_error())?;
             batch.remove(key);
         }
@@ -303,19 +314,15 @@ impl Store {
             return Ok(None);
         };
         let (seq, hash) = seq_and_hash(&head).ok_or_else(|| self.damaged("checkpoint"))?;
-        let field = |range: std::ops::Range<usize>| head.get(range).map(<[u8]>::to_vec);
-        let format = field(40..44).and_then(|b| Some(u32::from_be_bytes(b.try_into().ok()?)));
-        if format != Some(CHECKPOINT_FORMAT) {
+        if be_u32(&head, 40) != Some(CHECKPOINT_FORMAT) {
             return Ok(None);
         }
-        let len = field(44..52)
-            .and_then(|b| Some(u64::from_be_bytes(b.try_into().ok()?)))
+        let len = be_u64(&head, 44)
+            .and_then(|len| usize::try_from(len).ok())
             .ok_or_else(|| self.damaged("checkpoint length"))?;
-        let count = field(52..56)
-            .and_then(|b| Some(u32::from_be_bytes(b.try_into().ok()?)))
-            .ok_or_else(|| self.damaged("checkpoint chunk count"))?;
-        let len = usize::try_from(len).map_err(|_| self.damaged("checkpoint length"))?;
-        let mut state = Vec::with_capacity(len);
+        let count = be_u32(&head, 52).ok_or_else(|| self.damaged("checkpoint chunk count"))?;
+        // Never more than the chunks can hold, whatever a damaged row claims.
+        let mut state = Vec::with_capacity(len.min(count as usize * CHECKPOINT_CHUNK));
         for index in 0..count {
             let chunk = self
                 .checkpoint
