@@ -2304,15 +2304,6 @@ enum Parse {
 }
 
 impl Parse {
-    fn read_value(self, body: Value) -> Result<Ingest, serde_json::Error> {
-        Ok(match self {
-            Parse::Click => Ingest::Click(serde_json::from_value(body)?),
-            Parse::Signup => Ingest::Signup(serde_json::from_value(body)?),
-            Parse::Line(kind) => Ingest::Line(kind, serde_json::from_value(body)?),
-            Parse::Refund => Ingest::Refund(serde_json::from_value(body)?),
-        })
-    }
-
     fn read_slice(self, body: &[u8]) -> Result<Ingest, serde_json::Error> {
         Ok(match self {
             Parse::Click => Ingest::Click(serde_json::from_slice(body)?),
@@ -2333,11 +2324,6 @@ enum Ingest {
 }
 
 impl Ingest {
-    /// A batch item, already parsed as JSON.
-    fn parse(kind: &str, body: Value) -> Result<Ingest, ApiError> {
-        Ingest::decode(kind, |ty| ty.read_value(body))
-    }
-
     /// A request body, parsed straight into its type.
     fn parse_bytes(kind: &str, body: &[u8]) -> Result<Ingest, ApiError> {
         let body = if body.is_empty() {
@@ -2419,30 +2405,69 @@ impl Ingest {
 
 /// The answer to an ingested command: `201` with what was recorded, or
 /// `200` for what was acknowledged without recording (a duplicate line, an
-/// unattributable or already attributed signup).
-fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, Value), ApiError> {
-    let attributed = |affiliate_id: &AffiliateId, via: Via| json!({"attributed": true, "affiliate_id": affiliate_id, "via": via});
+/// unattributable or already attributed signup). Its fields are in
+/// alphabetical order, as a JSON object of them always was; in a batch
+/// result it carries its `status` too.
+#[derive(Debug, Default, serde::Serialize)]
+struct IngestAnswer<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    affiliate_id: Option<&'a AffiliateId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attributed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    click_id: Option<uuid::Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<Seq>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<Via>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    visitor: Option<&'a str>,
+}
+
+fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, IngestAnswer<'_>), ApiError> {
+    let attributed = |affiliate_id, via| IngestAnswer {
+        attributed: Some(true),
+        affiliate_id: Some(affiliate_id),
+        via: Some(via),
+        ..IngestAnswer::default()
+    };
+    let recorded = |seq, duplicate| IngestAnswer {
+        seq,
+        duplicate,
+        ..IngestAnswer::default()
+    };
     let first = receipt.events.first();
     Ok(match (&receipt.noop, first.map(|r| &r.event)) {
-        (Some(Noop::SignupIgnored), _) => (StatusCode::OK, json!({"attributed": false})),
+        (Some(Noop::SignupIgnored), _) => (
+            StatusCode::OK,
+            IngestAnswer {
+                attributed: Some(false),
+                ..IngestAnswer::default()
+            },
+        ),
         (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
             (StatusCode::OK, attributed(affiliate_id, *via))
         }
-        (Some(Noop::Duplicate { seq }), _) => {
-            (StatusCode::OK, json!({"seq": seq, "duplicate": true}))
-        }
+        (Some(Noop::Duplicate { seq }), _) => (StatusCode::OK, recorded(Some(*seq), Some(true))),
         (None, Some(Event::ClickRecorded(e))) => (
             StatusCode::CREATED,
-            json!({"click_id": e.click_id, "visitor": e.visitor}),
+            IngestAnswer {
+                click_id: Some(e.click_id),
+                visitor: Some(&e.visitor),
+                ..IngestAnswer::default()
+            },
         ),
         (None, Some(Event::SignupAttributed(e))) => {
             (StatusCode::CREATED, attributed(&e.affiliate_id, e.via))
         }
-        (None, Some(_)) if receipt.replayed => (
-            StatusCode::OK,
-            json!({"seq": first.map(|r| r.seq), "duplicate": true}),
-        ),
-        (None, Some(_)) => (StatusCode::CREATED, json!({"seq": first.map(|r| r.seq)})),
+        (None, Some(_)) if receipt.replayed => {
+            (StatusCode::OK, recorded(first.map(|r| r.seq), Some(true)))
+        }
+        (None, Some(_)) => (StatusCode::CREATED, recorded(first.map(|r| r.seq), None)),
         _ => {
             return Err(ApiError::Internal(
                 "an ingested command recorded nothing".into(),
@@ -2485,8 +2510,42 @@ pub const MAX_BATCH_BYTES: usize = 16 << 20;
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "the body's schema; BatchItems reads it")]
 struct BatchBody {
     items: Vec<Value>,
+}
+
+/// [`BatchBody`] as it is read: each item kept as its raw JSON text, so a
+/// bad item is refused alone and the others are parsed once, straight into
+/// their types.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItems<'a> {
+    #[serde(borrow)]
+    items: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// One item of a batch, by its `type`.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum BatchItem {
+    Click(ClickBody),
+    Signup(SignupBody),
+    Expense(LineBody),
+    Payment(LineBody),
+    Refund(RefundBody),
+}
+
+impl From<BatchItem> for Ingest {
+    fn from(item: BatchItem) -> Ingest {
+        match item {
+            BatchItem::Click(c) => Ingest::Click(c),
+            BatchItem::Signup(s) => Ingest::Signup(s),
+            BatchItem::Expense(l) => Ingest::Line(LineKind::Expense, l),
+            BatchItem::Payment(l) => Ingest::Line(LineKind::Payment, l),
+            BatchItem::Refund(r) => Ingest::Refund(r),
+        }
+    }
 }
 
 /// `POST .../batch`: up to 10,000 clicks, signups, basis lines and refunds;
@@ -2496,60 +2555,83 @@ struct BatchBody {
 async fn batch(State(app): State<AppState>, Path(program): Path<String>, w: Write) -> ApiResult {
     let caller = require(&app, &w.headers, INGEST)?;
     let program = program_id(&program)?;
-    let input: BatchBody = w.json()?;
+    let input: BatchItems<'_> = serde_json::from_slice(&w.body)
+        .map_err(|e| ApiError::Malformed(format!("the body is not the expected JSON: {e}")))?;
     if input.items.len() > MAX_BATCH_ITEMS {
         return Err(InvalidValue::new("items", format!("at most {MAX_BATCH_ITEMS} items")).into());
     }
     // Hashed once for the whole body: item `i` is keyed `KEY#i` under it.
     let batch_key = idempotency(&caller, &w.headers, (&w.method, &w.uri, &w.body))?;
-    let mut results: Vec<Option<Value>> = vec![None; input.items.len()];
+    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(input.items.len());
     let mut submissions = Vec::with_capacity(input.items.len());
-    let mut slots = Vec::with_capacity(input.items.len());
-    for (i, mut item) in input.items.into_iter().enumerate() {
-        let parsed = match item.as_object_mut().and_then(|o| o.remove("type")) {
-            Some(Value::String(kind)) => Ingest::parse(&kind, item).and_then(Ingest::command),
-            _ => Err(ApiError::Malformed("each item needs a \"type\"".into())),
-        };
-        let built = parsed.map(|(at, command)| {
-            let mut s = Submission::new(Some(&program), &caller.key_id, command);
-            s.at = at;
-            s.idempotency = batch_key.as_ref().map(|idem| Idempotency {
-                key: format!("{}#{i}", idem.key),
-                request_hash: idem.request_hash,
-            });
-            s
-        });
-        match built {
-            Ok(s) => {
+    for (i, item) in input.items.iter().enumerate() {
+        let parsed = serde_json::from_str::<BatchItem>(item.get())
+            .map_err(|e| ApiError::Malformed(format!("item {i} is not the expected JSON: {e}")))
+            .and_then(|item| Ingest::from(item).command());
+        match parsed {
+            Ok((at, command)) => {
+                let mut s = Submission::new(Some(&program), &caller.key_id, command);
+                s.at = at;
+                s.idempotency = batch_key.as_ref().map(|idem| Idempotency {
+                    key: format!("{}#{i}", idem.key),
+                    request_hash: idem.request_hash,
+                });
                 submissions.push(s);
-                slots.push(i);
+                refused.push(None);
             }
-            Err(e) => results[i] = Some(item_error(e)),
+            Err(e) => refused.push(Some(e)),
         }
     }
-    let answers = app.ledger.submit_many(submissions).await;
-    for (slot, answer) in slots.into_iter().zip(answers) {
-        results[slot] = Some(
-            match answer
-                .map_err(ApiError::from)
-                .and_then(|r| ingest_answer(&r))
-            {
-                Ok((status, mut body)) => {
-                    if let Some(object) = body.as_object_mut() {
-                        object.insert("status".into(), json!(status.as_u16()));
+    let mut answers = app.ledger.submit_many(submissions).await.into_iter();
+    // Written straight out: for 10,000 items, a JSON value per answer cost
+    // more than the parsing.
+    let mut out = Vec::with_capacity(64 * refused.len() + 16);
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, refusal) in refused.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let refusal = match refusal {
+            Some(e) => Some(e),
+            None => match answers.next() {
+                Some(Ok(receipt)) => match ingest_answer(&receipt) {
+                    Ok((status, mut answer)) => {
+                        answer.status = Some(status.as_u16());
+                        write(&mut out, &answer)?;
+                        None
                     }
-                    body
-                }
-                Err(e) => item_error(e),
+                    Err(e) => Some(e),
+                },
+                Some(Err(e)) => Some(ApiError::from(e)),
+                None => Some(ApiError::Internal("a batch item had no answer".into())),
             },
-        );
+        };
+        if let Some(e) = refusal {
+            write(&mut out, &item_error(e))?;
+        }
     }
-    let results: Vec<Value> = results.into_iter().map(Option::unwrap_or_default).collect();
-    Ok(Json(json!({"results": results})).into_response())
+    out.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// Appends one batch result to the answer.
+fn write<T: serde::Serialize>(out: &mut Vec<u8>, item: &T) -> Result<(), ApiError> {
+    serde_json::to_writer(out, item)
+        .map_err(|e| ApiError::Internal(format!("writing a batch answer: {e}")))
+}
+
+/// An item's refusal inside a batch answer (fields in alphabetical order,
+/// as the JSON object it replaces).
+#[derive(serde::Serialize)]
+struct ItemProblem {
+    detail: String,
+    status: u16,
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 /// An item's refusal inside a batch answer: its status, problem type and detail.
-fn item_error(error: ApiError) -> Value {
+fn item_error(error: ApiError) -> ItemProblem {
     let (status, kind, detail) = match error {
         ApiError::Rejected(r) => {
             let (kind, status) = rejection_kind(&r);
@@ -2571,7 +2653,11 @@ fn item_error(error: ApiError) -> Value {
             )
         }
     };
-    json!({"status": status.as_u16(), "type": format!("https://commission-ledger.dev/problems/{kind}"), "detail": detail})
+    ItemProblem {
+        detail,
+        status: status.as_u16(),
+        kind: format!("https://commission-ledger.dev/problems/{kind}"),
+    }
 }
 
 // ---------------------------------------------------------------------------

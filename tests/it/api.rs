@@ -1106,6 +1106,9 @@ fn a_batch_takes_thousands_of_items_with_one_result_each() {
     items.push(json!({"type": "expense", "id": "bad", "customer_id": "c-0", "amount": "10.001", "currency": "USD"}));
     items.push(json!({"type": "teleport"}));
     items.push(json!({"type": "refund", "id": "cn-1", "customer_id": "c-1", "refunds": "inv-1", "amount": "5.00", "currency": "USD", "at": "2026-08-05T10:00:00Z"}));
+    items.push(json!({"referral_code": code})); // no type
+    items.push(json!("click")); // not an object
+    items.push(json!({"type": "expense", "id": "inv-x", "customer_id": "c-0", "amount": "1.00", "currency": "USD", "cents": 100}));
     let body = json!({"items": items});
     assert!(
         body.to_string().len() > 1 << 20,
@@ -1122,7 +1125,7 @@ fn a_batch_takes_thousands_of_items_with_one_result_each() {
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().unwrap();
     let results = answer["results"].as_array().unwrap();
-    assert_eq!(results.len(), CLICKS + 1_004);
+    assert_eq!(results.len(), CLICKS + 1_007);
     assert_eq!(
         (
             results[0]["status"].as_u64(),
@@ -1157,6 +1160,20 @@ fn a_batch_takes_thousands_of_items_with_one_result_each() {
     );
     assert_eq!(results[CLICKS + 1_002]["status"], 400);
     assert_eq!(results[CLICKS + 1_003]["status"], 201);
+    // each malformed item is refused alone, naming the item and the fault
+    for (i, fault) in [
+        (CLICKS + 1_002, "unknown variant `teleport`"),
+        (CLICKS + 1_004, "missing field `type`"),
+        (CLICKS + 1_005, "invalid type: string"),
+        (CLICKS + 1_006, "unknown field `cents`"),
+    ] {
+        let detail = results[i]["detail"].as_str().unwrap();
+        assert_eq!(results[i]["status"], 400, "{detail}");
+        assert!(
+            detail.starts_with(&format!("item {} ", i)) && detail.contains(fault),
+            "{detail}"
+        );
+    }
     assert_eq!(
         app.head(),
         head + CLICKS as u64 + 1_000 + 1,
