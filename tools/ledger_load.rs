@@ -192,6 +192,8 @@ fn drive(
 fn crash(dir: &Path, submitters: usize, seconds: u64, checkpoint_every: u64) {
     let mut config = LedgerConfig::new(dir);
     config.checkpoint_every = checkpoint_every;
+    // Under the crash test's load: checkpoints mid-run, not only when quiet.
+    config.checkpoint_forced_after = checkpoint_every;
     let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
     let codes = setup(&ledger);
     let out = Arc::new(Mutex::new(std::io::stdout()));
