@@ -54,9 +54,20 @@ impl Default for ApiConfig {
     }
 }
 
-/// What every handler shares.
+/// What every handler shares. Cloned for every request (axum's `State`),
+/// so it is one `Arc`: a clone of five touched five shared counters.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The contents of [`AppState`].
+pub struct Shared {
     pub ledger: Arc<Ledger>,
     pub config: Arc<ApiConfig>,
     /// Becomes `true` when the server starts shutting down: live streams end.
@@ -338,7 +349,7 @@ fn routes(
 ) -> Router {
     let limit = config.body_limit_bytes;
     let timeout = config.request_timeout;
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         ledger,
         public_limit: Arc::new(RateLimiter::new(
             config.public_per_minute,
@@ -347,7 +358,7 @@ fn routes(
         config: Arc::new(config),
         stopping,
         metrics: Arc::new(HttpMetrics::default()),
-    };
+    }));
     let program = Router::new()
         .route("/", axum::routing::put(put_program).get(get_program))
         .route("/affiliates", post(enroll))
