@@ -309,7 +309,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
         (
             "commission_ledger_head_seq",
             "The seq of the last durable event.",
-            app.ledger.state().head.seq,
+            app.ledger.durable_head(),
         ),
         (
             "commission_ledger_indexed_seq",
@@ -965,7 +965,7 @@ async fn healthz() -> &'static str {
 /// Ready once recovery and projections are loaded: the router only gets
 /// the ledger after `Ledger::open` has done both.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let head = app.ledger.state().head.seq;
+    let head = app.ledger.durable_head();
     Json(json!({"ready": true, "head_seq": head})).into_response()
 }
 
@@ -1539,7 +1539,7 @@ async fn events(
     }
     let cause = query.cause.as_deref().map(CauseFilter::parse).transpose()?;
     let ledger = app.ledger.clone();
-    let head = ledger.state().head.seq;
+    let head = ledger.durable_head();
     let scan_to = head.min(after.saturating_add(MAX_EVENTS_SCANNED));
     let found = tokio::task::spawn_blocking(move || ledger.events_with_hashes(after + 1, scan_to))
         .await
@@ -1613,7 +1613,7 @@ async fn stream_events(
     let ledger = app.ledger.clone();
     let cursor = last_id
         .or(query.after)
-        .unwrap_or_else(|| ledger.state().head.seq);
+        .unwrap_or_else(|| ledger.durable_head());
     let heads = ledger.subscribe();
     let buffer = std::collections::VecDeque::<SseEvent>::new();
     let stopping = app.stopping.clone();
@@ -1777,13 +1777,14 @@ async fn reassign(
     let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
     let input: ReassignBody = w.json()?;
-    let zone = app
-        .ledger
-        .state()
-        .model
-        .program(&program)
-        .map(|pm| pm.zone())
-        .unwrap_or(chrono_tz::UTC);
+    let zone = settled(&app, |state| {
+        state
+            .model
+            .program(&program)
+            .map(|pm| pm.zone())
+            .unwrap_or(chrono_tz::UTC)
+    })
+    .await;
     let from = match input.from.as_deref() {
         None => None,
         Some(text) => Some(match chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
@@ -2213,9 +2214,10 @@ async fn pixel(
     });
     let mut set_cookie = None;
     if let Some(code) = code {
+        // As for `/r`: a code is known only once its event is durable.
         let program = app
             .ledger
-            .state()
+            .decided_state()
             .model
             .referral_codes
             .get(&code)
@@ -2690,12 +2692,13 @@ async fn close_month(
         (None, Some(Event::MonthClosed(closed))) => (closed.clone(), receipt.replayed),
         _ => return Err(ApiError::Internal("a close recorded no MonthClosed".into())),
     };
-    let currency = app
-        .ledger
-        .state()
-        .model
-        .program(&program)
-        .and_then(|pm| pm.current_rules().map(|r| r.currency));
+    let currency = settled(&app, |state| {
+        state
+            .model
+            .program(&program)
+            .and_then(|pm| pm.current_rules().map(|r| r.currency))
+    })
+    .await;
     let total = currency
         .map(|c| c.format(closed.total))
         .unwrap_or_else(|| closed.total.to_string());
@@ -2757,13 +2760,14 @@ async fn mint(
         )
         .into());
     }
-    let known = app
-        .ledger
-        .state()
-        .views
-        .programs
-        .get(&program)
-        .is_some_and(|p| p.affiliates.contains_key(&affiliate));
+    let known = settled(&app, |state| {
+        state
+            .views
+            .programs
+            .get(&program)
+            .is_some_and(|p| p.affiliates.contains_key(&affiliate))
+    })
+    .await;
     if !known {
         return Err(ApiError::NotFound(format!(
             "no affiliate `{affiliate}` in `{program}`"

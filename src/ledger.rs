@@ -1202,6 +1202,12 @@ impl Ledger {
         )))
     }
 
+    /// The seq of the last durable event, without waiting: the state as
+    /// decided may be ahead of it by the batches in flight.
+    pub fn durable_head(&self) -> Seq {
+        *self.inner.head.borrow()
+    }
+
     /// Waits for new events: the receiver changes whenever the head moves.
     pub fn subscribe(&self) -> watch::Receiver<Seq> {
         self.inner.head.subscribe()
