@@ -298,11 +298,12 @@ fn main() {
         })
         .await;
         println!(
-            "{:<34} {:>9.0} events/s ({} batches of 10,000, p50 {:.0} ms)",
+            "{:<34} {:>9.0} events/s ({} batches of 10,000, p50 {:.0} ms, cpu {:.1} us/event)",
             "POST .../batch, 4 connections",
             batches.requests as f64 * 10_000.0 / batches.seconds,
             batches.requests,
-            batches.percentile(0.5)
+            batches.percentile(0.5),
+            batches.cpu_us() / 10_000.0
         );
         let s = stats_ledger.writer_stats();
         println!(
