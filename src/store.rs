@@ -98,12 +98,17 @@ impl Store {
         // The data directory's own lock keeps other processes out, so a
         // sled lock held is this process's last store, whose background
         // flush can outlive it for a moment: wait for it (up to 5 s).
+        // sled reports it as `Other`, naming the lock in the message
+        // (sled 0.34.7, config.rs), so the kind alone never matched: the
+        // store was rebuilt instead (seen under the whole test suite).
+        let lock_held = |e: &std::io::Error| {
+            e.kind() == std::io::ErrorKind::WouldBlock
+                || e.to_string().starts_with("could not acquire lock")
+        };
         let mut attempts = 0;
         let db = loop {
             match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 250 =>
-                {
+                Err(sled::Error::Io(e)) if lock_held(&e) && attempts < 250 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }

@@ -218,3 +218,26 @@ fn reads_as_of_a_time_answer_what_was_served_then() {
     assert_eq!(statement.as_of_seq, january.1);
     assert_ne!(statement.log_hash, t.statement("alice", "2026-01").log_hash);
 }
+
+/// Within one process, a store just closed may still hold sled's lock for a
+/// moment (its background flush): a start waits for it, and keeps the
+/// checkpoint, instead of deleting the store and replaying the whole log.
+#[test]
+fn a_start_waits_for_a_store_lock_held_a_moment() {
+    let mut t = TestLedger::new("hosting");
+    history(&t, 20);
+    let head = t.head();
+    t.ledger = None; // the shutdown saved a checkpoint at the head
+    let held = commission_ledger::store::Store::open(&t.dir.path().join("index")).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    t.reopen();
+    release.join().unwrap();
+    assert_eq!(
+        t.ledger().store_status(),
+        (head, head),
+        "the store and its checkpoint were kept"
+    );
+}
