@@ -259,6 +259,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "Checkpoints of the state saved to the index store.",
             load(&writer.checkpoints),
         ),
+        (
+            "commission_ledger_checkpoints_abandoned_total",
+            "Checkpoints begun at a quiet moment and given up for a command.",
+            load(&writer.checkpoints_abandoned),
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(

@@ -579,9 +579,63 @@ fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
     let _ = inner.store.flush();
 }
 
+/// The checkpoint's bytes as postcard writes them; when taken at a quiet
+/// moment, it gives up as soon as a command is waiting, so that a burst
+/// after a lull never waits for a whole checkpoint (measured: 1.3 s for a
+/// 120 MB state).
+struct YieldingOutput<'a> {
+    bytes: Vec<u8>,
+    /// The writer's queue, for a checkpoint that yields; `None` for a
+    /// forced one.
+    jobs: Option<&'a mpsc::Receiver<Job>>,
+    checked_at: usize,
+    abandoned: bool,
+}
+
+/// How often (in bytes written) a yielding checkpoint looks at the queue.
+const YIELD_CHECK_BYTES: usize = 64 << 10;
+
+impl YieldingOutput<'_> {
+    fn check(&mut self) -> postcard::Result<()> {
+        if self.bytes.len() - self.checked_at < YIELD_CHECK_BYTES {
+            return Ok(());
+        }
+        self.checked_at = self.bytes.len();
+        match self.jobs {
+            Some(jobs) if !jobs.is_empty() => {
+                self.abandoned = true;
+                Err(postcard::Error::SerializeBufferFull)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl postcard::ser_flavors::Flavor for &mut YieldingOutput<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.bytes.push(byte);
+        self.check()
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.bytes.extend_from_slice(data);
+        self.check()
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Encodes a checkpoint of the state (once every decided batch is durable;
 /// the caller drained the pipeline). Readers share the state meanwhile.
-fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
+/// With `yield_to`, gives up (`None`) once a command waits there.
+fn encode_checkpoint(
+    inner: &Inner,
+    yield_to: Option<&mpsc::Receiver<Job>>,
+) -> Option<EncodedCheckpoint> {
     let started = Instant::now();
     let state = inner
         .state
@@ -598,13 +652,26 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
     // Sized like the last one (plus growth): growing a 100 MB buffer by
     // doubling copied it about twice over.
     let last = inner.stats.checkpoint_bytes.load(Ordering::Relaxed) as usize;
-    match postcard::to_extend(&checkpoint, Vec::with_capacity(last + last / 4)) {
-        Ok(bytes) => Some(EncodedCheckpoint {
+    let mut output = YieldingOutput {
+        bytes: Vec::with_capacity(last + last / 4),
+        jobs: yield_to,
+        checked_at: 0,
+        abandoned: false,
+    };
+    match postcard::serialize_with_flavor(&checkpoint, &mut output) {
+        Ok(()) => Some(EncodedCheckpoint {
             seq: state.head.seq,
             hash: state.head.hash,
-            bytes,
+            bytes: output.bytes,
             started,
         }),
+        Err(_) if output.abandoned => {
+            inner
+                .stats
+                .checkpoints_abandoned
+                .fetch_add(1, Ordering::Relaxed);
+            None
+        }
         Err(e) => {
             eprintln!(
                 "warning: checkpoint at seq {} not encoded: {e}",
@@ -668,6 +735,8 @@ pub struct WriterStats {
     pub checkpoints: AtomicU64,
     pub checkpoint_us: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
+    /// Checkpoints begun at a quiet moment and given up for a command.
+    pub checkpoints_abandoned: AtomicU64,
     /// Events appended, by type name.
     pub events_by_type: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -1574,10 +1643,28 @@ impl CheckpointPolicy {
     /// the last one is both `forced_after` events and half the log
     /// (measured: forcing one whenever the log had doubled cost batch
     /// ingest 15 to 25% from an empty log; every 100k events, half).
-    fn due(self, head: Seq, checkpointed: Seq, quiet: bool) -> bool {
+    ///
+    /// A checkpoint at a quiet moment yields to the next command; a forced
+    /// one does not.
+    fn due(self, head: Seq, checkpointed: Seq, quiet: bool) -> Option<Due> {
         let since = head.saturating_sub(checkpointed);
-        since >= self.every && (quiet || since >= self.forced_after.max(head / 2))
+        if since < self.every {
+            None
+        } else if since >= self.forced_after.max(head / 2) {
+            Some(Due::Forced)
+        } else if quiet {
+            Some(Due::Quiet)
+        } else {
+            None
+        }
     }
+}
+
+/// Why a checkpoint is taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Quiet,
+    Forced,
 }
 
 /// A batch the writer decided and framed, on its way to the syncer.
@@ -1696,8 +1783,8 @@ fn writer_loop(
     let pipeline = Pipeline::default();
     let checkpoints = index.clone();
     let mut checkpointed = inner.checkpointed.load(Ordering::Acquire);
-    let checkpoint = |checkpointed: &mut Seq| {
-        if let Some(encoded) = encode_checkpoint(inner) {
+    let checkpoint = |checkpointed: &mut Seq, yield_to: Option<&mpsc::Receiver<Job>>| {
+        if let Some(encoded) = encode_checkpoint(inner, yield_to) {
             *checkpointed = encoded.seq;
             // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
             let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
@@ -1747,9 +1834,15 @@ fn writer_loop(
                 .map(|f| f.head.seq)
                 .unwrap_or_default();
             pipeline.push(decided, 2 * max_batch);
-            if head > 0 && policy.due(head, checkpointed, quiet && jobs.is_empty()) {
+            let due = if head > 0 {
+                policy.due(head, checkpointed, quiet && jobs.is_empty())
+            } else {
+                None
+            };
+            if let Some(due) = due {
                 pipeline.drain();
-                checkpoint(&mut checkpointed);
+                let yield_to = (due == Due::Quiet).then_some(&jobs);
+                checkpoint(&mut checkpointed, yield_to);
                 quiet = false;
             }
         }
@@ -1763,7 +1856,7 @@ fn writer_loop(
         .head
         .seq;
     if head > checkpointed {
-        checkpoint(&mut checkpointed);
+        checkpoint(&mut checkpointed, None);
     }
 }
 

@@ -14,6 +14,9 @@
 //! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US]`:
 //!   durable appends/s alone (optionally with another checkpoint interval
 //!   or group-commit linger).
+//! - `ledger-load lull DIR [EVENTS] [ROUNDS]`: how long a command waits
+//!   right after a lull, when the writer begins a checkpoint, on a state of
+//!   EVENTS (default 300k) mixed events.
 //! - `ledger-load replay DIR` / `replay-full DIR`: opens DIR from its
 //!   checkpoint / after deleting its index store, reporting events/s and RSS.
 //! - `ledger-load what-if DIR`: a what-if replay of DIR's whole log with one
@@ -356,6 +359,55 @@ fn bench(dir: &Path, events: u64) {
 
 /// Opens the ledger in `dir` (after deleting its index store when `full`),
 /// reporting the time, events/s and RSS.
+/// A burst after a lull: the writer takes a checkpoint when it has been
+/// quiet, so the command right after the one that ended the lull is the
+/// one a checkpoint could hold up. Builds a state of `events` mixed events,
+/// then `rounds` times: 30 ms of quiet, one command, and the next one
+/// timed.
+fn lull(dir: &Path, events: u64, rounds: u64) {
+    let mut config = LedgerConfig::new(dir);
+    // Every lull finds a checkpoint due.
+    config.checkpoint_every = 1;
+    let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
+    let codes = setup(&ledger);
+    let head = ledger.state().head.seq;
+    if head < events {
+        drive(
+            &ledger,
+            &codes,
+            64,
+            Duration::from_secs(120),
+            events - head,
+            Arc::new(|_| {}),
+        );
+    }
+    let mut latencies = Vec::new();
+    for round in 0..rounds.min(1_000) {
+        std::thread::sleep(Duration::from_millis(30));
+        submit(&ledger, mixed(7, 2 * round, &codes));
+        let sent = Instant::now();
+        submit(&ledger, mixed(7, 2 * round + 1, &codes));
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort_unstable();
+    let s = ledger.writer_stats();
+    println!(
+        "{} events, {} rounds: the command after a lull's first took p50 {:.2} ms, max {:.2} ms; checkpoints saved {}, given up for a command {}",
+        ledger.state().head.seq,
+        latencies.len(),
+        latencies
+            .get(latencies.len() / 2)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(0.0),
+        latencies
+            .last()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(0.0),
+        s.checkpoints.load(Ordering::Relaxed),
+        s.checkpoints_abandoned.load(Ordering::Relaxed)
+    );
+}
+
 fn replay(dir: &Path, full: bool) {
     if full {
         let _ = std::fs::remove_dir_all(dir.join("index"));
@@ -433,6 +485,7 @@ fn main() {
                 s.checkpoint_bytes.load(Ordering::Relaxed) >> 20
             );
         }
+        "lull" => lull(&PathBuf::from(arg(2)), number(3, 300_000), number(4, 20)),
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "fold" => {
             // The folding stage alone, each fold timed on its own.

@@ -118,3 +118,70 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
     );
     assert_eq!(t.head(), head);
 }
+
+/// The writer takes a checkpoint in a lull; encoding one holds the writer in
+/// proportion to the state, so one begun in a lull must give up as soon as
+/// a command waits, not make the next burst wait for it. (How long the
+/// command waits is measured by `ledger-load lull`, not asserted here.)
+#[test]
+fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
+    let mut t = TestLedger::new("hosting");
+    {
+        let mut config = t.config();
+        config.checkpoint_every = 1; // every lull finds a checkpoint due
+        t.ledger = None;
+        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    }
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let click = |visitor: String| {
+        Submission::new(
+            Some(&t.program),
+            "test",
+            Command::RecordClick {
+                referral_code: code.clone(),
+                visitor: Some(visitor),
+                creative: None,
+                referrer: None,
+                landing: None,
+                client_hash: None,
+            },
+        )
+    };
+    // A state of some megabytes: its checkpoint takes a while to encode.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = runtime.block_on(
+        t.ledger()
+            .submit_many((0..40_000).map(|i| click(format!("v-{i}"))).collect()),
+    );
+    assert!(answers.iter().all(Result::is_ok));
+    let stats = t.ledger().writer_stats();
+    let mut abandoned = 0;
+    for round in 0..20 {
+        // A lull, one command (after which the writer begins the
+        // checkpoint), and at once the next.
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let before = t.head();
+        t.ledger()
+            .submit_blocking(click(format!("a-{round}")))
+            .unwrap();
+        t.ledger()
+            .submit_blocking(click(format!("b-{round}")))
+            .unwrap();
+        assert_eq!(t.head(), before + 2);
+        abandoned = stats.checkpoints_abandoned.load(Ordering::Relaxed);
+        if abandoned > 0 {
+            break;
+        }
+    }
+    assert!(abandoned > 0, "no checkpoint gave way to a command");
+    // Given up, not lost: the shutdown saves one, and a start from it
+    // agrees with the log.
+    let head = t.head();
+    t.reopen();
+    assert_eq!(t.ledger().store_status().1, head);
+    assert!(t.ledger().verify().ok);
+}
