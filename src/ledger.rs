@@ -1627,6 +1627,11 @@ fn gather(
 /// How long the writer must have waited for a command before it takes a
 /// checkpoint that is due but not yet forced.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest wait asked for after checkpoints gave way: each one that
+/// does doubles the wait the next needs, so that steady light traffic (a
+/// command every 50 ms, say) does not spend a core on checkpoints begun
+/// and given up; one saved resets it to [`QUIET`].
+const QUIET_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// When the writer takes a checkpoint ([`LedgerConfig::checkpoint_every`],
 /// [`LedgerConfig::checkpoint_forced_after`]).
@@ -1783,12 +1788,16 @@ fn writer_loop(
     let pipeline = Pipeline::default();
     let checkpoints = index.clone();
     let mut checkpointed = inner.checkpointed.load(Ordering::Acquire);
+    // Whether the checkpoint gave way to a command.
     let checkpoint = |checkpointed: &mut Seq, yield_to: Option<&mpsc::Receiver<Job>>| {
+        let abandoned = || inner.stats.checkpoints_abandoned.load(Ordering::Relaxed);
+        let before = abandoned();
         if let Some(encoded) = encode_checkpoint(inner, yield_to) {
             *checkpointed = encoded.seq;
             // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
             let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
         }
+        abandoned() != before
     };
     std::thread::scope(|scope| {
         let syncer = std::thread::Builder::new()
@@ -1809,13 +1818,14 @@ fn writer_loop(
         let mut ids = RandomIds;
         let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
         let mut quiet = false;
+        let mut quiet_needed = QUIET;
         loop {
             let waiting = Instant::now();
             let Some(first) = jobs.blocking_recv() else {
                 break;
             };
             // The writer waited for work a while: a quiet moment for a checkpoint.
-            quiet |= waiting.elapsed() >= QUIET;
+            quiet |= waiting.elapsed() >= quiet_needed;
             batch.push(first);
             if pipeline.busy() {
                 while batch.len() < max_batch {
@@ -1842,7 +1852,11 @@ fn writer_loop(
             if let Some(due) = due {
                 pipeline.drain();
                 let yield_to = (due == Due::Quiet).then_some(&jobs);
-                checkpoint(&mut checkpointed, yield_to);
+                quiet_needed = if checkpoint(&mut checkpointed, yield_to) {
+                    (quiet_needed * 2).min(QUIET_AT_MOST)
+                } else {
+                    QUIET
+                };
                 quiet = false;
             }
         }
