@@ -160,36 +160,29 @@ fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
     );
     assert!(answers.iter().all(Result::is_ok));
     let stats = t.ledger().writer_stats();
-    let mut abandoned = 0;
-    for round in 0..20 {
-        // A lull, one command (after which the writer begins the
-        // checkpoint), and at once the next.
-        std::thread::sleep(std::time::Duration::from_millis(40));
+    // A lull, one command (after which the writer begins the checkpoint),
+    // and at once the next.
+    let lull = |millis: u64, round: String| {
+        std::thread::sleep(std::time::Duration::from_millis(millis));
         let before = t.head();
-        t.ledger()
-            .submit_blocking(click(format!("a-{round}")))
-            .unwrap();
-        t.ledger()
-            .submit_blocking(click(format!("b-{round}")))
-            .unwrap();
-        assert_eq!(t.head(), before + 2);
-        abandoned = stats.checkpoints_abandoned.load(Ordering::Relaxed);
-        if abandoned > 0 {
-            break;
+        for tag in ["a", "b"] {
+            t.ledger()
+                .submit_blocking(click(format!("{tag}-{round}")))
+                .unwrap();
         }
-    }
+        assert_eq!(t.head(), before + 2);
+        stats.checkpoints_abandoned.load(Ordering::Relaxed)
+    };
+    let abandoned = (0..20)
+        .map(|round| lull(40, format!("first-{round}")))
+        .find(|abandoned| *abandoned > 0)
+        .unwrap_or(0);
     assert!(abandoned > 0, "no checkpoint gave way to a command");
     // Light steady traffic must not spend the writer on checkpoints begun
     // and given up, lull after lull: each one given up doubles the quiet
     // the next needs (40 ms now, more than these lulls).
     for round in 0..10 {
-        std::thread::sleep(std::time::Duration::from_millis(25));
-        t.ledger()
-            .submit_blocking(click(format!("c-{round}")))
-            .unwrap();
-        t.ledger()
-            .submit_blocking(click(format!("d-{round}")))
-            .unwrap();
+        lull(25, format!("then-{round}"));
     }
     let again = stats.checkpoints_abandoned.load(Ordering::Relaxed) - abandoned;
     assert!(again <= 2, "{again} more checkpoints begun and given up");
