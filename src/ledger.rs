@@ -126,7 +126,7 @@ pub enum SubmitError {
 }
 
 /// A what-if replay: what was asked, where in the log, and its diff.
-#[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Replay {
     pub replay_id: Uuid,
     pub program: ProgramId,
@@ -140,9 +140,69 @@ pub struct Replay {
     pub applied_seq: Option<Seq>,
 }
 
-/// Replays kept in memory for `GET` and apply; the oldest go first.
+/// Replays kept for `GET` and apply, in memory and in `DATA/replays/`
+/// (so that a diff under review survives a restart); the oldest go first.
 /// Applied ones are recomputed from the log when asked for again.
 pub const MAX_KEPT_REPLAYS: usize = 256;
+
+/// Where computed replays are kept across restarts: one JSON file each,
+/// `{replay_id}.json`, as `GET .../replays/{id}` shows it.
+const REPLAYS_DIR: &str = "replays";
+
+/// Keeps a computed replay on disk: written whole under a temporary name,
+/// synced, then renamed, so a crash leaves it whole or absent. Then drops
+/// the oldest beyond [`MAX_KEPT_REPLAYS`] (ids are UUID v7: they sort by time).
+fn save_replay(dir: &Path, replay: &Replay) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{}.json", replay.replay_id));
+    let temporary = dir.join(format!("{}.json.tmp", replay.replay_id));
+    let bytes = serde_json::to_vec_pretty(replay).map_err(std::io::Error::other)?;
+    {
+        let mut file = File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&temporary, &path)?;
+    File::open(dir)?.sync_all()?;
+    let mut kept: Vec<Uuid> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    kept.sort_unstable();
+    let excess = kept.len().saturating_sub(MAX_KEPT_REPLAYS);
+    for id in &kept[..excess] {
+        fs::remove_file(dir.join(format!("{id}.json")))?;
+    }
+    Ok(())
+}
+
+/// A replay kept on disk, if there is one; a file that cannot be read is
+/// reported and treated as absent (the replay can be computed again).
+fn load_replay(dir: &Path, id: &Uuid) -> Option<Replay> {
+    let path = dir.join(format!("{id}.json"));
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            eprintln!("warning: {}: {e}", path.display());
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(replay) => Some(replay),
+        Err(e) => {
+            eprintln!("warning: {}: not a replay: {e}", path.display());
+            None
+        }
+    }
+}
 
 /// A command with everything the log records around it.
 #[derive(Clone, Debug)]
@@ -1111,6 +1171,17 @@ impl Ledger {
             diff,
             applied_seq: None,
         };
+        if let Err(e) = save_replay(&self.inner.dir.join(REPLAYS_DIR), &replay) {
+            eprintln!(
+                "warning: replay {} not saved: {e}; it is kept in memory until the ledger stops",
+                replay.replay_id
+            );
+        }
+        self.keep_replay(&replay);
+        Ok(replay)
+    }
+
+    fn keep_replay(&self, replay: &Replay) {
         let mut replays = self
             .inner
             .replays
@@ -1120,7 +1191,6 @@ impl Ledger {
             replays.pop_first();
         }
         replays.insert(replay.replay_id, replay.clone());
-        Ok(replay)
     }
 
     /// Folds the log up to `head` into a what-if replay: reading and
@@ -1162,7 +1232,8 @@ impl Ledger {
         Ok(what_if.finish(months)?)
     }
 
-    /// A replay by id: one computed since start, or an applied one
+    /// A replay by id: one computed and kept (in memory, or in
+    /// `DATA/replays/` from before a restart), or an applied one
     /// (recomputed from the log at the position it was applied at).
     pub fn replay(&self, program: &ProgramId, id: &Uuid) -> Result<Option<Replay>, SubmitError> {
         let applied_seq = {
@@ -1173,14 +1244,20 @@ impl Ledger {
                 .and_then(|pm| pm.applied_replays.iter().find(|(r, _, _)| r == id))
                 .map(|(_, seq, _)| *seq)
         };
-        let kept = self
+        let cached = self
             .inner
             .replays
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(id)
-            .filter(|r| &r.program == program)
             .cloned();
+        let kept = cached
+            .or_else(|| {
+                let loaded = load_replay(&self.inner.dir.join(REPLAYS_DIR), id)?;
+                self.keep_replay(&loaded);
+                Some(loaded)
+            })
+            .filter(|r| &r.program == program);
         if let Some(mut replay) = kept {
             replay.applied_seq = applied_seq;
             return Ok(Some(replay));

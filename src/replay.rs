@@ -312,10 +312,14 @@ impl WhatIf {
             .into_values()
             .filter(|row| !row.lines.is_empty())
             .map(|mut row| {
-                let change = row.after_amount - row.before_amount;
+                // Taken out: a finished row holds only what it shows, so it
+                // reads back from its JSON (`DATA/replays/`) equal.
+                let before = std::mem::take(&mut row.before_amount);
+                let after = std::mem::take(&mut row.after_amount);
+                let change = after - before;
                 total += change;
-                row.before = currency.format(row.before_amount);
-                row.after = currency.format(row.after_amount);
+                row.before = currency.format(before);
+                row.after = currency.format(after);
                 row.change = currency.format(change);
                 row
             })

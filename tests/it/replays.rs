@@ -369,6 +369,60 @@ fn apply_is_refused_when_the_log_moved_under_the_replay_and_not_otherwise() {
     assert_eq!(t.money("alice").0, "38.00", "nothing was appended");
 }
 
+/// A diff under review survives a restart (a deploy between computing it
+/// and applying it), and applies then as it would have before.
+#[test]
+fn a_replay_not_yet_applied_is_kept_across_a_restart() {
+    let (t, _, _) = wrongly_attributed();
+    let replay = what_if(
+        &t,
+        serde_json::json!({"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}),
+    )
+    .unwrap();
+    let mut t = t;
+    t.reopen();
+    let read = t
+        .ledger()
+        .replay(&t.program, &replay.replay_id)
+        .unwrap()
+        .expect("kept across the restart");
+    assert_eq!(read.diff, replay.diff);
+    assert_eq!(
+        serde_json::to_value(&read).unwrap(),
+        serde_json::to_value(&replay).unwrap()
+    );
+    assert!(
+        t.ledger()
+            .replay(&program_id("other"), &replay.replay_id)
+            .unwrap()
+            .is_none(),
+        "a replay answers for its own program only"
+    );
+    apply(&t, &replay, "ticket 4411").unwrap();
+    assert_eq!(t.money("alice").0, "8.00");
+    assert_eq!(t.money("bob").0, "46.00");
+    t.verify_ok();
+}
+
+/// Kept, but not without end: the newest `MAX_KEPT_REPLAYS`, in memory and on disk.
+#[test]
+fn only_the_newest_replays_are_kept() {
+    use commission_ledger::ledger::MAX_KEPT_REPLAYS;
+    let (t, _, _) = wrongly_attributed();
+    let ids: Vec<_> = (0..=MAX_KEPT_REPLAYS)
+        .map(|_| what_if(&t, serde_json::json!({})).unwrap().replay_id)
+        .collect();
+    let files = std::fs::read_dir(t.dir.path().join("replays"))
+        .unwrap()
+        .count();
+    assert_eq!(files, MAX_KEPT_REPLAYS);
+    let mut t = t;
+    t.reopen();
+    let kept = |id| t.ledger().replay(&t.program, id).unwrap().is_some();
+    assert!(!kept(&ids[0]), "the oldest went");
+    assert!(kept(&ids[1]) && kept(&ids[MAX_KEPT_REPLAYS]));
+}
+
 /// `replay --what-if` as a process: the table, the CSV, bad input, --apply.
 #[test]
 fn the_command_line_prints_the_diff_writes_csv_and_applies() {
