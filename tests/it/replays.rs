@@ -30,6 +30,12 @@ fn apply(t: &TestLedger, replay: &Replay, reason: &str) -> Result<Receipt, Submi
     t.ledger().submit_blocking(submission)
 }
 
+/// Restarts the ledger and reads the replay back.
+fn after_restart(t: &mut TestLedger, replay: &Replay) -> Option<Replay> {
+    t.reopen();
+    t.ledger().replay(&t.program, &replay.replay_id).unwrap()
+}
+
 /// (affiliate, month, before, after, change) of every row.
 fn rows(replay: &Replay) -> Vec<(String, String, String, String, String)> {
     replay
@@ -196,12 +202,7 @@ fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
     assert!(what_if(&t, serde_json::json!({})).unwrap().diff.is_empty());
     // The applied replay can be read back, also after a restart.
     let mut t = t;
-    t.reopen();
-    let read = t
-        .ledger()
-        .replay(&t.program, &replay.replay_id)
-        .unwrap()
-        .unwrap();
+    let read = after_restart(&mut t, &replay).unwrap();
     assert_eq!(read.diff, replay.diff);
     assert!(read.applied_seq.is_some());
     t.verify_ok();
@@ -380,12 +381,7 @@ fn a_replay_not_yet_applied_is_kept_across_a_restart() {
     )
     .unwrap();
     let mut t = t;
-    t.reopen();
-    let read = t
-        .ledger()
-        .replay(&t.program, &replay.replay_id)
-        .unwrap()
-        .expect("kept across the restart");
+    let read = after_restart(&mut t, &replay).expect("kept across the restart");
     assert_eq!(read.diff, replay.diff);
     assert_eq!(
         serde_json::to_value(&read).unwrap(),
