@@ -164,17 +164,17 @@ fn save_replay(dir: &Path, replay: &Replay) -> std::io::Result<()> {
     }
     fs::rename(&temporary, &path)?;
     File::open(dir)?.sync_all()?;
-    let mut kept: Vec<Uuid> = fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            entry
-                .file_name()
-                .to_str()?
-                .strip_suffix(".json")?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut kept: Vec<Uuid> = Vec::new();
+    for entry in fs::read_dir(dir)?.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".json.tmp") {
+            // Left by a crash mid-write (this one's was renamed above).
+            fs::remove_file(entry.path())?;
+        } else if let Some(id) = name.strip_suffix(".json").and_then(|id| id.parse().ok()) {
+            kept.push(id);
+        }
+    }
     kept.sort_unstable();
     let excess = kept.len().saturating_sub(MAX_KEPT_REPLAYS);
     for id in &kept[..excess] {
