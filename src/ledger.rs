@@ -393,6 +393,16 @@ struct IndexJob {
     hash: log::Hash,
 }
 
+impl IndexJob {
+    /// Takes in the next job: one sled write for both.
+    fn absorb(&mut self, next: IndexJob) {
+        self.anchors.extend(next.anchors);
+        self.keys.extend(next.keys);
+        self.seq = next.seq;
+        self.hash = next.hash;
+    }
+}
+
 fn store_error(e: StoreError) -> LedgerError {
     LedgerError::Io {
         path: PathBuf::from("index"),
@@ -614,12 +624,7 @@ fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
                     pending = Some(next);
                     deadline = Some(Instant::now() + INDEX_INTERVAL);
                 }
-                Some(job) => {
-                    job.anchors.extend(next.anchors);
-                    job.keys.extend(next.keys);
-                    job.seq = next.seq;
-                    job.hash = next.hash;
-                }
+                Some(job) => job.absorb(next),
             },
             Ok(StoreJob::Checkpoint(checkpoint)) => {
                 write_index(&mut pending);
@@ -689,20 +694,26 @@ impl postcard::ser_flavors::Flavor for &mut YieldingOutput<'_> {
     }
 }
 
+/// What became of a checkpoint the writer began.
+enum Encoding {
+    Done(EncodedCheckpoint),
+    /// Given up for a command waiting (a checkpoint begun in a lull).
+    GaveWay,
+    /// Nothing to take, or it could not be encoded (reported).
+    Nothing,
+}
+
 /// Encodes a checkpoint of the state (once every decided batch is durable;
 /// the caller drained the pipeline). Readers share the state meanwhile.
-/// With `yield_to`, gives up (`None`) once a command waits there.
-fn encode_checkpoint(
-    inner: &Inner,
-    yield_to: Option<&mpsc::Receiver<Job>>,
-) -> Option<EncodedCheckpoint> {
+/// With `yield_to`, gives way once a command waits there.
+fn encode_checkpoint(inner: &Inner, yield_to: Option<&mpsc::Receiver<Job>>) -> Encoding {
     let started = Instant::now();
     let state = inner
         .state
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if state.head.seq == 0 || state.head.seq > inner.durable.load(Ordering::Acquire) {
-        return None;
+        return Encoding::Nothing;
     }
     let checkpoint = CheckpointRef {
         model: &state.model,
@@ -719,7 +730,7 @@ fn encode_checkpoint(
         abandoned: false,
     };
     match postcard::serialize_with_flavor(&checkpoint, &mut output) {
-        Ok(()) => Some(EncodedCheckpoint {
+        Ok(()) => Encoding::Done(EncodedCheckpoint {
             seq: state.head.seq,
             hash: state.head.hash,
             bytes: output.bytes,
@@ -730,14 +741,14 @@ fn encode_checkpoint(
                 .stats
                 .checkpoints_abandoned
                 .fetch_add(1, Ordering::Relaxed);
-            None
+            Encoding::GaveWay
         }
         Err(e) => {
             eprintln!(
                 "warning: checkpoint at seq {} not encoded: {e}",
                 state.head.seq
             );
-            None
+            Encoding::Nothing
         }
     }
 }
@@ -1136,7 +1147,7 @@ impl Ledger {
 
     /// Replays `program`'s history under `overrides` (on top of the replays
     /// applied before), without writing, and keeps the result for
-    /// [`Self::replay`] and [`Self::apply_replay`].
+    /// [`Self::replay`] and [`Self::apply_replay_submission`].
     pub fn what_if(
         &self,
         program: &ProgramId,
@@ -1686,18 +1697,23 @@ fn gather(
 ) {
     let deadline = Instant::now() + linger;
     loop {
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        take_waiting(jobs, batch, max_batch);
         let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
         if batch.len() >= active || Instant::now() >= deadline {
             return;
         }
         // Sleep, not spin: on two cores the submitters need the CPU to come back.
         std::thread::sleep(std::time::Duration::from_micros(40));
+    }
+}
+
+/// Moves the commands waiting in the queue into `batch`, up to `max_batch`.
+fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
     }
 }
 
@@ -1867,14 +1883,16 @@ fn writer_loop(
     let mut checkpointed = inner.checkpointed.load(Ordering::Acquire);
     // Whether the checkpoint gave way to a command.
     let checkpoint = |checkpointed: &mut Seq, yield_to: Option<&mpsc::Receiver<Job>>| {
-        let abandoned = || inner.stats.checkpoints_abandoned.load(Ordering::Relaxed);
-        let before = abandoned();
-        if let Some(encoded) = encode_checkpoint(inner, yield_to) {
-            *checkpointed = encoded.seq;
-            // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
-            let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
+        match encode_checkpoint(inner, yield_to) {
+            Encoding::Done(encoded) => {
+                *checkpointed = encoded.seq;
+                // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
+                let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
+                false
+            }
+            Encoding::GaveWay => true,
+            Encoding::Nothing => false,
         }
-        abandoned() != before
     };
     std::thread::scope(|scope| {
         let syncer = std::thread::Builder::new()
@@ -1905,12 +1923,7 @@ fn writer_loop(
             quiet |= waiting.elapsed() >= quiet_needed;
             batch.push(first);
             if pipeline.busy() {
-                while batch.len() < max_batch {
-                    match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+                take_waiting(&mut jobs, &mut batch, max_batch);
             } else {
                 gather(inner, &mut jobs, &mut batch, max_batch, linger);
             }
@@ -2083,12 +2096,7 @@ fn syncer_loop(
             if let Some(job) = decided.index {
                 match &mut index_job {
                     None => index_job = Some(job),
-                    Some(merged) => {
-                        merged.anchors.extend(job.anchors);
-                        merged.keys.extend(job.keys);
-                        merged.seq = job.seq;
-                        merged.hash = job.hash;
-                    }
+                    Some(merged) => merged.absorb(job),
                 }
             }
         }
