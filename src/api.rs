@@ -897,12 +897,18 @@ fn idempotency(
     Ok(found)
 }
 
-/// Answers from the current state once it is durable, without holding a
-/// worker thread while the sync in flight completes.
-async fn settled<T>(app: &AppState, read: impl FnOnce(&crate::ledger::State) -> T) -> T {
-    let (answer, seq) = app.ledger.deferring_settle(|| read(&app.ledger.state()));
-    app.ledger.settled(seq).await;
+/// Runs `read` against the state as decided, then awaits the durability
+/// of what it saw: a worker thread is not held while the sync in flight
+/// completes.
+async fn durably<T>(ledger: &Ledger, read: impl FnOnce() -> T) -> T {
+    let (answer, seq) = ledger.deferring_settle(read);
+    ledger.settled(seq).await;
     answer
+}
+
+/// Answers from the current state once it is durable ([`durably`]).
+async fn settled<T>(app: &AppState, read: impl FnOnce(&crate::ledger::State) -> T) -> T {
+    durably(&app.ledger, || read(&app.ledger.state())).await
 }
 
 /// Runs a read: right here for the current state (a read lock, quick), on
@@ -914,11 +920,9 @@ async fn read<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let internal = |e: crate::ledger::LedgerError| ApiError::Internal(e.to_string());
     if as_of.is_none() {
-        // Read the state as decided, then await its durability here: a
-        // worker thread is not held while the sync in flight completes.
-        let (answer, seq) = app.ledger.deferring_settle(|| read(&app.ledger, None));
-        app.ledger.settled(seq).await;
-        return answer.map_err(internal);
+        return durably(&app.ledger, || read(&app.ledger, None))
+            .await
+            .map_err(internal);
     }
     let ledger = app.ledger.clone();
     tokio::task::spawn_blocking(move || read(&ledger, as_of))
@@ -1900,13 +1904,19 @@ fn by_accept<T: serde::Serialize>(
     }
 }
 
+/// A replay id from the path; one that is not a UUID names no replay (404).
+fn replay_id(program: &ProgramId, id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id)
+        .map_err(|_| ApiError::NotFound(format!("no replay `{id}` in `{program}`")))
+}
+
 async fn find_replay(
     app: &AppState,
     program: &ProgramId,
     id: &str,
 ) -> Result<crate::ledger::Replay, ApiError> {
     let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
-    let id = uuid::Uuid::parse_str(id).map_err(|_| not_found())?;
+    let id = replay_id(program, id)?;
     let ledger = app.ledger.clone();
     let p = program.clone();
     tokio::task::spawn_blocking(move || ledger.replay(&p, &id))
@@ -1935,7 +1945,7 @@ async fn apply_replay(
     let program = program_id(&program)?;
     let body: ApplyBody = w.json()?;
     let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
-    let replay_id = uuid::Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let replay_id = replay_id(&program, &id)?;
     let ledger = app.ledger.clone();
     let (p, actor) = (program.clone(), caller.key_id.clone());
     let prepared = tokio::task::spawn_blocking(move || {
@@ -1967,6 +1977,14 @@ async fn apply_replay(
 }
 
 /// A replay's changed lines as CSV, one row per line (the API and the CLI).
+/// A changed item's kind as the JSON names it (`reward`, `clawback`, …).
+fn change_kind(kind: ChangeKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 pub fn replay_csv(replay: &crate::ledger::Replay) -> String {
     let mut out = String::from(
         "affiliate_id,month,kind,customer_id,line,basis,rate_before,rate_after,before,after,change\n",
@@ -1976,10 +1994,7 @@ pub fn replay_csv(replay: &crate::ledger::Replay) -> String {
             let fields = [
                 row.affiliate_id.to_string(),
                 row.month.to_string(),
-                serde_json::to_value(line.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                change_kind(line.kind),
                 line.customer_id
                     .as_ref()
                     .map(|c| c.to_string())
@@ -2017,7 +2032,7 @@ fn replay_html(replay: &crate::ledger::Replay) -> String {
         for line in &row.lines {
             rows.push_str(&format!(
                 "<tr><td></td><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-                html_escape(&format!("{:?}", line.kind).to_lowercase()),
+                html_escape(&change_kind(line.kind)),
                 html_escape(line.customer_id.as_ref().map(|c| c.as_str()).unwrap_or("")),
                 html_escape(line.line.as_ref().map(|l| l.as_str()).unwrap_or("")),
                 html_escape(line.basis.as_deref().unwrap_or("")),
