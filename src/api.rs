@@ -1977,14 +1977,6 @@ async fn apply_replay(
 }
 
 /// A replay's changed lines as CSV, one row per line (the API and the CLI).
-/// A changed item's kind as the JSON names it (`reward`, `clawback`, …).
-fn change_kind(kind: ChangeKind) -> String {
-    serde_json::to_value(kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 pub fn replay_csv(replay: &crate::ledger::Replay) -> String {
     let mut out = String::from(
         "affiliate_id,month,kind,customer_id,line,basis,rate_before,rate_after,before,after,change\n",
@@ -1994,7 +1986,7 @@ pub fn replay_csv(replay: &crate::ledger::Replay) -> String {
             let fields = [
                 row.affiliate_id.to_string(),
                 row.month.to_string(),
-                change_kind(line.kind),
+                line.kind.as_str().to_string(),
                 line.customer_id
                     .as_ref()
                     .map(|c| c.to_string())
@@ -2032,7 +2024,7 @@ fn replay_html(replay: &crate::ledger::Replay) -> String {
         for line in &row.lines {
             rows.push_str(&format!(
                 "<tr><td></td><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-                html_escape(&change_kind(line.kind)),
+                html_escape(line.kind.as_str()),
                 html_escape(line.customer_id.as_ref().map(|c| c.as_str()).unwrap_or("")),
                 html_escape(line.line.as_ref().map(|l| l.as_str()).unwrap_or("")),
                 html_escape(line.basis.as_deref().unwrap_or("")),

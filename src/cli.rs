@@ -180,12 +180,11 @@ fn what_if(
         );
         for line in &row.lines {
             let what = format!(
-                "  {:?} {} {}",
-                line.kind,
+                "  {} {} {}",
+                line.kind.as_str(),
                 line.customer_id.as_ref().map(|c| c.as_str()).unwrap_or("-"),
                 line.line.as_ref().map(|l| l.as_str()).unwrap_or("-")
-            )
-            .to_lowercase();
+            );
             println!(
                 "{what:<33} {:>14} {:>14} {:>14}",
                 line.before, line.after, line.change

@@ -1055,6 +1055,18 @@ pub enum ChangeKind {
     Adjustment,
 }
 
+impl ChangeKind {
+    /// The name the JSON gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Reward => "reward",
+            ChangeKind::Bounty => "bounty",
+            ChangeKind::Clawback => "clawback",
+            ChangeKind::Adjustment => "adjustment",
+        }
+    }
+}
+
 /// An operator applied a what-if replay: its overrides hold for history
 /// from now on (later replays include them), and the `AdjustmentPosted`
 /// events that follow (cause `replay`) move the money of `changes` into the
