@@ -7,7 +7,10 @@
 //! frames the batch's records. A syncer thread writes every framed batch
 //! waiting and makes them durable with one `fdatasync` (group commit), then
 //! publishes the durable head and answers the callers; meanwhile the writer
-//! decides the next batch. A failed write or sync stops the process:
+//! decides the next batch. The writer decides what comes at once; the
+//! syncer, when it finds nothing decided during its last sync, lingers
+//! (a bounded moment) for the submitters it just answered to come back, so
+//! that they share one `fdatasync`. A failed write or sync stops the process:
 //! nothing unacknowledged is ever served, nothing acknowledged is ever lost.
 //!
 //! Reads see the state once its head is durable ([`Ledger::state`] waits for
@@ -61,7 +64,7 @@ pub struct LedgerConfig {
     /// replaying a million events takes about as long, so forcing one for
     /// a shorter tail would cost writes more than it saves a start.
     pub checkpoint_forced_after: u64,
-    /// How long the writer may wait for active submitters to join a batch.
+    /// How long the syncer may wait for active submitters to join a sync.
     pub group_commit_linger: std::time::Duration,
     /// Zero-filled space added to the active segment at a time, so that
     /// `fdatasync` need not update the file size.
@@ -268,6 +271,8 @@ pub struct State {
     pub last_recorded_at: Timestamp,
     /// Idempotency keys the store has not indexed yet (memory serves the tail).
     recent_keys: HashMap<String, KeyRow>,
+    /// The indexed seq `recent_keys` was last pruned to.
+    pruned: Seq,
 }
 
 /// What a checkpoint in the store keeps of the state.
@@ -297,8 +302,11 @@ impl State {
 
     /// Forgets the keys the store has indexed up to `indexed`.
     fn prune(&mut self, indexed: Seq) {
-        self.recent_keys
-            .retain(|_, row| row.first_seq + u64::from(row.count) > indexed + 1);
+        if indexed > self.pruned {
+            self.recent_keys
+                .retain(|_, row| row.first_seq + u64::from(row.count) > indexed + 1);
+            self.pruned = indexed;
+        }
     }
 }
 
@@ -831,7 +839,7 @@ impl Drop for InFlight<'_> {
 struct Inner {
     /// What the writer did so far.
     stats: WriterStats,
-    /// Submitters waiting for an answer: the writer lingers for those that
+    /// Submitters waiting for an answer: the syncer lingers for those that
     /// just got one and are about to come back (adaptive group commit).
     in_flight: AtomicUsize,
     /// The indexes and checkpoints (derived, rebuildable).
@@ -1685,28 +1693,6 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
     }
 }
 
-/// Takes every waiting command into the batch; while more submitters are
-/// active than the batch holds, waits up to `linger` for them: one
-/// `fdatasync` then covers them all (PostgreSQL's commit_delay, adaptive).
-fn gather(
-    inner: &Inner,
-    jobs: &mut mpsc::Receiver<Job>,
-    batch: &mut Vec<Job>,
-    max_batch: usize,
-    linger: std::time::Duration,
-) {
-    let deadline = Instant::now() + linger;
-    loop {
-        take_waiting(jobs, batch, max_batch);
-        let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
-        if batch.len() >= active || Instant::now() >= deadline {
-            return;
-        }
-        // Sleep, not spin: on two cores the submitters need the CPU to come back.
-        std::thread::sleep(std::time::Duration::from_micros(40));
-    }
-}
-
 /// Moves the commands waiting in the queue into `batch`, up to `max_batch`.
 fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch: usize) {
     while batch.len() < max_batch {
@@ -1790,6 +1776,10 @@ struct PipelineQueue {
     batches: std::collections::VecDeque<Decided>,
     /// Commands decided and not answered yet, queued or being synced.
     commands: usize,
+    /// Commands in `batches`.
+    waiting: usize,
+    /// The syncer waits until `waiting` reaches this (0: it is not waiting).
+    wanted: usize,
     closed: bool,
 }
 
@@ -1809,13 +1799,6 @@ impl Pipeline {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the syncer has work: then the writer decides what is waiting
-    /// at once instead of lingering for more (the sync in progress is the
-    /// linger).
-    fn busy(&self) -> bool {
-        self.lock().commands > 0
-    }
-
     /// Queues a decided batch; waits while `limit` commands are already
     /// decided and unanswered (a bound on memory and on how far the state
     /// runs ahead of the disk).
@@ -1825,8 +1808,11 @@ impl Pipeline {
             queue = self.wait(queue);
         }
         queue.commands += decided.commands;
+        queue.waiting += decided.commands;
         queue.batches.push_back(decided);
-        self.changed.notify_all();
+        if queue.wanted > 0 && queue.waiting >= queue.wanted {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until every decided batch is durable and answered.
@@ -1843,16 +1829,45 @@ impl Pipeline {
     }
 
     /// For the syncer: every batch waiting, once there is one; `None` once
-    /// the writer has stopped and nothing is left.
-    fn take(&self) -> Option<Vec<Decided>> {
+    /// the writer has stopped and nothing is left. With `linger`, waits up
+    /// to that long after the first for the active submitters' commands.
+    fn take(
+        &self,
+        inner: &Inner,
+        linger: Option<std::time::Duration>,
+        max_batch: usize,
+    ) -> Option<Vec<Decided>> {
         let mut queue = self.lock();
         while queue.batches.is_empty() {
             if queue.closed {
                 return None;
             }
+            queue.wanted = 1;
             queue = self.wait(queue);
         }
+        if let Some(linger) = linger {
+            let deadline = Instant::now() + linger;
+            loop {
+                let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
+                let now = Instant::now();
+                if queue.waiting >= active || queue.closed || now >= deadline {
+                    break;
+                }
+                queue.wanted = active;
+                queue = self
+                    .changed
+                    .wait_timeout(queue, deadline - now)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        }
+        queue.wanted = 0;
+        queue.waiting = 0;
         Some(queue.batches.drain(..).collect())
+    }
+
+    fn has_waiting(&self) -> bool {
+        !self.lock().batches.is_empty()
     }
 
     /// For the syncer: `commands` are answered.
@@ -1899,7 +1914,7 @@ fn writer_loop(
             .name("ledger-syncer".into())
             .spawn_scoped(scope, || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    syncer_loop(inner, segments, &pipeline, index);
+                    syncer_loop(inner, segments, &pipeline, index, linger, max_batch);
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     eprintln!("fatal: the ledger syncer panicked; stopping the process");
@@ -1922,11 +1937,7 @@ fn writer_loop(
             // The writer waited for work a while: a quiet moment for a checkpoint.
             quiet |= waiting.elapsed() >= quiet_needed;
             batch.push(first);
-            if pipeline.busy() {
-                take_waiting(&mut jobs, &mut batch, max_batch);
-            } else {
-                gather(inner, &mut jobs, &mut batch, max_batch, linger);
-            }
+            take_waiting(&mut jobs, &mut batch, max_batch);
             let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
             let head = decided
                 .framed
@@ -2014,11 +2025,17 @@ fn decide_batch(
             }
         }
         state.head = batch.head;
-        let keys = state
-            .recent_keys
+        // The keys of this batch's commands (a command's events share one).
+        let keys = answers
             .iter()
-            .filter(|(_, row)| row.first_seq >= first_seq)
-            .map(|(k, row)| (k.clone(), *row))
+            .filter_map(|(_, answer)| match answer {
+                Answer::Done(Ok(receipt)) => receipt.events.first()?.idempotency.as_ref(),
+                _ => None,
+            })
+            .filter_map(|idem| {
+                let row = state.recent_keys.get(&idem.key)?;
+                (row.first_seq >= first_seq).then(|| (idem.key.clone(), *row))
+            })
             .collect();
         index = Some(IndexJob {
             anchors,
@@ -2054,33 +2071,43 @@ fn decide_batch(
 
 /// The syncer: writes every decided batch waiting, makes them durable with
 /// one `fdatasync`, publishes the durable head, answers the submitters, and
-/// hands the new records to the indexer. It never takes the state lock:
+/// hands the new records to the indexer.
+///
+/// When nothing was decided during its last sync (closed-loop callers, who
+/// wait for their answer before sending again), it waits up to `linger`
+/// after the first new batch until every active submitter's command is
+/// decided (PostgreSQL's commit_delay, adaptive). The writer decides them
+/// as they come meanwhile: measured with 64 submitters, 90–97k events/s
+/// when the writer lingered and then decided, 102–126k now. It never takes the state lock:
 /// readers holding it wait for the durable head this thread moves.
 fn syncer_loop(
     inner: &Inner,
     mut segments: log::SegmentWriter,
     pipeline: &Pipeline,
     index: std::sync::mpsc::SyncSender<StoreJob>,
+    linger: std::time::Duration,
+    max_batch: usize,
 ) {
+    let mut idle = true;
     let fail = |e: LogError| -> ! {
         // PostgreSQL's lesson: after a failed write or fsync the page
         // cache cannot be trusted. Stop; recovery replays the log.
         eprintln!("fatal: {e}; stopping the process");
         std::process::abort();
     };
-    while let Some(batches) = pipeline.take() {
+    while let Some(batches) = pipeline.take(inner, idle.then_some(linger), max_batch) {
         let started = Instant::now();
-        let mut head = None;
-        for decided in &batches {
-            if let Some(framed) = &decided.framed {
-                segments.put(framed).unwrap_or_else(|e| fail(e));
-                head = Some(framed.head);
-            }
-        }
+        let framed: Vec<&log::FramedBatch> =
+            batches.iter().filter_map(|d| d.framed.as_ref()).collect();
+        let head = framed.last().map(|f| f.head);
         if head.is_some() {
+            segments.put_all(&framed).unwrap_or_else(|e| fail(e));
             segments.sync().unwrap_or_else(|e| fail(e));
         }
         let synced = Instant::now();
+        // Commands decided while this batch was synced: the next sync
+        // takes them at once; else it lingers for the submitters answered now.
+        idle = !pipeline.has_waiting();
         if let Some(head) = head {
             inner.set_durable(head.seq);
         }

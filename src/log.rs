@@ -523,6 +523,8 @@ pub struct SegmentWriter {
     allocated: u64,
     /// How much zero-filled space to add at a time.
     preallocate: u64,
+    /// Reused to join batches into one write.
+    joined: Vec<u8>,
 }
 
 /// The segment grows by this much zero-filled space at a time.
@@ -569,6 +571,7 @@ impl Log {
                 active_path,
                 allocated,
                 preallocate: PREALLOCATE_BYTES,
+                joined: Vec::new(),
             },
         };
         Ok((log, report))
@@ -677,8 +680,20 @@ impl SegmentWriter {
     /// crash never leaves a torn record before a later segment. On error the
     /// log must not be used again: the process stops.
     pub fn put(&mut self, batch: &FramedBatch) -> Result<(), LogError> {
+        let start = batch.placed.first().map(|(position, _)| position.offset);
+        self.put_bytes(batch.roll_to, start, &batch.bytes)
+    }
+
+    /// Writes framed records starting at `start` in the active segment,
+    /// after starting a new one first when `roll_to` says so.
+    fn put_bytes(
+        &mut self,
+        roll_to: Option<Seq>,
+        start: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<(), LogError> {
         use std::os::unix::fs::FileExt;
-        if let Some(first_seq) = batch.roll_to {
+        if let Some(first_seq) = roll_to {
             self.sync()?;
             let path = self.dir.join(segment_name(first_seq));
             create_segment(&self.dir, &path)?;
@@ -689,11 +704,10 @@ impl SegmentWriter {
             self.active_path = path;
             self.allocated = SEGMENT_MAGIC.len() as u64;
         }
-        let Some((start, _)) = batch.placed.first() else {
+        let Some(start) = start else {
             return Ok(());
         };
-        let start = start.offset;
-        let end = start + batch.bytes.len() as u64;
+        let end = start + bytes.len() as u64;
         if end > self.allocated {
             let target = end.div_ceil(self.preallocate) * self.preallocate;
             let zeros = vec![0u8; (target - self.allocated) as usize];
@@ -703,8 +717,37 @@ impl SegmentWriter {
             self.allocated = target;
         }
         self.active
-            .write_all_at(&batch.bytes, start)
+            .write_all_at(bytes, start)
             .map_err(io("write", &self.active_path))
+    }
+
+    /// [`Self::put`] for several batches: those that follow each other in
+    /// one segment are written with one call (a syscall each cost a sync
+    /// of small batches a tenth of its time).
+    pub fn put_all(&mut self, batches: &[&FramedBatch]) -> Result<(), LogError> {
+        let mut rest = batches;
+        while let Some((first, after)) = rest.split_first() {
+            let run = 1 + after.iter().take_while(|b| b.roll_to.is_none()).count();
+            let (together, next) = rest.split_at(run);
+            rest = next;
+            if let [one] = together {
+                self.put(one)?;
+                continue;
+            }
+            let mut joined = std::mem::take(&mut self.joined);
+            joined.clear();
+            for batch in together {
+                joined.extend_from_slice(&batch.bytes);
+            }
+            let start = together
+                .iter()
+                .find_map(|b| b.placed.first())
+                .map(|(p, _)| p.offset);
+            let result = self.put_bytes(first.roll_to, start, &joined);
+            self.joined = joined;
+            result?;
+        }
+        Ok(())
     }
 
     /// Makes what was put into the active segment durable (`fdatasync`).

@@ -62,6 +62,40 @@ fn records_come_back_in_order_across_segments() {
 }
 
 #[test]
+fn batches_put_together_are_written_as_framed_across_a_segment_roll() {
+    // The syncer writes every batch waiting with one call where they follow
+    // each other in a segment; a batch that starts a new one splits the run.
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), 4096, |_| Ok(())).unwrap();
+    let (mut framer, mut writer) = log.split();
+    let mut written = Vec::new();
+    let mut batches = Vec::new();
+    for n in [3usize, 1, 60, 2, 2, 90, 1] {
+        let batch: Vec<Vec<u8>> = payloads(n)
+            .into_iter()
+            .map(|mut p| {
+                p.extend_from_slice(format!(" after {}", written.len()).as_bytes());
+                p
+            })
+            .collect();
+        batches.push(framer.frame(&batch));
+        written.extend(batch);
+    }
+    assert!(
+        batches.iter().filter(|b| b.roll_to.is_some()).count() >= 2,
+        "some batches start a new segment"
+    );
+    let (first, rest) = batches.split_at(4);
+    writer.put_all(&first.iter().collect::<Vec<_>>()).unwrap();
+    writer.put_all(&rest.iter().collect::<Vec<_>>()).unwrap();
+    writer.sync().unwrap();
+    assert!(log::list_segments(dir.path()).unwrap().len() > 2);
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap(), written);
+    let (_, report) = Log::open(dir.path(), 4096, |_| Ok(())).unwrap();
+    assert_eq!(report.head, framer.head());
+}
+
+#[test]
 fn a_torn_tail_is_cut_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let written = write_log(dir.path(), &[10], 1 << 20);
