@@ -1,6 +1,7 @@
-//! `serve --demo`: a demo program with three months of realistic activity,
-//! generated from a fixed seed (the same numbers every time, dated relative
-//! to today), so a newcomer sees balances, statistics and statements at once.
+//! `serve --demo`: a demo program with three months of realistic activity
+//! (the two before this one, closed, and this one up to now), generated
+//! from a fixed seed (the same numbers every time, dated relative to
+//! today), so a newcomer sees balances, statistics and statements at once.
 
 use crate::events::*;
 use crate::ledger::{Ledger, Submission, SubmitError};
@@ -101,9 +102,11 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
         )?;
     }
     let demo_codes = codes(ledger);
+    // The two months before this one, closed, and this month up to now:
+    // the portal's default window (the last 30 days) is never empty.
     let now = ledger.now();
     let this_month = now.month_in(zone);
-    let first = this_month.previous().previous().previous();
+    let first = this_month.previous().previous();
     let mut rng = Seeded(2026);
     let mut customers: Vec<(String, Timestamp)> = Vec::new();
     let products = ["shared-hosting", "vps", "domains", "ssl"];
@@ -119,12 +122,17 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
         let Some(month) = month else { continue };
         let start = month.start_in(zone).micros();
         let day = 86_400_000_000i64;
+        // This month's activity lies between its start and now.
+        let past = |micros: i64| Timestamp::from_micros(micros.min(now.micros()));
+        let spread = if month == this_month {
+            (now.micros() - start).max(1) as u64
+        } else {
+            26 * day as u64
+        };
         // clicks and signups through the affiliates' links
         for v in 0..40u64 {
             let (_, code) = &demo_codes[(rng.below(3)) as usize];
-            let at = Timestamp::from_micros(
-                start + (rng.below(26) as i64) * day + (rng.below(86_400) as i64) * 1_000_000,
-            );
+            let at = past(start + (rng.below(spread / 1_000_000) * 1_000_000) as i64);
             let visitor = format!("demo-v-{m}-{v}");
             submit(
                 Some(at),
@@ -141,7 +149,7 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
             )?;
             if rng.below(10) < 3 {
                 let customer = format!("demo-{m}-{v}");
-                let signed_up = Timestamp::from_micros(at.micros() + 3_600_000_000);
+                let signed_up = past(at.micros() + 3_600_000_000);
                 submit(
                     Some(signed_up),
                     Command::Signup {
@@ -157,7 +165,7 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
         // every customer is billed monthly; some buy a domain or SSL
         for (customer, since) in customers.clone() {
             let billed = Timestamp::from_micros(since.micros().max(start) + 2 * day);
-            if billed.month_in(zone) != month {
+            if billed.month_in(zone) != month || billed > now {
                 continue;
             }
             let p = rng.below(4) as usize;

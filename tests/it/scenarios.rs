@@ -587,15 +587,51 @@ fn the_demo_loads_the_same_numbers_every_time_and_only_once() {
                 .unwrap()
         })
     };
-    let load = || {
+    let load = |now: &str| {
         let t = TestLedger::new(commission_ledger::demo::DEMO_PROGRAM);
-        t.set_now("2026-11-21T12:00:00Z");
+        t.set_now(now);
         let demo = commission_ledger::demo::load(t.ledger()).unwrap();
         assert!(demo.loaded);
         assert_eq!(demo.affiliates.len(), 3);
         t
     };
-    let (a, b) = (load(), load());
+    // What a portal shows by default: the last 30 days, up to today.
+    let recent_clicks = |t: &TestLedger, today: &str| -> [u64; 3] {
+        let to = chrono::NaiveDate::parse_from_str(today, "%Y-%m-%d").unwrap();
+        ["alice", "bob", "carol"].map(|a| {
+            t.ledger()
+                .stats(
+                    &program_id(commission_ledger::demo::DEMO_PROGRAM),
+                    &aff(a),
+                    to - chrono::Duration::days(29),
+                    to,
+                    commission_ledger::projections::StatsBy::Day,
+                    None,
+                )
+                .unwrap()
+                .unwrap()
+                .clicks
+        })
+    };
+    for (now, today) in [
+        ("2026-11-21T12:00:00Z", "2026-11-21"),
+        ("2026-12-01T00:30:00Z", "2026-12-01"),
+    ] {
+        let t = load(now);
+        // This month's 40 clicks at least, for every affiliate.
+        let clicks = recent_clicks(&t, today);
+        assert!(
+            clicks.iter().all(|c| *c > 0) && clicks.iter().sum::<u64>() >= 40,
+            "on {now} the last 30 days show activity: {clicks:?}"
+        );
+        let events = t.ledger().events_range(1, t.head()).unwrap();
+        assert!(
+            events.iter().all(|r| r.occurred_at <= ts(now)),
+            "nothing happened after now"
+        );
+        t.verify_ok();
+    }
+    let (a, b) = (load("2026-11-21T12:00:00Z"), load("2026-11-21T12:00:00Z"));
     let (first, second) = (balances(&a), balances(&b));
     for (x, y) in first.iter().zip(&second) {
         assert_eq!(
