@@ -1018,16 +1018,28 @@ fn group(field: &'static str, value: &Option<String>) -> Result<String, Rejectio
     Ok(group)
 }
 
-/// Keeps a URL's origin and path: no query string, no fragment, no user info.
+/// Keeps a URL's origin and path: no query string, no fragment, no user
+/// info (which is only in the authority: an `@` in the path, as in
+/// `https://medium.com/@someone/post`, stays).
 pub fn origin_and_path(url: &str) -> String {
-    let cut = url.find(['?', '#']).unwrap_or(url.len());
-    let url = &url[..cut];
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let rest = rest.rsplit_once('@').map(|(_, host)| host).unwrap_or(rest);
-            format!("{scheme}://{rest}")
-        }
+    let url = &url[..url.find(['?', '#']).unwrap_or(url.len())];
+    let Some(authority_at) = url
+        .find(':')
+        .filter(|colon| url[*colon..].starts_with("://"))
+        .map(|colon| colon + 3)
+    else {
+        return url.to_string();
+    };
+    let rest = &url[authority_at..];
+    let authority = &rest[..rest.find(['/', '\\']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
         None => url.to_string(),
+        Some(at) => {
+            let mut kept = String::with_capacity(url.len());
+            kept.push_str(&url[..authority_at]);
+            kept.push_str(&rest[at + 1..]);
+            kept
+        }
     }
 }
 

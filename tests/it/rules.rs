@@ -986,3 +986,55 @@ fn a_visitor_keeps_only_its_newest_clicks_for_attribution() {
         Some("bob")
     );
 }
+
+#[test]
+fn a_click_keeps_only_the_origin_and_path_of_its_referrer_and_landing() {
+    let (t, alice, _) = given(serde_json::json!({}));
+    let kept = |url: &str| {
+        let receipt = t.submit(
+            None,
+            Command::RecordClick {
+                referral_code: alice.referral_code.clone(),
+                visitor: Some("v-9".into()),
+                creative: None,
+                referrer: Some(url.into()),
+                landing: Some(url.into()),
+                client_hash: None,
+            },
+        );
+        match &receipt.events[0].event {
+            Event::ClickRecorded(c) => {
+                assert_eq!(c.referrer, c.landing);
+                c.referrer.clone().unwrap()
+            }
+            other => panic!("not a click: {other:?}"),
+        }
+    };
+    for (url, expected) in [
+        (
+            "https://blog.example/post?utm=x&email=a@b.example#top",
+            "https://blog.example/post",
+        ),
+        (
+            "https://user:secret@blog.example:8443/a/b",
+            "https://blog.example:8443/a/b",
+        ),
+        // An `@` in the path is not user info.
+        (
+            "https://medium.example/@someone/hosting-review",
+            "https://medium.example/@someone/hosting-review",
+        ),
+        (
+            "https://me@blog.example/@someone",
+            "https://blog.example/@someone",
+        ),
+        ("https://blog.example", "https://blog.example"),
+        (
+            "android-app://com.example.app/",
+            "android-app://com.example.app/",
+        ),
+        ("blog.example/post?x=1", "blog.example/post"),
+    ] {
+        assert_eq!(kept(url), expected, "{url}");
+    }
+}
