@@ -193,3 +193,64 @@ fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
     assert_eq!(t.ledger().store_status().1, head);
     assert!(t.ledger().verify().ok);
 }
+
+/// Group commit for callers who wait for their answer before sending again
+/// (the HTTP API's): when fewer than half of the active submitters have a
+/// command decided, the syncer waits for the others, and stops waiting as
+/// soon as every active one is in, not at the end of the linger. Groups
+/// that fell apart (the submitters start one by one) join again.
+#[test]
+fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_in() {
+    let mut t = TestLedger::new("hosting");
+    let linger = std::time::Duration::from_millis(200);
+    {
+        let mut config = t.config();
+        config.group_commit_linger = linger;
+        t.ledger = None;
+        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    }
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let stats = t.ledger().writer_stats();
+    let (batches, commands) = (
+        stats.batches.load(Ordering::Relaxed),
+        stats.commands.load(Ordering::Relaxed),
+    );
+    let (submitters, rounds) = (24u64, 30u64);
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for who in 0..submitters {
+            let t = &t;
+            let code = code.clone();
+            scope.spawn(move || {
+                for n in 0..rounds {
+                    let command = Command::RecordClick {
+                        referral_code: code.clone(),
+                        visitor: Some(format!("v-{who}-{n}")),
+                        creative: None,
+                        referrer: None,
+                        landing: None,
+                        client_hash: None,
+                    };
+                    t.ledger()
+                        .submit_blocking(Submission::new(Some(&t.program), "test", command))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    let syncs = stats.batches.load(Ordering::Relaxed) - batches;
+    let decided = stats.commands.load(Ordering::Relaxed) - commands;
+    assert_eq!(decided, submitters * rounds);
+    // Each round's 24 commands share a sync (the first rounds may not).
+    assert!(
+        decided >= 18 * syncs,
+        "{decided} commands in {syncs} syncs: submitters did not share them"
+    );
+    // Had each sync waited out the linger, this would take 6 s.
+    assert!(
+        elapsed < linger * rounds as u32 / 2,
+        "{syncs} syncs took {elapsed:?}: the linger did not end once all were in"
+    );
+}
