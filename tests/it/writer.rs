@@ -11,6 +11,18 @@ use commission_ledger::rules::Command;
 
 use crate::support::*;
 
+/// A click through `code` by `visitor`.
+fn click(code: &str, visitor: String) -> Command {
+    Command::RecordClick {
+        referral_code: code.to_string(),
+        visitor: Some(visitor),
+        creative: None,
+        referrer: None,
+        landing: None,
+        client_hash: None,
+    }
+}
+
 #[test]
 fn readers_see_only_durable_events_while_the_pipeline_runs() {
     let mut t = TestLedger::new("hosting");
@@ -32,14 +44,7 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
                 scope.spawn(move || {
                     let mut seqs = Vec::new();
                     for n in 0..60 {
-                        let command = Command::RecordClick {
-                            referral_code: code.clone(),
-                            visitor: Some(format!("v-{who}-{n}")),
-                            creative: None,
-                            referrer: None,
-                            landing: None,
-                            client_hash: None,
-                        };
+                        let command = click(&code, format!("v-{who}-{n}"));
                         let receipt = t
                             .ledger()
                             .submit_blocking(Submission::new(Some(&t.program), "test", command))
@@ -135,20 +140,8 @@ fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
     }
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
-    let click = |visitor: String| {
-        Submission::new(
-            Some(&t.program),
-            "test",
-            Command::RecordClick {
-                referral_code: code.clone(),
-                visitor: Some(visitor),
-                creative: None,
-                referrer: None,
-                landing: None,
-                client_hash: None,
-            },
-        )
-    };
+    let clicked =
+        |visitor: String| Submission::new(Some(&t.program), "test", click(&code, visitor));
     // A state of some megabytes: its checkpoint takes a while to encode.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -156,7 +149,7 @@ fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
         .unwrap();
     let answers = runtime.block_on(
         t.ledger()
-            .submit_many((0..40_000).map(|i| click(format!("v-{i}"))).collect()),
+            .submit_many((0..40_000).map(|i| clicked(format!("v-{i}"))).collect()),
     );
     assert!(answers.iter().all(Result::is_ok));
     let stats = t.ledger().writer_stats();
@@ -167,7 +160,7 @@ fn a_checkpoint_begun_in_a_lull_gives_way_to_the_next_command() {
         let before = t.head();
         for tag in ["a", "b"] {
             t.ledger()
-                .submit_blocking(click(format!("{tag}-{round}")))
+                .submit_blocking(clicked(format!("{tag}-{round}")))
                 .unwrap();
         }
         assert_eq!(t.head(), before + 2);
@@ -224,14 +217,7 @@ fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_
             let code = code.clone();
             scope.spawn(move || {
                 for n in 0..rounds {
-                    let command = Command::RecordClick {
-                        referral_code: code.clone(),
-                        visitor: Some(format!("v-{who}-{n}")),
-                        creative: None,
-                        referrer: None,
-                        landing: None,
-                        client_hash: None,
-                    };
+                    let command = click(&code, format!("v-{who}-{n}"));
                     t.ledger()
                         .submit_blocking(Submission::new(Some(&t.program), "test", command))
                         .unwrap();
