@@ -229,9 +229,11 @@ fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_
     let syncs = stats.batches.load(Ordering::Relaxed) - batches;
     let decided = stats.commands.load(Ordering::Relaxed) - commands;
     assert_eq!(decided, submitters * rounds);
-    // Each round's 24 commands share a sync (the first rounds may not).
+    // Each round's 24 commands share a sync, but for the first rounds and
+    // rounds that split under load (measured: 30-35 syncs alone, 43 in the
+    // full suite on 2 cores; syncing without lingering: 75).
     assert!(
-        decided >= 18 * syncs,
+        decided >= 12 * syncs,
         "{decided} commands in {syncs} syncs: submitters did not share them"
     );
     // Had each sync waited out the linger, this would take 6 s.
