@@ -124,15 +124,15 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
         let day = 86_400_000_000i64;
         // This month's activity lies between its start and now.
         let past = |micros: i64| Timestamp::from_micros(micros.min(now.micros()));
-        let spread = if month == this_month {
-            (now.micros() - start).max(1) as u64
+        let seconds = if month == this_month {
+            ((now.micros() - start) / 1_000_000).max(1) as u64
         } else {
-            26 * day as u64
+            26 * 86_400
         };
         // clicks and signups through the affiliates' links
         for v in 0..40u64 {
             let (_, code) = &demo_codes[(rng.below(3)) as usize];
-            let at = past(start + (rng.below(spread / 1_000_000) * 1_000_000) as i64);
+            let at = past(start + rng.below(seconds) as i64 * 1_000_000);
             let visitor = format!("demo-v-{m}-{v}");
             submit(
                 Some(at),

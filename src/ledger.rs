@@ -10,8 +10,9 @@
 //! decides the next batch. The writer decides what comes at once; the
 //! syncer, when fewer than half of the active submitters have a command
 //! decided, lingers (a bounded moment) for the others, typically those it
-//! just answered, so that they share one `fdatasync`. A failed write or sync stops the process:
-//! nothing unacknowledged is ever served, nothing acknowledged is ever lost.
+//! just answered, so that they share one `fdatasync`. A failed write or
+//! sync stops the process: nothing unacknowledged is ever served, nothing
+//! acknowledged is ever lost.
 //!
 //! Reads see the state once its head is durable ([`Ledger::state`] waits for
 //! the batches in flight), or, `as_of` an earlier seq or time, a replay of
@@ -1849,11 +1850,11 @@ impl Pipeline {
             queue.wanted = 1;
             queue = self.wait(queue);
         }
-        let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
-        if queue.waiting * 2 <= active {
+        let active = || inner.in_flight.load(Ordering::Acquire).min(max_batch);
+        if queue.waiting * 2 <= active() {
             let deadline = Instant::now() + linger;
             loop {
-                let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
+                let active = active();
                 let now = Instant::now();
                 if queue.waiting >= active || queue.closed || now >= deadline {
                     break;
@@ -2084,7 +2085,7 @@ fn decide_batch(
 /// submitter's command is decided (PostgreSQL's commit_delay, adaptive).
 /// The writer decides them as they come meanwhile: measured with 64
 /// submitters, 87–97k events/s when the writer lingered and then decided,
-/// 102–126k now. The half rule, not "linger only when idle", lets groups
+/// 101–126k now. The half rule, not "linger only when idle", lets groups
 /// that fell apart join again (with "when idle", 24 submitters of 30
 /// rounds each sometimes took 41 or 42 syncs where 30 do).
 fn syncer_loop(

@@ -722,8 +722,9 @@ impl SegmentWriter {
     }
 
     /// [`Self::put`] for several batches: those that follow each other in
-    /// one segment are written with one call (a syscall each cost a sync
-    /// of small batches a tenth of its time).
+    /// one segment are written with one call (the writer now hands over
+    /// small batches as it decides them; one `pwrite` per batch would add a
+    /// syscall each to every sync).
     pub fn put_all(&mut self, batches: &[&FramedBatch]) -> Result<(), LogError> {
         let mut rest = batches;
         while let Some((first, after)) = rest.split_first() {
