@@ -1967,7 +1967,7 @@ pub fn close_rewards(
         if amount <= Decimal::ZERO {
             continue;
         }
-        events.push(Event::RewardClawedBack(RewardClawedBack {
+        events.push(Event::RewardClawedBack(Box::new(RewardClawedBack {
             affiliate_id,
             customer_id: line.customer_id.clone(),
             refund: id.clone(),
@@ -1979,7 +1979,7 @@ pub fn close_rewards(
             amount,
             month,
             late: *refund_month < month,
-        }));
+        })));
     }
     events
 }

@@ -97,7 +97,7 @@ pub fn one_of_each() -> Vec<Event> {
             month: month("2026-08"),
             late: false,
         }),
-        Event::RewardClawedBack(RewardClawedBack {
+        Event::RewardClawedBack(Box::new(RewardClawedBack {
             affiliate_id: aff("alice"),
             customer_id: cust("cust-1"),
             refund: line("cn-3"),
@@ -109,7 +109,7 @@ pub fn one_of_each() -> Vec<Event> {
             amount: d("8.00"),
             month: month("2026-08"),
             late: false,
-        }),
+        })),
         Event::MonthClosed(MonthClosed {
             month: month("2026-08"),
             rewards: 3,
