@@ -61,7 +61,7 @@ pub struct LedgerConfig {
     /// Under load that leaves no idle moment, a checkpoint is forced once
     /// this many events and half the log are not in one: a start then
     /// replays at most the larger of the two. A checkpoint holds the writer
-    /// in proportion to the state (measured: 0.3 s for 45 MB), and
+    /// in proportion to the state (measured: 0.5 s for 111 MB), and
     /// replaying a million events takes about as long, so forcing one for
     /// a shorter tail would cost writes more than it saves a start.
     pub checkpoint_forced_after: u64,
