@@ -241,3 +241,35 @@ fn a_start_waits_for_a_store_lock_held_a_moment() {
         "the store and its checkpoint were kept"
     );
 }
+
+#[test]
+fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
+    // Ids up to 23 bytes are held inline, longer ones shared: both must
+    // survive the checkpoint's encoding, alone and repeated.
+    let mut t = TestLedger::new("hosting");
+    t.define(rules("hosting", serde_json::json!({})));
+    let alice = t.enroll("alice");
+    t.click("2026-01-02T10:00:00Z", &alice.referral_code, "v-1");
+    let lengths = [1, 22, 23, 24, 25, 64, 128];
+    for (i, len) in lengths.into_iter().enumerate() {
+        let customer = "c".repeat(len);
+        t.signup("2026-01-03T10:00:00Z", &customer, Some("v-1"), None);
+        let amount = format!("{}.00", 10 + i);
+        t.expense("2026-01-04T10:00:00Z", &"l".repeat(len), &customer, &amount);
+        t.expense("2026-01-05T10:00:00Z", &format!("x{i}"), &customer, "1.00");
+    }
+    t.close("2026-01");
+    let before = answers(&t);
+    for len in lengths {
+        let (customer, line) = ("c".repeat(len), "l".repeat(len));
+        assert!(
+            before.1.contains(&format!("\"{customer}\"")),
+            "{len}: customer"
+        );
+        assert!(before.1.contains(&format!("\"{line}\"")), "{len}: line");
+    }
+    t.reopen(); // from the checkpoint written at shutdown
+    assert_eq!(t.ledger().store_status().1, t.head(), "from the checkpoint");
+    assert_eq!(answers(&t), before);
+    t.verify_ok();
+}
