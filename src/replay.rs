@@ -10,7 +10,7 @@
 //! from the log but decided again, at the same points of the log (each
 //! `MonthClosed`, each retroactive `ReferralReassigned`), by the same
 //! functions that decided them ([`rules::close_rewards`],
-//! [`rules::reassignment_adjustments`]). There is no second implementation
+//! `rules::reassignment_adjustments`). There is no second implementation
 //! of the rules.
 //!
 //! Replays already applied are part of history: their overrides hold in
