@@ -1904,10 +1904,14 @@ fn by_accept<T: serde::Serialize>(
     }
 }
 
+/// The answer for a replay that `program` does not have.
+fn no_replay(program: &ProgramId, id: &str) -> ApiError {
+    ApiError::NotFound(format!("no replay `{id}` in `{program}`"))
+}
+
 /// A replay id from the path; one that is not a UUID names no replay (404).
 fn replay_id(program: &ProgramId, id: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(id)
-        .map_err(|_| ApiError::NotFound(format!("no replay `{id}` in `{program}`")))
+    uuid::Uuid::parse_str(id).map_err(|_| no_replay(program, id))
 }
 
 async fn find_replay(
@@ -1915,14 +1919,13 @@ async fn find_replay(
     program: &ProgramId,
     id: &str,
 ) -> Result<crate::ledger::Replay, ApiError> {
-    let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
-    let id = replay_id(program, id)?;
+    let replay_id = replay_id(program, id)?;
     let ledger = app.ledger.clone();
     let p = program.clone();
-    tokio::task::spawn_blocking(move || ledger.replay(&p, &id))
+    tokio::task::spawn_blocking(move || ledger.replay(&p, &replay_id))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??
-        .ok_or_else(not_found)
+        .ok_or_else(|| no_replay(program, id))
 }
 
 async fn get_replay(
@@ -1944,7 +1947,6 @@ async fn apply_replay(
     let caller = require(&app, &w.headers, ADMIN)?;
     let program = program_id(&program)?;
     let body: ApplyBody = w.json()?;
-    let not_found = || ApiError::NotFound(format!("no replay `{id}` in `{program}`"));
     let replay_id = replay_id(&program, &id)?;
     let ledger = app.ledger.clone();
     let (p, actor) = (program.clone(), caller.key_id.clone());
@@ -1953,7 +1955,7 @@ async fn apply_replay(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??
-    .ok_or_else(not_found)?;
+    .ok_or_else(|| no_replay(&program, &id))?;
     let receipt = w
         .submit(&app, &caller, &program, None, prepared.command)
         .await?;

@@ -153,13 +153,18 @@ pub const MAX_KEPT_REPLAYS: usize = 256;
 /// `{replay_id}.json`, as `GET .../replays/{id}` shows it.
 const REPLAYS_DIR: &str = "replays";
 
+/// Where the replay `id` is kept in `dir`.
+fn replay_file(dir: &Path, id: &Uuid) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
 /// Keeps a computed replay on disk: written whole under a temporary name,
 /// synced, then renamed, so a crash leaves it whole or absent. Then drops
 /// the oldest beyond [`MAX_KEPT_REPLAYS`] (ids are UUID v7: they sort by time).
 fn save_replay(dir: &Path, replay: &Replay) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
-    let path = dir.join(format!("{}.json", replay.replay_id));
-    let temporary = dir.join(format!("{}.json.tmp", replay.replay_id));
+    let path = replay_file(dir, &replay.replay_id);
+    let temporary = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(replay).map_err(std::io::Error::other)?;
     {
         let mut file = File::create(&temporary)?;
@@ -182,7 +187,7 @@ fn save_replay(dir: &Path, replay: &Replay) -> std::io::Result<()> {
     kept.sort_unstable();
     let excess = kept.len().saturating_sub(MAX_KEPT_REPLAYS);
     for id in &kept[..excess] {
-        fs::remove_file(dir.join(format!("{id}.json")))?;
+        fs::remove_file(replay_file(dir, id))?;
     }
     Ok(())
 }
@@ -190,7 +195,7 @@ fn save_replay(dir: &Path, replay: &Replay) -> std::io::Result<()> {
 /// A replay kept on disk, if there is one; a file that cannot be read is
 /// reported and treated as absent (the replay can be computed again).
 fn load_replay(dir: &Path, id: &Uuid) -> Option<Replay> {
-    let path = dir.join(format!("{id}.json"));
+    let path = replay_file(dir, id);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -655,8 +660,8 @@ fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
 
 /// The checkpoint's bytes as postcard writes them; when taken at a quiet
 /// moment, it gives up as soon as a command is waiting, so that a burst
-/// after a lull never waits for a whole checkpoint (measured: 1.3 s for a
-/// 120 MB state).
+/// after a lull never waits for a whole checkpoint (its cost:
+/// [`LedgerConfig::checkpoint_forced_after`]).
 struct YieldingOutput<'a> {
     bytes: Vec<u8>,
     /// The writer's queue, for a checkpoint that yields; `None` for a
@@ -1725,8 +1730,8 @@ struct CheckpointPolicy {
 }
 
 impl CheckpointPolicy {
-    /// A checkpoint costs in proportion to the state (encoding 100 MB took
-    /// 0.6 s), and holds the writer meanwhile: it waits for a quiet moment
+    /// A checkpoint costs in proportion to the state, and holds the writer
+    /// meanwhile ([`LedgerConfig::checkpoint_forced_after`]): it waits for a quiet moment
     /// once `every` events are due, and is forced only when the tail since
     /// the last one is both `forced_after` events and half the log
     /// (measured: forcing one whenever the log had doubled cost batch
@@ -1944,17 +1949,11 @@ fn writer_loop(
             batch.push(first);
             take_waiting(&mut jobs, &mut batch, max_batch);
             let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
-            let head = decided
-                .framed
-                .as_ref()
-                .map(|f| f.head.seq)
-                .unwrap_or_default();
+            // Only a batch that appended something can make one due.
+            let head = decided.framed.as_ref().map(|f| f.head.seq);
             pipeline.push(decided, 2 * max_batch);
-            let due = if head > 0 {
-                policy.due(head, checkpointed, quiet && jobs.is_empty())
-            } else {
-                None
-            };
+            let due =
+                head.and_then(|head| policy.due(head, checkpointed, quiet && jobs.is_empty()));
             if let Some(due) = due {
                 pipeline.drain();
                 let yield_to = (due == Due::Quiet).then_some(&jobs);

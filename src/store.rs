@@ -83,9 +83,8 @@ fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
 }
 
 fn seq_and_hash(bytes: &[u8]) -> Option<(Seq, Hash)> {
-    let seq = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
     let hash: Hash = bytes.get(8..40)?.try_into().ok()?;
-    Some((seq, hash))
+    Some((be_u64(bytes, 0)?, hash))
 }
 
 impl Store {
