@@ -2174,10 +2174,10 @@ async fn follow_link(
         .map(str::to_string);
     let command = Command::RecordClick {
         referral_code: code,
-        visitor: Some(visitor.clone()),
+        visitor: Some(Text::from(visitor.as_str())),
         creative: None,
-        referrer,
-        landing: Some(target.clone()),
+        referrer: referrer.map(Text::from),
+        landing: Some(Text::from(target.as_str())),
         client_hash: Some(client_hash(&app, peer)),
     };
     let submission = Submission::new(Some(&program), "public", command);
@@ -2241,10 +2241,10 @@ async fn pixel(
                 .unwrap_or_else(|| format!("v-{}", crate::ledger::random_code(16)));
             let command = Command::RecordClick {
                 referral_code: code,
-                visitor: Some(visitor.clone()),
+                visitor: Some(Text::from(visitor.as_str())),
                 creative: None,
-                referrer: query.r.clone(),
-                landing: query.p.clone(),
+                referrer: query.r.as_deref().map(Text::from),
+                landing: query.p.as_deref().map(Text::from),
                 client_hash: Some(client_hash(&app, peer)),
             };
             if app
@@ -2388,10 +2388,10 @@ impl Ingest {
                 parse_at(c.at)?,
                 Command::RecordClick {
                     referral_code: c.referral_code,
-                    visitor: c.visitor,
-                    creative: c.creative,
-                    referrer: c.referrer,
-                    landing: c.landing,
+                    visitor: c.visitor.map(Text::from),
+                    creative: c.creative.map(Text::from),
+                    referrer: c.referrer.map(Text::from),
+                    landing: c.landing.map(Text::from),
                     client_hash: None,
                 },
             ),
@@ -2399,7 +2399,7 @@ impl Ingest {
                 parse_at(s.at)?,
                 Command::Signup {
                     customer_id: CustomerId::parse(&s.customer_id)?,
-                    visitor: s.visitor,
+                    visitor: s.visitor.map(Text::from),
                     promo_code: s.promo_code,
                     group: s.group,
                 },

@@ -138,7 +138,7 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
                 Some(at),
                 Command::RecordClick {
                     referral_code: code.clone(),
-                    visitor: Some(visitor.clone()),
+                    visitor: Some(Text::from(visitor.as_str())),
                     creative: Some(
                         ["banner-468x60", "text-link", "review-post"][rng.below(3) as usize].into(),
                     ),
@@ -154,7 +154,7 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
                     Some(signed_up),
                     Command::Signup {
                         customer_id: id(CustomerId::parse, &customer)?,
-                        visitor: Some(visitor),
+                        visitor: Some(Text::from(visitor)),
                         promo_code: None,
                         group: None,
                     },

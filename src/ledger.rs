@@ -218,7 +218,7 @@ fn load_replay(dir: &Path, id: &Uuid) -> Option<Replay> {
 pub struct Submission {
     pub program: Option<ProgramId>,
     /// Key id, `cli` or `system`.
-    pub actor: String,
+    pub actor: Text,
     /// When it happened, if not now.
     pub at: Option<Timestamp>,
     pub idempotency: Option<Idempotency>,
@@ -229,7 +229,7 @@ impl Submission {
     pub fn new(program: Option<&ProgramId>, actor: &str, command: Command) -> Submission {
         Submission {
             program: program.cloned(),
-            actor: actor.to_string(),
+            actor: Text::new(actor),
             at: None,
             idempotency: None,
             command,
@@ -2343,7 +2343,7 @@ pub struct ExportLine {
     pub id: Uuid,
     pub recorded_at: Timestamp,
     pub occurred_at: Timestamp,
-    pub actor: String,
+    pub actor: Text,
     pub program: Option<ProgramId>,
     pub idempotency: Option<Idempotency>,
     #[serde(rename = "type")]

@@ -56,7 +56,7 @@ pub struct WhatIf {
     excluded: HashSet<Seq>,
     excluded_seen: HashSet<Seq>,
     /// Visitors with an excluded click: their signups are attributed again.
-    visitors_with_excluded_clicks: HashSet<String>,
+    visitors_with_excluded_clicks: HashSet<Text>,
     click_model_changed: bool,
     /// Whether the layers were installed (at the program's definition).
     installed: bool,

@@ -122,15 +122,15 @@ pub enum Command {
     },
     RecordClick {
         referral_code: String,
-        visitor: Option<String>,
-        creative: Option<String>,
-        referrer: Option<String>,
-        landing: Option<String>,
+        visitor: Option<Text>,
+        creative: Option<Text>,
+        referrer: Option<Text>,
+        landing: Option<Text>,
         client_hash: Option<Bytes<16>>,
     },
     Signup {
         customer_id: CustomerId,
-        visitor: Option<String>,
+        visitor: Option<Text>,
         promo_code: Option<String>,
         group: Option<String>,
     },
@@ -390,7 +390,7 @@ pub struct ProgramModel {
     promo_codes: HashMap<String, AffiliateId>,
     own_customers: HashMap<CustomerId, AffiliateId>,
     /// Each visitor's clicks (when, whose), for attribution inside the cookie window.
-    visitors: HashMap<String, Vec<(Timestamp, u32)>>,
+    visitors: HashMap<Text, Vec<(Timestamp, u32)>>,
     /// Affiliates by enrollment order: clicks name them by index, not by a
     /// copy of the id (clicks are the most numerous events).
     affiliate_order: Vec<AffiliateId>,
@@ -1002,9 +1002,13 @@ fn required_text(field: &'static str, value: &str) -> Result<(), Rejection> {
     text(field, value, MAX_TEXT_LEN)
 }
 
-fn optional_text(field: &'static str, value: &Option<String>, max: usize) -> Result<(), Rejection> {
+fn optional_text(
+    field: &'static str,
+    value: &Option<impl AsRef<str>>,
+    max: usize,
+) -> Result<(), Rejection> {
     match value {
-        Some(v) => text(field, v, max),
+        Some(v) => text(field, v.as_ref(), max),
         None => Ok(()),
     }
 }
@@ -1021,24 +1025,24 @@ fn group(field: &'static str, value: &Option<String>) -> Result<String, Rejectio
 /// Keeps a URL's origin and path: no query string, no fragment, no user
 /// info (which is only in the authority: an `@` in the path, as in
 /// `https://medium.com/@someone/post`, stays).
-pub fn origin_and_path(url: &str) -> String {
+pub fn origin_and_path(url: &str) -> Text {
     let url = &url[..url.find(['?', '#']).unwrap_or(url.len())];
     let Some(authority_at) = url
         .find(':')
         .filter(|colon| url[*colon..].starts_with("://"))
         .map(|colon| colon + 3)
     else {
-        return url.to_string();
+        return Text::new(url);
     };
     let rest = &url[authority_at..];
     let authority = &rest[..rest.find(['/', '\\']).unwrap_or(rest.len())];
     match authority.rfind('@') {
-        None => url.to_string(),
+        None => Text::new(url),
         Some(at) => {
             let mut kept = String::with_capacity(url.len());
             kept.push_str(&url[..authority_at]);
             kept.push_str(&rest[at + 1..]);
-            kept
+            Text::from(kept)
         }
     }
 }
@@ -1187,7 +1191,7 @@ pub fn decide(
                     check_identifier_text("visitor", v)?;
                     v.clone()
                 }
-                None => format!("v-{}", ids.code()),
+                None => Text::from(format!("v-{}", ids.code())),
             };
             optional_text("creative", creative, 128)?;
             optional_text("referrer", referrer, 2000)?;

@@ -106,15 +106,15 @@ fn mixed(who: usize, n: u64, codes: &[String]) -> Command {
     match n % 20 {
         0..=15 => Command::RecordClick {
             referral_code: code,
-            visitor: Some(format!("v-{who}-{}", n / 20)),
-            creative: Some(format!("banner-{}", n % 3)),
+            visitor: Some(format!("v-{who}-{}", n / 20).into()),
+            creative: Some(format!("banner-{}", n % 3).into()),
             referrer: Some("https://blog.example/post".into()),
             landing: None,
             client_hash: None,
         },
         16 => Command::Signup {
             customer_id: customer,
-            visitor: Some(format!("v-{who}-{}", n / 20)),
+            visitor: Some(format!("v-{who}-{}", n / 20).into()),
             promo_code: None,
             group: None,
         },

@@ -151,7 +151,7 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
                 at,
                 Command::RecordClick {
                     referral_code: codes[*affiliate].clone(),
-                    visitor: Some(format!("v-{visitor}")),
+                    visitor: Some(format!("v-{visitor}").into()),
                     creative: None,
                     referrer: None,
                     landing: None,
@@ -166,7 +166,7 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
                 at,
                 Command::Signup {
                     customer_id: customer(*c),
-                    visitor: Some(format!("v-{visitor}")),
+                    visitor: Some(format!("v-{visitor}").into()),
                     promo_code: promo.map(|a| format!("HOST-{}", AFFILIATES[a])),
                     group: None,
                 },

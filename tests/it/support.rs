@@ -191,8 +191,8 @@ impl TestLedger {
             Some(at),
             Command::RecordClick {
                 referral_code: referral_code.to_string(),
-                visitor: Some(visitor.to_string()),
-                creative: creative.map(str::to_string),
+                visitor: Some(visitor.into()),
+                creative: creative.map(Text::from),
                 referrer: Some("https://blog.example/post?utm=x".into()),
                 landing: None,
                 client_hash: None,
@@ -223,7 +223,7 @@ impl TestLedger {
             Some(at),
             Command::Signup {
                 customer_id: cust(customer),
-                visitor: visitor.map(str::to_string),
+                visitor: visitor.map(Text::from),
                 promo_code: promo.map(str::to_string),
                 group: group.map(str::to_string),
             },

@@ -15,7 +15,7 @@ use crate::support::*;
 fn click(code: &str, visitor: String) -> Command {
     Command::RecordClick {
         referral_code: code.to_string(),
-        visitor: Some(visitor),
+        visitor: Some(visitor.into()),
         creative: None,
         referrer: None,
         landing: None,
