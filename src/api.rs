@@ -1062,7 +1062,7 @@ async fn put_program(
             &program,
             None,
             Command::DefineProgram {
-                rules,
+                rules: Box::new(rules),
                 reason: None,
             },
         )

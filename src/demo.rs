@@ -82,7 +82,7 @@ pub fn load(ledger: &Ledger) -> Result<Demo, SubmitError> {
     submit(
         None,
         Command::DefineProgram {
-            rules,
+            rules: Box::new(rules),
             reason: Some("demo".into()),
         },
     )?;

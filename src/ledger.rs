@@ -1365,7 +1365,7 @@ impl Ledger {
             Command::ApplyReplay {
                 replay_id: *id,
                 at_seq,
-                overrides: replay.overrides,
+                overrides: Box::new(replay.overrides),
                 changes: replay.diff.changes,
                 months: replay.months,
                 reason: reason.to_string(),

@@ -60,7 +60,7 @@ fn setup(ledger: &Ledger) -> Vec<String> {
         submit(
             ledger,
             Command::DefineProgram {
-                rules: rules(),
+                rules: Box::new(rules()),
                 reason: None,
             },
         );

@@ -228,7 +228,7 @@ fn close_month_posts_rewards_once_and_backup_copies_a_verifiable_log() {
         submit(
             None,
             C::DefineProgram {
-                rules: crate::support::rules("hosting", serde_json::json!({})),
+                rules: Box::new(crate::support::rules("hosting", serde_json::json!({}))),
                 reason: None,
             },
         );

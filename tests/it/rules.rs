@@ -797,7 +797,7 @@ fn program_rules_are_checked_and_keep_their_currency() {
     let mismatch = t.rejected(
         None,
         Command::DefineProgram {
-            rules: rules("other", serde_json::json!({})),
+            rules: Box::new(rules("other", serde_json::json!({}))),
             reason: None,
         },
     );
@@ -805,7 +805,10 @@ fn program_rules_are_checked_and_keep_their_currency() {
     let zone = t.rejected(
         None,
         Command::DefineProgram {
-            rules: rules("hosting", serde_json::json!({"timezone": "Mars/Olympus"})),
+            rules: Box::new(rules(
+                "hosting",
+                serde_json::json!({"timezone": "Mars/Olympus"}),
+            )),
             reason: None,
         },
     );
@@ -819,7 +822,7 @@ fn program_rules_are_checked_and_keep_their_currency() {
     let bounty = t.rejected(
         None,
         Command::DefineProgram {
-            rules: rules("hosting", serde_json::json!({"bounty": "1.005"})),
+            rules: Box::new(rules("hosting", serde_json::json!({"bounty": "1.005"}))),
             reason: None,
         },
     );
@@ -834,7 +837,7 @@ fn program_rules_are_checked_and_keep_their_currency() {
     let currency = t.rejected(
         None,
         Command::DefineProgram {
-            rules: rules("hosting", serde_json::json!({"currency": "EUR"})),
+            rules: Box::new(rules("hosting", serde_json::json!({"currency": "EUR"}))),
             reason: None,
         },
     );

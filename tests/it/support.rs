@@ -144,7 +144,7 @@ impl TestLedger {
         self.submit(
             None,
             Command::DefineProgram {
-                rules,
+                rules: Box::new(rules),
                 reason: None,
             },
         )
