@@ -210,6 +210,9 @@ pub enum Command {
     },
 }
 
+// Held to the size the boxing above gives (see the enum's doc).
+const _: () = assert!(std::mem::size_of::<Command>() <= 152);
+
 impl Command {
     /// Whether the command acts inside one program (all but key commands).
     pub fn needs_program(&self) -> bool {
