@@ -26,11 +26,12 @@ pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// The hash set counterpart of [`HashMap`].
 pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-/// Free text that every click or signup carries (visitor, creative,
-/// referrer, group; the actor of every event): held inline up to
-/// [`INLINE_IDENTIFIER_LEN`] bytes, so decoding or deciding the most
-/// numerous events allocates nothing for it. Encoded, and described in
-/// the schemas, exactly as a `String`.
+/// Free text that the most numerous events carry (a click's visitor,
+/// creative, referrer and landing; a signup's visitor; every event's
+/// actor): held inline up to [`INLINE_IDENTIFIER_LEN`] bytes, so decoding
+/// or deciding them allocates nothing for it. Encoded, and described in
+/// the schemas, exactly as a `String`, so the log, the checkpoints and the
+/// golden bytes are unchanged.
 pub type Text = SmolStr;
 
 /// A position in the log: the global, gapless sequence number of an event (from 1).
