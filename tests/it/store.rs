@@ -244,13 +244,22 @@ fn a_start_waits_for_a_store_lock_held_a_moment() {
 
 #[test]
 fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
-    // Ids up to 23 bytes are held inline, longer ones shared: both must
-    // survive the checkpoint's encoding, alone and repeated.
+    // Ids and visitors up to 23 bytes are held inline, longer ones
+    // shared: both must survive the checkpoint's encoding, alone and
+    // repeated.
     let mut t = TestLedger::new("hosting");
     t.define(rules("hosting", serde_json::json!({})));
     let alice = t.enroll("alice");
     t.click("2026-01-02T10:00:00Z", &alice.referral_code, "v-1");
     let lengths = [1, 22, 23, 24, 25, 64, 128];
+    for len in lengths {
+        // Clicked before the checkpoint, signed up after it (below).
+        t.click(
+            "2026-01-02T11:00:00Z",
+            &alice.referral_code,
+            &"w".repeat(len),
+        );
+    }
     for (i, len) in lengths.into_iter().enumerate() {
         let customer = "c".repeat(len);
         t.signup("2026-01-03T10:00:00Z", &customer, Some("v-1"), None);
@@ -271,5 +280,11 @@ fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
     t.reopen(); // from the checkpoint written at shutdown
     assert_eq!(t.ledger().store_status().1, t.head(), "from the checkpoint");
     assert_eq!(answers(&t), before);
+    for len in lengths {
+        let visitor = "w".repeat(len);
+        let customer = format!("late-{len}");
+        let attributed = t.signup("2026-02-01T10:00:00Z", &customer, Some(&visitor), None);
+        assert_eq!(attributed.as_deref(), Some("alice"), "{len}: visitor");
+    }
     t.verify_ok();
 }
