@@ -2171,12 +2171,12 @@ async fn follow_link(
     let referrer = headers
         .get(header::REFERER)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(Text::from);
     let command = Command::RecordClick {
         referral_code: code,
         visitor: Some(Text::from(visitor.as_str())),
         creative: None,
-        referrer: referrer.map(Text::from),
+        referrer,
         landing: Some(Text::from(target.as_str())),
         client_hash: Some(client_hash(&app, peer)),
     };
