@@ -527,8 +527,14 @@ pub struct SegmentWriter {
     joined: Vec<u8>,
 }
 
-/// The segment grows by this much zero-filled space at a time.
-pub const PREALLOCATE_BYTES: u64 = 4 << 20;
+/// The segment grows by this much zero-filled space at a time. The zeros
+/// reach the disk with the next `fdatasync`, which therefore pays for them:
+/// measured here (64 records of 200 bytes per `fdatasync`), 4 MiB at a
+/// time gave 4,100–4,350 syncs/s with a 17–20 ms stall every 4 MiB; 1 MiB
+/// 5,200–5,300/s; 256 KiB 5,300–5,600/s, as fast as writing into space
+/// zero-filled beforehand (5,300–5,500/s), with stalls of 1–2 ms; 64 KiB
+/// 4,600–4,900/s.
+pub const PREALLOCATE_BYTES: u64 = 256 << 10;
 
 impl Log {
     /// Opens (creating if needed) the log in `dir`, repairing a torn tail,
@@ -708,17 +714,20 @@ impl SegmentWriter {
             return Ok(());
         };
         let end = start + bytes.len() as u64;
+        self.active
+            .write_all_at(bytes, start)
+            .map_err(io("write", &self.active_path))?;
         if end > self.allocated {
+            // Zeros past the records only: the records themselves are not
+            // written twice (a batch of 10,000 events is about 3 MB).
             let target = end.div_ceil(self.preallocate) * self.preallocate;
-            let zeros = vec![0u8; (target - self.allocated) as usize];
+            let zeros = vec![0u8; (target - end) as usize];
             self.active
-                .write_all_at(&zeros, self.allocated)
+                .write_all_at(&zeros, end)
                 .map_err(io("preallocate", &self.active_path))?;
             self.allocated = target;
         }
-        self.active
-            .write_all_at(bytes, start)
-            .map_err(io("write", &self.active_path))
+        Ok(())
     }
 
     /// [`Self::put`] for several batches: those that follow each other in

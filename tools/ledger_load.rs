@@ -11,9 +11,9 @@
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
-//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US]`:
-//!   durable appends/s alone (optionally with another checkpoint interval
-//!   or group-commit linger).
+//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US] [PREALLOCATE_KIB]`:
+//!   durable appends/s alone (optionally with another checkpoint interval,
+//!   group-commit linger or preallocation step).
 //! - `ledger-load lull DIR [EVENTS] [ROUNDS]`: how long a command waits
 //!   right after a lull, when the writer begins a checkpoint, on a state of
 //!   EVENTS (default 300k) mixed events.
@@ -454,6 +454,7 @@ fn main() {
             config.checkpoint_every = number(5, config.checkpoint_every);
             config.group_commit_linger =
                 Duration::from_micros(number(6, config.group_commit_linger.as_micros() as u64));
+            config.preallocate_bytes = number(7, config.preallocate_bytes >> 10) << 10;
             let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
             let codes = setup(&ledger);
             let start = Instant::now();

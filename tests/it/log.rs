@@ -129,6 +129,38 @@ fn a_torn_tail_is_cut_and_the_log_goes_on() {
 }
 
 #[test]
+fn a_batch_larger_than_the_preallocation_step_lands_whole_with_zeros_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let step = log::PREALLOCATE_BYTES;
+    // Records of about 1 KiB, a batch of about 1.5 steps, then a small one
+    // that fits in what the first left zero-filled.
+    let big: Vec<Vec<u8>> = (0..(step as usize * 3 / 2 / 1024))
+        .map(|i| format!("{i:>1024}").into_bytes())
+        .collect();
+    let (mut log, _) = Log::open(dir.path(), 64 << 20, |_| Ok(())).unwrap();
+    log.append(&big).unwrap();
+    let segment = only_segment(dir.path());
+    let end = log::scan(dir.path(), ScanMode::Strict, None, |_| Ok(()))
+        .unwrap()
+        .end;
+    assert!(end > step && end < 2 * step, "{end}");
+    assert_eq!(fs::metadata(&segment).unwrap().len(), 2 * step);
+    log.append(&[b"small".to_vec()]).unwrap();
+    drop(log);
+    assert_eq!(fs::metadata(&segment).unwrap().len(), 2 * step);
+    let mut expected = big;
+    expected.push(b"small".to_vec());
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap(), expected);
+    // A restart finds the records end where the zeros begin, and goes on.
+    let (mut log, report) = Log::open(dir.path(), 64 << 20, |_| Ok(())).unwrap();
+    assert_eq!(report.head.seq, expected.len() as u64);
+    assert_eq!(report.torn_bytes, 0);
+    log.append(&[b"after the restart".to_vec()]).unwrap();
+    expected.push(b"after the restart".to_vec());
+    assert_eq!(read_all(dir.path(), ScanMode::Strict).unwrap(), expected);
+}
+
+#[test]
 fn preallocated_zeros_after_the_last_record_are_unwritten_space_not_damage() {
     let dir = tempfile::tempdir().unwrap();
     write_log(dir.path(), &[4], 1 << 20);
