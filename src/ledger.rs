@@ -296,7 +296,9 @@ fn is_stride_anchor(seq: Seq) -> bool {
 impl State {
     fn apply(&mut self, recorded: &Recorded) {
         self.model.apply(recorded);
-        self.views.apply(recorded);
+        let model = &self.model;
+        self.views
+            .apply(recorded, |program, line| model.line_kind(program, line));
         self.last_recorded_at = self.last_recorded_at.max(recorded.recorded_at);
         note_key(&mut self.recent_keys, recorded);
     }

@@ -613,6 +613,11 @@ pub struct Model {
 }
 
 impl Model {
+    /// The kind of basis line `line` of `program`, once it is recorded.
+    pub fn line_kind(&self, program: &ProgramId, line: &LineId) -> Option<LineKind> {
+        Some(self.programs.get(program)?.lines.get(line)?.kind)
+    }
+
     /// Restores what a checkpoint does not keep (parsed time zones).
     pub fn after_load(&mut self) {
         for pm in self.programs.values_mut() {

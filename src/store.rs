@@ -30,7 +30,7 @@ pub const POSITION_STRIDE: u64 = 64;
 
 /// Bumped whenever the checkpoint's encoding changes: an old checkpoint is
 /// then ignored and the state replayed from the log.
-pub const CHECKPOINT_FORMAT: u32 = 3;
+pub const CHECKPOINT_FORMAT: u32 = 4;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

@@ -404,6 +404,34 @@ fn rewards_round_half_to_even_once_per_line() {
 }
 
 #[test]
+fn a_refund_lowers_the_billed_total_only_for_a_line_of_the_basis_kind_also_after_a_restart() {
+    // The program earns on payments; an expense line is recorded too.
+    let (mut t, _, _) = given(serde_json::json!({"basis": "payments"}));
+    t.payment("2026-08-05T12:00:00Z", "pay-1", "cust-1", "100.00");
+    t.expense("2026-08-05T13:00:00Z", "exp-1", "cust-1", "40.00");
+    let billed = |t: &TestLedger| {
+        let state = t.ledger().state();
+        state.views.programs[&t.program].customers[&cust("cust-1")]
+            .billed
+            .to_string()
+    };
+    assert_eq!(billed(&t), "100.00");
+    t.refund("2026-08-06T12:00:00Z", "cn-1", "cust-1", "exp-1", "10.00");
+    assert_eq!(billed(&t), "100.00");
+    t.refund("2026-08-06T13:00:00Z", "cn-2", "cust-1", "pay-1", "25.00");
+    assert_eq!(billed(&t), "75.00");
+    // Started again from the checkpoint taken at shutdown: the kinds of the
+    // lines recorded before it still decide.
+    t.reopen();
+    assert_eq!(billed(&t), "75.00");
+    t.refund("2026-08-07T12:00:00Z", "cn-3", "cust-1", "exp-1", "5.00");
+    t.refund("2026-08-07T13:00:00Z", "cn-4", "cust-1", "pay-1", "5.00");
+    assert_eq!(billed(&t), "70.00");
+    let report = t.ledger().verify();
+    assert!(report.ok, "{:?}", report.problem);
+}
+
+#[test]
 fn refunds_claw_back_at_the_original_rate_proportionally_and_never_more() {
     let (t, _, _) = given(serde_json::json!({}));
     t.expense("2026-08-05T12:00:00Z", "inv", "cust-1", "10.01");
