@@ -532,8 +532,8 @@ pub struct SegmentWriter {
 /// measured here (64 records of 200 bytes per `fdatasync`), 4 MiB at a
 /// time gave 4,100–4,350 syncs/s with a 17–20 ms stall every 4 MiB; 1 MiB
 /// 5,200–5,300/s; 256 KiB 5,300–5,600/s, as fast as writing into space
-/// zero-filled beforehand (5,300–5,500/s), with stalls of 1–2 ms; 64 KiB
-/// 4,600–4,900/s.
+/// zero-filled beforehand (5,300–5,500/s), p999 1–2 ms instead of 17–20;
+/// 64 KiB 4,600–4,900/s.
 pub const PREALLOCATE_BYTES: u64 = 256 << 10;
 
 impl Log {
