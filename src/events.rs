@@ -99,8 +99,9 @@ macro_rules! identifier {
         $(#[$doc])*
         ///
         /// Cheap to clone (the folds do it for every event): up to
-        /// [`INLINE_IDENTIFIER_LEN`] bytes are held inline, so an id neither allocates nor sends a
-        /// table lookup or a checkpoint after a pointer; a longer one is
+        /// [`INLINE_IDENTIFIER_LEN`] bytes are held inline, so cloning one
+        /// does not allocate, and a table lookup or a checkpoint reads it
+        /// where it is, without following a pointer; a longer one is
         /// shared by reference count.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(SmolStr);
