@@ -259,11 +259,6 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "Checkpoints of the state saved to the index store.",
             load(&writer.checkpoints),
         ),
-        (
-            "commission_ledger_checkpoints_abandoned_total",
-            "Checkpoints begun at a quiet moment and given up for a command.",
-            load(&writer.checkpoints_abandoned),
-        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -282,7 +277,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     );
     let _ = writeln!(
         out,
-        "# HELP commission_ledger_checkpoint_seconds_total Time encoding and saving checkpoints.\n# TYPE commission_ledger_checkpoint_seconds_total counter"
+        "# HELP commission_ledger_checkpoint_seconds_total Time building and saving checkpoints.\n# TYPE commission_ledger_checkpoint_seconds_total counter"
     );
     let _ = writeln!(
         out,
@@ -330,6 +325,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "commission_ledger_checkpoint_bytes",
             "The size of the last checkpoint saved since start.",
             load(&writer.checkpoint_bytes),
+        ),
+        (
+            "commission_ledger_checkpoint_building",
+            "1 while a checkpoint is being built beside the writer.",
+            u64::from(
+                writer
+                    .checkpoint_building
+                    .load(std::sync::atomic::Ordering::Acquire),
+            ),
         ),
     ];
     for (name, help, value) in gauges {

@@ -14,6 +14,10 @@
 //! sync stops the process: nothing unacknowledged is ever served, nothing
 //! acknowledged is ever lost.
 //!
+//! Checkpoints: when one is due, the writer asks a checkpoint builder
+//! thread for it and goes on; the builder folds the log since the last
+//! checkpoint into that one's state, encodes it and saves it.
+//!
 //! Reads see the state once its head is durable ([`Ledger::state`] waits for
 //! the batches in flight), or, `as_of` an earlier seq or time, a replay of
 //! the log up to there.
@@ -22,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -60,10 +64,12 @@ pub struct LedgerConfig {
     pub checkpoint_every: u64,
     /// Under load that leaves no idle moment, a checkpoint is forced once
     /// this many events and half the log are not in one: a start then
-    /// replays at most the larger of the two. A checkpoint holds the writer
-    /// in proportion to the state (measured: 0.5 s for 111 MB), and
-    /// replaying a million events takes about as long, so forcing one for
-    /// a shorter tail would cost writes more than it saves a start.
+    /// replays at most the larger of the two. A checkpoint is built beside
+    /// the writer, but costs CPU and memory in proportion to the state
+    /// (measured: 2.4–3.3 s of a second core and a second copy of the state
+    /// for a million lines), and replaying a million events takes about a
+    /// second, so forcing one for a shorter tail would cost more than it
+    /// saves a start.
     pub checkpoint_forced_after: u64,
     /// How long the syncer may wait for active submitters to join a sync.
     pub group_commit_linger: std::time::Duration,
@@ -294,13 +300,31 @@ fn is_stride_anchor(seq: Seq) -> bool {
 }
 
 impl State {
+    /// The state a checkpoint keeps, at the head it was taken at.
+    fn from_checkpoint(mut checkpoint: Checkpoint, seq: Seq, hash: log::Hash) -> State {
+        checkpoint.model.after_load();
+        checkpoint.views.after_load();
+        State {
+            model: checkpoint.model,
+            views: checkpoint.views,
+            head: Head { seq, hash },
+            last_recorded_at: checkpoint.last_recorded_at,
+            ..State::default()
+        }
+    }
+
     fn apply(&mut self, recorded: &Recorded) {
+        self.fold(recorded);
+        note_key(&mut self.recent_keys, recorded);
+    }
+
+    /// Folds an event into what a checkpoint keeps.
+    fn fold(&mut self, recorded: &Recorded) {
         self.model.apply(recorded);
         let model = &self.model;
         self.views
             .apply(recorded, |program, line| model.line_kind(program, line));
         self.last_recorded_at = self.last_recorded_at.max(recorded.recorded_at);
-        note_key(&mut self.recent_keys, recorded);
     }
 
     /// The hash of the log at this state's head, in hex.
@@ -503,18 +527,7 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
         .flatten()
         .flatten();
     let (checkpoint_seq, checkpoint_hash, state) = match checkpoint {
-        Some((seq, hash, mut checkpoint)) => {
-            checkpoint.model.after_load();
-            checkpoint.views.after_load();
-            let state = State {
-                model: checkpoint.model,
-                views: checkpoint.views,
-                head: Head { seq, hash },
-                last_recorded_at: checkpoint.last_recorded_at,
-                ..State::default()
-            };
-            (seq, hash, state)
-        }
+        Some((seq, hash, checkpoint)) => (seq, hash, State::from_checkpoint(checkpoint, seq, hash)),
         None => (0, log::GENESIS_HASH, State::default()),
     };
     let skip_upto = checkpoint_seq.min(indexed_seq);
@@ -660,39 +673,18 @@ fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
     let _ = inner.store.flush();
 }
 
-/// The checkpoint's bytes as postcard writes them; when taken at a quiet
-/// moment, it gives up as soon as a command is waiting, so that a burst
-/// after a lull never waits for a whole checkpoint (its cost:
-/// [`LedgerConfig::checkpoint_forced_after`]).
-struct YieldingOutput<'a> {
+/// The checkpoint's bytes as postcard writes them; one built beside the
+/// writer stops as soon as `cancel` is set (the ledger is closing).
+struct CheckpointOutput<'a> {
     bytes: Vec<u8>,
-    /// The writer's queue, for a checkpoint that yields; `None` for a
-    /// forced one.
-    jobs: Option<&'a mpsc::Receiver<Job>>,
+    cancel: Option<&'a AtomicBool>,
     checked_at: usize,
-    abandoned: bool,
 }
 
-/// How often (in bytes written) a yielding checkpoint looks at the queue.
-const YIELD_CHECK_BYTES: usize = 64 << 10;
+/// How often (in bytes written) a checkpoint being built looks at `cancel`.
+const CANCEL_CHECK_BYTES: usize = 64 << 10;
 
-impl YieldingOutput<'_> {
-    fn check(&mut self) -> postcard::Result<()> {
-        if self.bytes.len() - self.checked_at < YIELD_CHECK_BYTES {
-            return Ok(());
-        }
-        self.checked_at = self.bytes.len();
-        match self.jobs {
-            Some(jobs) if !jobs.is_empty() => {
-                self.abandoned = true;
-                Err(postcard::Error::SerializeBufferFull)
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-impl postcard::ser_flavors::Flavor for &mut YieldingOutput<'_> {
+impl postcard::ser_flavors::Flavor for &mut CheckpointOutput<'_> {
     type Output = ();
 
     fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
@@ -710,27 +702,29 @@ impl postcard::ser_flavors::Flavor for &mut YieldingOutput<'_> {
     }
 }
 
-/// What became of a checkpoint the writer began.
-enum Encoding {
-    Done(EncodedCheckpoint),
-    /// Given up for a command waiting (a checkpoint begun in a lull).
-    GaveWay,
-    /// Nothing to take, or it could not be encoded (reported).
-    Nothing,
+impl CheckpointOutput<'_> {
+    fn check(&mut self) -> postcard::Result<()> {
+        if self.bytes.len() - self.checked_at < CANCEL_CHECK_BYTES {
+            return Ok(());
+        }
+        self.checked_at = self.bytes.len();
+        match self.cancel {
+            Some(cancel) if cancel.load(Ordering::Relaxed) => {
+                Err(postcard::Error::SerializeBufferFull)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
-/// Encodes a checkpoint of the state (once every decided batch is durable;
-/// the caller drained the pipeline). Readers share the state meanwhile.
-/// With `yield_to`, gives way once a command waits there.
-fn encode_checkpoint(inner: &Inner, yield_to: Option<&mpsc::Receiver<Job>>) -> Encoding {
-    let started = Instant::now();
-    let state = inner
-        .state
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if state.head.seq == 0 || state.head.seq > inner.durable.load(Ordering::Acquire) {
-        return Encoding::Nothing;
-    }
+/// Encodes `state` as a checkpoint; `None` when cancelled or when it
+/// cannot be encoded (reported).
+fn encode_state(
+    inner: &Inner,
+    state: &State,
+    cancel: Option<&AtomicBool>,
+    started: Instant,
+) -> Option<EncodedCheckpoint> {
     let checkpoint = CheckpointRef {
         model: &state.model,
         views: &state.views,
@@ -739,34 +733,98 @@ fn encode_checkpoint(inner: &Inner, yield_to: Option<&mpsc::Receiver<Job>>) -> E
     // Sized like the last one (plus growth): growing a 100 MB buffer by
     // doubling copied it about twice over.
     let last = inner.stats.checkpoint_bytes.load(Ordering::Relaxed) as usize;
-    let mut output = YieldingOutput {
+    let mut output = CheckpointOutput {
         bytes: Vec::with_capacity(last + last / 4),
-        jobs: yield_to,
+        cancel,
         checked_at: 0,
-        abandoned: false,
     };
     match postcard::serialize_with_flavor(&checkpoint, &mut output) {
-        Ok(()) => Encoding::Done(EncodedCheckpoint {
+        Ok(()) => Some(EncodedCheckpoint {
             seq: state.head.seq,
             hash: state.head.hash,
             bytes: output.bytes,
             started,
         }),
-        Err(_) if output.abandoned => {
-            inner
-                .stats
-                .checkpoints_abandoned
-                .fetch_add(1, Ordering::Relaxed);
-            Encoding::GaveWay
-        }
+        Err(_) if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) => None,
         Err(e) => {
             eprintln!(
                 "warning: checkpoint at seq {} not encoded: {e}",
                 state.head.seq
             );
-            Encoding::Nothing
+            None
         }
     }
+}
+
+/// Encodes a checkpoint of the live state, once every decided batch is
+/// durable (at shutdown: the writer has stopped).
+fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
+    let started = Instant::now();
+    let state = inner
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if state.head.seq == 0 || state.head.seq > inner.durable.load(Ordering::Acquire) {
+        return None;
+    }
+    encode_state(inner, &state, None, started)
+}
+
+/// Builds a checkpoint at `target` (a durable seq) beside the writer, as a
+/// start would: the last checkpoint in the store, then the log from there
+/// to `target`, folded into a state of its own, which is encoded. So the
+/// writer never waits for a checkpoint, however large the state; the cost
+/// is this thread's CPU and, while it runs, a second copy of the state.
+/// `None` when there is nothing newer to save, when `cancel` is set, or on
+/// a problem (reported: a checkpoint is derived, and the next start
+/// replays more of the log).
+fn build_checkpoint(inner: &Inner, target: Seq, cancel: &AtomicBool) -> Option<EncodedCheckpoint> {
+    let started = Instant::now();
+    let loaded = inner.store.load_checkpoint(|seq, hash, bytes| {
+        let checkpoint: Checkpoint =
+            crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
+        Some((seq, hash, checkpoint))
+    });
+    let mut state = match loaded {
+        Ok(Some(Some((seq, hash, checkpoint)))) => State::from_checkpoint(checkpoint, seq, hash),
+        Ok(Some(None)) | Ok(None) => State::default(),
+        Err(e) => {
+            eprintln!("warning: checkpoint at seq {target} not built: {e}");
+            return None;
+        }
+    };
+    if state.head.seq >= target || cancel.load(Ordering::Relaxed) {
+        return None;
+    }
+    let from = state.head.seq + 1;
+    let mut cancelled = false;
+    let folded = visit_events(inner, from, target, |recorded, hash| {
+        if recorded.seq % 4096 == 0 && cancel.load(Ordering::Relaxed) {
+            cancelled = true;
+            return Err("cancelled".into());
+        }
+        state.fold(&recorded);
+        state.head = Head {
+            seq: recorded.seq,
+            hash: *hash,
+        };
+        Ok(())
+    });
+    if cancelled {
+        return None;
+    }
+    if let Err(e) = folded {
+        eprintln!("warning: checkpoint at seq {target} not built: {e}");
+        return None;
+    }
+    if state.head.seq != target {
+        eprintln!(
+            "warning: checkpoint at seq {target} not built: the log ends at seq {}",
+            state.head.seq
+        );
+        return None;
+    }
+    encode_state(inner, &state, Some(cancel), started)
 }
 
 /// Saves an encoded checkpoint to the store (derived data: a failure is
@@ -822,8 +880,8 @@ pub struct WriterStats {
     pub checkpoints: AtomicU64,
     pub checkpoint_us: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
-    /// Checkpoints begun at a quiet moment and given up for a command.
-    pub checkpoints_abandoned: AtomicU64,
+    /// Whether a checkpoint is being built beside the writer.
+    pub checkpoint_building: AtomicBool,
     /// Events appended, by type name.
     pub events_by_type: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -1714,16 +1772,11 @@ fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch:
 /// How often a lingering syncer looks at how many submitters are active.
 const LINGER_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// How long the writer must have waited for a command before it takes a
-/// checkpoint that is due but not yet forced.
+/// How long the writer must have waited for a command before it asks for
+/// a checkpoint that is due but not yet forced.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
-/// The longest wait asked for after checkpoints gave way: each one that
-/// does doubles the wait the next needs, so that steady light traffic (a
-/// command every 50 ms, say) does not spend a core on checkpoints begun
-/// and given up; one saved resets it to [`QUIET`].
-const QUIET_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// When the writer takes a checkpoint ([`LedgerConfig::checkpoint_every`],
+/// When the writer asks for a checkpoint ([`LedgerConfig::checkpoint_every`],
 /// [`LedgerConfig::checkpoint_forced_after`]).
 #[derive(Clone, Copy)]
 struct CheckpointPolicy {
@@ -1732,34 +1785,16 @@ struct CheckpointPolicy {
 }
 
 impl CheckpointPolicy {
-    /// A checkpoint costs in proportion to the state, and holds the writer
-    /// meanwhile ([`LedgerConfig::checkpoint_forced_after`]): it waits for a quiet moment
-    /// once `every` events are due, and is forced only when the tail since
-    /// the last one is both `forced_after` events and half the log
-    /// (measured: forcing one whenever the log had doubled cost batch
-    /// ingest 15 to 25% from an empty log; every 100k events, half).
-    ///
-    /// A checkpoint at a quiet moment yields to the next command; a forced
-    /// one does not.
-    fn due(self, head: Seq, checkpointed: Seq, quiet: bool) -> Option<Due> {
+    /// A checkpoint costs CPU and memory in proportion to the state (it is
+    /// built beside the writer, from the last one and the log since): it
+    /// waits for a quiet moment once `every` events are due, and is forced
+    /// only when the tail since the last one is both `forced_after` events
+    /// and half the log, so that under steady load the work of building
+    /// them stays in proportion to the events appended.
+    fn due(self, head: Seq, checkpointed: Seq, quiet: bool) -> bool {
         let since = head.saturating_sub(checkpointed);
-        if since < self.every {
-            None
-        } else if since >= self.forced_after.max(head / 2) {
-            Some(Due::Forced)
-        } else if quiet {
-            Some(Due::Quiet)
-        } else {
-            None
-        }
+        since >= self.every && (quiet || since >= self.forced_after.max(head / 2))
     }
-}
-
-/// Why a checkpoint is taken.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Due {
-    Quiet,
-    Forced,
 }
 
 /// A batch the writer decided and framed, on its way to the syncer.
@@ -1826,14 +1861,6 @@ impl Pipeline {
         }
     }
 
-    /// Waits until every decided batch is durable and answered.
-    fn drain(&self) {
-        let mut queue = self.lock();
-        while queue.commands > 0 {
-            queue = self.wait(queue);
-        }
-    }
-
     fn close(&self) {
         self.lock().closed = true;
         self.changed.notify_all();
@@ -1894,7 +1921,8 @@ impl Pipeline {
 /// state (the state write lock held only while deciding), frames their
 /// records, and hands them to the syncer on another thread. So batch N + 1
 /// is decided while batch N is on its way to the disk. Readers see the
-/// state only once it is durable ([`Ledger::state`] waits).
+/// state only once it is durable ([`Ledger::state`] waits). When a
+/// checkpoint is due, it asks the checkpoint builder for one and goes on.
 fn writer_loop(
     inner: &Inner,
     log: Log,
@@ -1907,20 +1935,8 @@ fn writer_loop(
     let (mut framer, segments) = log.split();
     let pipeline = Pipeline::default();
     let checkpoints = index.clone();
-    let mut checkpointed = inner.checkpointed.load(Ordering::Acquire);
-    // Whether the checkpoint gave way to a command.
-    let checkpoint = |checkpointed: &mut Seq, yield_to: Option<&mpsc::Receiver<Job>>| {
-        match encode_checkpoint(inner, yield_to) {
-            Encoding::Done(encoded) => {
-                *checkpointed = encoded.seq;
-                // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
-                let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
-                false
-            }
-            Encoding::GaveWay => true,
-            Encoding::Nothing => false,
-        }
-    };
+    let cancel = AtomicBool::new(false);
+    let building = &inner.stats.checkpoint_building;
     std::thread::scope(|scope| {
         let syncer = std::thread::Builder::new()
             .name("ledger-syncer".into())
@@ -1937,47 +1953,79 @@ fn writer_loop(
             eprintln!("fatal: cannot start the ledger syncer: {e}; stopping the process");
             std::process::abort();
         }
+        // One checkpoint asked for at a time: `building` is set here and
+        // cleared by the builder once it is saved (or given up).
+        let (ask, asked) = std::sync::mpsc::sync_channel::<Seq>(1);
+        let builder = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn_scoped(scope, || {
+                for target in asked {
+                    inner.wait_durable(target);
+                    if let Some(built) = build_checkpoint(inner, target, &cancel) {
+                        save_checkpoint(inner, built);
+                    }
+                    building.store(false, Ordering::Release);
+                }
+            });
+        let ask = match builder {
+            Ok(_) => Some(ask),
+            Err(e) => {
+                // Derived data: the ledger runs on, and the next start
+                // replays the whole log.
+                eprintln!(
+                    "error: cannot start the checkpoint builder: {e}; no checkpoints until restart"
+                );
+                None
+            }
+        };
         let mut ids = RandomIds;
         let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
         let mut quiet = false;
-        let mut quiet_needed = QUIET;
         loop {
             let waiting = Instant::now();
             let Some(first) = jobs.blocking_recv() else {
                 break;
             };
             // The writer waited for work a while: a quiet moment for a checkpoint.
-            quiet |= waiting.elapsed() >= quiet_needed;
+            quiet |= waiting.elapsed() >= QUIET;
             batch.push(first);
             take_waiting(&mut jobs, &mut batch, max_batch);
             let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
             // Only a batch that appended something can make one due.
             let head = decided.framed.as_ref().map(|f| f.head.seq);
             pipeline.push(decided, 2 * max_batch);
-            let due =
-                head.and_then(|head| policy.due(head, checkpointed, quiet && jobs.is_empty()));
-            if let Some(due) = due {
-                pipeline.drain();
-                let yield_to = (due == Due::Quiet).then_some(&jobs);
-                quiet_needed = if checkpoint(&mut checkpointed, yield_to) {
-                    (quiet_needed * 2).min(QUIET_AT_MOST)
-                } else {
-                    QUIET
-                };
+            let (Some(head), Some(ask)) = (head, &ask) else {
+                continue;
+            };
+            if building.load(Ordering::Acquire) {
+                continue;
+            }
+            let checkpointed = inner.checkpointed.load(Ordering::Acquire);
+            if policy.due(head, checkpointed, quiet && jobs.is_empty()) {
+                building.store(true, Ordering::Release);
+                if ask.try_send(head).is_err() {
+                    building.store(false, Ordering::Release);
+                }
                 quiet = false;
             }
         }
         pipeline.close();
+        // A checkpoint being built is given up: the one below is cheaper.
+        cancel.store(true, Ordering::Relaxed);
+        drop(ask);
     });
-    // The syncer has written and answered everything.
+    // The syncer has written and answered everything, the builder stopped.
     let head = inner
         .state
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .head
         .seq;
-    if head > checkpointed {
-        checkpoint(&mut checkpointed, None);
+    if head > inner.checkpointed.load(Ordering::Acquire)
+        && let Some(encoded) = encode_checkpoint(inner)
+    {
+        // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
+        let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
     }
 }
 
@@ -2198,6 +2246,23 @@ fn read_events_hashed(
     from: Seq,
     to: Seq,
 ) -> Result<Vec<(Recorded, log::Hash)>, LedgerError> {
+    let mut events = Vec::with_capacity((to.saturating_sub(from) + 1).min(100_000) as usize);
+    visit_events(inner, from, to, |recorded, hash| {
+        events.push((recorded, *hash));
+        Ok(())
+    })?;
+    Ok(events)
+}
+
+/// Hands events `from..=to` (up to the durable head), with each record's
+/// chain hash, to `visit` in log order, starting at the nearest anchor:
+/// the memory tail, the store's sparse index, or the start of the segment.
+fn visit_events(
+    inner: &Inner,
+    from: Seq,
+    to: Seq,
+    mut visit: impl FnMut(Recorded, &log::Hash) -> Result<(), String>,
+) -> Result<(), LedgerError> {
     // Never the state lock: the syncer reads here (idempotent answers).
     let to = to.min(inner.durable.load(Ordering::Acquire));
     let memory_anchor = inner
@@ -2208,7 +2273,7 @@ fn read_events_hashed(
         .next_back()
         .map(|(seq, position)| (*seq, *position));
     if from == 0 || from > to {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let stored_anchor = inner.store.anchor(from).map_err(store_error)?;
     let segment_anchor = log::list_segments(&inner.log_dir)?
@@ -2229,22 +2294,17 @@ fn read_events_hashed(
         .flatten()
         .max_by_key(|(seq, _)| *seq)
     else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let mut events = Vec::with_capacity((to - from + 1).min(100_000) as usize);
     log::read_range(
         &inner.log_dir,
         start_seq,
         start,
         from,
         to,
-        |seq, hash, payload| {
-            let recorded = decode_record(seq, payload)?;
-            events.push((recorded, *hash));
-            Ok(())
-        },
+        |seq, hash, payload| visit(decode_record(seq, payload)?, hash),
     )?;
-    Ok(events)
+    Ok(())
 }
 
 fn decide_one(

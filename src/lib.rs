@@ -29,9 +29,11 @@
 //! last checkpoint plus the events after it, on two threads (read and
 //! decode; fold). An indexer thread writes the sparse seq index and the
 //! idempotency keys to sled at most every 50 ms, only for acknowledged
-//! batches, and saves the checkpoints the writer encodes (in a lull,
-//! giving way to the next command; or forced once the tail is a million
-//! events and half the log). The one thing kept beside the log that is
+//! batches. A checkpoint builder thread makes the checkpoints the writer
+//! asks for (in a lull, or forced once the tail is a million events and
+//! half the log) as a start would, from the last one and the log, so the
+//! writer never waits for one; the writer encodes its own state only at
+//! shutdown, and the indexer saves that one. The one thing kept beside the log that is
 //! not a fold over it: what-if replays computed and not applied yet, in
 //! `DATA/replays/` (the newest 256; they can be computed again).
 //!

@@ -149,7 +149,7 @@ fn drive(
     duration: Duration,
     limit: u64,
     on_ack: Arc<dyn Fn(&Recorded) + Send + Sync>,
-) -> u64 {
+) -> Driven {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -159,7 +159,7 @@ fn drive(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let salt = ledger.state().head.seq;
-    runtime.block_on(async {
+    let latencies = runtime.block_on(async {
         let tasks: Vec<_> = (0..submitters)
             .map(|who| {
                 let ledger = ledger.clone();
@@ -169,6 +169,7 @@ fn drive(
                 let on_ack = on_ack.clone();
                 tokio::spawn(async move {
                     let mut n = 0u64;
+                    let mut latencies = Vec::new();
                     while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
                         if done.fetch_add(1, Ordering::Relaxed) >= limit {
                             stop.store(true, Ordering::Relaxed);
@@ -176,20 +177,54 @@ fn drive(
                         }
                         let command = mixed(who + salt as usize * 1000, n, &codes);
                         let submission = Submission::new(Some(&program()), "load", command);
+                        let sent = Instant::now();
                         match ledger.submit(submission).await {
                             Ok(receipt) => receipt.events.iter().for_each(|r| on_ack(r)),
                             Err(e) => fail(&format!("refused: {e}")),
                         }
+                        latencies.push(sent.elapsed());
                         n += 1;
                     }
+                    latencies
                 })
             })
             .collect();
+        let mut all = Vec::new();
         for task in tasks {
-            let _ = task.await;
+            all.extend(task.await.unwrap_or_default());
         }
+        all
     });
-    done.load(Ordering::Relaxed).min(limit)
+    Driven {
+        acknowledged: done.load(Ordering::Relaxed).min(limit),
+        latencies,
+    }
+}
+
+/// What [`drive`] got done.
+struct Driven {
+    acknowledged: u64,
+    /// Of every command, from its submission to its answer.
+    latencies: Vec<Duration>,
+}
+
+impl Driven {
+    /// p50, p99, p99.9 and the maximum, in milliseconds.
+    fn latency_line(&mut self) -> String {
+        self.latencies.sort_unstable();
+        let at = |q: f64| {
+            let i = ((self.latencies.len() as f64 * q) as usize)
+                .min(self.latencies.len().saturating_sub(1));
+            self.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        format!(
+            "latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            at(0.5),
+            at(0.99),
+            at(0.999),
+            at(1.0)
+        )
+    }
 }
 
 fn crash(dir: &Path, submitters: usize, seconds: u64, checkpoint_every: u64) {
@@ -295,7 +330,8 @@ fn bench(dir: &Path, events: u64) {
             seconds,
             u64::MAX,
             Arc::new(|_| {}),
-        );
+        )
+        .acknowledged;
         let rate = n as f64 / start.elapsed().as_secs_f64();
         let appended = bare(dir, &record, submitters, seconds, false);
         let preallocated = bare(dir, &record, submitters, seconds, true);
@@ -343,7 +379,8 @@ fn bench(dir: &Path, events: u64) {
             Duration::from_secs(600),
             events,
             Arc::new(|_| {}),
-        );
+        )
+        .acknowledged;
         println!("wrote {n} events in {:.1}s", start.elapsed().as_secs_f64());
     }
     // Each in a fresh process, so RSS is the ledger's alone.
@@ -392,7 +429,7 @@ fn lull(dir: &Path, events: u64, rounds: u64) {
     latencies.sort_unstable();
     let s = ledger.writer_stats();
     println!(
-        "{} events, {} rounds: the command after a lull's first took p50 {:.2} ms, max {:.2} ms; checkpoints saved {}, given up for a command {}",
+        "{} events, {} rounds: the command after a lull's first took p50 {:.2} ms, max {:.2} ms; checkpoints saved {}",
         ledger.state().head.seq,
         latencies.len(),
         latencies
@@ -403,8 +440,7 @@ fn lull(dir: &Path, events: u64, rounds: u64) {
             .last()
             .map(|d| d.as_secs_f64() * 1e3)
             .unwrap_or(0.0),
-        s.checkpoints.load(Ordering::Relaxed),
-        s.checkpoints_abandoned.load(Ordering::Relaxed)
+        s.checkpoints.load(Ordering::Relaxed)
     );
 }
 
@@ -452,13 +488,16 @@ fn main() {
             let submitters = number(3, 64) as usize;
             let mut config = LedgerConfig::new(PathBuf::from(arg(2)));
             config.checkpoint_every = number(5, config.checkpoint_every);
+            // Under load a checkpoint is forced; with an interval given, one
+            // falls due every that many events (and half the log).
+            config.checkpoint_forced_after = number(5, config.checkpoint_forced_after);
             config.group_commit_linger =
                 Duration::from_micros(number(6, config.group_commit_linger.as_micros() as u64));
             config.preallocate_bytes = number(7, config.preallocate_bytes >> 10) << 10;
             let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
             let codes = setup(&ledger);
             let start = Instant::now();
-            let n = drive(
+            let mut driven = drive(
                 &ledger,
                 &codes,
                 submitters,
@@ -467,8 +506,9 @@ fn main() {
                 Arc::new(|_| {}),
             );
             println!(
-                "{submitters} submitters: {:.0} events/s",
-                n as f64 / start.elapsed().as_secs_f64()
+                "{submitters} submitters: {:.0} events/s; {}",
+                driven.acknowledged as f64 / start.elapsed().as_secs_f64(),
+                driven.latency_line()
             );
             let s = ledger.writer_stats();
             let batches = s.batches.load(Ordering::Relaxed).max(1);

@@ -1330,7 +1330,7 @@ fn metrics_count_requests_by_route_and_status_and_the_writer() {
     assert!(text.contains("commission_ledger_queue_depth 0"));
     // No checkpoint is due after five events; one is saved at shutdown.
     assert!(text.contains("commission_ledger_checkpoints_total 0"));
-    assert!(text.contains("commission_ledger_checkpoints_abandoned_total 0"));
+    assert!(text.contains("commission_ledger_checkpoint_building 0"));
     assert!(text.contains("# TYPE commission_ledger_checkpoint_seconds_total counter"));
     assert!(!text.contains("alice"), "no ids in labels");
 }
