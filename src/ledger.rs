@@ -1776,6 +1776,25 @@ const LINGER_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_micros(
 /// a checkpoint that is due but not yet forced.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The nice value of the checkpoint builder: when the cores are busy
+/// (batch ingest), the threads that answer requests come first, and a
+/// checkpoint takes longer (measured with `http-load 10 64 batch`, 2 pairs
+/// each way: 265–308k events/s at nice 10, 221–266k at the writer's 0).
+const CHECKPOINT_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value (Linux: per thread). Best effort:
+/// a failure leaves the thread at the process's priority.
+fn lower_this_threads_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes plain integers and touches no memory of
+    // ours; on Linux, `who` 0 with PRIO_PROCESS is the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
 /// When the writer asks for a checkpoint ([`LedgerConfig::checkpoint_every`],
 /// [`LedgerConfig::checkpoint_forced_after`]).
 #[derive(Clone, Copy)]
@@ -1959,6 +1978,7 @@ fn writer_loop(
         let builder = std::thread::Builder::new()
             .name("ledger-checkpoint".into())
             .spawn_scoped(scope, || {
+                lower_this_threads_priority(CHECKPOINT_NICE);
                 for target in asked {
                     inner.wait_durable(target);
                     if let Some(built) = build_checkpoint(inner, target, &cancel) {
