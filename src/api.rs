@@ -259,6 +259,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "Checkpoints of the state saved to the index store.",
             load(&writer.checkpoints),
         ),
+        (
+            "commission_ledger_history_replays_total",
+            "Replays of the log for reads of the past (as_of).",
+            app.ledger.history_replays(),
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -496,6 +501,8 @@ pub enum ApiError {
     RateLimited,
     /// 503: the ledger has stopped taking writes.
     Unavailable,
+    /// 503: too many reads of the past wait for their replay.
+    Busy(String),
     /// 500: logged; the body says nothing more.
     Internal(String),
 }
@@ -595,6 +602,15 @@ impl IntoResponse for ApiError {
                 "Unavailable",
                 "the ledger is not taking writes",
             ),
+            ApiError::Busy(detail) => {
+                let mut response =
+                    problem(StatusCode::SERVICE_UNAVAILABLE, "busy", "Busy", &detail);
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                response
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 problem(
@@ -922,7 +938,10 @@ async fn read<T: Send + 'static>(
     as_of: Option<AsOf>,
     read: impl FnOnce(&Ledger, Option<AsOf>) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let internal = |e: crate::ledger::LedgerError| ApiError::Internal(e.to_string());
+    let internal = |e: crate::ledger::LedgerError| match e {
+        crate::ledger::LedgerError::Busy => ApiError::Busy(e.to_string()),
+        e => ApiError::Internal(e.to_string()),
+    };
     if as_of.is_none() {
         return durably(&app.ledger, || read(&app.ledger, None))
             .await

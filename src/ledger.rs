@@ -111,6 +111,9 @@ pub enum LedgerError {
     Import { line: usize, message: String },
     #[error("the ledger has stopped")]
     Stopped,
+    /// Too many reads of the past are waiting for their replay.
+    #[error("{HISTORY_WAITING} reads of the past are already waiting; try again shortly")]
+    Busy,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError {
@@ -154,6 +157,109 @@ pub struct Replay {
 /// (so that a diff under review survives a restart); the oldest go first.
 /// Applied ones are recomputed from the log when asked for again.
 pub const MAX_KEPT_REPLAYS: usize = 256;
+
+/// Replays of the log for `as_of` reads that run at once. Each replays the
+/// log from its start into a state of its own (about a second and a whole
+/// state's memory per million events), so they take turns.
+pub const HISTORY_REPLAYS: usize = 1;
+/// Past states kept after their replay, the most recently read last: a
+/// portal reading every affiliate's balance at one month's end replays
+/// the log once.
+pub const HISTORY_KEPT: usize = 2;
+/// Reads of the past that may wait for a replay; one more is refused
+/// ([`LedgerError::Busy`]) rather than hold a thread and, later, a state.
+pub const HISTORY_WAITING: usize = 32;
+
+/// The past states `as_of` reads are answered from. A past state never
+/// changes: a seq names a fixed prefix of the log, and a time before the
+/// last event's does too (the replay stops at the first event recorded
+/// after it, which is already there). So a state is kept by the `as_of`
+/// it answers, and a read of the same past waits for the replay under way
+/// instead of starting its own.
+#[derive(Default)]
+struct History {
+    slots: Mutex<HistorySlots>,
+    changed: std::sync::Condvar,
+    /// Replays run so far.
+    replays: AtomicU64,
+}
+
+#[derive(Default)]
+struct HistorySlots {
+    kept: std::collections::VecDeque<(AsOf, Arc<State>)>,
+    replaying: Vec<AsOf>,
+    waiting: usize,
+}
+
+impl History {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HistorySlots> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state as of `key`: kept, replayed by another read meanwhile, or
+    /// replayed here by `replay` (once a turn is free).
+    fn state_at(
+        &self,
+        key: AsOf,
+        replay: impl FnOnce() -> Result<State, LedgerError>,
+    ) -> Result<Arc<State>, LedgerError> {
+        let mut slots = self.lock();
+        let mut waited = false;
+        loop {
+            if let Some(i) = slots.kept.iter().position(|(k, _)| *k == key)
+                && let Some(entry) = slots.kept.remove(i)
+            {
+                let state = entry.1.clone();
+                slots.kept.push_back(entry);
+                if waited {
+                    slots.waiting -= 1;
+                }
+                return Ok(state);
+            }
+            if !slots.replaying.contains(&key) && slots.replaying.len() < HISTORY_REPLAYS {
+                break;
+            }
+            if !waited {
+                if slots.waiting >= HISTORY_WAITING {
+                    return Err(LedgerError::Busy);
+                }
+                slots.waiting += 1;
+                waited = true;
+            }
+            slots = self
+                .changed
+                .wait(slots)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if waited {
+            slots.waiting -= 1;
+        }
+        slots.replaying.push(key);
+        drop(slots);
+        // Ends the turn however the replay ends (a panic included).
+        struct Turn<'a>(&'a History, AsOf, Option<Arc<State>>);
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                let mut slots = self.0.lock();
+                slots.replaying.retain(|k| *k != self.1);
+                if let Some(state) = self.2.take() {
+                    while slots.kept.len() >= HISTORY_KEPT {
+                        slots.kept.pop_front();
+                    }
+                    slots.kept.push_back((self.1, state));
+                }
+                self.0.changed.notify_all();
+            }
+        }
+        let mut turn = Turn(self, key, None);
+        self.replays.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(replay()?);
+        turn.2 = Some(state.clone());
+        Ok(state)
+    }
+}
 
 /// Where computed replays are kept across restarts: one JSON file each,
 /// `{replay_id}.json`, as `GET .../replays/{id}` shows it.
@@ -933,6 +1039,8 @@ struct Inner {
     key_secret: [u8; 32],
     /// What-if replays computed since start, by id.
     replays: Mutex<BTreeMap<Uuid, Replay>>,
+    /// Past states for `as_of` reads.
+    history: History,
     /// Held for the ledger's life: one process per data directory.
     _lock: File,
 }
@@ -1093,6 +1201,7 @@ impl Ledger {
             head: head_tx,
             key_secret,
             replays: Mutex::new(BTreeMap::new()),
+            history: History::default(),
             _lock: lock,
         });
         let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
@@ -1152,6 +1261,11 @@ impl Ledger {
             self.inner.indexed.load(Ordering::Acquire),
             self.inner.checkpointed.load(Ordering::Acquire),
         )
+    }
+
+    /// Replays of the log run for reads of the past since start.
+    pub fn history_replays(&self) -> u64 {
+        self.inner.history.replays.load(Ordering::Relaxed)
     }
 
     /// Commands waiting for the writer.
@@ -1525,7 +1639,10 @@ impl Ledger {
             Some(AsOf::Time(t)) => (Some(head), Some(t)),
             None => (Some(head), None),
         };
-        let state = replay_state(&self.inner.log_dir, ScanMode::Read, until, until_time)?;
+        let key = as_of.unwrap_or(AsOf::Seq(head));
+        let state = self.inner.history.state_at(key, || {
+            replay_state(&self.inner.log_dir, ScanMode::Read, until, until_time)
+        })?;
         Ok(read(&state))
     }
 

@@ -2282,3 +2282,67 @@ fn next_month(month: &str) -> String {
         format!("{y}-{:02}", m + 1)
     }
 }
+
+/// Reads of the past replay the log and take turns; past the waiting
+/// limit a read is answered 503 `busy` with `Retry-After`, and the others
+/// get their answer.
+#[test]
+fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    let enrolled = app.head();
+    app.set_now("2026-08-10T00:00:00Z");
+    // A log long enough that one replay outlasts the readers' arrival.
+    for round in 0..2 {
+        let items: Vec<Value> = (0..10_000)
+            .map(|i| json!({"type": "click", "referral_code": code, "visitor": format!("v-{round}-{i}"), "at": "2026-08-02T10:00:00Z"}))
+            .collect();
+        let response = app.send(
+            "POST",
+            Some(&app.ingest),
+            "/v1/programs/hosting/batch",
+            &json!({"items": items}),
+            None,
+        );
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let readers = commission_ledger::ledger::HISTORY_WAITING + 16;
+    let barrier = std::sync::Barrier::new(readers);
+    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers)
+            .map(|i| {
+                let (app, barrier) = (&app, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    // A past each: a replay each, one at a time.
+                    let seq = enrolled + i as u64;
+                    let response = app.get(
+                        Some(&app.portal),
+                        &format!("/v1/programs/hosting/affiliates/alice/balance?as_of={seq}"),
+                    );
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    (response.status().as_u16(), retry, response.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert!(!busy.is_empty(), "every reader waited");
+    for (_, retry, problem) in &busy {
+        assert_eq!(
+            problem["type"],
+            "https://commission-ledger.dev/problems/busy"
+        );
+        assert_eq!(retry.as_deref(), Some("1"));
+    }
+    for (status, _, body) in answers.iter().filter(|(s, _, _)| *s != 503) {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["earned"], "0.00");
+    }
+}

@@ -288,3 +288,131 @@ fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
     }
     t.verify_ok();
 }
+
+/// A read of the past replays the log from its start, so reads of the
+/// same past share one replay, the last two pasts read are kept, and a
+/// past pushed out is replayed again when asked for.
+#[test]
+fn reads_of_the_same_past_share_one_replay_and_the_last_two_are_kept() {
+    use commission_ledger::ledger::AsOf;
+    let t = TestLedger::new("hosting");
+    history(&t, 10);
+    let january = (t.balance("alice"), t.head());
+    let mid = Timestamp::from_micros(t.clock.load(std::sync::atomic::Ordering::SeqCst));
+    t.set_now("2026-02-10T00:00:00Z");
+    t.expense("2026-02-10T00:00:00Z", "l-2", "c-1", "100.00");
+    t.close("2026-02");
+    let ledger = t.ledger();
+    let read = |as_of: AsOf| {
+        ledger
+            .balance(&t.program, &aff("alice"), Some(as_of))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(ledger.history_replays(), 0);
+    // Eight readers of one past at once: one replay, eight right answers.
+    let barrier = std::sync::Barrier::new(8);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    read(AsOf::Seq(january.1))
+                })
+            })
+            .collect();
+        for reader in readers {
+            assert_eq!(reader.join().unwrap(), january.0);
+        }
+    });
+    assert_eq!(ledger.history_replays(), 1);
+    // Another past (a time): its own replay; both are kept.
+    assert_eq!(read(AsOf::Time(mid)), january.0);
+    assert_eq!(ledger.history_replays(), 2);
+    assert_eq!(read(AsOf::Seq(january.1)), january.0);
+    assert_eq!(read(AsOf::Time(mid)), january.0);
+    assert_eq!(ledger.history_replays(), 2);
+    // A third pushes out the one read longest ago (the seq), not the time.
+    assert_eq!(read(AsOf::Seq(2)).earned, "0.00");
+    assert_eq!(ledger.history_replays(), 3);
+    assert_eq!(read(AsOf::Time(mid)), january.0);
+    assert_eq!(ledger.history_replays(), 3);
+    assert_eq!(read(AsOf::Seq(january.1)), january.0);
+    assert_eq!(ledger.history_replays(), 4);
+    // The present is never a replay.
+    assert_eq!(read(AsOf::Seq(t.head())), t.balance("alice"));
+    assert_eq!(ledger.history_replays(), 4);
+}
+
+/// Each replay holds a whole state: they take turns, and beyond
+/// HISTORY_WAITING readers waiting for one, a read is refused as busy,
+/// not queued without bound.
+#[test]
+fn reads_of_the_past_beyond_the_waiting_limit_are_refused_as_busy() {
+    use commission_ledger::ledger::{AsOf, HISTORY_WAITING, LedgerError};
+    let t = TestLedger::new("hosting");
+    history(&t, 10);
+    let january = (t.balance("alice"), t.head());
+    // A log long enough that one replay outlasts the readers' arrival.
+    let code = t.enroll("bob").referral_code;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let clicks = (0..20_000)
+        .map(|i| {
+            commission_ledger::ledger::Submission::new(
+                Some(&t.program),
+                "test",
+                commission_ledger::rules::Command::RecordClick {
+                    referral_code: code.clone(),
+                    visitor: Some(format!("v-{i}").into()),
+                    creative: None,
+                    referrer: None,
+                    landing: None,
+                    client_hash: None,
+                },
+            )
+        })
+        .collect();
+    assert!(
+        runtime
+            .block_on(t.ledger().submit_many(clicks))
+            .iter()
+            .all(Result::is_ok)
+    );
+    let readers = HISTORY_WAITING + 16;
+    let barrier = std::sync::Barrier::new(readers);
+    let answers: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers)
+            .map(|i| {
+                let (t, barrier) = (&t, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    // Two pasts: the readers of each share its replay.
+                    let seq = january.1 + (i % 2) as u64;
+                    t.ledger()
+                        .balance(&t.program, &aff("alice"), Some(AsOf::Seq(seq)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy = answers
+        .iter()
+        .filter(|a| matches!(a, Err(LedgerError::Busy)))
+        .count();
+    assert!(busy > 0, "every reader waited");
+    assert!(
+        busy < readers - HISTORY_WAITING,
+        "{busy} refused: the waiting limit is {HISTORY_WAITING}"
+    );
+    for answer in answers.into_iter().filter_map(Result::ok) {
+        let answer = answer.unwrap();
+        assert_eq!(answer.earned, january.0.earned);
+        assert!([january.1, january.1 + 1].contains(&answer.as_of_seq));
+    }
+    assert_eq!(t.ledger().history_replays(), 2, "one replay per past");
+    // The refusal says what to do.
+    let message = LedgerError::Busy.to_string();
+    assert!(message.contains("try again"), "{message}");
+}
