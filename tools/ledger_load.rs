@@ -444,6 +444,67 @@ fn lull(dir: &Path, events: u64, rounds: u64) {
     );
 }
 
+/// Reads of the past on the log in `dir`: one balance as of the middle of
+/// the log, the same again, then `readers` at once, each of its own past;
+/// with the time each took and the peak RSS.
+fn as_of(dir: &Path, readers: usize) {
+    use commission_ledger::ledger::AsOf;
+    let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
+    let head = ledger.state().head.seq;
+    let affiliate = AffiliateId::parse("aff-0").unwrap_or_else(|e| fail(&e.to_string()));
+    let read = |seq: Seq| {
+        let start = Instant::now();
+        match ledger.balance(&program(), &affiliate, Some(AsOf::Seq(seq))) {
+            Ok(_) => format!("{:.2}s", start.elapsed().as_secs_f64()),
+            Err(e) => format!("{e}"),
+        }
+    };
+    let start = Instant::now();
+    let _ = ledger.balance(&program(), &affiliate, None);
+    let first = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let _ = ledger.balance(&program(), &affiliate, None);
+    println!(
+        "the present: {first:.3}s, again {:.3}s",
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "{head} events, RSS {} MiB; as of seq {}: {}; the same again: {}",
+        rss_kib() / 1024,
+        head / 2,
+        read(head / 2),
+        read(head / 2)
+    );
+    let start = Instant::now();
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers)
+            .map(|i| scope.spawn(move || read(head / 2 + 1 + i as u64)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    println!(
+        "{readers} readers of {readers} pasts at once: all answered in {:.2}s ({}); peak RSS {} MiB",
+        start.elapsed().as_secs_f64(),
+        answers.join(" "),
+        peak_rss_kib() / 1024
+    );
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn replay(dir: &Path, full: bool) {
     if full {
         let _ = std::fs::remove_dir_all(dir.join("index"));
@@ -528,6 +589,7 @@ fn main() {
         }
         "lull" => lull(&PathBuf::from(arg(2)), number(3, 300_000), number(4, 20)),
         "replay" => replay(&PathBuf::from(arg(2)), false),
+        "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
         "fold" => {
             // The folding stage alone, each fold timed on its own.
             let mut events = Vec::new();

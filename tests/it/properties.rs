@@ -52,6 +52,9 @@ enum Op {
         customer: u8,
         affiliate: usize,
         retroactive: bool,
+        /// From this many days before the op (splitting the customer's
+        /// lines between two affiliates); `None`: for all time.
+        days_back: Option<u8>,
     },
     Group {
         customer: u8,
@@ -69,9 +72,34 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..3usize, 1..10_000u32).prop_map(|(affiliate, cents)| Op::Withdraw { affiliate, cents }),
         2 => (0..10usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
         1 => (0..3usize, 1..5_000u32).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
-        1 => (0..8u8, 0..3usize, any::<bool>()).prop_map(|(customer, affiliate, retroactive)| Op::Reassign { customer, affiliate, retroactive }),
+        1 => (0..8u8, 0..3usize, any::<bool>(), proptest::option::of(0..30u8)).prop_map(|(customer, affiliate, retroactive, days_back)| Op::Reassign { customer, affiliate, retroactive, days_back }),
         1 => (0..8u8, any::<bool>()).prop_map(|(customer, staff)| Op::Group { customer, staff }),
     ]
+}
+
+/// The pending estimate looks only at the open lines of the affiliate's
+/// own customers (present and past): it must be what a close of every
+/// open month would give the affiliate now.
+fn assert_pending_is_what_a_close_would_give(t: &TestLedger) {
+    use commission_ledger::rules::{close_rewards, pending_estimate};
+    let state = t.ledger().state();
+    let Some(pm) = state.model.program(&t.program) else {
+        return;
+    };
+    let now = t.ledger().now();
+    let month = now.month_in(pm.zone());
+    let upto = Month::new(9999, 12).unwrap();
+    for a in AFFILIATES {
+        let closed: Decimal = close_rewards(pm, upto, month, Some(&aff(a)))
+            .iter()
+            .map(|event| match event {
+                Event::RewardAccrued(r) => r.amount,
+                Event::RewardClawedBack(c) => -c.amount,
+                _ => Decimal::ZERO,
+            })
+            .sum();
+        assert_eq!(pending_estimate(pm, &aff(a), now), closed, "{a}");
+    }
 }
 
 fn cents(c: u32) -> String {
@@ -267,12 +295,17 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
                 customer: c,
                 affiliate,
                 retroactive,
+                days_back,
             } => (
                 None,
                 Command::Reassign {
                     customer_id: customer(*c),
                     to: aff(AFFILIATES[*affiliate]),
-                    from: None,
+                    from: days_back.map(|days| {
+                        Timestamp::from_micros(
+                            ts(&at_text).micros() - i64::from(days) * 86_400_000_000,
+                        )
+                    }),
                     retroactive: *retroactive,
                     reason: "ticket".into(),
                 },
@@ -325,6 +358,7 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
             }
             Err(e) => panic!("{e}"),
         }
+        assert_pending_is_what_a_close_would_give(&t);
         let m = Timestamp::parse(&at_text).unwrap().month_in(chrono_tz::UTC);
         served.push((
             t.head(),

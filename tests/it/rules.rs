@@ -559,6 +559,35 @@ fn pending_is_an_estimate_that_moves_no_money() {
     );
 }
 
+/// Pending looks only at the affiliate's own customers' open lines: a
+/// customer reassigned from a date still counts for the one who had them
+/// before it, for the lines before it.
+#[test]
+fn pending_follows_each_line_to_whoever_had_its_customer_then() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "before", "cust-1", "100.00"); // alice 20.00
+    t.expense("2026-08-20T12:00:00Z", "after", "cust-1", "50.00"); // bob 10.00
+    t.submit(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("bob"),
+            from: Some(ts("2026-08-10T00:00:00Z")),
+            retroactive: false,
+            reason: "ticket 2".into(),
+        },
+    );
+    assert_eq!(t.balance("alice").pending, "20.00");
+    assert_eq!(t.balance("bob").pending, "10.00");
+    // What a close then gives each.
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00"), r("bob", "Reward", "10.00")]
+    );
+    assert_eq!(t.balance("alice").pending, "0.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+}
+
 #[test]
 fn withdrawals_respect_threshold_available_and_negative_earned() {
     let (t, _, _) = given(serde_json::json!({"payout_threshold": "50.00"}));
