@@ -1772,10 +1772,10 @@ pub(crate) fn reassignment_adjustments(
 }
 
 /// What one line earns if a close took it now: to whom, at what rate, how much.
-fn line_earning(
-    pm: &ProgramModel,
+fn line_earning<'a>(
+    pm: &'a ProgramModel,
     line: &Line,
-    tier_counts: &mut HashMap<(AffiliateId, Month), u32>,
+    tier_counts: &mut HashMap<Month, HashMap<&'a AffiliateId, u32>>,
 ) -> Option<(AffiliateId, Rate, Decimal)> {
     let rules = pm.rules_at(line.at)?;
     if !line.kind.earns_under(rules.basis) {
@@ -1828,16 +1828,15 @@ fn line_earning(
     ) {
         (Some(rate), _) => rate,
         (None, Some(rate)) => *rate,
+        // Without tiers, the default (and no count of active referrals).
+        (None, None) if rules.tiers.is_empty() => rules.default_rate,
         (None, None) => {
-            let key = (affiliate_id.clone(), line.month);
-            let active = match tier_counts.get(&key) {
-                Some(count) => *count,
-                None => {
-                    let count = active_referrals(pm, affiliate_id, line.month);
-                    tier_counts.insert(key, count);
-                    count
-                }
-            };
+            let active = tier_counts
+                .entry(line.month)
+                .or_insert_with(|| active_referrals(pm, line.month))
+                .get(affiliate_id)
+                .copied()
+                .unwrap_or(0);
             rules
                 .tiers
                 .iter()
@@ -1852,9 +1851,11 @@ fn line_earning(
     Some((affiliate_id.clone(), rate, amount))
 }
 
-/// Referrals of an affiliate that produced an earning basis line in a month.
-fn active_referrals(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month) -> u32 {
-    let mut customers = HashSet::default();
+/// Each affiliate's referrals that produced an earning basis line in a
+/// month, counted in one pass over the month's lines (once per month and
+/// close, not once per affiliate).
+fn active_referrals(pm: &ProgramModel, month: Month) -> HashMap<&AffiliateId, u32> {
+    let mut customers: HashSet<(&AffiliateId, &CustomerId)> = HashSet::default();
     for id in pm.lines_by_month.get(&month).into_iter().flatten() {
         let Some(line) = pm.lines.get(id) else {
             continue;
@@ -1863,16 +1864,19 @@ fn active_referrals(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month)
             .rules_at(line.at)
             .is_some_and(|rules| line.kind.earns_under(rules.basis));
         if earns
-            && pm
+            && let Some(affiliate_id) = pm
                 .customers
                 .get(&line.customer_id)
                 .and_then(|c| c.affiliate_at(line.at))
-                == Some(affiliate_id)
         {
-            customers.insert(&line.customer_id);
+            customers.insert((affiliate_id, &line.customer_id));
         }
     }
-    customers.len() as u32
+    let mut counts = HashMap::default();
+    for (affiliate_id, _) in customers {
+        *counts.entry(affiliate_id).or_default() += 1;
+    }
+    counts
 }
 
 /// The rewards, bounties and claw-backs a close of every open line and
