@@ -623,19 +623,8 @@ struct Loaded {
 /// log (same hash at the seqs it names), else `None`.
 fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Loaded>, LedgerError> {
     let (indexed_seq, indexed_hash) = store.indexed().unwrap_or((0, [0; 32]));
-    let checkpoint = store
-        .load_checkpoint(|seq, hash, bytes| {
-            let checkpoint: Checkpoint =
-                crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
-            Some((seq, hash, checkpoint))
-        })
-        .ok()
-        .flatten()
-        .flatten();
-    let (checkpoint_seq, checkpoint_hash, state) = match checkpoint {
-        Some((seq, hash, checkpoint)) => (seq, hash, State::from_checkpoint(checkpoint, seq, hash)),
-        None => (0, log::GENESIS_HASH, State::default()),
-    };
+    let state = stored_state(store).ok().unwrap_or_default();
+    let (checkpoint_seq, checkpoint_hash) = (state.head.seq, state.head.hash);
     let skip_upto = checkpoint_seq.min(indexed_seq);
     let (mut seen_indexed, mut seen_checkpoint) = (indexed_seq == 0, checkpoint_seq == 0);
     let mut anchors = Vec::new();
@@ -876,6 +865,17 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
     encode_state(inner, &state, None, started)
 }
 
+/// The state of the store's last checkpoint, at its head; the empty state
+/// when there is none, or none of this format, or it does not decode.
+fn stored_state(store: &Store) -> Result<State, StoreError> {
+    let stored = store.load_checkpoint(|seq, hash, bytes| {
+        let checkpoint: Checkpoint =
+            crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
+        Some(State::from_checkpoint(checkpoint, seq, hash))
+    })?;
+    Ok(stored.flatten().unwrap_or_default())
+}
+
 /// Builds a checkpoint at `target` (a durable seq) beside the writer, as a
 /// start would: the last checkpoint in the store, then the log from there
 /// to `target`, folded into a state of its own, which is encoded. So the
@@ -886,14 +886,8 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
 /// replays more of the log).
 fn build_checkpoint(inner: &Inner, target: Seq, cancel: &AtomicBool) -> Option<EncodedCheckpoint> {
     let started = Instant::now();
-    let loaded = inner.store.load_checkpoint(|seq, hash, bytes| {
-        let checkpoint: Checkpoint =
-            crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
-        Some((seq, hash, checkpoint))
-    });
-    let mut state = match loaded {
-        Ok(Some(Some((seq, hash, checkpoint)))) => State::from_checkpoint(checkpoint, seq, hash),
-        Ok(Some(None)) | Ok(None) => State::default(),
+    let mut state = match stored_state(&inner.store) {
+        Ok(state) => state,
         Err(e) => {
             eprintln!("warning: checkpoint at seq {target} not built: {e}");
             return None;
@@ -1115,7 +1109,8 @@ fn replay_state(
             stopped = true;
             return Ok(());
         }
-        state.apply(&recorded);
+        // A past state takes no command: no idempotency keys.
+        state.fold(&recorded);
         state.head = Head {
             seq: record.seq,
             hash: record.hash,
@@ -1843,7 +1838,7 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
         if !sum.is_zero() {
             return Err(format!("postings sum to {sum}, not zero"));
         }
-        state.apply(&recorded);
+        state.fold(&recorded);
         state.head = Head {
             seq: record.seq,
             hash: record.hash,
