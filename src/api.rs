@@ -40,6 +40,10 @@ pub struct ApiConfig {
     /// address, and the burst allowed above that pace.
     pub public_per_minute: u32,
     pub public_burst: u32,
+    /// How often the server looks for the month closes programs'
+    /// `auto_close_day` owes (and makes them); `None`: never, the months
+    /// are closed by hand only.
+    pub auto_close_every: Option<std::time::Duration>,
 }
 
 impl Default for ApiConfig {
@@ -50,6 +54,7 @@ impl Default for ApiConfig {
             request_timeout: std::time::Duration::from_secs(30),
             public_per_minute: 120,
             public_burst: 30,
+            auto_close_every: Some(std::time::Duration::from_secs(60)),
         }
     }
 }
@@ -447,6 +452,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let closer = config
+        .auto_close_every
+        .map(|every| tokio::spawn(auto_close(ledger.clone(), every, stopping.clone())));
     let app = routes(ledger, config, stopping)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let signal = async move {
@@ -454,9 +462,41 @@ pub async fn serve(
         // Live streams end, so that the in-flight requests can finish.
         let _ = stop.send(true);
     };
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(signal)
-        .await
+        .await;
+    if let Some(closer) = closer {
+        // It stops with the signal (after a close it is making).
+        let _ = closer.await;
+    }
+    served
+}
+
+/// Makes the month closes that programs' `auto_close_day` owes, now and
+/// then every `every`, until the server stops.
+async fn auto_close(
+    ledger: Arc<Ledger>,
+    every: std::time::Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *stopping.borrow() {
+            return;
+        }
+        for (program, month, result) in ledger.auto_close().await {
+            match result {
+                Ok(receipt) if receipt.noop.is_none() => {
+                    tracing::info!(%program, %month, events = receipt.events.len(), "auto-closed a month");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%program, %month, error = %e, "auto-close refused"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stopping.changed() => return,
+        }
+    }
 }
 
 /// Makes request ids: UUID v7, so they sort by time.

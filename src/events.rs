@@ -333,10 +333,19 @@ impl Month {
     }
     /// The instant the month starts in the given zone.
     pub fn start_in(&self, zone: chrono_tz::Tz) -> Timestamp {
-        let midnight = self.first_day().and_hms_opt(0, 0, 0).unwrap_or_default();
+        self.day_start_in(1, zone)
+    }
+    /// The instant day `day` of the month (1 to 28) starts in the given zone.
+    pub fn day_start_in(&self, day: u8, zone: chrono_tz::Tz) -> Timestamp {
+        let date = self
+            .first_day()
+            .with_day(u32::from(day.clamp(1, 28)))
+            .unwrap_or_else(|| self.first_day());
+        let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
         match zone.from_local_datetime(&midnight).earliest() {
             Some(at) => Timestamp::from_datetime(at.with_timezone(&Utc)),
-            // A zone that skips midnight on the 1st: the month starts at the gap's end.
+            // A zone that skips midnight that day (as the month start
+            // always has been): midnight read as UTC.
             None => Timestamp::from_datetime(Utc.from_utc_datetime(&midnight)),
         }
     }

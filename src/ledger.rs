@@ -45,6 +45,10 @@ use crate::store::{KeyRow, POSITION_STRIDE, Store, StoreError};
 /// The clock the ledger reads; tests drive their own.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
+/// The actor of the month closes the server makes by itself
+/// (`auto_close_day`).
+pub const AUTO_CLOSE_ACTOR: &str = "auto-close";
+
 /// The wall clock.
 pub fn system_clock() -> Clock {
     Arc::new(|| Timestamp::from_datetime(chrono::Utc::now()))
@@ -1279,6 +1283,36 @@ impl Ledger {
 
     pub fn now(&self) -> Timestamp {
         (self.inner.clock)()
+    }
+
+    /// The closes every program's `auto_close_day` owes now
+    /// ([`rules::ProgramModel::auto_close_due`]), by program, oldest month
+    /// first.
+    pub fn auto_close_due(&self) -> Vec<(ProgramId, Month)> {
+        let now = self.now();
+        let state = self.decided_state();
+        let mut due: Vec<(ProgramId, Month)> = state
+            .model
+            .programs
+            .iter()
+            .flat_map(|(id, pm)| pm.auto_close_due(now).into_iter().map(|m| (id.clone(), m)))
+            .collect();
+        due.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
+        due
+    }
+
+    /// Makes the closes [`Self::auto_close_due`] lists, one by one, as the
+    /// actor [`AUTO_CLOSE_ACTOR`], and gives each one's result. A month
+    /// closed meanwhile by hand is a no-op, as a second close always is.
+    pub async fn auto_close(&self) -> Vec<(ProgramId, Month, Result<Receipt, SubmitError>)> {
+        let mut closes = Vec::new();
+        for (program, month) in self.auto_close_due() {
+            let command = Command::CloseMonth { month };
+            let submission = Submission::new(Some(&program), AUTO_CLOSE_ACTOR, command);
+            let result = self.submit(submission).await;
+            closes.push((program, month, result));
+        }
+        closes
     }
 
     /// Submits a command and waits until it is durable (or refused).

@@ -457,6 +457,47 @@ impl ProgramModel {
         self.closed.keys().next_back().copied()
     }
 
+    /// The months the program's `auto_close_day` owes a close at `now`,
+    /// oldest first.
+    ///
+    /// Month M closes by itself once day `auto_close_day` of the month
+    /// after it has begun in the program's zone (its close moment), if that
+    /// moment came while auto-close was on: since the first rules version
+    /// of the latest unbroken run of versions that set a day. So switching
+    /// auto-close on does not close the months an operator left open, and a
+    /// server that was down on the day closes what it missed, in order, when
+    /// it is back. Never a month already closed, nor one before the last
+    /// month closed (closes go in order).
+    pub fn auto_close_due(&self, now: Timestamp) -> Vec<Month> {
+        let mut due = Vec::new();
+        let Some(day) = self.current_rules().and_then(|r| r.auto_close_day) else {
+            return due;
+        };
+        let Some(since) = self
+            .rules
+            .iter()
+            .rev()
+            .take_while(|(_, rules)| rules.auto_close_day.is_some())
+            .last()
+            .map(|(at, _)| *at)
+        else {
+            return due;
+        };
+        let zone = self.zone();
+        let last_closed = self.last_closed();
+        let current = now.month_in(zone);
+        // The first month whose close moment can fall after `since`.
+        let mut month = since.month_in(zone).previous();
+        while month < current {
+            let moment = month.next().day_start_in(day, zone);
+            if moment >= since && moment <= now && last_closed.is_none_or(|last| month > last) {
+                due.push(month);
+            }
+            month = month.next();
+        }
+        due
+    }
+
     /// The time zone of the current rules.
     pub fn zone(&self) -> chrono_tz::Tz {
         self.zone.unwrap_or(chrono_tz::UTC)

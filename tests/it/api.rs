@@ -33,7 +33,24 @@ impl TestApp {
     }
 
     /// A server on `data`; with `admin`, reuses that key instead of issuing keys.
+    /// Months are closed by hand only: a test moves the clock at will.
     pub fn start_in(data: &std::path::Path, admin: Option<String>) -> TestApp {
+        TestApp::start_with(data, admin, None)
+    }
+
+    /// A server that makes the closes `auto_close_day` owes every `every`.
+    pub fn start_auto_closing(every: std::time::Duration) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = TestApp::start_with(dir.path(), None, Some(every));
+        app._dir = Some(dir);
+        app
+    }
+
+    fn start_with(
+        data: &std::path::Path,
+        admin: Option<String>,
+        auto_close_every: Option<std::time::Duration>,
+    ) -> TestApp {
         let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
         let mut config = LedgerConfig::new(data);
         config.preallocate_bytes = 64 << 10;
@@ -59,6 +76,7 @@ impl TestApp {
                 bound.send(base.clone()).unwrap();
                 let config = ApiConfig {
                     base_url: "https://aff.example".into(),
+                    auto_close_every,
                     ..ApiConfig::default()
                 };
                 api::serve(listener, ledger, config, async {
@@ -252,6 +270,62 @@ fn hosting_rules() -> Value {
         "payout_threshold": "50.00", "promo_code_template": "HOST-@ID@",
         "eligible_groups": [], "forbidden_groups": ["staff"], "auto_close_day": 1
     })
+}
+
+/// BILLmanager rewards on the 1st for the month before: a program with
+/// `auto_close_day` is closed by the server itself, once, in its zone.
+#[test]
+fn the_server_closes_a_month_by_itself_on_the_auto_close_day() {
+    let app = TestApp::start_auto_closing(std::time::Duration::from_millis(20));
+    assert_eq!(app.put_program("hosting", hosting_rules()).0, 200);
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap();
+    app.click(
+        "hosting",
+        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
+    );
+    app.signup(
+        "hosting",
+        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-04T09:00:00Z"}),
+    );
+    let line = json!({"id": "inv-1", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "at": "2026-08-10T12:00:00Z"});
+    assert_eq!(app.expense("hosting", line).0, 201);
+    // 23:30 on 31 August in Amsterdam: August has not ended there
+    app.set_now("2026-08-31T21:30:00Z");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let balance = app.balance("hosting", "alice");
+    assert_eq!(
+        (balance["pending"].as_str(), balance["earned"].as_str()),
+        (Some("20.00"), Some("0.00"))
+    );
+    // 00:30 on 1 September there: the server closes August by itself
+    app.set_now("2026-08-31T22:30:00Z");
+    let waited = std::time::Instant::now();
+    while app.balance("hosting", "alice")["earned"] != "20.00" {
+        assert!(
+            waited.elapsed().as_secs() < 20,
+            "August was not closed by itself"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let closes: Value = app
+        .get(Some(&app.admin), "/v1/events?type=MonthClosed")
+        .json()
+        .unwrap();
+    let closes = closes["events"].as_array().unwrap();
+    assert_eq!(closes.len(), 1, "closed once: {closes:?}");
+    assert_eq!(closes[0]["actor"], "auto-close");
+    assert_eq!(closes[0]["data"]["month"], "2026-08");
+    assert_eq!(closes[0]["data"]["total"], "20.00");
+    // by hand again: already closed, nothing appended
+    let head = app.head();
+    let (status, again) = app.close("hosting", "2026-08");
+    assert_eq!(
+        (status, again["already_closed"].as_bool()),
+        (200, Some(true))
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(app.head(), head, "a second close appended events");
 }
 
 /// The BILLmanager story of the core, end to end over HTTP.

@@ -543,6 +543,142 @@ fn late_lines_are_rewarded_at_the_next_close_with_their_own_date() {
     );
 }
 
+/// Makes the closes the ledger owes by `auto_close_day`, as the server's
+/// closer does, and returns (program, month, events appended) of each.
+fn auto_close(t: &TestLedger) -> Vec<(String, String, usize)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(t.ledger().auto_close())
+        .into_iter()
+        .map(|(program, month, result)| {
+            let receipt = result.unwrap();
+            for recorded in &receipt.events {
+                assert_eq!(recorded.actor.as_str(), "auto-close");
+            }
+            (program.to_string(), month.to_string(), receipt.events.len())
+        })
+        .collect()
+}
+
+fn owed(t: &TestLedger) -> Vec<String> {
+    t.ledger()
+        .auto_close_due()
+        .into_iter()
+        .map(|(_, m)| m.to_string())
+        .collect()
+}
+
+#[test]
+fn auto_close_closes_the_previous_month_on_its_day_in_the_program_zone() {
+    // given a program that closes by itself on the 3rd, in Amsterdam,
+    // defined on 5 August (so July's day had passed: it is not owed)
+    let t = TestLedger::new("hosting");
+    t.set_now("2026-08-05T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"auto_close_day": 3})));
+    let alice = t.enroll("alice");
+    t.click("2026-08-05T12:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-08-06T12:00:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-08-10T12:00:00Z", "aug", "cust-1", "100.00");
+    t.expense("2026-09-01T12:00:00Z", "sep", "cust-1", "50.00");
+    // when the 3rd has not begun in Amsterdam (23:59 on the 2nd, CEST)
+    t.set_now("2026-09-02T21:59:59Z");
+    // then nothing is owed, and nothing is closed
+    assert!(owed(&t).is_empty());
+    assert!(auto_close(&t).is_empty());
+    // when it has: August closes, as `auto-close`, with its reward
+    t.set_now("2026-09-02T22:00:00Z");
+    assert_eq!(owed(&t), vec!["2026-08"]);
+    assert_eq!(
+        auto_close(&t),
+        vec![("hosting".into(), "2026-08".into(), 2)]
+    );
+    assert_eq!(
+        t.money("alice"),
+        ("20.00".into(), "10.00".into(), "0.00".into())
+    );
+    // and once closed it is owed no more: a second look appends nothing
+    let head = t.head();
+    assert!(owed(&t).is_empty());
+    assert!(auto_close(&t).is_empty());
+    assert_eq!(t.head(), head);
+    // nor is September before 3 October
+    t.set_now("2026-10-02T12:00:00Z");
+    assert!(owed(&t).is_empty());
+    t.verify_ok();
+}
+
+#[test]
+fn auto_close_catches_up_in_order_but_not_on_months_before_it_was_switched_on() {
+    // given a program closed by hand only, with lines in June and July
+    let t = TestLedger::new("hosting");
+    t.set_now("2026-06-01T00:00:00Z");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"auto_close_day": null}),
+    ));
+    let alice = t.enroll("alice");
+    t.click("2026-06-01T12:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-06-02T12:00:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-06-10T12:00:00Z", "jun", "cust-1", "100.00");
+    t.expense("2026-07-10T12:00:00Z", "jul", "cust-1", "100.00");
+    // when auto-close is switched on for the 5th on 10 August
+    t.set_now("2026-08-10T12:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"auto_close_day": 5})));
+    // then the months whose day had passed stay the operator's to close
+    assert!(owed(&t).is_empty());
+    // when the server comes back on 20 November, down since early September
+    t.expense("2026-08-20T12:00:00Z", "aug", "cust-1", "100.00");
+    t.set_now("2026-11-20T12:00:00Z");
+    // then August, September and October close, in order; June's and
+    // July's lines are rewarded late at the August close, none is lost
+    assert_eq!(owed(&t), vec!["2026-08", "2026-09", "2026-10"]);
+    assert_eq!(
+        auto_close(&t),
+        vec![
+            ("hosting".into(), "2026-08".into(), 4),
+            ("hosting".into(), "2026-09".into(), 1),
+            ("hosting".into(), "2026-10".into(), 1),
+        ]
+    );
+    {
+        let state = t.ledger().state();
+        let pm = state.model.program(&t.program).unwrap();
+        let august = &pm.closed[&month("2026-08")];
+        assert_eq!(
+            (august.rewards, august.total.to_string()),
+            (3, "60.00".into())
+        );
+        assert!(!pm.closed.contains_key(&month("2026-07")));
+    }
+    t.verify_ok();
+}
+
+#[test]
+fn auto_close_skips_months_before_a_later_close_and_stops_when_switched_off() {
+    let t = TestLedger::new("hosting");
+    t.set_now("2026-08-01T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"auto_close_day": 1})));
+    // an operator closed September by hand while August was open
+    t.close("2026-09");
+    t.set_now("2026-10-01T12:00:00Z");
+    assert!(owed(&t).is_empty(), "August would be out of order");
+    t.set_now("2026-11-01T12:00:00Z");
+    assert_eq!(owed(&t), vec!["2026-10"]);
+    // switched off, nothing is owed; switched on again, only from then on
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"auto_close_day": null}),
+    ));
+    assert!(owed(&t).is_empty());
+    t.set_now("2026-11-15T12:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"auto_close_day": 1})));
+    assert!(owed(&t).is_empty());
+    t.set_now("2026-12-01T00:00:00Z");
+    assert_eq!(owed(&t), vec!["2026-11"]);
+}
+
 #[test]
 fn pending_is_an_estimate_that_moves_no_money() {
     let (t, _, _) = given(serde_json::json!({}));
