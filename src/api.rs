@@ -248,6 +248,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     }
     let writer = app.ledger.writer_stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (auto_closes, auto_close_refusals) = app.ledger.auto_closes();
     let counters = [
         (
             "commission_ledger_group_commits_total",
@@ -268,6 +269,16 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "commission_ledger_history_replays_total",
             "Replays of the log for reads of the past (as_of).",
             app.ledger.history_replays(),
+        ),
+        (
+            "commission_ledger_auto_closes_total",
+            "Months closed by the server itself (auto_close_day).",
+            auto_closes,
+        ),
+        (
+            "commission_ledger_auto_close_refusals_total",
+            "Closes owed by auto_close_day that the ledger refused.",
+            auto_close_refusals,
         ),
     ];
     for (name, help, value) in counters {
@@ -335,6 +346,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "commission_ledger_checkpoint_bytes",
             "The size of the last checkpoint saved since start.",
             load(&writer.checkpoint_bytes),
+        ),
+        (
+            "commission_ledger_auto_close_owed",
+            "Month closes owed by auto_close_day and not made yet.",
+            app.ledger.auto_close_due().len() as u64,
         ),
         (
             "commission_ledger_checkpoint_building",

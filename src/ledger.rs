@@ -1039,6 +1039,9 @@ struct Inner {
     replays: Mutex<BTreeMap<Uuid, Replay>>,
     /// Past states for `as_of` reads.
     history: History,
+    /// Months closed by [`Ledger::auto_close`], and its closes refused.
+    auto_closes: AtomicU64,
+    auto_close_refusals: AtomicU64,
     /// Held for the ledger's life: one process per data directory.
     _lock: File,
 }
@@ -1201,6 +1204,8 @@ impl Ledger {
             key_secret,
             replays: Mutex::new(BTreeMap::new()),
             history: History::default(),
+            auto_closes: AtomicU64::new(0),
+            auto_close_refusals: AtomicU64::new(0),
             _lock: lock,
         });
         let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
@@ -1262,6 +1267,15 @@ impl Ledger {
         )
     }
 
+    /// Months [`Self::auto_close`] closed since start, and closes of it
+    /// that were refused.
+    pub fn auto_closes(&self) -> (u64, u64) {
+        (
+            self.inner.auto_closes.load(Ordering::Relaxed),
+            self.inner.auto_close_refusals.load(Ordering::Relaxed),
+        )
+    }
+
     /// Replays of the log run for reads of the past since start.
     pub fn history_replays(&self) -> u64 {
         self.inner.history.replays.load(Ordering::Relaxed)
@@ -1310,6 +1324,15 @@ impl Ledger {
             let command = Command::CloseMonth { month };
             let submission = Submission::new(Some(&program), AUTO_CLOSE_ACTOR, command);
             let result = self.submit(submission).await;
+            let counter = match &result {
+                Ok(receipt) if receipt.noop.is_none() => Some(&self.inner.auto_closes),
+                // Closed by hand meanwhile.
+                Ok(_) => None,
+                Err(_) => Some(&self.inner.auto_close_refusals),
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             closes.push((program, month, result));
         }
         closes

@@ -317,6 +317,17 @@ fn the_server_closes_a_month_by_itself_on_the_auto_close_day() {
     assert_eq!(closes[0]["actor"], "auto-close");
     assert_eq!(closes[0]["data"]["month"], "2026-08");
     assert_eq!(closes[0]["data"]["total"], "20.00");
+    let metrics = app.get(Some(&app.admin), "/metrics").text().unwrap();
+    for line in [
+        "commission_ledger_auto_closes_total 1",
+        "commission_ledger_auto_close_refusals_total 0",
+        "commission_ledger_auto_close_owed 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in {metrics}"
+        );
+    }
     // by hand again: already closed, nothing appended
     let head = app.head();
     let (status, again) = app.close("hosting", "2026-08");
@@ -1407,6 +1418,15 @@ fn metrics_count_requests_by_route_and_status_and_the_writer() {
     assert!(text.contains("commission_ledger_checkpoint_building 0"));
     assert!(text.contains("# TYPE commission_ledger_checkpoint_seconds_total counter"));
     assert!(!text.contains("alice"), "no ids in labels");
+    // August's close is owed by auto_close_day (this server's closer is off)
+    assert!(text.contains("commission_ledger_auto_close_owed 0"));
+    app.set_now("2026-09-01T12:00:00Z");
+    let text = app.get(None, "/metrics").text().unwrap();
+    assert!(
+        text.contains("commission_ledger_auto_close_owed 1"),
+        "{text}"
+    );
+    assert!(text.contains("commission_ledger_auto_closes_total 0"));
 }
 
 #[test]
