@@ -40,6 +40,13 @@ pub struct ApiConfig {
     /// address, and the burst allowed above that pace.
     pub public_per_minute: u32,
     pub public_burst: u32,
+    /// Reverse proxies (TLS terminators, load balancers) whose
+    /// `X-Forwarded-For` is believed: the client address of a request one
+    /// of them passes on is the nearest address in that header that is not
+    /// a trusted proxy. Empty: the peer's address, whatever the headers say.
+    /// Behind a proxy that is not listed, every visitor shares the proxy's
+    /// address, and with it one rate limit.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How often the server looks for the month closes programs'
     /// `auto_close_day` owes (and makes them); `None`: never, the months
     /// are closed by hand only.
@@ -55,6 +62,7 @@ impl Default for ApiConfig {
             public_per_minute: 120,
             public_burst: 30,
             auto_close_every: Some(std::time::Duration::from_secs(60)),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -105,7 +113,15 @@ impl RateLimiter {
     }
 
     /// Takes one request from the address's bucket; `false` when it is empty.
+    /// An IPv6 address shares its bucket with its /64: one subscriber's
+    /// network, which hands its hosts as many addresses as they like.
     pub fn allow(&self, address: std::net::IpAddr, now: Timestamp) -> bool {
+        let address = match address.to_canonical() {
+            std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+            v4 => v4,
+        };
         let mut buckets = self
             .buckets
             .lock()
@@ -2200,8 +2216,53 @@ fn visitor_cookie(headers: &HeaderMap) -> Option<String> {
 }
 
 /// A keyed hash of the client address: never the address itself.
-fn client_hash(app: &AppState, peer: std::net::SocketAddr) -> Bytes16 {
-    let full = app.ledger.key_hash(&format!("client:{}", peer.ip()));
+/// The address a public request came from: the peer's or, when the peer
+/// is a trusted proxy, the nearest address in `X-Forwarded-For` that is
+/// not one. Each proxy appends the address it got the request from, so the
+/// list is read from its right end, and what a client wrote at its left end
+/// itself is never reached while an untrusted address stands after it.
+fn client_ip(
+    config: &ApiConfig,
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> std::net::IpAddr {
+    let trusted = |ip: &std::net::IpAddr| config.trusted_proxies.iter().any(|n| n.contains(ip));
+    let mut client = peer.ip().to_canonical();
+    if !trusted(&client) {
+        return client;
+    }
+    // Several header lines are one list, in order.
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            // `unknown`, an obfuscated name or garbage: the nearest known
+            // hop is the client.
+            let Some(ip) = forwarded_ip(hop.trim()) else {
+                return client;
+            };
+            client = ip;
+            if !trusted(&ip) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// An address as proxies write it in `X-Forwarded-For`: `203.0.113.7`,
+/// `203.0.113.7:4711`, `2001:db8::7` or `[2001:db8::7]:4711`.
+fn forwarded_ip(hop: &str) -> Option<std::net::IpAddr> {
+    let ip = match hop.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => hop.parse::<std::net::SocketAddr>().ok()?.ip(),
+    };
+    Some(ip.to_canonical())
+}
+
+fn client_hash(app: &AppState, client: std::net::IpAddr) -> Bytes16 {
+    let full = app.ledger.key_hash(&format!("client:{client}"));
     let mut short = [0u8; 16];
     short.copy_from_slice(&full.0[..16]);
     crate::events::Bytes(short)
@@ -2223,7 +2284,8 @@ async fn follow_link(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> ApiResult {
-    if !app.public_limit.allow(peer.ip(), app.ledger.now()) {
+    let client = client_ip(&app.config, peer, &headers);
+    if !app.public_limit.allow(client, app.ledger.now()) {
         return Err(ApiError::RateLimited);
     }
     let found = {
@@ -2257,7 +2319,7 @@ async fn follow_link(
         creative: None,
         referrer,
         landing: Some(Text::from(target.as_str())),
-        client_hash: Some(client_hash(&app, peer)),
+        client_hash: Some(client_hash(&app, client)),
     };
     let submission = Submission::new(Some(&program), "public", command);
     // A suspended affiliate's link still takes the visitor to the site.
@@ -2293,7 +2355,8 @@ async fn pixel(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if !app.public_limit.allow(peer.ip(), app.ledger.now()) {
+    let client = client_ip(&app.config, peer, &headers);
+    if !app.public_limit.allow(client, app.ledger.now()) {
         return ApiError::RateLimited.into_response();
     }
     let code = query.p.as_deref().and_then(|page| {
@@ -2324,7 +2387,7 @@ async fn pixel(
                 creative: None,
                 referrer: query.r.as_deref().map(Text::from),
                 landing: query.p.as_deref().map(Text::from),
-                client_hash: Some(client_hash(&app, peer)),
+                client_hash: Some(client_hash(&app, client)),
             };
             if app
                 .ledger

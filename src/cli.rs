@@ -59,6 +59,17 @@ pub enum Verb {
         /// Public endpoints: the burst allowed above that pace.
         #[arg(long, env = "COMMISSION_LEDGER_PUBLIC_BURST", default_value_t = 30)]
         public_burst: u32,
+        /// A reverse proxy (address or CIDR, repeatable) whose
+        /// X-Forwarded-For names the client: rate limits and click client
+        /// hashes then go by the visitor's address, not the proxy's.
+        #[arg(
+            long = "trusted-proxy",
+            value_name = "ADDR|CIDR",
+            env = "COMMISSION_LEDGER_TRUSTED_PROXIES",
+            value_delimiter = ',',
+            value_parser = parse_proxy
+        )]
+        trusted_proxies: Vec<ipnet::IpNet>,
     },
     /// Delete the index store and rebuild it and every projection from the
     /// log; or, with --what-if, replay a program under overrides and print
@@ -217,6 +228,14 @@ fn what_if(
     Ok(0)
 }
 
+/// A trusted proxy: a network, or one address.
+fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is not an IP address or a CIDR network"))
+}
+
 /// Runs the command line; the exit status is the process's.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let data = cli.data;
@@ -227,11 +246,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             demo,
             public_per_minute,
             public_burst,
+            trusted_proxies,
         } => {
             let config = crate::api::ApiConfig {
                 base_url: base_url.unwrap_or_default(),
                 public_per_minute,
                 public_burst,
+                trusted_proxies,
                 ..crate::api::ApiConfig::default()
             };
             serve(&data, listen, config, demo)

@@ -35,13 +35,18 @@ impl TestApp {
     /// A server on `data`; with `admin`, reuses that key instead of issuing keys.
     /// Months are closed by hand only: a test moves the clock at will.
     pub fn start_in(data: &std::path::Path, admin: Option<String>) -> TestApp {
-        TestApp::start_with(data, admin, None)
+        TestApp::start_with(data, admin, |_| {})
     }
 
     /// A server that makes the closes `auto_close_day` owes every `every`.
     pub fn start_auto_closing(every: std::time::Duration) -> TestApp {
+        TestApp::start_configured(move |config| config.auto_close_every = Some(every))
+    }
+
+    /// A server on a new directory, its API configured by `configure`.
+    pub fn start_configured(configure: impl FnOnce(&mut ApiConfig) + Send + 'static) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
-        let mut app = TestApp::start_with(dir.path(), None, Some(every));
+        let mut app = TestApp::start_with(dir.path(), None, configure);
         app._dir = Some(dir);
         app
     }
@@ -49,7 +54,7 @@ impl TestApp {
     fn start_with(
         data: &std::path::Path,
         admin: Option<String>,
-        auto_close_every: Option<std::time::Duration>,
+        configure: impl FnOnce(&mut ApiConfig) + Send + 'static,
     ) -> TestApp {
         let clock = Arc::new(AtomicI64::new(ts("2026-08-01T00:00:00Z").micros()));
         let mut config = LedgerConfig::new(data);
@@ -74,11 +79,12 @@ impl TestApp {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let base = format!("http://{}", listener.local_addr().unwrap());
                 bound.send(base.clone()).unwrap();
-                let config = ApiConfig {
+                let mut config = ApiConfig {
                     base_url: "https://aff.example".into(),
-                    auto_close_every,
+                    auto_close_every: None,
                     ..ApiConfig::default()
                 };
+                configure(&mut config);
                 api::serve(listener, ledger, config, async {
                     let _ = stop.await;
                 })
@@ -1522,6 +1528,9 @@ fn public_endpoints_are_rate_limited_per_address() {
     assert_eq!(limited.status().as_u16(), 429);
     assert_eq!(limited.headers()["retry-after"], "1");
     assert_eq!(app.get(None, "/px.gif").status().as_u16(), 429);
+    // trusting no proxy, a claimed address changes nothing
+    let spoofed = client.get(&link).header("x-forwarded-for", "203.0.113.9");
+    assert_eq!(spoofed.send().unwrap().status().as_u16(), 429);
     assert_eq!(app.head(), head, "a limited click is not recorded");
     // the bucket refills with time: 120 a minute is 2 a second
     app.clock.fetch_add(1_000_000, Ordering::SeqCst);
@@ -1538,6 +1547,88 @@ fn public_endpoints_are_rate_limited_per_address() {
         .as_u16(),
         200
     );
+}
+
+/// An IPv6 subscriber gets a /64 and picks addresses at will: the limit
+/// is the network's.
+#[test]
+fn the_rate_limit_holds_an_ipv6_network_to_one_bucket() {
+    let limiter = api::RateLimiter::new(120, 2);
+    let now = ts("2026-08-01T00:00:00Z");
+    let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+    assert!(limiter.allow(ip("2001:db8:1:2::1"), now));
+    assert!(limiter.allow(ip("2001:db8:1:2:ffff::9"), now));
+    assert!(
+        !limiter.allow(ip("2001:db8:1:2::abcd"), now),
+        "the same /64"
+    );
+    assert!(limiter.allow(ip("2001:db8:1:3::1"), now), "another /64");
+    assert!(limiter.allow(ip("192.0.2.1"), now));
+    assert!(
+        limiter.allow(ip("::ffff:192.0.2.1"), now),
+        "the same IPv4 address, mapped"
+    );
+    assert!(!limiter.allow(ip("192.0.2.1"), now));
+    assert!(limiter.allow(ip("192.0.2.2"), now));
+}
+
+/// Behind a TLS-terminating proxy every visitor's peer address is the
+/// proxy's: with the proxy trusted, each visitor has a limit (and a client
+/// hash) of their own, and what a visitor writes into X-Forwarded-For
+/// themselves does not get them another.
+#[test]
+fn behind_a_trusted_proxy_each_visitor_is_limited_by_their_own_address() {
+    let app = TestApp::start_configured(|config| {
+        config.trusted_proxies = vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+    });
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let link = app.url(&format!("/r/{}", alice["referral_code"].as_str().unwrap()));
+    let client = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let from = |forwarded: &str| {
+        client
+            .get(&link)
+            .header("x-forwarded-for", forwarded)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let burst = ApiConfig::default().public_burst;
+    for _ in 0..burst {
+        // the visitor, then a second trusted proxy in front of ours
+        assert_eq!(from("203.0.113.7, 10.1.2.3"), 302);
+    }
+    assert_eq!(from("203.0.113.7"), 429);
+    // a claimed address at the left end is not the client: the proxy's is
+    assert_eq!(from("198.51.100.1, 203.0.113.7"), 429);
+    // another visitor, also with a port or IPv6, has their own limit
+    assert_eq!(from("203.0.113.8:4711"), 302);
+    assert_eq!(from("[2001:db8::1]:443"), 302);
+    // a hop that is no address: the nearest known hop (the proxy) is the client
+    for _ in 0..burst {
+        assert_eq!(from("unknown"), 302);
+    }
+    assert_eq!(from("garbage"), 429);
+    // the clicks' client hashes tell the visitors apart, and never hold the address
+    let clicks: Value = app
+        .get(Some(&app.admin), "/v1/events?type=ClickRecorded&limit=1000")
+        .json()
+        .unwrap();
+    let hashes: std::collections::BTreeSet<String> = clicks["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["client_hash"].to_string())
+        .collect();
+    assert_eq!(hashes.len(), 4, "{hashes:?}");
+    assert!(!clicks.to_string().contains("203.0.113"));
 }
 
 /// Every endpoint × every kind of caller: no key 401, a key or token that
