@@ -573,7 +573,8 @@ pub enum ApiError {
     RateLimited,
     /// 503: the ledger has stopped taking writes.
     Unavailable,
-    /// 503: too many reads of the past wait for their replay.
+    /// 503: too many reads of the past wait for their replay, or too many
+    /// verifications and what-if replays for their turn.
     Busy(String),
     /// 500: logged; the body says nothing more.
     Internal(String),
@@ -703,6 +704,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::IdempotencyConflict(key) => ApiError::IdempotencyConflict(key),
             SubmitError::Stopped => ApiError::Unavailable,
             SubmitError::Failed(e) => ApiError::Internal(e),
+            SubmitError::Busy => ApiError::Busy(e.to_string()),
         }
     }
 }
@@ -1003,6 +1005,16 @@ async fn settled<T>(app: &AppState, read: impl FnOnce(&crate::ledger::State) -> 
     durably(&app.ledger, || read(&app.ledger.state())).await
 }
 
+/// A ledger error as the API answers it: busy (503) or internal (500).
+fn ledger_error(e: crate::ledger::LedgerError) -> ApiError {
+    match e {
+        crate::ledger::LedgerError::Busy | crate::ledger::LedgerError::WholeLogBusy => {
+            ApiError::Busy(e.to_string())
+        }
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
 /// Runs a read: right here for the current state (a read lock, quick), on
 /// the blocking pool for a past state (a replay of the log).
 async fn read<T: Send + 'static>(
@@ -1010,10 +1022,7 @@ async fn read<T: Send + 'static>(
     as_of: Option<AsOf>,
     read: impl FnOnce(&Ledger, Option<AsOf>) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let internal = |e: crate::ledger::LedgerError| match e {
-        crate::ledger::LedgerError::Busy => ApiError::Busy(e.to_string()),
-        e => ApiError::Internal(e.to_string()),
-    };
+    let internal = ledger_error;
     if as_of.is_none() {
         return durably(&app.ledger, || read(&app.ledger, None))
             .await
@@ -1078,7 +1087,8 @@ async fn verify(State(app): State<AppState>, headers: HeaderMap) -> ApiResult {
     let ledger = app.ledger.clone();
     let report = tokio::task::spawn_blocking(move || ledger.verify())
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ledger_error)?;
     let body = json!({
         "ok": report.ok,
         "events": report.events,

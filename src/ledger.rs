@@ -118,6 +118,9 @@ pub enum LedgerError {
     /// Too many reads of the past are waiting for their replay.
     #[error("{HISTORY_WAITING} reads of the past are already waiting; try again shortly")]
     Busy,
+    /// Too many verifications and what-if replays are waiting.
+    #[error("{WHOLE_LOG_BUSY}")]
+    WholeLogBusy,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError {
@@ -140,6 +143,9 @@ pub enum SubmitError {
     /// Reading the log failed (a what-if replay); logged, answered as 500.
     #[error("{0}")]
     Failed(String),
+    /// Too many verifications and what-if replays are waiting.
+    #[error("{WHOLE_LOG_BUSY}")]
+    Busy,
 }
 
 /// A what-if replay: what was asked, where in the log, and its diff.
@@ -173,6 +179,67 @@ pub const HISTORY_KEPT: usize = 2;
 /// Reads of the past that may wait for a replay; one more is refused
 /// ([`LedgerError::Busy`]) rather than hold a thread and, later, a state.
 pub const HISTORY_WAITING: usize = 32;
+
+/// Verifications (`GET /v1/verify`) and what-if replays (computing one,
+/// reading back an applied one, applying one) that may wait for their
+/// turn; one more is refused as busy. Each reads the whole log into a
+/// state of its own, so they run one at a time ([`WholeLogTurns`]).
+pub const WHOLE_LOG_WAITING: usize = 8;
+
+/// One whole-log job at a time, and at most [`WHOLE_LOG_WAITING`] waiting.
+#[derive(Default)]
+struct WholeLogTurns {
+    /// Whether one runs, and how many wait.
+    slots: Mutex<(bool, usize)>,
+    changed: std::sync::Condvar,
+}
+
+/// A whole-log job's turn; dropping it (however the job ends) lets the
+/// next one go.
+struct WholeLogTurn<'a>(&'a WholeLogTurns);
+
+impl WholeLogTurns {
+    fn take(&self) -> Result<WholeLogTurn<'_>, Busy> {
+        let lock = || {
+            self.slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let mut slots = lock();
+        if slots.0 {
+            if slots.1 >= WHOLE_LOG_WAITING {
+                return Err(Busy);
+            }
+            slots.1 += 1;
+            while slots.0 {
+                slots = self
+                    .changed
+                    .wait(slots)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            slots.1 -= 1;
+        }
+        slots.0 = true;
+        Ok(WholeLogTurn(self))
+    }
+}
+
+impl Drop for WholeLogTurn<'_> {
+    fn drop(&mut self) {
+        self.0
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = false;
+        self.0.changed.notify_one();
+    }
+}
+
+/// Too many whole-log jobs are waiting.
+#[derive(Debug)]
+struct Busy;
+
+const WHOLE_LOG_BUSY: &str = "verifications and what-if replays run one at a time, and enough are waiting; try again shortly";
 
 /// The past states `as_of` reads are answered from. A past state never
 /// changes: a seq names a fixed prefix of the log, and a time before the
@@ -1039,6 +1106,8 @@ struct Inner {
     replays: Mutex<BTreeMap<Uuid, Replay>>,
     /// Past states for `as_of` reads.
     history: History,
+    /// Verifications and what-if replays, one at a time.
+    whole_log: WholeLogTurns,
     /// Months closed by [`Ledger::auto_close`], and its closes refused.
     auto_closes: AtomicU64,
     auto_close_refusals: AtomicU64,
@@ -1204,6 +1273,7 @@ impl Ledger {
             key_secret,
             replays: Mutex::new(BTreeMap::new()),
             history: History::default(),
+            whole_log: WholeLogTurns::default(),
             auto_closes: AtomicU64::new(0),
             auto_close_refusals: AtomicU64::new(0),
             _lock: lock,
@@ -1454,6 +1524,11 @@ impl Ledger {
         months: Option<MonthRange>,
         head: Seq,
     ) -> Result<crate::replay::Diff, SubmitError> {
+        let _turn = self
+            .inner
+            .whole_log
+            .take()
+            .map_err(|Busy| SubmitError::Busy)?;
         let mut what_if = crate::replay::WhatIf::new(program.clone(), applied, overrides);
         let result = std::thread::scope(|scope| {
             let (mut chunks, received) = ChunkSender::<Recorded>::channel();
@@ -1823,7 +1898,15 @@ impl Ledger {
 
     /// Checks the whole log (frames, CRCs, chain, postings) and that the
     /// live projections equal a fresh replay.
-    pub fn verify(&self) -> VerifyReport {
+    ///
+    /// One at a time with what-if replays; [`LedgerError::WholeLogBusy`]
+    /// when [`WHOLE_LOG_WAITING`] are already waiting.
+    pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        let _turn = self
+            .inner
+            .whole_log
+            .take()
+            .map_err(|Busy| LedgerError::WholeLogBusy)?;
         let head = self.state().head.seq;
         let mut report = verify_log(&self.inner.log_dir, Some(head));
         if report.ok {
@@ -1836,7 +1919,7 @@ impl Ledger {
                 report.problem = Some("the live projections differ from a fresh replay".into());
             }
         }
-        report
+        Ok(report)
     }
 
     /// Stops the writer after the commands already queued, and waits for it.

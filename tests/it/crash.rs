@@ -86,7 +86,7 @@ fn every_acknowledged_event_survives_sigkill() {
                 "round {round}: acknowledged event {id} at seq {seq} is missing"
             );
         }
-        let report = ledger.verify();
+        let report = ledger.verify().unwrap();
         assert!(report.ok, "round {round}: {:?}", report.problem);
         drop(ledger);
         previous_head = head;

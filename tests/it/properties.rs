@@ -394,7 +394,7 @@ proptest! {
     fn random_histories_keep_every_money_invariant(ops in proptest::collection::vec(op(), 1..120)) {
         let (t, served, appended) = run(&ops);
         // postings sum to zero and the projections equal a fresh replay
-        let report = t.ledger().verify();
+        let report = t.ledger().verify().unwrap();
         prop_assert!(report.ok, "{:?}", report.problem);
         prop_assert!(t.ledger().state().views.postings_sum.is_zero());
         // each balance equals the sum of its statement lines
@@ -561,7 +561,7 @@ proptest! {
         }
         let again = t.ledger().what_if(&t.program, Overrides::default(), None).unwrap();
         prop_assert!(again.diff.is_empty(), "{:?}", again.diff);
-        let report = t.ledger().verify();
+        let report = t.ledger().verify().unwrap();
         prop_assert!(report.ok, "{:?}", report.problem);
     }
 }

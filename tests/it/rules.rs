@@ -427,7 +427,7 @@ fn a_refund_lowers_the_billed_total_only_for_a_line_of_the_basis_kind_also_after
     t.refund("2026-08-07T12:00:00Z", "cn-3", "cust-1", "exp-1", "5.00");
     t.refund("2026-08-07T13:00:00Z", "cn-4", "cust-1", "pay-1", "5.00");
     assert_eq!(billed(&t), "70.00");
-    let report = t.ledger().verify();
+    let report = t.ledger().verify().unwrap();
     assert!(report.ok, "{:?}", report.problem);
 }
 

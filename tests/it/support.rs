@@ -382,7 +382,7 @@ impl TestLedger {
     }
 
     pub fn verify_ok(&self) {
-        let report = self.ledger().verify();
+        let report = self.ledger().verify().unwrap();
         assert!(report.ok, "verify failed: {:?}", report.problem);
     }
 }

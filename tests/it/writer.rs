@@ -201,7 +201,7 @@ fn the_writer_goes_on_answering_while_a_checkpoint_is_built_beside_it() {
     let head = t.head();
     t.reopen();
     assert_eq!(t.ledger().store_status().1, head);
-    assert!(t.ledger().verify().ok);
+    assert!(t.ledger().verify().unwrap().ok);
 }
 
 /// Group commit for callers who wait for their answer before sending again
