@@ -427,6 +427,80 @@ pub struct ProgramModel {
     /// The current rules' time zone, parsed once (again after a checkpoint is loaded).
     #[serde(skip)]
     zone: Option<chrono_tz::Tz>,
+    /// Pending estimates already computed, and what they depend on.
+    #[serde(skip)]
+    pending_memo: PendingMemo,
+}
+
+/// The pending estimate of each affiliate as last computed, kept until
+/// something it depends on changes: a balance read then costs a lookup
+/// instead of a simulated close of the affiliate's open lines (measured:
+/// 35–41 ms for an affiliate with 20,000 of them).
+///
+/// What an estimate depends on is tracked by epochs. A basis line can
+/// change only the estimates of the affiliates its customer ever belonged
+/// to (whoever had the customer at the line's moment earns it, and tier
+/// counts are the affiliate's own), and a signup those of the customer's
+/// affiliates before and after it: these bump those affiliates' epochs. A
+/// click changes no estimate. Every other event (rules, enrolments, refunds,
+/// groups, reassignments, closes, replays, withdrawals: all rarer) bumps
+/// the program's epoch, which every estimate depends on.
+#[derive(Default)]
+struct PendingMemo {
+    program: u64,
+    affiliates: HashMap<AffiliateId, u64>,
+    /// By affiliate: (program epoch, affiliate epoch, month) → estimate.
+    computed: std::sync::Mutex<PendingComputed>,
+}
+
+/// (program epoch, affiliate epoch, month): what an estimate holds for.
+type PendingKey = (u64, u64, Month);
+type PendingComputed = HashMap<AffiliateId, (PendingKey, Decimal)>;
+
+impl PendingMemo {
+    /// Notes what `recorded` may change, before it is folded in.
+    fn note(&mut self, customers: &HashMap<CustomerId, Customer>, recorded: &Recorded) {
+        let bump_customer = |memo: &mut PendingMemo, customer: &CustomerId| {
+            for (_, affiliate) in customers.get(customer).map_or(&[][..], |c| &c.attribution) {
+                *memo.affiliates.entry(affiliate.clone()).or_default() += 1;
+            }
+        };
+        match &recorded.event {
+            Event::ClickRecorded(_) => {}
+            Event::BasisLineRecorded(e) => bump_customer(self, &e.customer_id),
+            Event::SignupAttributed(e) => {
+                bump_customer(self, &e.customer_id);
+                *self.affiliates.entry(e.affiliate_id.clone()).or_default() += 1;
+            }
+            _ => self.program += 1,
+        }
+    }
+
+    fn key(&self, affiliate: &AffiliateId, month: Month) -> PendingKey {
+        let epoch = self.affiliates.get(affiliate).copied().unwrap_or(0);
+        (self.program, epoch, month)
+    }
+
+    fn computed(&self) -> std::sync::MutexGuard<'_, PendingComputed> {
+        self.computed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A copy starts with nothing computed (its epochs are its own).
+impl Clone for PendingMemo {
+    fn clone(&self) -> PendingMemo {
+        PendingMemo::default()
+    }
+}
+
+impl std::fmt::Debug for PendingMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingMemo")
+            .field("program", &self.program)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProgramModel {
@@ -509,6 +583,7 @@ impl ProgramModel {
     /// the closes still to come: attribution and rates follow them, and
     /// excluded lines that no close took yet never earn.
     pub(crate) fn install_overrides(&mut self, overrides: &Overrides, shadow: bool) {
+        self.pending_memo.program += 1;
         for o in &overrides.affiliate_rates {
             self.rate_overrides.push(o.clone());
         }
@@ -551,6 +626,7 @@ impl ProgramModel {
 
     /// The rules override holds from its moment on, over any later version.
     pub(crate) fn impose_rules(&mut self, overrides: &Overrides) {
+        self.pending_memo.program += 1;
         if let Some(o) = &overrides.rules {
             self.rules.retain(|(at, _)| *at < o.from);
             let mut rules = o.rules.clone();
@@ -565,6 +641,7 @@ impl ProgramModel {
 
     /// The customer's attribution overrides hold over what was recorded.
     pub(crate) fn impose_attribution(&mut self, overrides: &Overrides, customer_id: &CustomerId) {
+        self.pending_memo.program += 1;
         let mut wanted = overrides
             .attribution
             .iter()
@@ -743,6 +820,7 @@ fn posting_affiliate(account: &Account) -> Option<&AffiliateId> {
 }
 
 pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
+    pm.pending_memo.note(&pm.customers, recorded);
     let at = recorded.occurred_at;
     let seq = recorded.seq;
     if matches!(
@@ -2075,6 +2153,22 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
         return Decimal::ZERO;
     }
     let month = now.month_in(pm.zone());
+    let key = pm.pending_memo.key(affiliate_id, month);
+    if let Some((computed_for, pending)) = pm.pending_memo.computed().get(affiliate_id)
+        && *computed_for == key
+    {
+        return *pending;
+    }
+    let pending = simulate_pending(pm, affiliate_id, month);
+    pm.pending_memo
+        .computed()
+        .insert(affiliate_id.clone(), (key, pending));
+    pending
+}
+
+/// [`pending_estimate`], computed: a close of every open month simulated
+/// for the affiliate's open lines.
+fn simulate_pending(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month) -> Decimal {
     // Only the open lines of customers the affiliate ever had can earn it
     // something (a line earns whoever had its customer at the line's
     // moment): not every open line of the program, which a busy program

@@ -281,6 +281,42 @@ fn forbidden_groups_never_earn_from_the_moment_they_join_it() {
     );
 }
 
+/// A balance read keeps its pending estimate until something it depends on
+/// changes: a change reported late must move it as a new line does.
+#[test]
+fn pending_follows_a_late_group_change_and_a_reassignment_after_it_was_read() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
+    t.expense("2026-08-15T12:00:00Z", "l2", "cust-1", "100.00");
+    assert_eq!(t.balance("alice").pending, "40.00");
+    assert_eq!(t.balance("alice").pending, "40.00");
+    // the billing system reports on 20 August that cust-1 joined staff on
+    // the 10th: l2 earns nothing
+    t.set_now("2026-08-20T00:00:00Z");
+    t.submit(
+        Some("2026-08-10T00:00:00Z"),
+        Command::ChangeCustomerGroup {
+            customer_id: cust("cust-1"),
+            group: "staff".into(),
+        },
+    );
+    assert_eq!(t.balance("alice").pending, "20.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+    // and a reassignment for all time moves what is left to bob
+    t.submit(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("bob"),
+            from: None,
+            retroactive: false,
+            reason: "ticket 7".into(),
+        },
+    );
+    assert_eq!(t.balance("alice").pending, "0.00");
+    assert_eq!(t.balance("bob").pending, "20.00");
+}
+
 #[test]
 fn no_self_referral_by_click_promo_code_or_reassignment() {
     let (t, alice, _) = given(serde_json::json!({}));
