@@ -2471,18 +2471,16 @@ fn next_month(month: &str) -> String {
 /// Reads of the past replay the log and take turns; past the waiting
 /// limit a read is answered 503 `busy` with `Retry-After`, and the others
 /// get their answer.
-/// Verifications and what-if replays each read the whole log into a state
-/// of their own: they take turns, and beyond the waiting limit the answer
-/// is 503 busy, for both kinds alike.
-#[test]
-fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wait() {
-    use commission_ledger::ledger::WHOLE_LOG_WAITING;
+/// alice enrolled, then 20,000 clicks: a log long enough that one replay
+/// of it outlasts the arrival of a crowd of callers. With the seq of the
+/// enrolment.
+fn a_long_log() -> (TestApp, u64) {
     let app = TestApp::start();
     app.put_program("hosting", hosting_rules());
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let code = alice["referral_code"].as_str().unwrap();
+    let enrolled = app.head();
     app.set_now("2026-08-10T00:00:00Z");
-    // A log long enough that one job outlasts the others' arrival.
     for round in 0..2 {
         let items: Vec<Value> = (0..10_000)
             .map(|i| json!({"type": "click", "referral_code": code, "visitor": format!("v-{round}-{i}"), "at": "2026-08-02T10:00:00Z"}))
@@ -2496,6 +2494,16 @@ fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wai
         );
         assert_eq!(response.status().as_u16(), 200);
     }
+    (app, enrolled)
+}
+
+/// Verifications and what-if replays each read the whole log into a state
+/// of their own: they take turns, and beyond the waiting limit the answer
+/// is 503 busy, for both kinds alike.
+#[test]
+fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wait() {
+    use commission_ledger::ledger::WHOLE_LOG_WAITING;
+    let (app, _) = a_long_log();
     let callers = WHOLE_LOG_WAITING + 8;
     let mut busy = 0;
     let mut rounds = 0;
@@ -2553,26 +2561,7 @@ fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wai
 
 #[test]
 fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
-    let app = TestApp::start();
-    app.put_program("hosting", hosting_rules());
-    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
-    let code = alice["referral_code"].as_str().unwrap();
-    let enrolled = app.head();
-    app.set_now("2026-08-10T00:00:00Z");
-    // A log long enough that one replay outlasts the readers' arrival.
-    for round in 0..2 {
-        let items: Vec<Value> = (0..10_000)
-            .map(|i| json!({"type": "click", "referral_code": code, "visitor": format!("v-{round}-{i}"), "at": "2026-08-02T10:00:00Z"}))
-            .collect();
-        let response = app.send(
-            "POST",
-            Some(&app.ingest),
-            "/v1/programs/hosting/batch",
-            &json!({"items": items}),
-            None,
-        );
-        assert_eq!(response.status().as_u16(), 200);
-    }
+    let (app, enrolled) = a_long_log();
     let readers = commission_ledger::ledger::HISTORY_WAITING + 16;
     let barrier = std::sync::Barrier::new(readers);
     let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
