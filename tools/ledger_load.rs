@@ -485,6 +485,26 @@ fn as_of(dir: &Path, readers: usize) {
         read(head / 2),
         read(head / 2)
     );
+    // By time: the moment of the event at a quarter of the log (a seq is
+    // searched for, then the log replayed to it), and a seq near the head
+    // (after the last checkpoint, if it was saved at the end).
+    let quarter = ledger
+        .events_range(head / 4, head / 4)
+        .ok()
+        .and_then(|events| events.first().map(|r| r.recorded_at));
+    if let Some(t) = quarter {
+        let start = Instant::now();
+        let answer = match ledger.balance(&program(), &affiliate, Some(AsOf::Time(t))) {
+            Ok(_) => format!("{:.2}s", start.elapsed().as_secs_f64()),
+            Err(e) => format!("{e}"),
+        };
+        println!(
+            "as of the time of seq {}: {answer}; as of seq {}: {}",
+            head / 4,
+            head.saturating_sub(1000),
+            read(head.saturating_sub(1000))
+        );
+    }
     let start = Instant::now();
     let answers: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..readers)

@@ -2472,14 +2472,12 @@ fn next_month(month: &str) -> String {
 /// limit a read is answered 503 `busy` with `Retry-After`, and the others
 /// get their answer.
 /// alice enrolled, then 20,000 clicks: a log long enough that one replay
-/// of it outlasts the arrival of a crowd of callers. With the seq of the
-/// enrolment.
-fn a_long_log() -> (TestApp, u64) {
+/// of it outlasts the arrival of a crowd of callers.
+fn a_long_log() -> TestApp {
     let app = TestApp::start();
     app.put_program("hosting", hosting_rules());
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let code = alice["referral_code"].as_str().unwrap();
-    let enrolled = app.head();
     app.set_now("2026-08-10T00:00:00Z");
     for round in 0..2 {
         let items: Vec<Value> = (0..10_000)
@@ -2494,7 +2492,7 @@ fn a_long_log() -> (TestApp, u64) {
         );
         assert_eq!(response.status().as_u16(), 200);
     }
-    (app, enrolled)
+    app
 }
 
 /// Verifications and what-if replays each read the whole log into a state
@@ -2503,7 +2501,7 @@ fn a_long_log() -> (TestApp, u64) {
 #[test]
 fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wait() {
     use commission_ledger::ledger::WHOLE_LOG_WAITING;
-    let (app, _) = a_long_log();
+    let app = a_long_log();
     let callers = WHOLE_LOG_WAITING + 8;
     let mut busy = 0;
     let mut rounds = 0;
@@ -2561,7 +2559,8 @@ fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wai
 
 #[test]
 fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
-    let (app, enrolled) = a_long_log();
+    let app = a_long_log();
+    let head = app.head();
     let readers = commission_ledger::ledger::HISTORY_WAITING + 16;
     let barrier = std::sync::Barrier::new(readers);
     let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
@@ -2570,8 +2569,9 @@ fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
                 let (app, barrier) = (&app, &barrier);
                 scope.spawn(move || {
                     barrier.wait();
-                    // A past each: a replay each, one at a time.
-                    let seq = enrolled + i as u64;
+                    // A past each, near the head (a long replay): a
+                    // replay each, one at a time.
+                    let seq = head - 1 - i as u64;
                     let response = app.get(
                         Some(&app.portal),
                         &format!("/v1/programs/hosting/affiliates/alice/balance?as_of={seq}"),

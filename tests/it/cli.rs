@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use commission_ledger::events::Timestamp;
 use commission_ledger::ledger::verify_log;
 
 fn cli(data: &Path, args: &[&str]) -> Output {
@@ -203,6 +204,37 @@ fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
     std::fs::write(&tampered, format!("{}\n{{oops\n", lines[0])).unwrap();
     let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
     assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+    assert_eq!(head(&fresh), 0);
+    // a file whose times go back, each line's hash made right for it:
+    // refused at the line that goes back
+    let mut previous = [0u8; 32];
+    let rehashed: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut parsed: commission_ledger::ledger::ExportLine =
+                serde_json::from_str(line).unwrap();
+            if i == 2 {
+                parsed.recorded_at = Timestamp::parse("2001-01-01T00:00:00Z").unwrap();
+            }
+            let recorded = parsed.clone().into_recorded().unwrap();
+            let payload = commission_ledger::events::encode(&recorded).unwrap();
+            previous = commission_ledger::log::chain_hash(&previous, recorded.seq, &payload);
+            parsed.hash = commission_ledger::log::hex(&previous);
+            serde_json::to_string(&parsed).unwrap()
+        })
+        .collect();
+    std::fs::write(&tampered, rehashed[..2].join("\n")).unwrap();
+    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&fresh).unwrap();
+    std::fs::write(&tampered, rehashed.join("\n")).unwrap();
+    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("line 3") && stderr(&out).contains("never go back"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(head(&fresh), 0);
     // importing the same export twice: the second does not continue the log
     let twice = cli(&copy, &["import", export.to_str().unwrap()]);

@@ -289,6 +289,58 @@ fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
     t.verify_ok();
 }
 
+/// A read of the past at or after the last checkpoint starts from it and
+/// folds only the log since; before it, from the start. A time names the
+/// last event recorded at or before it, found by a search, not a scan.
+#[test]
+fn a_read_of_the_past_after_the_checkpoint_starts_from_it() {
+    use commission_ledger::ledger::AsOf;
+    let mut t = TestLedger::new("hosting");
+    history(&t, 10);
+    let january = (t.balance("alice"), t.head());
+    t.set_now("2026-02-05T00:00:00Z");
+    t.expense("2026-02-05T00:00:00Z", "l-2", "c-1", "100.00");
+    t.close("2026-02");
+    let february = (t.balance("alice"), t.head());
+    // The shutdown saves a checkpoint at February's head.
+    t.reopen();
+    let checkpoint = t.head();
+    assert_eq!(checkpoint, february.1);
+    t.set_now("2026-03-05T00:00:00Z");
+    t.expense("2026-03-05T00:00:00Z", "l-3", "c-1", "10.00");
+    let between = Timestamp::from_micros(t.clock.load(std::sync::atomic::Ordering::SeqCst));
+    t.close("2026-03");
+    let march = (t.balance("alice"), t.head());
+    t.set_now("2026-04-05T00:00:00Z");
+    t.expense("2026-04-05T00:00:00Z", "l-4", "c-1", "10.00");
+    t.close("2026-04");
+    let ledger = t.ledger();
+    let read = |as_of: AsOf| {
+        ledger
+            .balance(&t.program, &aff("alice"), Some(as_of))
+            .unwrap()
+            .unwrap()
+    };
+    // After the checkpoint: only the events since it are folded.
+    assert_eq!(read(AsOf::Seq(march.1)), march.0);
+    assert_eq!(ledger.history_folded(), march.1 - checkpoint);
+    // At it: nothing to fold.
+    assert_eq!(read(AsOf::Seq(checkpoint)), february.0);
+    assert_eq!(ledger.history_folded(), march.1 - checkpoint);
+    // Before it: from the start.
+    assert_eq!(read(AsOf::Seq(january.1)), january.0);
+    assert_eq!(ledger.history_folded(), march.1 - checkpoint + january.1);
+    // A time between two events names the earlier one; before the first,
+    // nothing.
+    let at_l3 = read(AsOf::Time(between));
+    assert_eq!(at_l3.earned, february.0.earned);
+    assert_eq!(at_l3.as_of_seq, checkpoint + 1);
+    let before_all = AsOf::Time(ts("2000-01-01T00:00:00Z"));
+    let nothing = ledger.balance(&t.program, &aff("alice"), Some(before_all));
+    assert_eq!(nothing.unwrap(), None, "no program yet");
+    t.verify_ok();
+}
+
 /// A read of the past replays the log from its start, so reads of the
 /// same past share one replay, the last two pasts read are kept, and a
 /// past pushed out is replayed again when asked for.
@@ -326,18 +378,22 @@ fn reads_of_the_same_past_share_one_replay_and_the_last_two_are_kept() {
         }
     });
     assert_eq!(ledger.history_replays(), 1);
-    // Another past (a time): its own replay; both are kept.
+    // The same point by time (January's last event's moment): the same
+    // past, no replay of its own.
     assert_eq!(read(AsOf::Time(mid)), january.0);
+    assert_eq!(ledger.history_replays(), 1);
+    // Another past: its own replay; both are kept.
+    assert_eq!(read(AsOf::Seq(2)).earned, "0.00");
     assert_eq!(ledger.history_replays(), 2);
-    assert_eq!(read(AsOf::Seq(january.1)), january.0);
     assert_eq!(read(AsOf::Time(mid)), january.0);
+    assert_eq!(read(AsOf::Seq(2)).earned, "0.00");
     assert_eq!(ledger.history_replays(), 2);
-    // A third pushes out the one read longest ago (the seq), not the time.
+    // A third pushes out the one read longest ago (January), not seq 2.
+    assert_eq!(read(AsOf::Seq(3)).earned, "0.00");
+    assert_eq!(ledger.history_replays(), 3);
     assert_eq!(read(AsOf::Seq(2)).earned, "0.00");
     assert_eq!(ledger.history_replays(), 3);
     assert_eq!(read(AsOf::Time(mid)), january.0);
-    assert_eq!(ledger.history_replays(), 3);
-    assert_eq!(read(AsOf::Seq(january.1)), january.0);
     assert_eq!(ledger.history_replays(), 4);
     // The present is never a replay.
     assert_eq!(read(AsOf::Seq(t.head())), t.balance("alice"));
@@ -387,7 +443,9 @@ fn reads_of_the_past_beyond_the_waiting_limit_are_refused_as_busy() {
     let mut busy = 0;
     let mut rounds = 0u64;
     while busy == 0 && rounds < 5 {
-        let pasts = [january.1 + 2 * rounds, january.1 + 2 * rounds + 1];
+        // Near the head: a replay of the whole log each.
+        let head = t.head();
+        let pasts = [head - 1 - 2 * rounds, head - 2 - 2 * rounds];
         rounds += 1;
         let barrier = std::sync::Barrier::new(readers);
         let answers: Vec<_> = std::thread::scope(|scope| {
