@@ -2225,7 +2225,6 @@ fn visitor_cookie(headers: &HeaderMap) -> Option<String> {
         .filter(|v| ProgramId::parse(v).is_ok())
 }
 
-/// A keyed hash of the client address: never the address itself.
 /// The address a public request came from: the peer's or, when the peer
 /// is a trusted proxy, the nearest address in `X-Forwarded-For` that is
 /// not one. Each proxy appends the address it got the request from, so the
@@ -2271,6 +2270,7 @@ fn forwarded_ip(hop: &str) -> Option<std::net::IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// A keyed hash of the client address: never the address itself.
 fn client_hash(app: &AppState, client: std::net::IpAddr) -> Bytes16 {
     let full = app.ledger.key_hash(&format!("client:{client}"));
     let mut short = [0u8; 16];

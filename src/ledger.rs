@@ -243,10 +243,10 @@ const WHOLE_LOG_BUSY: &str = "verifications and what-if replays run one at a tim
 
 /// The past states `as_of` reads are answered from. A past state never
 /// changes: a seq names a fixed prefix of the log, and a time before the
-/// last event's does too (the replay stops at the first event recorded
-/// after it, which is already there). So a state is kept by the `as_of`
-/// it answers, and a read of the same past waits for the replay under way
-/// instead of starting its own.
+/// last event's names a seq (the last event recorded at or before it,
+/// which is already there). So a state is kept by the seq it answers for,
+/// and a read of the same past, by seq or by time, waits for the replay
+/// under way instead of starting its own.
 #[derive(Default)]
 struct History {
     slots: Mutex<HistorySlots>,
@@ -1794,8 +1794,8 @@ impl Ledger {
         Ok(read(&state))
     }
 
-    /// The last seq recorded at or before `t` (0: none), below `head`,
-    /// whose event is recorded after `t`. Recorded times never go back along
+    /// The last seq recorded at or before `t` (0: none), given that
+    /// `head`'s event is recorded after `t`. Recorded times never go back along
     /// the log (the writer records `max(clock, last)`, and an import refuses
     /// a line that goes back), so a binary search finds it in about twenty
     /// indexed reads, where a scan read the whole log.
