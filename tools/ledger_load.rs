@@ -21,6 +21,13 @@
 //!   checkpoint / after deleting its index store, reporting events/s and RSS.
 //! - `ledger-load what-if DIR`: a what-if replay of DIR's whole log with one
 //!   attribution override (the bench's log: program `load`).
+//! - `ledger-load as-of DIR [READERS]`: a balance now (twice), as of a past
+//!   seq and time, and READERS pasts at once.
+//! - `ledger-load customers DIR [CUSTOMERS]`: a program of 1,000 affiliates
+//!   and CUSTOMERS (default 200k) customers with a line each (made once),
+//!   then how long one affiliate's balance takes when its pending estimate
+//!   must be computed: a wide program, where a small affiliate's balance
+//!   should not cost a read of every customer.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -523,6 +530,100 @@ fn as_of(dir: &Path, readers: usize) {
     );
 }
 
+/// See `customers` in the module's doc.
+fn customers(dir: &Path, customers: u64) {
+    const AFFILIATES: u64 = 1_000;
+    let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
+    let p = program();
+    let affiliate =
+        |i: u64| AffiliateId::parse(&format!("aff-{i}")).unwrap_or_else(|e| fail(&e.to_string()));
+    let customer =
+        |i: u64| CustomerId::parse(&format!("c-{i}")).unwrap_or_else(|e| fail(&e.to_string()));
+    let line = |i: u64| LineId::parse(&format!("l-{i}")).unwrap_or_else(|e| fail(&e.to_string()));
+    let expense = |id: LineId, customer: CustomerId| Command::RecordBasisLine {
+        kind: LineKind::Expense,
+        id,
+        customer_id: customer,
+        amount: "12.34".into(),
+        currency: "USD".into(),
+        product: None,
+        order_id: None,
+    };
+    if ledger.state().model.program(&p).is_none() {
+        let start = Instant::now();
+        submit(
+            &ledger,
+            Command::DefineProgram {
+                rules: Box::new(rules()),
+                reason: None,
+            },
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        let many = |commands: Vec<Command>| {
+            let submissions = commands
+                .into_iter()
+                .map(|c| Submission::new(Some(&p), "load", c))
+                .collect();
+            for answer in runtime.block_on(ledger.submit_many(submissions)) {
+                if let Err(e) = answer {
+                    fail(&format!("refused: {e}"));
+                }
+            }
+        };
+        many(
+            (0..AFFILIATES)
+                .map(|i| Command::EnrollAffiliate {
+                    affiliate_id: affiliate(i),
+                    customer_id: None,
+                    group: None,
+                    rate: None,
+                })
+                .collect(),
+        );
+        for chunk in (0..customers).collect::<Vec<_>>().chunks(5_000) {
+            let mut commands = Vec::with_capacity(chunk.len() * 2);
+            for &i in chunk {
+                commands.push(Command::Signup {
+                    customer_id: customer(i),
+                    visitor: None,
+                    promo_code: Some(format!("LOAD-aff-{}", i % AFFILIATES)),
+                    group: None,
+                });
+                commands.push(expense(line(i), customer(i)));
+            }
+            many(commands);
+        }
+        println!(
+            "{customers} customers of {AFFILIATES} affiliates, a line each, in {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let one = affiliate(7);
+    let timed = || {
+        let start = Instant::now();
+        let balance = ledger.balance(&p, &one, None);
+        let pending = match balance {
+            Ok(Some(b)) => b.pending,
+            Ok(None) => fail("no such affiliate"),
+            Err(e) => fail(&e.to_string()),
+        };
+        (start.elapsed().as_secs_f64() * 1000.0, pending)
+    };
+    let (first, pending) = timed();
+    let (again, _) = timed();
+    // A new line for one of its customers: the estimate is computed again.
+    let next = ledger.state().head.seq;
+    submit(&ledger, expense(line(10_000_000 + next), customer(7)));
+    let (after_line, after) = timed();
+    println!(
+        "{} events, RSS {} MiB; aff-7's balance: {first:.2} ms (pending {pending}), again {again:.3} ms, after a line of its own {after_line:.2} ms (pending {after})",
+        ledger.state().head.seq,
+        rss_kib() / 1024
+    );
+}
+
 fn replay(dir: &Path, full: bool) {
     if full {
         let _ = std::fs::remove_dir_all(dir.join("index"));
@@ -608,6 +709,7 @@ fn main() {
         "lull" => lull(&PathBuf::from(arg(2)), number(3, 300_000), number(4, 20)),
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
+        "customers" => customers(&PathBuf::from(arg(2)), number(3, 200_000)),
         "fold" => {
             // The folding stage alone, each fold timed on its own.
             let mut events = Vec::new();

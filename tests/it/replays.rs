@@ -92,6 +92,25 @@ fn wrongly_attributed() -> (TestLedger, AffiliateEnrolled, AffiliateEnrolled) {
     (t, alice, _bob)
 }
 
+/// An applied attribution correction holds for the closes still to come,
+/// so the pending estimate of the open month moves with it at once.
+#[test]
+fn an_applied_attribution_moves_the_pending_estimate_of_the_open_month() {
+    let (t, _, _) = wrongly_attributed();
+    t.expense("2026-08-10T12:00:00Z", "aug-1", "cust-1", "30.00"); // 6.00
+    assert_eq!(t.balance("alice").pending, "6.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+    let replay = what_if(
+        &t,
+        serde_json::json!({"attribution": [{"customer_id": "cust-1", "affiliate_id": "bob"}]}),
+    )
+    .unwrap();
+    apply(&t, &replay, "ticket 4411").unwrap();
+    assert_eq!(t.balance("alice").pending, "0.00");
+    assert_eq!(t.balance("bob").pending, "6.00");
+    t.verify_ok();
+}
+
 #[test]
 fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
     let (t, _, _) = wrongly_attributed();
