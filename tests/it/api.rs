@@ -2471,6 +2471,32 @@ fn next_month(month: &str) -> String {
 /// Reads of the past replay the log and take turns; past the waiting
 /// limit a read is answered 503 `busy` with `Retry-After`, and the others
 /// get their answer.
+/// `callers` requests made at once (released together), the i-th by
+/// `request(i)`: the status, `Retry-After` and body of each, in order.
+fn at_once(
+    callers: usize,
+    request: impl Fn(usize) -> Response + Sync,
+) -> Vec<(u16, Option<String>, Value)> {
+    let barrier = std::sync::Barrier::new(callers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..callers)
+            .map(|i| {
+                let (request, barrier) = (&request, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    let response = request(i);
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    (response.status().as_u16(), retry, response.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// alice enrolled, then 20,000 clicks: a log long enough that one replay
 /// of it outlasts the arrival of a crowd of callers.
 fn a_long_log() -> TestApp {
@@ -2509,33 +2535,18 @@ fn verifications_and_what_if_replays_take_turns_and_answer_503_when_too_many_wai
     // machine) proves nothing: up to five rounds.
     while busy == 0 && rounds < 5 {
         rounds += 1;
-        let barrier = std::sync::Barrier::new(callers);
-        let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..callers)
-                .map(|i| {
-                    let (app, barrier) = (&app, &barrier);
-                    scope.spawn(move || {
-                        barrier.wait();
-                        let response = if i % 2 == 0 {
-                            app.get(Some(&app.admin), "/v1/verify")
-                        } else {
-                            app.send(
-                                "POST",
-                                Some(&app.admin),
-                                "/v1/programs/hosting/replays",
-                                &json!({"overrides": {}}),
-                                None,
-                            )
-                        };
-                        let retry = response
-                            .headers()
-                            .get("retry-after")
-                            .map(|v| v.to_str().unwrap().to_string());
-                        (response.status().as_u16(), retry, response.json().unwrap())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let answers = at_once(callers, |i| {
+            if i % 2 == 0 {
+                app.get(Some(&app.admin), "/v1/verify")
+            } else {
+                app.send(
+                    "POST",
+                    Some(&app.admin),
+                    "/v1/programs/hosting/replays",
+                    &json!({"overrides": {}}),
+                    None,
+                )
+            }
         });
         busy = answers.iter().filter(|(s, _, _)| *s == 503).count();
         assert!(
@@ -2562,29 +2573,14 @@ fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
     let app = a_long_log();
     let head = app.head();
     let readers = commission_ledger::ledger::HISTORY_WAITING + 16;
-    let barrier = std::sync::Barrier::new(readers);
-    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..readers)
-            .map(|i| {
-                let (app, barrier) = (&app, &barrier);
-                scope.spawn(move || {
-                    barrier.wait();
-                    // A past each, near the head (a long replay): a
-                    // replay each, one at a time.
-                    let seq = head - 1 - i as u64;
-                    let response = app.get(
-                        Some(&app.portal),
-                        &format!("/v1/programs/hosting/affiliates/alice/balance?as_of={seq}"),
-                    );
-                    let retry = response
-                        .headers()
-                        .get("retry-after")
-                        .map(|v| v.to_str().unwrap().to_string());
-                    (response.status().as_u16(), retry, response.json().unwrap())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let answers = at_once(readers, |i| {
+        // A past each, near the head (a long replay): a replay each, one
+        // at a time.
+        let seq = head - 1 - i as u64;
+        app.get(
+            Some(&app.portal),
+            &format!("/v1/programs/hosting/affiliates/alice/balance?as_of={seq}"),
+        )
     });
     let busy: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
     assert!(!busy.is_empty(), "every reader waited");

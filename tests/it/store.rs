@@ -289,6 +289,17 @@ fn ids_of_every_length_come_back_the_same_from_a_checkpoint() {
     t.verify_ok();
 }
 
+/// alice's balance as of a past.
+fn alice_as_of(
+    t: &TestLedger,
+    as_of: commission_ledger::ledger::AsOf,
+) -> commission_ledger::projections::Balance {
+    t.ledger()
+        .balance(&t.program, &aff("alice"), Some(as_of))
+        .unwrap()
+        .unwrap()
+}
+
 /// A read of the past at or after the last checkpoint starts from it and
 /// folds only the log since; before it, from the start. A time names the
 /// last event recorded at or before it, found by a search, not a scan.
@@ -315,12 +326,7 @@ fn a_read_of_the_past_after_the_checkpoint_starts_from_it() {
     t.expense("2026-04-05T00:00:00Z", "l-4", "c-1", "10.00");
     t.close("2026-04");
     let ledger = t.ledger();
-    let read = |as_of: AsOf| {
-        ledger
-            .balance(&t.program, &aff("alice"), Some(as_of))
-            .unwrap()
-            .unwrap()
-    };
+    let read = |as_of: AsOf| alice_as_of(&t, as_of);
     // After the checkpoint: only the events since it are folded.
     assert_eq!(read(AsOf::Seq(march.1)), march.0);
     assert_eq!(ledger.history_folded(), march.1 - checkpoint);
@@ -355,12 +361,7 @@ fn reads_of_the_same_past_share_one_replay_and_the_last_two_are_kept() {
     t.expense("2026-02-10T00:00:00Z", "l-2", "c-1", "100.00");
     t.close("2026-02");
     let ledger = t.ledger();
-    let read = |as_of: AsOf| {
-        ledger
-            .balance(&t.program, &aff("alice"), Some(as_of))
-            .unwrap()
-            .unwrap()
-    };
+    let read = |as_of: AsOf| alice_as_of(&t, as_of);
     assert_eq!(ledger.history_replays(), 0);
     // Eight readers of one past at once: one replay, eight right answers.
     let barrier = std::sync::Barrier::new(8);
