@@ -525,7 +525,8 @@ async fn auto_close(
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            // A zero interval is not a busy loop.
+            () = tokio::time::sleep(every.max(std::time::Duration::from_millis(10))) => {}
             _ = stopping.changed() => return,
         }
     }
