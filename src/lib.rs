@@ -33,7 +33,9 @@
 //! asks for (in a lull, or forced once the tail is a million events and
 //! half the log) as a start would, from the last one and the log, so the
 //! writer never waits for one; the writer encodes its own state only at
-//! shutdown, and the indexer saves that one. The one thing kept beside the log that is
+//! shutdown, and the indexer saves that one. `serve` also runs the
+//! auto-closer, which makes the month closes programs' `auto_close_day`
+//! owes, as the actor `auto-close`. The one thing kept beside the log that is
 //! not a fold over it: what-if replays computed and not applied yet, in
 //! `DATA/replays/` (the newest 256; they can be computed again).
 //!
@@ -88,6 +90,14 @@
 //!    over the whole log is zero, and `verify` checks it.
 //! 7. **Exact money.** `rust_decimal` everywhere money flows; no floats.
 //! 8. **Projections equal a fresh replay.** `verify` compares them.
+//! 9. **Recorded times never go back along the log.** The writer records
+//!    `max(clock, last)` and `import` refuses a file that goes back, so a
+//!    read `as_of` a time finds its seq by binary search.
+//! 10. **Whatever holds a whole state takes turns.** Reads of the past,
+//!     verifications and what-if replays each fold the log into a state of
+//!     their own: one at a time per kind, a bounded number waiting, and the
+//!     rest refused as busy ([`ledger::HISTORY_WAITING`],
+//!     [`ledger::WHOLE_LOG_WAITING`]).
 //!
 //! A `tidy` test in `tests/it/tidy.rs` holds the mechanical ones: module
 //! docs, imports per module, no floats, no clock or I/O in the pure core.
