@@ -2032,6 +2032,13 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
         if !sum.is_zero() {
             return Err(format!("postings sum to {sum}, not zero"));
         }
+        if recorded.recorded_at < state.last_recorded_at {
+            return Err(format!(
+                "recorded at {}, before the event before it ({}): recorded times never go back",
+                recorded.recorded_at.to_rfc3339(),
+                state.last_recorded_at.to_rfc3339()
+            ));
+        }
         state.fold(&recorded);
         state.head = Head {
             seq: record.seq,

@@ -158,6 +158,63 @@ fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
     assert_eq!(report["bad_seq"].as_u64(), Some(2));
 }
 
+/// Reads by time search for their seq, so recorded times must never go
+/// back along the log: `import` refuses such a file, and `verify` fails a
+/// log written by other means that breaks the rule, naming the seq.
+#[test]
+fn verify_fails_a_log_whose_recorded_times_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    for role in ["admin", "ingest", "portal"] {
+        assert!(
+            cli(&source, &["keys", "create", "--role", role])
+                .status
+                .success()
+        );
+    }
+    let export = dir.path().join("events.ndjson");
+    assert!(
+        cli(&source, &["export", "--out", export.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let mut recorded: Vec<commission_ledger::events::Recorded> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<commission_ledger::ledger::ExportLine>(line)
+                .unwrap()
+                .into_recorded()
+                .unwrap()
+        })
+        .collect();
+    recorded[2].recorded_at = Timestamp::parse("2001-01-01T00:00:00Z").unwrap();
+    let payloads: Vec<Vec<u8>> = recorded
+        .iter()
+        .map(|r| commission_ledger::events::encode(r).unwrap())
+        .collect();
+    let written = dir.path().join("written");
+    let (mut log, _) = commission_ledger::log::Log::open(
+        &written.join("log"),
+        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
+        |_| Ok(()),
+    )
+    .unwrap();
+    log.append(&payloads).unwrap();
+    drop(log);
+    let bad = cli(&written, &["verify"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stdout(&bad));
+    let report: serde_json::Value = serde_json::from_str(stdout(&bad).trim()).unwrap();
+    assert_eq!(report["bad_seq"].as_u64(), Some(3));
+    assert!(
+        report["problem"]
+            .as_str()
+            .unwrap()
+            .contains("never go back"),
+        "{report}"
+    );
+}
+
 #[test]
 fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
     let dir = tempfile::tempdir().unwrap();
