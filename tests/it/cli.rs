@@ -158,6 +158,25 @@ fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
     assert_eq!(report["bad_seq"].as_u64(), Some(2));
 }
 
+/// A log in `source` of one key issued per role, exported by the command
+/// line to `dir/events.ndjson`, which is returned.
+fn keys_exported(dir: &Path, source: &Path, roles: &[&str]) -> std::path::PathBuf {
+    for role in roles {
+        assert!(
+            cli(source, &["keys", "create", "--role", role])
+                .status
+                .success()
+        );
+    }
+    let export = dir.join("events.ndjson");
+    assert!(
+        cli(source, &["export", "--out", export.to_str().unwrap()])
+            .status
+            .success()
+    );
+    export
+}
+
 /// Reads by time search for their seq, so recorded times must never go
 /// back along the log: `import` refuses such a file, and `verify` fails a
 /// log written by other means that breaks the rule, naming the seq.
@@ -165,19 +184,7 @@ fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
 fn verify_fails_a_log_whose_recorded_times_go_back() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
-    for role in ["admin", "ingest", "portal"] {
-        assert!(
-            cli(&source, &["keys", "create", "--role", role])
-                .status
-                .success()
-        );
-    }
-    let export = dir.path().join("events.ndjson");
-    assert!(
-        cli(&source, &["export", "--out", export.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let export = keys_exported(dir.path(), &source, &["admin", "ingest", "portal"]);
     let mut recorded: Vec<commission_ledger::events::Recorded> = std::fs::read_to_string(&export)
         .unwrap()
         .lines()
@@ -219,18 +226,10 @@ fn verify_fails_a_log_whose_recorded_times_go_back() {
 fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
-    for role in ["admin", "ingest", "portal", "ingest"] {
-        assert!(
-            cli(&source, &["keys", "create", "--role", role])
-                .status
-                .success()
-        );
-    }
-    let export = dir.path().join("events.ndjson");
-    assert!(
-        cli(&source, &["export", "--out", export.to_str().unwrap()])
-            .status
-            .success()
+    let export = keys_exported(
+        dir.path(),
+        &source,
+        &["admin", "ingest", "portal", "ingest"],
     );
     let copy = dir.path().join("copy");
     let imported = cli(&copy, &["import", export.to_str().unwrap()]);
