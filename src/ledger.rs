@@ -80,6 +80,10 @@ pub struct LedgerConfig {
     /// Zero-filled space added to the active segment at a time, so that
     /// `fdatasync` need not update the file size.
     pub preallocate_bytes: u64,
+    /// Checkpoints kept for reads of the past besides the last one: the
+    /// last of each month (UTC), the newest this many. Each is a whole
+    /// state on disk (derived: deleting `index/` drops them); 0 keeps none.
+    pub kept_checkpoints: usize,
     pub clock: Clock,
 }
 
@@ -94,6 +98,7 @@ impl LedgerConfig {
             checkpoint_forced_after: 1_000_000,
             group_commit_linger: std::time::Duration::from_micros(250),
             preallocate_bytes: log::PREALLOCATE_BYTES,
+            kept_checkpoints: 12,
             clock: system_clock(),
         }
     }
@@ -599,6 +604,8 @@ enum StoreJob {
 struct EncodedCheckpoint {
     seq: Seq,
     hash: log::Hash,
+    /// The UTC month of its last event, `YYYYMM`.
+    month: u32,
     bytes: Vec<u8>,
     /// When the writer started encoding it, for the statistics.
     started: Instant,
@@ -910,6 +917,10 @@ fn encode_state(
         Ok(()) => Some(EncodedCheckpoint {
             seq: state.head.seq,
             hash: state.head.hash,
+            month: {
+                let month = state.last_recorded_at.month_in(chrono_tz::UTC);
+                month.year().max(0) as u32 * 100 + month.month()
+            },
             bytes: output.bytes,
             started,
         }),
@@ -940,6 +951,33 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
 
 /// The state of the store's last checkpoint, at its head; the empty state
 /// when there is none, or none of this format, or it does not decode.
+/// The checkpoint kept at `seq` ([`Store::save_checkpoint`]), if its hash
+/// is the log's at that seq (else, warned about, an empty state: the read
+/// replays from the start).
+fn kept_state(inner: &Inner, seq: Seq) -> Result<State, LedgerError> {
+    let kept = inner
+        .store
+        .load_kept_checkpoint(seq, |seq, hash, bytes| {
+            let checkpoint: Checkpoint =
+                crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
+            Some(State::from_checkpoint(checkpoint, seq, hash))
+        })
+        .map_err(store_error)?
+        .flatten();
+    let mut logged = None;
+    visit_events(inner, seq, seq, |_, hash| {
+        logged = Some(*hash);
+        Ok(())
+    })?;
+    match kept {
+        Some(state) if Some(state.head.hash) == logged => Ok(state),
+        _ => {
+            eprintln!("warning: the checkpoint kept at seq {seq} does not match the log; not used");
+            Ok(State::default())
+        }
+    }
+}
+
 fn stored_state(store: &Store) -> Result<State, StoreError> {
     let stored = store.load_checkpoint(|seq, hash, bytes| {
         let checkpoint: Checkpoint =
@@ -1006,10 +1044,14 @@ fn save_checkpoint(inner: &Inner, checkpoint: EncodedCheckpoint) {
     let EncodedCheckpoint {
         seq,
         hash,
+        month,
         bytes,
         started,
     } = checkpoint;
-    match inner.store.save_checkpoint(seq, &hash, &bytes) {
+    match inner
+        .store
+        .save_checkpoint(seq, &hash, month, &bytes, inner.kept_checkpoints)
+    {
         Ok(()) => {
             inner.checkpointed.fetch_max(seq, Ordering::AcqRel);
             let stats = &inner.stats;
@@ -1110,6 +1152,8 @@ struct Inner {
     history: History,
     /// Verifications and what-if replays, one at a time.
     whole_log: WholeLogTurns,
+    /// [`LedgerConfig::kept_checkpoints`].
+    kept_checkpoints: usize,
     /// Months closed by [`Ledger::auto_close`], and its closes refused.
     auto_closes: AtomicU64,
     auto_close_refusals: AtomicU64,
@@ -1175,8 +1219,18 @@ fn decode_record(seq: Seq, payload: &[u8]) -> Result<Recorded, String> {
 /// else from the start; then the log up to `target`.
 fn past_state(inner: &Inner, target: Seq) -> Result<State, LedgerError> {
     let checkpointed = inner.checkpointed.load(Ordering::Acquire);
-    let mut state = if checkpointed > 0 && checkpointed <= target {
+    let kept = inner
+        .store
+        .kept_seqs()
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|seq| *seq <= target)
+        .max()
+        .unwrap_or(0);
+    let mut state = if checkpointed > 0 && checkpointed <= target && checkpointed >= kept {
         stored_state(&inner.store).map_err(store_error)?
+    } else if kept > 0 {
+        kept_state(inner, kept)?
     } else {
         State::default()
     };
@@ -1287,6 +1341,7 @@ impl Ledger {
             replays: Mutex::new(BTreeMap::new()),
             history: History::default(),
             whole_log: WholeLogTurns::default(),
+            kept_checkpoints: config.kept_checkpoints,
             auto_closes: AtomicU64::new(0),
             auto_close_refusals: AtomicU64::new(0),
             _lock: lock,
@@ -1362,6 +1417,12 @@ impl Ledger {
     /// Replays of the log run for reads of the past since start.
     pub fn history_replays(&self) -> u64 {
         self.inner.history.replays.load(Ordering::Relaxed)
+    }
+
+    /// The seqs of the checkpoints kept for reads of the past (the last of
+    /// each month, [`LedgerConfig::kept_checkpoints`]), oldest first.
+    pub fn kept_checkpoints(&self) -> Result<Vec<Seq>, LedgerError> {
+        self.inner.store.kept_seqs().map_err(store_error)
     }
 
     /// Events those replays folded: a replay that starts from a checkpoint

@@ -58,6 +58,9 @@ pub struct Store {
     idempotency: sled::Tree,
     meta: sled::Tree,
     checkpoint: sled::Tree,
+    /// Earlier checkpoints kept for reads of the past: the last of each
+    /// month, the newest first to stay (see [`Store::save_checkpoint`]).
+    kept: sled::Tree,
 }
 
 const INDEXED: &[u8] = b"indexed";
@@ -71,6 +74,20 @@ pub const CHECKPOINT_CHUNK: usize = 1 << 20;
 fn chunk_key(index: u32) -> [u8; 5] {
     let mut key = [b'c', 0, 0, 0, 0];
     key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// A kept checkpoint's rows: its head (`seq`, `h`) and its chunks (`seq`,
+/// `c`, index), so that one checkpoint's rows are one prefix.
+fn kept_key(seq: Seq, chunk: Option<u32>) -> Vec<u8> {
+    let mut key = seq.to_be_bytes().to_vec();
+    match chunk {
+        None => key.push(b'h'),
+        Some(index) => {
+            key.push(b'c');
+            key.extend_from_slice(&index.to_be_bytes());
+        }
+    }
     key
 }
 
@@ -121,6 +138,7 @@ impl Store {
             idempotency: tree("idempotency")?,
             meta: tree("meta")?,
             checkpoint: tree("checkpoint")?,
+            kept: tree("kept_checkpoints")?,
             db,
         };
         // Where checkpoints were kept before: beside `indexed`, in one value.
@@ -167,6 +185,7 @@ impl Store {
             &self.idempotency,
             &self.meta,
             &self.checkpoint,
+            &self.kept,
         ] {
             tree.clear().map_err(self.sled_error())?;
         }
@@ -273,17 +292,35 @@ impl Store {
         }))
     }
 
-    /// Saves the encoded state as of `seq` (chain hash `hash`), replacing
-    /// the last checkpoint in one atomic batch.
-    pub fn save_checkpoint(&self, seq: Seq, hash: &Hash, state: &[u8]) -> Result<(), StoreError> {
+    /// Saves the encoded state as of `seq` (chain hash `hash`, its last
+    /// event recorded in `month`, a UTC `YYYYMM` number), replacing the last
+    /// checkpoint.
+    ///
+    /// When the checkpoint replaced is of an earlier month, it is the last
+    /// one of its month: it is kept (under its seq, in the same batch), for
+    /// reads of the past to start from, and of those kept only the newest
+    /// `keep` stay. An audit of month-end balances then replays at most the
+    /// log after the month's last checkpoint, not the whole log.
+    pub fn save_checkpoint(
+        &self,
+        seq: Seq,
+        hash: &Hash,
+        month: u32,
+        state: &[u8],
+        keep: usize,
+    ) -> Result<(), StoreError> {
         let chunks = state.chunks(CHECKPOINT_CHUNK).count();
         let count = u32::try_from(chunks).map_err(|_| self.damaged("checkpoint too large"))?;
-        let mut head = Vec::with_capacity(56);
+        let mut head = Vec::with_capacity(60);
         head.extend_from_slice(&seq.to_be_bytes());
         head.extend_from_slice(hash);
         head.extend_from_slice(&CHECKPOINT_FORMAT.to_be_bytes());
         head.extend_from_slice(&(state.len() as u64).to_be_bytes());
         head.extend_from_slice(&count.to_be_bytes());
+        head.extend_from_slice(&month.to_be_bytes());
+        if keep > 0 {
+            self.keep_replaced(month, keep)?;
+        }
         let mut batch = sled::Batch::default();
         // Chunks of a longer checkpoint before go.
         for key in self
@@ -304,17 +341,96 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps the current checkpoint, if it is of a month before `month`
+    /// and of the current format, beside the others kept, then drops the
+    /// oldest kept beyond `keep`.
+    fn keep_replaced(&self, month: u32, keep: usize) -> Result<(), StoreError> {
+        let Some(head) = self
+            .checkpoint
+            .get(CHECKPOINT_HEAD)
+            .map_err(self.sled_error())?
+        else {
+            return Ok(());
+        };
+        let Some(seq) = be_u64(&head, 0) else {
+            return Ok(());
+        };
+        // Heads written before months were recorded have none: not kept.
+        let replaced_month = be_u32(&head, 56);
+        if be_u32(&head, 40) != Some(CHECKPOINT_FORMAT) || replaced_month.is_none_or(|m| m >= month)
+        {
+            return Ok(());
+        }
+        let count = be_u32(&head, 52).ok_or_else(|| self.damaged("checkpoint chunk count"))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(&kept_key(seq, None)[..], &head[..]);
+        for index in 0..count {
+            let chunk = self
+                .checkpoint
+                .get(chunk_key(index))
+                .map_err(self.sled_error())?
+                .ok_or_else(|| self.damaged("a checkpoint chunk is missing"))?;
+            batch.insert(&kept_key(seq, Some(index))[..], chunk);
+        }
+        // The newest `keep` stay, this one among them.
+        let mut seqs = self.kept_seqs()?;
+        seqs.push(seq);
+        seqs.sort_unstable();
+        seqs.dedup();
+        for old in &seqs[..seqs.len().saturating_sub(keep)] {
+            for key in self.kept.scan_prefix(old.to_be_bytes()).keys() {
+                batch.remove(key.map_err(self.sled_error())?);
+            }
+        }
+        self.kept.apply_batch(batch).map_err(self.sled_error())
+    }
+
+    /// The seqs of the checkpoints kept for reads of the past, oldest first.
+    pub fn kept_seqs(&self) -> Result<Vec<Seq>, StoreError> {
+        let mut seqs = Vec::new();
+        for key in self.kept.iter().keys() {
+            let key = key.map_err(self.sled_error())?;
+            if key.len() == 9 && key[8] == b'h' {
+                seqs.push(be_u64(&key, 0).ok_or_else(|| self.damaged("kept checkpoint"))?);
+            }
+        }
+        Ok(seqs)
+    }
+
     /// Hands the last checkpoint of the current format (its seq, hash and
     /// state bytes) to `read`.
     pub fn load_checkpoint<T>(
         &self,
         read: impl FnOnce(Seq, Hash, &[u8]) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let Some(head) = self
+        let head = self
             .checkpoint
             .get(CHECKPOINT_HEAD)
-            .map_err(self.sled_error())?
-        else {
+            .map_err(self.sled_error())?;
+        self.read_checkpoint(&self.checkpoint, head, chunk_key, read)
+    }
+
+    /// Hands the checkpoint kept at `seq` to `read`, as [`Self::load_checkpoint`].
+    pub fn load_kept_checkpoint<T>(
+        &self,
+        seq: Seq,
+        read: impl FnOnce(Seq, Hash, &[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let head = self
+            .kept
+            .get(kept_key(seq, None))
+            .map_err(self.sled_error())?;
+        self.read_checkpoint(&self.kept, head, |i| kept_key(seq, Some(i)), read)
+    }
+
+    fn read_checkpoint<T, K: AsRef<[u8]>>(
+        &self,
+        tree: &sled::Tree,
+        head: Option<sled::IVec>,
+        chunk: impl Fn(u32) -> K,
+        read: impl FnOnce(Seq, Hash, &[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(head) = head else {
             return Ok(None);
         };
         let (seq, hash) = seq_and_hash(&head).ok_or_else(|| self.damaged("checkpoint"))?;
@@ -328,9 +444,8 @@ impl Store {
         // Never more than the chunks can hold, whatever a damaged row claims.
         let mut state = Vec::with_capacity(len.min(count as usize * CHECKPOINT_CHUNK));
         for index in 0..count {
-            let chunk = self
-                .checkpoint
-                .get(chunk_key(index))
+            let chunk = tree
+                .get(chunk(index))
                 .map_err(self.sled_error())?
                 .ok_or_else(|| self.damaged("a checkpoint chunk is missing"))?;
             state.extend_from_slice(&chunk);

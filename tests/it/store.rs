@@ -300,6 +300,63 @@ fn alice_as_of(
         .unwrap()
 }
 
+/// The last checkpoint of each month is kept (the newest `kept_checkpoints`
+/// of them): a read of the past starts from the newest kept at or before
+/// it, so a month-end balance replays at most the month after it.
+#[test]
+fn the_last_checkpoint_of_each_month_is_kept_for_reads_of_the_past() {
+    use commission_ledger::ledger::{AsOf, Ledger};
+    let months = |keep: usize| {
+        let mut t = TestLedger::new("hosting");
+        let reopen = |t: &mut TestLedger| {
+            t.ledger = None;
+            let mut config = t.config();
+            config.kept_checkpoints = keep;
+            t.ledger = Some(Ledger::open(config).unwrap());
+        };
+        reopen(&mut t);
+        t.define(rules("hosting", serde_json::json!({})));
+        t.set_now("2026-01-05T00:00:00Z");
+        let alice = t.enroll("alice");
+        t.click("2026-01-05T10:00:00Z", &alice.referral_code, "v-1");
+        t.signup("2026-01-06T10:00:00Z", "c-1", Some("v-1"), None);
+        let mut ends = Vec::new();
+        for (at, id) in [
+            ("2026-01-10T10:00:00Z", "jan"),
+            ("2026-02-10T10:00:00Z", "feb"),
+            ("2026-03-10T10:00:00Z", "mar"),
+        ] {
+            t.expense(at, id, "c-1", "100.00");
+            ends.push((t.balance("alice"), t.head()));
+            // The shutdown saves a checkpoint of the month.
+            reopen(&mut t);
+        }
+        t.expense("2026-04-02T10:00:00Z", "apr", "c-1", "100.00");
+        (t, ends)
+    };
+    let (t, ends) = months(12);
+    let [jan, feb, _] = &ends[..] else {
+        panic!("three months")
+    };
+    // March's is the last checkpoint; January's and February's are kept.
+    assert_eq!(t.ledger().kept_checkpoints().unwrap(), vec![jan.1, feb.1]);
+    let ledger = t.ledger();
+    let folded = || ledger.history_folded();
+    assert_eq!(alice_as_of(&t, AsOf::Seq(jan.1)), jan.0);
+    assert_eq!(folded(), 0, "January's end is January's checkpoint");
+    assert_eq!(alice_as_of(&t, AsOf::Seq(feb.1)), feb.0);
+    assert_eq!(folded(), 0);
+    assert_eq!(alice_as_of(&t, AsOf::Seq(feb.1 - 1)).earned, jan.0.earned);
+    assert_eq!(folded(), feb.1 - 1 - jan.1, "from January's");
+    t.verify_ok();
+    // Keeping one: February's only; January's end replays from the start.
+    let (t, ends) = months(1);
+    let (jan, feb) = (&ends[0], &ends[1]);
+    assert_eq!(t.ledger().kept_checkpoints().unwrap(), vec![feb.1]);
+    assert_eq!(alice_as_of(&t, AsOf::Seq(jan.1)), jan.0);
+    assert_eq!(t.ledger().history_folded(), jan.1);
+}
+
 /// A read of the past at or after the last checkpoint starts from it and
 /// folds only the log since; before it, from the start. A time names the
 /// last event recorded at or before it, found by a search, not a scan.
