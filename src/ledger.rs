@@ -1214,9 +1214,10 @@ fn decode_record(seq: Seq, payload: &[u8]) -> Result<Recorded, String> {
 }
 
 /// The state after `target` (a durable seq), for a read of the past: from
-/// the last checkpoint when it is not past `target` (decoding one costs in
-/// proportion to the state, a replay in proportion to the log before it),
-/// else from the start; then the log up to `target`.
+/// the newest checkpoint not past `target`, the last one or one kept (the
+/// last of a month), since decoding one costs in proportion to the state
+/// and a replay in proportion to the log before it; else from the start;
+/// then the log up to `target`.
 fn past_state(inner: &Inner, target: Seq) -> Result<State, LedgerError> {
     let checkpointed = inner.checkpointed.load(Ordering::Acquire);
     let kept = inner
