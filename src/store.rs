@@ -58,8 +58,11 @@ pub struct Store {
     idempotency: sled::Tree,
     meta: sled::Tree,
     checkpoint: sled::Tree,
-    /// Earlier checkpoints kept for reads of the past: the last of each
-    /// month, the newest first to stay (see [`Store::save_checkpoint`]).
+    /// Earlier checkpoints kept for reads of the past, the last of each
+    /// month (see [`Store::save_checkpoint`]): their heads by seq, small,
+    /// so that listing them never reads a chunk ...
+    kept_heads: sled::Tree,
+    /// ... and their chunks by seq and index.
     kept: sled::Tree,
 }
 
@@ -77,17 +80,11 @@ fn chunk_key(index: u32) -> [u8; 5] {
     key
 }
 
-/// A kept checkpoint's rows: its head (`seq`, `h`) and its chunks (`seq`,
-/// `c`, index), so that one checkpoint's rows are one prefix.
-fn kept_key(seq: Seq, chunk: Option<u32>) -> Vec<u8> {
-    let mut key = seq.to_be_bytes().to_vec();
-    match chunk {
-        None => key.push(b'h'),
-        Some(index) => {
-            key.push(b'c');
-            key.extend_from_slice(&index.to_be_bytes());
-        }
-    }
+/// The key of chunk `index` of the checkpoint kept at `seq`.
+fn kept_key(seq: Seq, index: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&seq.to_be_bytes());
+    key[8..].copy_from_slice(&index.to_be_bytes());
     key
 }
 
@@ -138,6 +135,7 @@ impl Store {
             idempotency: tree("idempotency")?,
             meta: tree("meta")?,
             checkpoint: tree("checkpoint")?,
+            kept_heads: tree("kept_checkpoint_heads")?,
             kept: tree("kept_checkpoints")?,
             db,
         };
@@ -185,6 +183,7 @@ impl Store {
             &self.idempotency,
             &self.meta,
             &self.checkpoint,
+            &self.kept_heads,
             &self.kept,
         ] {
             tree.clear().map_err(self.sled_error())?;
@@ -362,37 +361,47 @@ impl Store {
             return Ok(());
         }
         let count = be_u32(&head, 52).ok_or_else(|| self.damaged("checkpoint chunk count"))?;
-        let mut batch = sled::Batch::default();
-        batch.insert(&kept_key(seq, None)[..], &head[..]);
+        // The chunks first, then the head that names them: a head is never
+        // without its chunks.
+        let mut chunks = sled::Batch::default();
         for index in 0..count {
             let chunk = self
                 .checkpoint
                 .get(chunk_key(index))
                 .map_err(self.sled_error())?
                 .ok_or_else(|| self.damaged("a checkpoint chunk is missing"))?;
-            batch.insert(&kept_key(seq, Some(index))[..], chunk);
+            chunks.insert(&kept_key(seq, index)[..], chunk);
         }
-        // The newest `keep` stay, this one among them.
-        let mut seqs = self.kept_seqs()?;
-        seqs.push(seq);
-        seqs.sort_unstable();
-        seqs.dedup();
+        self.kept.apply_batch(chunks).map_err(self.sled_error())?;
+        self.kept_heads
+            .insert(seq.to_be_bytes(), &head[..])
+            .map_err(self.sled_error())?;
+        // The newest `keep` stay, this one among them; a head goes before
+        // its chunks.
+        let seqs = self.kept_seqs()?;
         for old in &seqs[..seqs.len().saturating_sub(keep)] {
-            for key in self.kept.scan_prefix(old.to_be_bytes()).keys() {
-                batch.remove(key.map_err(self.sled_error())?);
+            let Some(head) = self
+                .kept_heads
+                .remove(old.to_be_bytes())
+                .map_err(self.sled_error())?
+            else {
+                continue;
+            };
+            let mut chunks = sled::Batch::default();
+            for index in 0..be_u32(&head, 52).unwrap_or(0) {
+                chunks.remove(&kept_key(*old, index)[..]);
             }
+            self.kept.apply_batch(chunks).map_err(self.sled_error())?;
         }
-        self.kept.apply_batch(batch).map_err(self.sled_error())
+        Ok(())
     }
 
     /// The seqs of the checkpoints kept for reads of the past, oldest first.
     pub fn kept_seqs(&self) -> Result<Vec<Seq>, StoreError> {
         let mut seqs = Vec::new();
-        for key in self.kept.iter().keys() {
+        for key in self.kept_heads.iter().keys() {
             let key = key.map_err(self.sled_error())?;
-            if key.len() == 9 && key[8] == b'h' {
-                seqs.push(be_u64(&key, 0).ok_or_else(|| self.damaged("kept checkpoint"))?);
-            }
+            seqs.push(be_u64(&key, 0).ok_or_else(|| self.damaged("kept checkpoint"))?);
         }
         Ok(seqs)
     }
@@ -417,10 +426,10 @@ impl Store {
         read: impl FnOnce(Seq, Hash, &[u8]) -> T,
     ) -> Result<Option<T>, StoreError> {
         let head = self
-            .kept
-            .get(kept_key(seq, None))
+            .kept_heads
+            .get(seq.to_be_bytes())
             .map_err(self.sled_error())?;
-        self.read_checkpoint(&self.kept, head, |i| kept_key(seq, Some(i)), read)
+        self.read_checkpoint(&self.kept, head, |i| kept_key(seq, i), read)
     }
 
     fn read_checkpoint<T, K: AsRef<[u8]>>(
