@@ -56,7 +56,8 @@
 //!   reassignment functions, and the money diff against what was recorded.
 //!   Pure.
 //! - [`store`]: sled: the sparse seq → position index, idempotency keys and
-//!   checkpoints of the state; all derived, checked against the log at open,
+//!   checkpoints of the state (the last, and the last of each recent month
+//!   for reads of the past); all derived, checked against the log at open,
 //!   rebuilt when deleted or stale. The only module that imports sled.
 //! - [`ledger`]: the single writer and its syncer (pipelined group commit), the indexer, the
 //!   read model, `as_of` replays, verify, export/import, backup. The only
