@@ -951,9 +951,9 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
 
 /// The state of the store's last checkpoint, at its head; the empty state
 /// when there is none, or none of this format, or it does not decode.
-/// The checkpoint kept at `seq` ([`Store::save_checkpoint`]), if its hash
-/// is the log's at that seq (else, warned about, an empty state: the read
-/// replays from the start).
+/// The checkpoint kept at `seq` ([`Store::save_checkpoint`]), if it reads
+/// and its hash is the log's at that seq (else, warned about, an empty
+/// state: it is derived, and the read replays from the start).
 fn kept_state(inner: &Inner, seq: Seq) -> Result<State, LedgerError> {
     let kept = inner
         .store
@@ -962,7 +962,10 @@ fn kept_state(inner: &Inner, seq: Seq) -> Result<State, LedgerError> {
                 crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
             Some(State::from_checkpoint(checkpoint, seq, hash))
         })
-        .map_err(store_error)?
+        .unwrap_or_else(|e| {
+            eprintln!("warning: {e}");
+            None
+        })
         .flatten();
     let mut logged = None;
     visit_events(inner, seq, seq, |_, hash| {

@@ -296,9 +296,8 @@ impl Store {
     /// checkpoint.
     ///
     /// When the checkpoint replaced is of an earlier month, it is the last
-    /// one of its month: it is kept (under its seq, in the same batch), for
-    /// reads of the past to start from, and of those kept only the newest
-    /// `keep` stay. An audit of month-end balances then replays at most the
+    /// one of its month: it is kept first (under its seq), for reads of the
+    /// past to start from, and of those kept only the newest `keep` stay. An audit of month-end balances then replays at most the
     /// log after the month's last checkpoint, not the whole log.
     pub fn save_checkpoint(
         &self,
