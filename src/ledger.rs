@@ -173,9 +173,10 @@ pub struct Replay {
 /// Applied ones are recomputed from the log when asked for again.
 pub const MAX_KEPT_REPLAYS: usize = 256;
 
-/// Replays of the log for `as_of` reads that run at once. Each replays the
-/// log from its start into a state of its own (about a second and a whole
-/// state's memory per million events), so they take turns.
+/// Replays of the log for `as_of` reads that run at once. Each folds the
+/// log, from the newest checkpoint before its past or else from the start,
+/// into a state of its own (about a second and a whole state's memory per
+/// million events), so they take turns.
 pub const HISTORY_REPLAYS: usize = 1;
 /// Past states kept after their replay, the most recently read last: a
 /// portal reading every affiliate's balance at one month's end replays
@@ -264,8 +265,8 @@ struct History {
 
 #[derive(Default)]
 struct HistorySlots {
-    kept: std::collections::VecDeque<(AsOf, Arc<State>)>,
-    replaying: Vec<AsOf>,
+    kept: std::collections::VecDeque<(Seq, Arc<State>)>,
+    replaying: Vec<Seq>,
     waiting: usize,
 }
 
@@ -276,11 +277,11 @@ impl History {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The state as of `key`: kept, replayed by another read meanwhile, or
-    /// replayed here by `replay` (once a turn is free).
+    /// The state as of seq `key`: kept, replayed by another read meanwhile,
+    /// or replayed here by `replay` (once a turn is free).
     fn state_at(
         &self,
-        key: AsOf,
+        key: Seq,
         replay: impl FnOnce() -> Result<State, LedgerError>,
     ) -> Result<Arc<State>, LedgerError> {
         let mut slots = self.lock();
@@ -317,7 +318,7 @@ impl History {
         slots.replaying.push(key);
         drop(slots);
         // Ends the turn however the replay ends (a panic included).
-        struct Turn<'a>(&'a History, AsOf, Option<Arc<State>>);
+        struct Turn<'a>(&'a History, Seq, Option<Arc<State>>);
         impl Drop for Turn<'_> {
             fn drop(&mut self) {
                 let mut slots = self.0.lock();
@@ -949,19 +950,21 @@ fn encode_checkpoint(inner: &Inner) -> Option<EncodedCheckpoint> {
     encode_state(inner, &state, None, started)
 }
 
-/// The state of the store's last checkpoint, at its head; the empty state
-/// when there is none, or none of this format, or it does not decode.
+/// The state a stored checkpoint's bytes encode, at its head; `None` when
+/// they do not decode.
+fn decode_checkpoint(seq: Seq, hash: log::Hash, bytes: &[u8]) -> Option<State> {
+    let checkpoint: Checkpoint =
+        crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
+    Some(State::from_checkpoint(checkpoint, seq, hash))
+}
+
 /// The checkpoint kept at `seq` ([`Store::save_checkpoint`]), if it reads
 /// and its hash is the log's at that seq (else, warned about, an empty
 /// state: it is derived, and the read replays from the start).
 fn kept_state(inner: &Inner, seq: Seq) -> Result<State, LedgerError> {
     let kept = inner
         .store
-        .load_kept_checkpoint(seq, |seq, hash, bytes| {
-            let checkpoint: Checkpoint =
-                crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
-            Some(State::from_checkpoint(checkpoint, seq, hash))
-        })
+        .load_kept_checkpoint(seq, decode_checkpoint)
         .unwrap_or_else(|e| {
             eprintln!("warning: {e}");
             None
@@ -981,13 +984,49 @@ fn kept_state(inner: &Inner, seq: Seq) -> Result<State, LedgerError> {
     }
 }
 
+/// The state of the store's last checkpoint, at its head; the empty state
+/// when there is none, or none of this format, or it does not decode.
 fn stored_state(store: &Store) -> Result<State, StoreError> {
-    let stored = store.load_checkpoint(|seq, hash, bytes| {
-        let checkpoint: Checkpoint =
-            crate::events::decode_shared(|| postcard::from_bytes(bytes)).ok()?;
-        Some(State::from_checkpoint(checkpoint, seq, hash))
+    Ok(store
+        .load_checkpoint(decode_checkpoint)?
+        .flatten()
+        .unwrap_or_default())
+}
+
+/// Folds the log after `state`'s head up to `target` into it; `stop`,
+/// asked before each event, ends the fold early (with an error). Returns
+/// the events folded.
+fn fold_log(
+    inner: &Inner,
+    state: &mut State,
+    target: Seq,
+    mut stop: impl FnMut(Seq) -> bool,
+) -> Result<u64, LedgerError> {
+    let mut folded = 0u64;
+    visit_events(inner, state.head.seq + 1, target, |recorded, hash| {
+        if stop(recorded.seq) {
+            return Err("stopped".into());
+        }
+        // A state folded here takes no command: no idempotency keys.
+        state.fold(&recorded);
+        state.head = Head {
+            seq: recorded.seq,
+            hash: *hash,
+        };
+        folded += 1;
+        Ok(())
     })?;
-    Ok(stored.flatten().unwrap_or_default())
+    Ok(folded)
+}
+
+/// A seq the log should hold but does not reach: reported like damage.
+fn log_short_of(log_dir: &Path, seq: Seq, what: String) -> LedgerError {
+    LedgerError::Log(LogError::Corrupt {
+        segment: log_dir.to_path_buf(),
+        offset: 0,
+        seq,
+        what,
+    })
 }
 
 /// Builds a checkpoint at `target` (a durable seq) beside the writer, as a
@@ -1010,19 +1049,10 @@ fn build_checkpoint(inner: &Inner, target: Seq, cancel: &AtomicBool) -> Option<E
     if state.head.seq >= target || cancel.load(Ordering::Relaxed) {
         return None;
     }
-    let from = state.head.seq + 1;
     let mut cancelled = false;
-    let folded = visit_events(inner, from, target, |recorded, hash| {
-        if recorded.seq % 4096 == 0 && cancel.load(Ordering::Relaxed) {
-            cancelled = true;
-            return Err("cancelled".into());
-        }
-        state.fold(&recorded);
-        state.head = Head {
-            seq: recorded.seq,
-            hash: *hash,
-        };
-        Ok(())
+    let folded = fold_log(inner, &mut state, target, |seq| {
+        cancelled = seq % 4096 == 0 && cancel.load(Ordering::Relaxed);
+        cancelled
     });
     if cancelled {
         return None;
@@ -1242,27 +1272,11 @@ fn past_state(inner: &Inner, target: Seq) -> Result<State, LedgerError> {
         // A newer checkpoint was saved meanwhile.
         state = State::default();
     }
-    if state.head.seq < target {
-        let mut folded = 0u64;
-        visit_events(inner, state.head.seq + 1, target, |recorded, hash| {
-            // A past state takes no command: no idempotency keys.
-            state.fold(&recorded);
-            state.head = Head {
-                seq: recorded.seq,
-                hash: *hash,
-            };
-            folded += 1;
-            Ok(())
-        })?;
-        inner.history.folded.fetch_add(folded, Ordering::Relaxed);
-    }
+    let folded = fold_log(inner, &mut state, target, |_| false)?;
+    inner.history.folded.fetch_add(folded, Ordering::Relaxed);
     if state.head.seq != target {
-        return Err(LedgerError::Log(LogError::Corrupt {
-            segment: inner.log_dir.clone(),
-            offset: 0,
-            seq: state.head.seq + 1,
-            what: format!("the log ends at seq {} before seq {target}", state.head.seq),
-        }));
+        let what = format!("the log ends at seq {} before seq {target}", state.head.seq);
+        return Err(log_short_of(&inner.log_dir, state.head.seq + 1, what));
     }
     Ok(state)
 }
@@ -1855,7 +1869,7 @@ impl Ledger {
         let state = self
             .inner
             .history
-            .state_at(AsOf::Seq(target), || past_state(&self.inner, target))?;
+            .state_at(target, || past_state(&self.inner, target))?;
         Ok(read(&state))
     }
 
@@ -1870,12 +1884,8 @@ impl Ledger {
                 .first()
                 .map(|r| r.recorded_at)
                 .ok_or_else(|| {
-                    LedgerError::Log(LogError::Corrupt {
-                        segment: self.inner.log_dir.clone(),
-                        offset: 0,
-                        seq,
-                        what: "a seq below the head cannot be read".into(),
-                    })
+                    let what = "a seq below the head cannot be read".to_string();
+                    log_short_of(&self.inner.log_dir, seq, what)
                 })
         };
         // Invariant: seq `low` is recorded at or before `t` (0: before all),
@@ -2928,14 +2938,7 @@ pub fn import_ndjson(
         (0, _) => Timestamp::MIN,
         (seq, payload) => {
             decode_record(seq, &payload)
-                .map_err(|what| {
-                    LedgerError::Log(LogError::Corrupt {
-                        segment: log_dir.clone(),
-                        offset: 0,
-                        seq,
-                        what,
-                    })
-                })?
+                .map_err(|what| log_short_of(&log_dir, seq, what))?
                 .recorded_at
         }
     };
