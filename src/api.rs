@@ -47,6 +47,10 @@ pub struct ApiConfig {
     /// Behind a proxy that is not listed, every visitor shares the proxy's
     /// address, and with it one rate limit.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Where `/r/{code}` sends a visitor whose code is unknown (mistyped, or
+    /// of an affiliate no longer enrolled). `None`: the site of the only
+    /// program when there is one; with several, such a link answers 404.
+    pub fallback_site: Option<String>,
     /// How often the server looks for the month closes programs'
     /// `auto_close_day` owes (and makes them); `None`: never, the months
     /// are closed by hand only.
@@ -63,6 +67,7 @@ impl Default for ApiConfig {
             public_burst: 30,
             auto_close_every: Some(std::time::Duration::from_secs(60)),
             trusted_proxies: Vec::new(),
+            fallback_site: None,
         }
     }
 }
@@ -1106,15 +1111,17 @@ async fn verify(State(app): State<AppState>, headers: HeaderMap) -> ApiResult {
     Ok((status, Json(body)).into_response())
 }
 
-/// axum answers some refusals itself (a body over the limit, a method the
-/// route lacks) in plain text; the contract is problem+json everywhere.
+/// axum and tower answer some refusals themselves (a body over the limit,
+/// a method the route lacks, a timeout) in plain text or with no body; the
+/// contract is problem+json everywhere. Other error bodies a handler chose
+/// (the pixel's image) are left as they are.
 async fn problems_for_rejections(response: Response) -> Response {
     let status = response.status();
-    let is_problem = response
+    let plain = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !plain || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
     match status {
@@ -2312,12 +2319,15 @@ async fn follow_link(
             })
     };
     let Some((program, site_url, cookie_days)) = found else {
-        return Err(ApiError::NotFound(format!("no referral link `{code}`")));
+        // A link that names no known affiliate still takes the visitor to
+        // the site, with no click and no cookie.
+        let Some(site) = fallback_site(&app) else {
+            return Err(ApiError::NotFound(format!("no referral link `{code}`")));
+        };
+        let target = link_target(&site, query.to.as_deref());
+        return Ok((StatusCode::FOUND, [(header::LOCATION, target)]).into_response());
     };
-    let target = match (query.to.as_deref().and_then(safe_path), origin(&site_url)) {
-        (Some(path), Some(origin)) => format!("{origin}{path}"),
-        _ => site_url.clone(),
-    };
+    let target = link_target(&site_url, query.to.as_deref());
     let visitor =
         visitor_cookie(&headers).unwrap_or_else(|| format!("v-{}", crate::ledger::random_code(16)));
     let referrer = headers
@@ -2350,6 +2360,27 @@ async fn follow_link(
         .into_response())
 }
 
+/// Where a link sends the visitor: the site, or a safe `to` path on its origin.
+fn link_target(site_url: &str, to: Option<&str>) -> String {
+    match (to.and_then(safe_path), origin(site_url)) {
+        (Some(path), Some(origin)) => format!("{origin}{path}"),
+        _ => site_url.to_string(),
+    }
+}
+
+/// The site for a link with an unknown code ([`ApiConfig::fallback_site`]).
+fn fallback_site(app: &AppState) -> Option<String> {
+    if let Some(site) = &app.config.fallback_site {
+        return Some(site.clone());
+    }
+    let state = app.ledger.decided_state();
+    let mut programs = state.model.programs.values();
+    match (programs.next(), programs.next()) {
+        (Some(only), None) => Some(only.current_rules()?.site_url.clone()),
+        _ => None,
+    }
+}
+
 #[derive(Deserialize)]
 struct PixelQuery {
     /// The referrer of the page (BILLmanager's `r`).
@@ -2368,7 +2399,18 @@ async fn pixel(
 ) -> Response {
     let client = client_ip(&app.config, peer, &headers);
     if !app.public_limit.allow(client, app.ledger.now()) {
-        return ApiError::RateLimited.into_response();
+        // Still the image (browsers draw it whatever the status), so that
+        // a page never shows a broken one; nothing is recorded.
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::CONTENT_TYPE, "image/gif"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            PIXEL_GIF,
+        )
+            .into_response();
     }
     let code = query.p.as_deref().and_then(|page| {
         let (_, query) = page.split_once('?')?;

@@ -70,6 +70,15 @@ pub enum Verb {
             value_parser = parse_proxy
         )]
         trusted_proxies: Vec<ipnet::IpNet>,
+        /// Where a link with an unknown code sends the visitor (default:
+        /// the site of the only program; with several, such links answer 404).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "COMMISSION_LEDGER_FALLBACK_SITE",
+            value_parser = parse_site
+        )]
+        fallback_site: Option<String>,
     },
     /// Delete the index store and rebuild it and every projection from the
     /// log; or, with --what-if, replay a program under overrides and print
@@ -236,6 +245,12 @@ fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("`{text}` is not an IP address or a CIDR network"))
 }
 
+fn parse_site(text: &str) -> Result<String, String> {
+    crate::events::check_site_url(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.message)
+}
+
 /// Runs the command line; the exit status is the process's.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let data = cli.data;
@@ -247,12 +262,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             public_per_minute,
             public_burst,
             trusted_proxies,
+            fallback_site,
         } => {
             let config = crate::api::ApiConfig {
                 base_url: base_url.unwrap_or_default(),
                 public_per_minute,
                 public_burst,
                 trusted_proxies,
+                fallback_site,
                 ..crate::api::ApiConfig::default()
             };
             serve(&data, listen, config, demo)

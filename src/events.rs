@@ -701,7 +701,8 @@ impl ProgramRules {
     }
 }
 
-fn check_site_url(url: &str) -> Result<(), InvalidValue> {
+/// An absolute http(s) URL with a host (a program's `site_url`).
+pub fn check_site_url(url: &str) -> Result<(), InvalidValue> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))

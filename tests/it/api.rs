@@ -850,14 +850,72 @@ fn the_referral_link_sets_the_cookie_and_never_redirects_off_site() {
             "{to} → {location}"
         );
     }
-    // an unknown code records nothing
+    // an unknown code takes the visitor to the only program's site, and
+    // records nothing and sets no cookie
     let head = app.head();
     let unknown = client
-        .get(format!("{}/r/nope-nope", app.base))
+        .get(format!("{}/r/nope-nope?to=/pricing", app.base))
         .send()
         .unwrap();
-    assert_eq!(unknown.status().as_u16(), 404);
+    assert_eq!(unknown.status().as_u16(), 302);
+    assert_eq!(
+        unknown.headers()["location"],
+        "https://provider.example/pricing"
+    );
+    assert!(unknown.headers().get("set-cookie").is_none());
     assert_eq!(app.head(), head);
+}
+
+#[test]
+fn an_unknown_code_goes_to_the_fallback_site_or_is_not_found() {
+    let get = |app: &TestApp, path: &str| {
+        let client = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let response = client.get(app.url(path)).send().unwrap();
+        let location = response
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_string());
+        (response.status().as_u16(), location)
+    };
+    // no program yet: no site to send anyone to
+    let app = TestApp::start();
+    assert_eq!(get(&app, "/r/nope").0, 404);
+    // with two programs there is no one site
+    app.put_program("hosting", hosting_rules());
+    let mut other = hosting_rules();
+    other["id"] = json!("other");
+    other["site_url"] = json!("https://other.example/");
+    app.put_program("other", other);
+    let head = app.head();
+    let (status, _) = get(&app, "/r/nope");
+    assert_eq!(status, 404);
+    assert_eq!(app.head(), head);
+    // unless the operator names one
+    let app = TestApp::start_configured(|config| {
+        config.fallback_site = Some("https://hub.example/start".into());
+    });
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let head = app.head();
+    assert_eq!(
+        get(&app, "/r/nope?to=//evil.example"),
+        (302, Some("https://hub.example/start".to_string()))
+    );
+    assert_eq!(
+        get(&app, "/r/nope?to=/pricing"),
+        (302, Some("https://hub.example/pricing".to_string()))
+    );
+    assert_eq!(app.head(), head);
+    // a known code still goes to its program's site
+    let code = alice["referral_code"].as_str().unwrap();
+    assert_eq!(
+        get(&app, &format!("/r/{code}")),
+        (302, Some("https://provider.example/signup".to_string()))
+    );
+    assert_eq!(app.head(), head + 1);
 }
 
 /// Percent-encodes everything but unreserved characters.
@@ -1527,7 +1585,19 @@ fn public_endpoints_are_rate_limited_per_address() {
     let limited = client.get(&link).send().unwrap();
     assert_eq!(limited.status().as_u16(), 429);
     assert_eq!(limited.headers()["retry-after"], "1");
-    assert_eq!(app.get(None, "/px.gif").status().as_u16(), 429);
+    // the pixel is still an image, so a page shows no broken one
+    let pixel = app.get(None, "/px.gif");
+    assert_eq!(
+        (
+            pixel.status().as_u16(),
+            pixel.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        ),
+        (429, "image/gif".to_string())
+    );
+    assert_eq!(pixel.bytes().unwrap().len(), 43);
     // trusting no proxy, a claimed address changes nothing
     let spoofed = client.get(&link).header("x-forwarded-for", "203.0.113.9");
     assert_eq!(spoofed.send().unwrap().status().as_u16(), 429);

@@ -108,6 +108,10 @@ fn bad_input_to_every_verb_is_a_clear_error_and_appends_nothing() {
             &["serve", "--trusted-proxy", "10.0.0.0/33"],
             "not an IP address or a CIDR network",
         ),
+        (
+            &["serve", "--fallback-site", "javascript:alert(1)"],
+            "must be an absolute http(s) URL",
+        ),
         (&["frobnicate"], "unrecognized"),
     ];
     for (args, expected) in cases {
