@@ -306,14 +306,15 @@ fn alice_as_of(
 #[test]
 fn the_last_checkpoint_of_each_month_is_kept_for_reads_of_the_past() {
     use commission_ledger::ledger::{AsOf, Ledger};
+    let reopen_keeping = |t: &mut TestLedger, keep: usize| {
+        t.ledger = None;
+        let mut config = t.config();
+        config.kept_checkpoints = keep;
+        t.ledger = Some(Ledger::open(config).unwrap());
+    };
     let months = |keep: usize| {
         let mut t = TestLedger::new("hosting");
-        let reopen = |t: &mut TestLedger| {
-            t.ledger = None;
-            let mut config = t.config();
-            config.kept_checkpoints = keep;
-            t.ledger = Some(Ledger::open(config).unwrap());
-        };
+        let reopen = |t: &mut TestLedger| reopen_keeping(t, keep);
         reopen(&mut t);
         t.define(rules("hosting", serde_json::json!({})));
         t.set_now("2026-01-05T00:00:00Z");
@@ -349,6 +350,37 @@ fn the_last_checkpoint_of_each_month_is_kept_for_reads_of_the_past() {
     assert_eq!(alice_as_of(&t, AsOf::Seq(feb.1 - 1)).earned, jan.0.earned);
     assert_eq!(folded(), feb.1 - 1 - jan.1, "from January's");
     t.verify_ok();
+    // A kept checkpoint that is not the log's state at its seq (a damaged
+    // store, or one copied beside another log) is not used: with January's
+    // state put where February's end was kept, a read of February's end
+    // replays from the start and answers right.
+    let mut t = t;
+    t.ledger = None; // the shutdown saves April's checkpoint and keeps March's
+    {
+        use commission_ledger::store::Store;
+        let store = Store::open(&t.dir.path().join("index")).unwrap();
+        let (jan_hash, jan_state) = store
+            .load_kept_checkpoint(jan.1, |_, hash, state| (hash, state.to_vec()))
+            .unwrap()
+            .unwrap();
+        let (last, last_hash, last_state) = store
+            .load_checkpoint(|seq, hash, state| (seq, hash, state.to_vec()))
+            .unwrap()
+            .unwrap();
+        // Saved as the last of February, then replaced (and so kept) by
+        // April's again.
+        store
+            .save_checkpoint(feb.1, &jan_hash, 202602, &jan_state, 12)
+            .unwrap();
+        store
+            .save_checkpoint(last, &last_hash, 202604, &last_state, 12)
+            .unwrap();
+    }
+    reopen_keeping(&mut t, 12);
+    assert!(t.ledger().kept_checkpoints().unwrap().contains(&feb.1));
+    assert_eq!(alice_as_of(&t, AsOf::Seq(feb.1)), feb.0);
+    assert_eq!(t.ledger().history_folded(), feb.1, "from the start");
+    assert_eq!(alice_as_of(&t, AsOf::Seq(jan.1)), jan.0);
     // Keeping one: February's only; January's end replays from the start.
     let (t, ends) = months(1);
     let (jan, feb) = (&ends[0], &ends[1]);
