@@ -739,6 +739,39 @@ pub fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Res
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A query string, its blank fields left out: `?limit=&q=x` reads as
+/// `?q=x`, as forms and portals send a field left empty. A value that does
+/// not read is a 400 naming the field (axum's own `Query` answered a bare
+/// "could not be read").
+pub struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let read = |uri: &Uri| {
+            Query::<T>::try_from_uri(uri)
+                .map(|Query(value)| Params(value))
+                .map_err(|e| ApiError::Malformed(e.body_text()))
+        };
+        let query = parts.uri.query().unwrap_or_default();
+        let filled = |pair: &&str| pair.split_once('=').is_some_and(|(_, v)| !v.is_empty());
+        if query.split('&').all(|pair| filled(&pair)) {
+            return read(&parts.uri);
+        }
+        let kept: Vec<&str> = query.split('&').filter(filled).collect();
+        let uri = format!("/?{}", kept.join("&"))
+            .parse()
+            .map_err(|_| ApiError::Malformed("the query string does not read".into()))?;
+        read(&uri)
+    }
+}
+
 /// A write: the parts of a POST or PUT its handler needs besides the path
 /// (the idempotency key hashes the method, path and body).
 pub struct Write {
@@ -966,6 +999,9 @@ fn submission(
     Ok(s)
 }
 
+/// The longest `Idempotency-Key` taken.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
 /// The request's `Idempotency-Key`, scoped to the caller, with a hash of
 /// the method, path and body (a retry with another body is a 409).
 fn idempotency(
@@ -978,9 +1014,11 @@ fn idempotency(
         let key = key
             .to_str()
             .ok()
-            .filter(|k| !k.is_empty() && k.len() <= 200)
+            .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN)
             .ok_or_else(|| {
-                ApiError::Malformed("Idempotency-Key must be 1 to 200 visible characters".into())
+                ApiError::Malformed(format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible characters"
+                ))
             })?;
         let (method, uri, body) = request;
         let mut fingerprint = Vec::with_capacity(body.len() + 64);
@@ -1209,7 +1247,9 @@ async fn get_program(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct EnrollBody {
+    #[schemars(with = "AffiliateId")]
     affiliate_id: String,
+    #[schemars(with = "Option<CustomerId>")]
     customer_id: Option<String>,
     group: Option<String>,
     rate: Option<String>,
@@ -1288,7 +1328,7 @@ async fn get_affiliate(
 async fn balance(
     State(app): State<AppState>,
     Path((program, affiliate)): Path<(String, String)>,
-    Query(query): Query<AsOfQuery>,
+    Params(query): Params<AsOfQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
@@ -1307,7 +1347,7 @@ async fn balance(
 async fn statement(
     State(app): State<AppState>,
     Path((program, affiliate, month)): Path<(String, String, String)>,
-    Query(query): Query<AsOfQuery>,
+    Params(query): Params<AsOfQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     let caller = caller(&app, &headers)?;
@@ -1343,7 +1383,7 @@ const MAX_STATS_DAYS: i64 = 3_660;
 async fn stats(
     State(app): State<AppState>,
     Path((program, affiliate)): Path<(String, String)>,
-    Query(query): Query<StatsQuery>,
+    Params(query): Params<StatsQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     use crate::projections::StatsBy;
@@ -1412,7 +1452,7 @@ struct ReferralsQuery {
 async fn referrals(
     State(app): State<AppState>,
     Path((program, affiliate)): Path<(String, String)>,
-    Query(query): Query<ReferralsQuery>,
+    Params(query): Params<ReferralsQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     use crate::projections::{MAX_PAGE_SIZE, ReferralQuery, ReferralSort};
@@ -1643,7 +1683,7 @@ const MAX_EVENTS_SCANNED: u64 = 20_000;
 /// program and type; JSON, or NDJSON when asked. `next_after` continues it.
 async fn events(
     State(app): State<AppState>,
-    Query(query): Query<EventsQuery>,
+    Params(query): Params<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     require(&app, &headers, ADMIN)?;
@@ -1721,7 +1761,7 @@ const STREAM_CHUNK: u64 = 500;
 /// then live as the log grows.
 async fn stream_events(
     State(app): State<AppState>,
-    Query(query): Query<StreamQuery>,
+    Params(query): Params<StreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -1817,6 +1857,7 @@ async fn stream_events(
 #[serde(deny_unknown_fields)]
 struct CloseCustomerBody {
     reason: Option<String>,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
@@ -1860,6 +1901,7 @@ async fn close_customer(
 #[serde(deny_unknown_fields)]
 struct GroupBody {
     group: String,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
@@ -1883,6 +1925,7 @@ async fn customer_group(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ReassignBody {
+    #[schemars(with = "AffiliateId")]
     to: String,
     /// A date (`2026-08-01`, midnight in the program's zone) or an RFC 3339 time.
     from: Option<String>,
@@ -1967,7 +2010,7 @@ pub struct ReplayBody {
     pub months: Option<MonthRange>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ApplyBody {
     reason: String,
@@ -2288,7 +2331,7 @@ fn client_hash(app: &AppState, client: std::net::IpAddr) -> Bytes16 {
 
 type Bytes16 = crate::events::Bytes<16>;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct LinkQuery {
     to: Option<String>,
 }
@@ -2298,10 +2341,12 @@ struct LinkQuery {
 async fn follow_link(
     State(app): State<AppState>,
     Path(code): Path<String>,
-    Query(query): Query<LinkQuery>,
+    query: Result<Params<LinkQuery>, ApiError>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> ApiResult {
+    // A visitor's link whose query does not read still goes to the site.
+    let query = query.map(|Params(query)| query).unwrap_or_default();
     let client = client_ip(&app.config, peer, &headers);
     if !app.public_limit.allow(client, app.ledger.now()) {
         return Err(ApiError::RateLimited);
@@ -2381,7 +2426,7 @@ fn fallback_site(app: &AppState) -> Option<String> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct PixelQuery {
     /// The referrer of the page (BILLmanager's `r`).
     r: Option<String>,
@@ -2393,10 +2438,11 @@ struct PixelQuery {
 /// carries `ref=CODE`. Always answers the GIF.
 async fn pixel(
     State(app): State<AppState>,
-    Query(query): Query<PixelQuery>,
+    query: Result<Params<PixelQuery>, ApiError>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    let query = query.map(|Params(query)| query).unwrap_or_default();
     let client = client_ip(&app.config, peer, &headers);
     if !app.public_limit.allow(client, app.ledger.now()) {
         // Still the image (browsers draw it whatever the status), so that
@@ -2480,39 +2526,49 @@ struct ClickBody {
     creative: Option<String>,
     referrer: Option<String>,
     landing: Option<String>,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SignupBody {
+    #[schemars(with = "CustomerId")]
     customer_id: String,
     visitor: Option<String>,
     promo_code: Option<String>,
     group: Option<String>,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LineBody {
+    #[schemars(with = "LineId")]
     id: String,
+    #[schemars(with = "CustomerId")]
     customer_id: String,
     amount: String,
     currency: String,
     product: Option<String>,
     order_id: Option<String>,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RefundBody {
+    #[schemars(with = "LineId")]
     id: String,
+    #[schemars(with = "CustomerId")]
     customer_id: String,
+    #[schemars(with = "LineId")]
     refunds: String,
     amount: String,
     currency: String,
+    #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
 }
 
@@ -2947,6 +3003,7 @@ async fn withdraw(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    #[schemars(range(min = 1, max = MAX_TOKEN_TTL_SECONDS))]
     ttl_seconds: Option<u64>,
 }
 
@@ -3112,6 +3169,7 @@ pub fn openapi() -> Value {
     let referral = schema(&mut |g| g.subschema_for::<Referral>());
     let replay_body = schema(&mut |g| g.subschema_for::<ReplayBody>());
     let replay = schema(&mut |g| g.subschema_for::<crate::ledger::Replay>());
+    let apply = schema(&mut |g| g.subschema_for::<ApplyBody>());
     let definitions = generator.take_definitions(true);
 
     let object = |properties: Value| json!({"type": "object", "properties": properties});
@@ -3119,7 +3177,16 @@ pub fn openapi() -> Value {
     let seq = json!({"type": "object", "properties": {"seq": {"type": "integer"}, "duplicate": {"type": "boolean"}}});
     let problem = json!({"$ref": "#/components/schemas/Problem"});
     let as_of = json!({"name": "as_of", "in": "query", "required": false, "description": "a seq or an RFC 3339 time: the answer as it was then", "schema": {"type": "string"}});
-    let param = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+    let identifier = json!({"type": "string", "minLength": 1, "maxLength": MAX_IDENTIFIER_LEN, "pattern": "^[A-Za-z0-9._:@-]+$"});
+    let param = |name: &str| {
+        let schema = match name {
+            "program" | "affiliate" | "customer" => identifier.clone(),
+            "month" => json!({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}),
+            "id" => json!({"type": "string", "format": "uuid"}),
+            _ => json!({"type": "string"}),
+        };
+        json!({"name": name, "in": "path", "required": true, "schema": schema})
+    };
     let query = |name: &str, description: &str| json!({"name": name, "in": "query", "required": false, "description": description, "schema": {"type": "string"}});
 
     // (method, path, summary, roles, path params, query params, request body, (status, response))
@@ -3435,7 +3502,7 @@ pub fn openapi() -> Value {
             "admin",
             vec!["program", "id"],
             vec![],
-            Some(object(json!({"reason": string}))),
+            Some(apply),
             (
                 201,
                 object(
@@ -3574,12 +3641,36 @@ pub fn openapi() -> Value {
     {
         let mut parameters: Vec<Value> = path_params.into_iter().map(param).collect();
         parameters.extend(query_params);
+        let text = json!({"schema": {"type": "string"}});
+        let content = match path {
+            "/healthz" => json!({"text/plain": text}),
+            "/metrics" => json!({"text/plain; version=0.0.4": text}),
+            "/px.gif" => {
+                json!({"image/gif": {"schema": {"type": "string", "contentMediaType": "image/gif"}}})
+            }
+            "/v1/events/stream" => json!({"text/event-stream": text}),
+            "/v1/events" => {
+                json!({"application/json": {"schema": response}, "application/x-ndjson": text})
+            }
+            "/v1/programs/{program}/affiliates/{affiliate}/statements/{month}"
+            | "/v1/programs/{program}/replays/{id}" => json!({
+                "application/json": {"schema": response},
+                "text/csv": text,
+                "text/html": text,
+            }),
+            _ => json!({"application/json": {"schema": response}}),
+        };
+        let answer = if status == 302 {
+            json!({"description": "Found", "headers": {"Location": {"schema": {"type": "string"}}}})
+        } else {
+            json!({"description": "OK", "content": content})
+        };
         let mut operation = json!({
             "summary": summary,
             "description": format!("Roles: {roles}."),
             "parameters": parameters,
             "responses": {
-                status.to_string(): {"description": "OK", "content": {"application/json": {"schema": response}}},
+                status.to_string(): answer,
                 "default": {"description": "A problem (RFC 9457)", "content": {"application/problem+json": {"schema": problem}}},
             },
         });
@@ -3590,7 +3681,7 @@ pub fn openapi() -> Value {
         if (method == "post" || method == "put")
             && let Some(parameters) = operation["parameters"].as_array_mut()
         {
-            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}));
+            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LEN, "pattern": "^[\\t -~]+$"}}));
         }
         if roles != "public" {
             operation["security"] = json!([{"bearer": []}]);

@@ -1923,6 +1923,75 @@ fn the_openapi_document_is_served_and_committed() {
             "dangling $ref to {name}"
         );
     }
+    // what the public reads answer is the media type documented for them
+    for path in ["/healthz", "/readyz", "/metrics", "/px.gif"] {
+        let answer = app.get(None, path);
+        let essence = |media: &str| media.split(';').next().unwrap().trim().to_string();
+        let served_type = essence(answer.headers()["content-type"].to_str().unwrap());
+        let documented = &served["paths"][path]["get"]["responses"]["200"]["content"];
+        assert!(
+            documented
+                .as_object()
+                .unwrap()
+                .keys()
+                .any(|media| essence(media) == served_type),
+            "{path}: {served_type} is not among {documented}"
+        );
+    }
+}
+
+#[test]
+fn a_query_string_leaves_blank_fields_out_and_names_a_bad_one() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let admin = Some(app.admin.as_str());
+    // a form's blank fields are as if left out
+    let referrals = "/v1/programs/hosting/affiliates/alice/referrals";
+    let blank = app.get(
+        admin,
+        &format!("{referrals}?q=&sort=&limit=&cursor=&as_of="),
+    );
+    assert_eq!(blank.status().as_u16(), 200);
+    assert_eq!(
+        blank.json::<Value>().unwrap(),
+        app.get(admin, referrals).json::<Value>().unwrap()
+    );
+    let events = app.get(admin, "/v1/events?after=&limit=&program=&type=");
+    assert_eq!(events.status().as_u16(), 200);
+    let balance = "/v1/programs/hosting/affiliates/alice/balance";
+    assert_eq!(
+        app.get(admin, &format!("{balance}?as_of="))
+            .status()
+            .as_u16(),
+        200
+    );
+    // a value that does not read is a 400 that names its field
+    for (path, field) in [
+        (format!("{referrals}?q=x&limit=ten"), "limit"),
+        ("/v1/events?after=-1".to_string(), "after"),
+    ] {
+        let refused = app.get(admin, &path);
+        assert_eq!(refused.status().as_u16(), 400, "{path}");
+        let problem: Value = refused.json().unwrap();
+        assert_eq!(
+            problem["type"],
+            "https://commission-ledger.dev/problems/malformed"
+        );
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(field), "{path}: {detail}");
+    }
+    // a visitor's link whose query does not read still goes to the site
+    let client = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let link = client.get(app.url("/r/nope?to=/a&to=/b")).send().unwrap();
+    assert_eq!(link.status().as_u16(), 302);
+    assert_eq!(
+        link.headers()["location"],
+        "https://provider.example/signup"
+    );
 }
 
 #[test]
