@@ -3299,7 +3299,7 @@ pub fn openapi() -> Value {
             (
                 200,
                 object(
-                    json!({"referrals": {"type": "array", "items": referral}, "total": {"type": "integer"}, "next_cursor": string}),
+                    json!({"referrals": {"type": "array", "items": referral}, "total": {"type": "integer"}, "next_cursor": {"type": ["string", "null"]}}),
                 ),
             ),
         ),
@@ -3545,7 +3545,7 @@ pub fn openapi() -> Value {
             (
                 200,
                 object(
-                    json!({"events": {"type": "array", "items": {"type": "object"}}, "next_after": {"type": "integer"}, "head_seq": {"type": "integer"}}),
+                    json!({"events": {"type": "array", "items": {"type": "object"}}, "next_after": {"type": ["integer", "null"]}, "head_seq": {"type": "integer"}}),
                 ),
             ),
         ),
@@ -3663,7 +3663,7 @@ pub fn openapi() -> Value {
         let answer = if status == 302 {
             json!({"description": "Found", "headers": {"Location": {"schema": {"type": "string"}}}})
         } else {
-            json!({"description": "OK", "content": content})
+            json!({"description": "OK", "content": content.clone()})
         };
         let mut operation = json!({
             "summary": summary,
@@ -3674,6 +3674,19 @@ pub fn openapi() -> Value {
                 "default": {"description": "A problem (RFC 9457)", "content": {"application/problem+json": {"schema": problem}}},
             },
         });
+        // Acknowledged without recording: a duplicate line, a signup that
+        // matches nothing or was attributed before, a replay applied before.
+        if matches!(
+            path,
+            "/v1/programs/{program}/signups"
+                | "/v1/programs/{program}/expenses"
+                | "/v1/programs/{program}/payments"
+                | "/v1/programs/{program}/refunds"
+                | "/v1/programs/{program}/replays/{id}/apply"
+        ) {
+            operation["responses"]["200"] =
+                json!({"description": "Acknowledged, nothing new recorded", "content": content});
+        }
         if let Some(request) = request {
             operation["requestBody"] =
                 json!({"required": true, "content": {"application/json": {"schema": request}}});
