@@ -743,7 +743,7 @@ type ApiResult = Result<Response, ApiError>;
 /// `?q=x`, as forms and portals send a field left empty. A value that does
 /// not read is a 400 naming the field (axum's own `Query` answered a bare
 /// "could not be read").
-pub struct Params<T>(T);
+struct Params<T>(T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
     for Params<T>
@@ -3170,6 +3170,12 @@ pub fn openapi() -> Value {
     let replay_body = schema(&mut |g| g.subschema_for::<ReplayBody>());
     let replay = schema(&mut |g| g.subschema_for::<crate::ledger::Replay>());
     let apply = schema(&mut |g| g.subschema_for::<ApplyBody>());
+    let ids = [
+        schema(&mut |g| g.subschema_for::<ProgramId>()),
+        schema(&mut |g| g.subschema_for::<AffiliateId>()),
+        schema(&mut |g| g.subschema_for::<CustomerId>()),
+        schema(&mut |g| g.subschema_for::<Month>()),
+    ];
     let definitions = generator.take_definitions(true);
 
     let object = |properties: Value| json!({"type": "object", "properties": properties});
@@ -3177,11 +3183,13 @@ pub fn openapi() -> Value {
     let seq = json!({"type": "object", "properties": {"seq": {"type": "integer"}, "duplicate": {"type": "boolean"}}});
     let problem = json!({"$ref": "#/components/schemas/Problem"});
     let as_of = json!({"name": "as_of", "in": "query", "required": false, "description": "a seq or an RFC 3339 time: the answer as it was then", "schema": {"type": "string"}});
-    let identifier = json!({"type": "string", "minLength": 1, "maxLength": MAX_IDENTIFIER_LEN, "pattern": "^[A-Za-z0-9._:@-]+$"});
     let param = |name: &str| {
+        let [program, affiliate, customer, month] = &ids;
         let schema = match name {
-            "program" | "affiliate" | "customer" => identifier.clone(),
-            "month" => json!({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}),
+            "program" => program.clone(),
+            "affiliate" => affiliate.clone(),
+            "customer" => customer.clone(),
+            "month" => month.clone(),
             "id" => json!({"type": "string", "format": "uuid"}),
             _ => json!({"type": "string"}),
         };
