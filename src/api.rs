@@ -761,7 +761,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
         };
         let query = parts.uri.query().unwrap_or_default();
         let filled = |pair: &&str| pair.split_once('=').is_some_and(|(_, v)| !v.is_empty());
-        if query.split('&').all(|pair| filled(&pair)) {
+        if query.is_empty() || query.split('&').all(|pair| filled(&pair)) {
             return read(&parts.uri);
         }
         let kept: Vec<&str> = query.split('&').filter(filled).collect();
