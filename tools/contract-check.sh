@@ -31,7 +31,9 @@ cat >"$data/schemathesis.toml" <<'EOF'
 "path.program" = "demo-hosting"
 "path.affiliate" = "alice"
 EOF
-# The live tail never ends by itself: left out.
+# The live tail never ends by itself: left out. Run in the temporary
+# directory, where schemathesis leaves its cache.
+cd "$data"
 timeout "$max_seconds" st --config-file "$data/schemathesis.toml" run \
     "http://127.0.0.1:$port/openapi.json" \
     -H "Authorization: Bearer $key" \
