@@ -3682,6 +3682,9 @@ pub fn openapi() -> Value {
                 "default": {"description": "A problem (RFC 9457)", "content": {"application/problem+json": {"schema": problem}}},
             },
         });
+        if path == "/px.gif" {
+            operation["responses"]["429"] = json!({"description": "Rate limited: the image still, nothing recorded", "content": content.clone()});
+        }
         // Acknowledged without recording: a duplicate line, a signup that
         // matches nothing or was attributed before, a replay applied before.
         if matches!(

@@ -1585,7 +1585,10 @@ fn public_endpoints_are_rate_limited_per_address() {
     let limited = client.get(&link).send().unwrap();
     assert_eq!(limited.status().as_u16(), 429);
     assert_eq!(limited.headers()["retry-after"], "1");
-    // the pixel is still an image, so a page shows no broken one
+    // the pixel is still an image, so a page shows no broken one, as documented
+    let documented = commission_ledger::api::openapi();
+    let limited_pixel = &documented["paths"]["/px.gif"]["get"]["responses"]["429"]["content"];
+    assert!(limited_pixel.get("image/gif").is_some(), "{limited_pixel}");
     let pixel = app.get(None, "/px.gif");
     assert_eq!(
         (
