@@ -205,6 +205,25 @@ impl TestApp {
         )
     }
 
+    /// `cust-1` clicks `code` as visitor `v-1` at `clicked`, and signs up at
+    /// `signed_up`: the answer to the signup.
+    pub fn cust_1_follows(
+        &self,
+        program: &str,
+        code: &str,
+        clicked: &str,
+        signed_up: &str,
+    ) -> (u16, Value) {
+        self.click(
+            program,
+            json!({"referral_code": code, "visitor": "v-1", "at": clicked}),
+        );
+        self.signup(
+            program,
+            json!({"customer_id": "cust-1", "visitor": "v-1", "at": signed_up}),
+        )
+    }
+
     pub fn expense(&self, program: &str, body: Value) -> (u16, Value) {
         self.post(
             &self.ingest,
@@ -286,13 +305,11 @@ fn the_server_closes_a_month_by_itself_on_the_auto_close_day() {
     assert_eq!(app.put_program("hosting", hosting_rules()).0, 200);
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let code = alice["referral_code"].as_str().unwrap();
-    app.click(
+    app.cust_1_follows(
         "hosting",
-        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
-    );
-    app.signup(
-        "hosting",
-        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-04T09:00:00Z"}),
+        code,
+        "2026-08-03T10:00:00Z",
+        "2026-08-04T09:00:00Z",
     );
     let line = json!({"id": "inv-1", "customer_id": "cust-1", "amount": "100.00", "currency": "USD", "at": "2026-08-10T12:00:00Z"});
     assert_eq!(app.expense("hosting", line).0, 201);
@@ -2590,13 +2607,11 @@ fn cust_1_by_alices_link() -> TestApp {
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     app.enroll("hosting", json!({"affiliate_id": "bob"}));
     let code = alice["referral_code"].as_str().unwrap();
-    app.click(
+    app.cust_1_follows(
         "hosting",
-        json!({"referral_code": code, "visitor": "v-1", "at": "2026-08-03T10:00:00Z"}),
-    );
-    app.signup(
-        "hosting",
-        json!({"customer_id": "cust-1", "visitor": "v-1", "at": "2026-08-03T10:05:00Z"}),
+        code,
+        "2026-08-03T10:00:00Z",
+        "2026-08-03T10:05:00Z",
     );
     app
 }
