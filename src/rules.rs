@@ -322,6 +322,24 @@ impl Customer {
     pub fn current_affiliate(&self) -> Option<&AffiliateId> {
         self.attribution.last().map(|(_, affiliate)| affiliate)
     }
+    /// Whether `affiliate` is named in the attribution, at any time.
+    fn names(&self, affiliate: &AffiliateId) -> bool {
+        self.attribution.iter().any(|(_, a)| a == affiliate)
+    }
+    /// Moves the customer to `affiliate` from `from` on (`None`: for all
+    /// time); whether `affiliate` was named before.
+    fn move_to(&mut self, from: Option<Timestamp>, affiliate: &AffiliateId) -> bool {
+        let before = self.names(affiliate);
+        match from {
+            None => self.attribution = vec![(None, affiliate.clone())],
+            Some(from) => {
+                self.attribution
+                    .retain(|(start, _)| start.is_none_or(|start| start < from));
+                self.attribution.push((Some(from), affiliate.clone()));
+            }
+        }
+        before
+    }
     pub fn group_at(&self, at: Timestamp) -> &str {
         self.groups
             .iter()
@@ -671,24 +689,8 @@ impl ProgramModel {
         let customer = self.customers.entry(customer_id.clone()).or_default();
         let mut named = Vec::new();
         for o in wanted {
-            named.push((
-                o.affiliate_id.clone(),
-                customer
-                    .attribution
-                    .iter()
-                    .any(|(_, a)| *a == o.affiliate_id),
-            ));
-            match o.from {
-                None => customer.attribution = vec![(None, o.affiliate_id.clone())],
-                Some(from) => {
-                    customer
-                        .attribution
-                        .retain(|(start, _)| start.is_none_or(|start| start < from));
-                    customer
-                        .attribution
-                        .push((Some(from), o.affiliate_id.clone()));
-                }
-            }
+            let before = customer.move_to(o.from, &o.affiliate_id);
+            named.push((o.affiliate_id.clone(), before));
         }
         for (affiliate, before) in named {
             self.note_attributed(customer_id, &affiliate, before);
@@ -942,11 +944,7 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
         }
         Event::SignupAttributed(e) => {
             let customer = pm.customers.entry(e.customer_id.clone()).or_default();
-            let before = customer
-                .attribution
-                .iter()
-                .any(|(_, a)| *a == e.affiliate_id);
-            customer.attribution = vec![(None, e.affiliate_id.clone())];
+            let before = customer.move_to(None, &e.affiliate_id);
             customer.signup_at = Some(at);
             customer.via = Some(e.via);
             if customer.groups.is_empty() {
@@ -1112,16 +1110,7 @@ fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
     let Some(customer) = pm.customers.get_mut(&e.customer_id) else {
         return;
     };
-    let before = customer.attribution.iter().any(|(_, a)| *a == e.to);
-    match e.from {
-        None => customer.attribution = vec![(None, e.to.clone())],
-        Some(from) => {
-            customer
-                .attribution
-                .retain(|(start, _)| start.is_some_and(|start| start < from) || start.is_none());
-            customer.attribution.push((Some(from), e.to.clone()));
-        }
-    }
+    let before = customer.move_to(e.from, &e.to);
     pm.note_attributed(&e.customer_id, &e.to, before);
     let Some(customer) = pm.customers.get_mut(&e.customer_id) else {
         return;
