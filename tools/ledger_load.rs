@@ -28,6 +28,11 @@
 //!   then how long one affiliate's balance takes when its pending estimate
 //!   must be computed: a wide program, where a small affiliate's balance
 //!   should not cost a read of every customer.
+//! - `ledger-load portal DIR [SECONDS]`: on the bench's log (`bench DIR`
+//!   first), 16 submitters append mixed events for SECONDS, once alone and
+//!   once while a portal reads `aff-0`'s balance in a loop (each read after
+//!   a new line of one of its customers computes its pending estimate
+//!   again): what a busy affiliate's portal costs the writers.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -624,6 +629,65 @@ fn customers(dir: &Path, customers: u64) {
     );
 }
 
+fn portal(dir: &Path, seconds: u64) {
+    let ledger =
+        Arc::new(Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string())));
+    let codes = setup(&ledger);
+    let affiliate = AffiliateId::parse("aff-0").unwrap_or_else(|e| fail(&e.to_string()));
+    let duration = Duration::from_secs(seconds);
+    let mut alone = drive(&ledger, &codes, 16, duration, u64::MAX, Arc::new(|_| {}));
+    println!(
+        "16 submitters alone: {:.0} events/s; {}",
+        alone.acknowledged as f64 / seconds as f64,
+        alone.latency_line()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (ledger, stop, affiliate) = (ledger.clone(), stop.clone(), affiliate.clone());
+        std::thread::spawn(move || {
+            let mut reads = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                if let Err(e) = ledger.balance(&program(), &affiliate, None) {
+                    fail(&e.to_string());
+                }
+                reads.push(start.elapsed());
+            }
+            reads
+        })
+    };
+    let mut with = drive(&ledger, &codes, 16, duration, u64::MAX, Arc::new(|_| {}));
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = reader.join().unwrap_or_default();
+    reads.sort_unstable();
+    let ms = |q: f64| {
+        let i = ((reads.len() as f64 * q) as usize).min(reads.len().saturating_sub(1));
+        reads.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "16 submitters, aff-0's balance read in a loop: {:.0} events/s; {}",
+        with.acknowledged as f64 / seconds as f64,
+        with.latency_line()
+    );
+    // A read that computed the estimate again takes milliseconds; one
+    // that found it computed, microseconds.
+    let computed: Vec<f64> = reads
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .filter(|ms| *ms >= 1.0)
+        .collect();
+    println!(
+        "  {} balance reads ({:.0}/s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} computed the estimate again, {:.1} ms each (median)",
+        reads.len(),
+        reads.len() as f64 / seconds as f64,
+        ms(0.5),
+        ms(0.99),
+        ms(1.0),
+        computed.len(),
+        computed.get(computed.len() / 2).copied().unwrap_or(0.0)
+    );
+}
+
 fn replay(dir: &Path, full: bool) {
     if full {
         let _ = std::fs::remove_dir_all(dir.join("index"));
@@ -710,6 +774,7 @@ fn main() {
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
         "customers" => customers(&PathBuf::from(arg(2)), number(3, 200_000)),
+        "portal" => portal(&PathBuf::from(arg(2)), number(3, 5).min(600)),
         "fold" => {
             // The folding stage alone, each fold timed on its own.
             let mut events = Vec::new();
