@@ -460,7 +460,8 @@ pub struct ProgramModel {
 /// The pending estimate of each affiliate as last computed, kept until
 /// something it depends on changes: a balance read then costs a lookup
 /// instead of a simulated close of the affiliate's open lines (measured:
-/// 35–41 ms for an affiliate with 20,000 of them).
+/// 35–41 ms for an affiliate with 20,000 of them, with the state's read
+/// lock held, so the writer waits that long).
 ///
 /// What an estimate depends on is tracked by epochs. A basis line can
 /// change only the estimates of the affiliates its customer ever belonged
@@ -470,34 +471,96 @@ pub struct ProgramModel {
 /// click changes no estimate. Every other event (rules, enrolments, refunds,
 /// groups, reassignments, closes, replays, withdrawals: all rarer) bumps
 /// the program's epoch, which every estimate depends on.
+///
+/// A busy affiliate's customers are billed all the time, so its estimate
+/// would be computed again at nearly every read. Instead, the lines and
+/// signups since an estimate was computed are noted with it, and the next
+/// read extends the estimate by what they add ([`extend_pending`]) when
+/// that is exact, and computes it again only when it is not.
 #[derive(Default)]
 struct PendingMemo {
     program: u64,
     affiliates: HashMap<AffiliateId, u64>,
-    /// By affiliate: (program epoch, affiliate epoch, month) → estimate.
     computed: std::sync::Mutex<PendingComputed>,
 }
 
 /// (program epoch, affiliate epoch, month): what an estimate holds for.
 type PendingKey = (u64, u64, Month);
-type PendingComputed = HashMap<AffiliateId, (PendingKey, Decimal)>;
+type PendingComputed = HashMap<AffiliateId, ComputedPending>;
+
+/// One affiliate's estimate and what happened to it since.
+struct ComputedPending {
+    key: PendingKey,
+    pending: Decimal,
+    /// What bumped the affiliate's epoch since `key`, one change per bump,
+    /// in log order; `None` once one of them cannot be added to the
+    /// estimate, or more than `limit` came (computing the estimate again
+    /// is then as cheap, and memory stays bounded).
+    since: Option<Vec<PendingChange>>,
+    limit: usize,
+    /// The affiliate's active referrals by month (the count that picks a
+    /// tier), as of `key`: counted when an extension first needs them.
+    active: HashMap<Month, u32>,
+}
+
+/// A change to an affiliate's estimate that [`extend_pending`] may add.
+#[derive(Clone)]
+enum PendingChange {
+    /// A basis line recorded for a customer the affiliate was ever named for.
+    Line(LineId),
+    /// A signup that changed nothing the estimate reads (its customer had no lines).
+    Nothing,
+}
 
 impl PendingMemo {
     /// Notes what `recorded` may change, before it is folded in.
     fn note(&mut self, customers: &HashMap<CustomerId, Customer>, recorded: &Recorded) {
-        let bump_customer = |memo: &mut PendingMemo, customer: &CustomerId| {
-            for (_, affiliate) in customers.get(customer).map_or(&[][..], |c| &c.attribution) {
-                *memo.affiliates.entry(affiliate.clone()).or_default() += 1;
+        let (customer, signed_up_to, change) = match &recorded.event {
+            Event::ClickRecorded(_) => return,
+            Event::BasisLineRecorded(e) => (
+                &e.customer_id,
+                None,
+                Some(PendingChange::Line(e.id.clone())),
+            ),
+            Event::SignupAttributed(e) => {
+                let no_lines = customers
+                    .get(&e.customer_id)
+                    .is_none_or(|c| c.lines.is_empty());
+                let change = no_lines.then_some(PendingChange::Nothing);
+                (&e.customer_id, Some(&e.affiliate_id), change)
+            }
+            _ => {
+                self.program += 1;
+                return;
             }
         };
-        match &recorded.event {
-            Event::ClickRecorded(_) => {}
-            Event::BasisLineRecorded(e) => bump_customer(self, &e.customer_id),
-            Event::SignupAttributed(e) => {
-                bump_customer(self, &e.customer_id);
-                *self.affiliates.entry(e.affiliate_id.clone()).or_default() += 1;
+        let computed = self
+            .computed
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut touch = |affiliate: &AffiliateId| {
+            if let Some(entry) = computed.get_mut(affiliate) {
+                entry.since = match (entry.since.take(), &change) {
+                    (Some(mut since), Some(change)) if since.len() < entry.limit => {
+                        since.push(change.clone());
+                        Some(since)
+                    }
+                    _ => None,
+                };
             }
-            _ => self.program += 1,
+            *self.affiliates.entry(affiliate.clone()).or_default() += 1;
+        };
+        let named = customers.get(customer).map_or(&[][..], |c| &c.attribution);
+        for (i, (_, affiliate)) in named.iter().enumerate() {
+            // once each, however often the customer moved to them
+            if !named[..i].iter().any(|(_, a)| a == affiliate) {
+                touch(affiliate);
+            }
+        }
+        if let Some(affiliate) = signed_up_to
+            && !named.iter().any(|(_, a)| a == affiliate)
+        {
+            touch(affiliate);
         }
     }
 
@@ -1933,12 +1996,13 @@ pub(crate) fn reassignment_adjustments(
     events
 }
 
-/// What one line earns if a close took it now: to whom, at what rate, how much.
-fn line_earning<'a>(
+/// Whom one line earns for if a close took it now, under which rules
+/// (the ones in force at its moment): `None` when it earns nobody. Rate
+/// aside, everything a close asks of a line.
+fn line_earner<'a>(
     pm: &'a ProgramModel,
     line: &Line,
-    tier_counts: &mut HashMap<Month, HashMap<&'a AffiliateId, u32>>,
-) -> Option<(AffiliateId, Rate, Decimal)> {
+) -> Option<(&'a AffiliateId, &'a Affiliate, &'a ProgramRules)> {
     let rules = pm.rules_at(line.at)?;
     if !line.kind.earns_under(rules.basis) {
         return None;
@@ -1972,9 +2036,29 @@ fn line_earning<'a>(
             _ => customer.first_line.as_ref() == Some(&line.id),
         },
     };
-    if !in_term {
-        return None;
-    }
+    in_term.then_some((affiliate_id, affiliate, rules))
+}
+
+/// The rate of a tier for an affiliate with `active` active referrals in
+/// the month (the default when no tier is reached, never below it).
+fn tier_rate(rules: &ProgramRules, active: u32) -> Rate {
+    rules
+        .tiers
+        .iter()
+        .filter(|tier| active >= tier.min_active_referrals)
+        .map(|tier| tier.rate)
+        .max()
+        .unwrap_or(rules.default_rate)
+        .max(rules.default_rate)
+}
+
+/// What one line earns if a close took it now: to whom, at what rate, how much.
+fn line_earning<'a>(
+    pm: &'a ProgramModel,
+    line: &Line,
+    tier_counts: &mut HashMap<Month, HashMap<&'a AffiliateId, u32>>,
+) -> Option<(AffiliateId, Rate, Decimal)> {
+    let (affiliate_id, affiliate, rules) = line_earner(pm, line)?;
     let affiliate_rate = pm
         .rate_overrides
         .iter()
@@ -1999,14 +2083,7 @@ fn line_earning<'a>(
                 .get(affiliate_id)
                 .copied()
                 .unwrap_or(0);
-            rules
-                .tiers
-                .iter()
-                .filter(|tier| active >= tier.min_active_referrals)
-                .map(|tier| tier.rate)
-                .max()
-                .unwrap_or(rules.default_rate)
-                .max(rules.default_rate)
+            tier_rate(rules, active)
         }
     };
     let amount = rules.currency.percent_of(line.amount, rate);
@@ -2197,21 +2274,187 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
     }
     let month = now.month_in(pm.zone());
     let key = pm.pending_memo.key(affiliate_id, month);
-    if let Some((computed_for, pending)) = pm.pending_memo.computed().get(affiliate_id)
-        && *computed_for == key
-    {
-        return *pending;
+    if let Some(entry) = pm.pending_memo.computed().get_mut(affiliate_id) {
+        if entry.key == key {
+            return entry.pending;
+        }
+        let (program, epoch, entry_month) = entry.key;
+        if let Some(since) = entry.since.take()
+            && program == key.0
+            && entry_month == month
+            && epoch + since.len() as u64 == key.1
+            && let Some(added) = extend_pending(pm, affiliate_id, &since, &mut entry.active)
+        {
+            entry.key = key;
+            entry.pending += added;
+            entry.since = Some(Vec::new());
+            return entry.pending;
+        }
     }
-    let pending = simulate_pending(pm, affiliate_id, month);
-    pm.pending_memo
-        .computed()
-        .insert(affiliate_id.clone(), (key, pending));
+    // Computed without the memo's lock: readers of other affiliates go on.
+    let (pending, lines) = simulate_pending(pm, affiliate_id, month);
+    pm.pending_memo.computed().insert(
+        affiliate_id.clone(),
+        ComputedPending {
+            key,
+            pending,
+            since: Some(Vec::new()),
+            // Extending by a change costs about what computing costs per
+            // open line: beyond a quarter of them, computing is as cheap.
+            limit: (lines / 4).max(64),
+            active: HashMap::default(),
+        },
+    );
     pending
 }
 
+/// What `changes` (noted since an estimate was computed, in log order)
+/// add to the affiliate's estimate, or `None` when adding is not exact
+/// and the estimate must be computed again. Every other kind of event bumps
+/// the program's epoch, so only lines and signups of customers without
+/// lines came since; the lines are all still open. A new line adds its
+/// own reward and maybe a bounty, and changes no other line's reward but
+/// through the tier count of its month, so:
+/// - a line that makes its customer an active referral of the affiliate
+///   in its month adds one to that count, and when that changes a tier's
+///   rate under any version of the rules, the estimate is computed again;
+/// - the bounty goes to the customer's first open line (in close order)
+///   that earns the affiliate under rules with a bounty: a new line gets
+///   it when there is no such line before it, and when there is one after
+///   it (a line dated back), the estimate is computed again;
+/// - a line sets its customer's first line and order only when the
+///   customer had none, so that changes no other line's term.
+fn extend_pending(
+    pm: &ProgramModel,
+    affiliate_id: &AffiliateId,
+    changes: &[PendingChange],
+    active: &mut HashMap<Month, u32>,
+) -> Option<Decimal> {
+    let tiers = pm.rules.iter().any(|(_, rules)| !rules.tiers.is_empty());
+    let mut added = Decimal::ZERO;
+    for change in changes {
+        let PendingChange::Line(id) = change else {
+            continue;
+        };
+        let line = pm.lines.get(id)?;
+        let key = (line.month, line.at, line.seq);
+        if line.processed || pm.open_lines.get(&key) != Some(id) {
+            return None;
+        }
+        let customer = pm.customers.get(&line.customer_id)?;
+        // The customer's lines recorded before this one.
+        let earlier = || {
+            customer
+                .lines
+                .iter()
+                .filter_map(|id| pm.lines.get(id))
+                .filter(|l| l.seq < line.seq)
+        };
+        let counts = |l: &Line| {
+            l.month == line.month
+                && pm
+                    .rules_at(l.at)
+                    .is_some_and(|rules| l.kind.earns_under(rules.basis))
+                && customer.affiliate_at(l.at) == Some(affiliate_id)
+        };
+        let mut tier_counts: HashMap<Month, HashMap<&AffiliateId, u32>> = HashMap::default();
+        if tiers {
+            let before = match active.get(&line.month) {
+                Some(count) => *count,
+                None => active_referrals_of(pm, affiliate_id, line.month, line.seq),
+            };
+            let after = if counts(line) && !earlier().any(|l| counts(l)) {
+                before + 1
+            } else {
+                before
+            };
+            if after != before
+                && pm
+                    .rules
+                    .iter()
+                    .any(|(_, rules)| tier_rate(rules, before) != tier_rate(rules, after))
+            {
+                return None;
+            }
+            active.insert(line.month, after);
+            tier_counts
+                .entry(line.month)
+                .or_default()
+                .insert(affiliate_id, after);
+        }
+        let Some((earner, _, amount)) = line_earning(pm, line, &mut tier_counts) else {
+            continue;
+        };
+        if &earner != affiliate_id {
+            continue;
+        }
+        added += amount;
+        if let Some(bounty) = pm.rules_at(line.at).and_then(|rules| rules.bounty)
+            && customer.bounty.is_none()
+        {
+            let mut first = true;
+            for l in earlier() {
+                let l_key = (l.month, l.at, l.seq);
+                let open = !l.processed && pm.open_lines.get(&l_key) == Some(&l.id);
+                if open
+                    && pm
+                        .rules_at(l.at)
+                        .is_some_and(|rules| rules.bounty.is_some())
+                    && line_earner(pm, l).is_some_and(|(a, _, _)| a == affiliate_id)
+                {
+                    if l_key > key {
+                        return None;
+                    }
+                    first = false;
+                }
+            }
+            if first {
+                added += bounty;
+            }
+        }
+    }
+    Some(added)
+}
+
+/// The affiliate's active referrals in a month, counting only the lines
+/// recorded before `before_seq`: [`active_referrals`] for one affiliate,
+/// read through its own customers.
+fn active_referrals_of(
+    pm: &ProgramModel,
+    affiliate_id: &AffiliateId,
+    month: Month,
+    before_seq: Seq,
+) -> u32 {
+    let mut customers: Vec<&CustomerId> = pm
+        .customers_of
+        .get(affiliate_id)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter(|id| {
+            pm.customers.get(*id).is_some_and(|c| {
+                c.lines.iter().filter_map(|l| pm.lines.get(l)).any(|l| {
+                    l.month == month
+                        && l.seq < before_seq
+                        && pm
+                            .rules_at(l.at)
+                            .is_some_and(|rules| l.kind.earns_under(rules.basis))
+                        && c.affiliate_at(l.at) == Some(affiliate_id)
+                })
+            })
+        })
+        .collect();
+    customers.sort_unstable();
+    customers.dedup();
+    customers.len() as u32
+}
+
 /// [`pending_estimate`], computed: a close of every open month simulated
-/// for the affiliate's open lines.
-fn simulate_pending(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month) -> Decimal {
+/// for the affiliate's open lines; with how many lines it looked at.
+fn simulate_pending(
+    pm: &ProgramModel,
+    affiliate_id: &AffiliateId,
+    month: Month,
+) -> (Decimal, usize) {
     // Only the open lines of customers whose attribution names the
     // affiliate can earn it something (a line earns whoever had its
     // customer at the line's moment): not every open line of the program,
@@ -2239,7 +2482,8 @@ fn simulate_pending(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month)
     lines.sort_unstable_by_key(|(key, _, _)| **key);
     // A customer listed twice (reassigned away and back) once.
     lines.dedup_by_key(|(key, _, _)| **key);
-    close_rewards_of(
+    let count = lines.len();
+    let pending = close_rewards_of(
         pm,
         lines.into_iter(),
         pm.open_refunds.range(..),
@@ -2252,5 +2496,6 @@ fn simulate_pending(pm: &ProgramModel, affiliate_id: &AffiliateId, month: Month)
         Event::RewardClawedBack(c) => -c.amount,
         _ => Decimal::ZERO,
     })
-    .sum()
+    .sum();
+    (pending, count)
 }

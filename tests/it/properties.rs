@@ -30,6 +30,8 @@ enum Op {
         payment: bool,
         customer: u8,
         cents: u32,
+        /// Dated this many days before the op (maybe in a closed month).
+        days_back: Option<u8>,
     },
     Refund {
         line: usize,
@@ -66,7 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..3usize, 0..6u8).prop_map(|(affiliate, visitor)| Op::Click { affiliate, visitor }),
         4 => (0..8u8, 0..6u8, proptest::option::weighted(0.7, 0..3usize)).prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
-        6 => (any::<bool>(), 0..8u8, 1..50_000u32).prop_map(|(payment, customer, cents)| Op::Line { payment, customer, cents }),
+        6 => (any::<bool>(), 0..8u8, 1..50_000u32, proptest::option::weighted(0.2, 1..40u8)).prop_map(|(payment, customer, cents, days_back)| Op::Line { payment, customer, cents, days_back }),
         2 => (0..40usize, 1..20_000u32).prop_map(|(line, cents)| Op::Refund { line, cents }),
         3 => Just(Op::Close),
         3 => (0..3usize, 1..10_000u32).prop_map(|(affiliate, cents)| Op::Withdraw { affiliate, cents }),
@@ -174,6 +176,16 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
         let at_text = at.to_rfc3339();
         let at = Some(at_text.as_str());
         let customer = |c: u8| cust(&format!("c-{c}"));
+        let days_before = |days: u8| {
+            Timestamp::from_micros(ts(&at_text).micros() - i64::from(days) * 86_400_000_000)
+        };
+        let line_at = match op {
+            Op::Line {
+                days_back: Some(days),
+                ..
+            } => Some(days_before(*days).to_rfc3339()),
+            _ => None,
+        };
         let (at, command) = match op {
             Op::Click { affiliate, visitor } => (
                 at,
@@ -203,11 +215,12 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
                 payment,
                 customer: c,
                 cents: amount,
+                ..
             } => {
                 let id = format!("l-{i}");
                 lines.push((id.clone(), format!("c-{c}")));
                 (
-                    at,
+                    line_at.as_deref().or(at),
                     Command::RecordBasisLine {
                         kind: if *payment {
                             LineKind::Payment
@@ -301,11 +314,7 @@ fn run(ops: &[Op]) -> (TestLedger, Served, Vec<(Submission, Vec<Recorded>)>) {
                 Command::Reassign {
                     customer_id: customer(*c),
                     to: aff(AFFILIATES[*affiliate]),
-                    from: days_back.map(|days| {
-                        Timestamp::from_micros(
-                            ts(&at_text).micros() - i64::from(days) * 86_400_000_000,
-                        )
-                    }),
+                    from: days_back.map(days_before),
                     retroactive: *retroactive,
                     reason: "ticket".into(),
                 },

@@ -317,6 +317,37 @@ fn pending_follows_a_late_group_change_and_a_reassignment_after_it_was_read() {
     assert_eq!(t.balance("bob").pending, "20.00");
 }
 
+/// After a read, new lines extend the estimate instead of computing it
+/// again; a line dated back before the customer's other lines takes the
+/// bounty from them, at the bounty of the rules of its own date.
+#[test]
+fn pending_extended_by_new_lines_follows_the_bounty_to_a_line_dated_back() {
+    let (t, _, _) = given(serde_json::json!({"bounty": "10.00"}));
+    // from 20 August, the bounty is 20.00
+    t.set_now("2026-08-20T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"bounty": "20.00"})));
+    assert_eq!(t.balance("alice").pending, "0.00");
+    t.expense("2026-08-21T12:00:00Z", "l1", "cust-1", "100.00");
+    // 20.00 of reward and the bounty of 20.00
+    assert_eq!(t.balance("alice").pending, "40.00");
+    t.expense("2026-08-22T12:00:00Z", "l2", "cust-1", "100.00");
+    assert_eq!(t.balance("alice").pending, "60.00");
+    // reported late, a line of 10 August is the customer's first: 10.00 of
+    // reward, and the bounty is the first rules' 10.00
+    t.expense("2026-08-10T12:00:00Z", "l0", "cust-1", "50.00");
+    assert_eq!(t.balance("alice").pending, "60.00");
+    t.set_now("2026-09-01T00:00:00Z");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![
+            r("alice", "Reward", "10.00"),
+            r("alice", "Bounty", "10.00"),
+            r("alice", "Reward", "20.00"),
+            r("alice", "Reward", "20.00")
+        ]
+    );
+}
+
 #[test]
 fn no_self_referral_by_click_promo_code_or_reassignment() {
     let (t, alice, _) = given(serde_json::json!({}));
