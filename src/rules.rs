@@ -2301,7 +2301,7 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
             since: Some(Vec::new()),
             // Extending by a change costs about what computing costs per
             // open line: beyond a quarter of them, computing is as cheap.
-            limit: (lines / 4).max(64),
+            limit: (lines / 4).max(16),
             active: HashMap::default(),
         },
     );
