@@ -466,11 +466,14 @@ pub struct ProgramModel {
 /// What an estimate depends on is tracked by epochs. A basis line can
 /// change only the estimates of the affiliates its customer ever belonged
 /// to (whoever had the customer at the line's moment earns it, and tier
-/// counts are the affiliate's own), and a signup those of the customer's
-/// affiliates before and after it: these bump those affiliates' epochs. A
-/// click changes no estimate. Every other event (rules, enrolments, refunds,
-/// groups, reassignments, closes, replays, withdrawals: all rarer) bumps
-/// the program's epoch, which every estimate depends on.
+/// counts are the affiliate's own), a signup those of the customer's
+/// affiliates before and after it, a group change those of the customer's
+/// affiliates, a refund those and the affiliate the line rewarded, an
+/// enrolment or a suspension the affiliate's own: these bump those
+/// affiliates' epochs. Clicks, withdrawals, credits and closed accounts
+/// change no estimate. Every other event (rules, closes, rewards,
+/// reassignments, replays: all rarer) bumps the program's epoch, which
+/// every estimate depends on.
 ///
 /// A busy affiliate's customers are billed all the time, so its estimate
 /// would be computed again at nearly every read. Instead, the lines and
@@ -514,11 +517,30 @@ enum PendingChange {
 
 impl PendingMemo {
     /// Notes what `recorded` may change, before it is folded in.
-    fn note(&mut self, customers: &HashMap<CustomerId, Customer>, recorded: &Recorded) {
-        let (customer, signed_up_to, change) = match &recorded.event {
-            Event::ClickRecorded(_) => return,
+    fn note(
+        &mut self,
+        customers: &HashMap<CustomerId, Customer>,
+        lines: &HashMap<LineId, Box<Line>>,
+        recorded: &Recorded,
+    ) {
+        // The customer whose affiliates it concerns, one more affiliate it
+        // concerns, and what it adds to their estimates (`None`: they must
+        // be computed again).
+        let (customer, also, change) = match &recorded.event {
+            // Nothing an estimate reads: clicks, withdrawals, credits, a
+            // closed account (its lines still earn), adjustments (money
+            // moved for posted rewards), keys.
+            Event::ClickRecorded(_)
+            | Event::WithdrawalRequested(_)
+            | Event::WithdrawalPaid(_)
+            | Event::WithdrawalRejected(_)
+            | Event::CreditApplied(_)
+            | Event::CustomerClosed(_)
+            | Event::AdjustmentPosted(_)
+            | Event::ApiKeyIssued(_)
+            | Event::ApiKeyRevoked(_) => return,
             Event::BasisLineRecorded(e) => (
-                &e.customer_id,
+                Some(&e.customer_id),
                 None,
                 Some(PendingChange::Line(e.id.clone())),
             ),
@@ -527,8 +549,24 @@ impl PendingMemo {
                     .get(&e.customer_id)
                     .is_none_or(|c| c.lines.is_empty());
                 let change = no_lines.then_some(PendingChange::Nothing);
-                (&e.customer_id, Some(&e.affiliate_id), change)
+                (Some(&e.customer_id), Some(&e.affiliate_id), change)
             }
+            // The lines a group forbids earn whoever had the customer then.
+            Event::CustomerGroupChanged(e) => (Some(&e.customer_id), None, None),
+            // A claw-back goes to whoever the line rewarded, or will: for
+            // a posted reward, maybe an affiliate the customer no longer names.
+            Event::RefundRecorded(e) => {
+                let line = lines.get(&e.refunds);
+                let rewarded = line
+                    .and_then(|l| l.reward.as_ref())
+                    .map(|r| &r.affiliate_id);
+                let customer = line.map_or(&e.customer_id, |l| &l.customer_id);
+                (Some(customer), rewarded, None)
+            }
+            // Only the affiliate's own earnings.
+            Event::AffiliateEnrolled(e) => (None, Some(&e.affiliate_id), None),
+            Event::AffiliateSuspended(e) => (None, Some(&e.affiliate_id), None),
+            // Rules, closes, rewards, reassignments, replays: every estimate.
             _ => {
                 self.program += 1;
                 return;
@@ -550,14 +588,16 @@ impl PendingMemo {
             }
             *self.affiliates.entry(affiliate.clone()).or_default() += 1;
         };
-        let named = customers.get(customer).map_or(&[][..], |c| &c.attribution);
+        let named = customer
+            .and_then(|c| customers.get(c))
+            .map_or(&[][..], |c| &c.attribution);
         for (i, (_, affiliate)) in named.iter().enumerate() {
             // once each, however often the customer moved to them
             if !named[..i].iter().any(|(_, a)| a == affiliate) {
                 touch(affiliate);
             }
         }
-        if let Some(affiliate) = signed_up_to
+        if let Some(affiliate) = also
             && !named.iter().any(|(_, a)| a == affiliate)
         {
             touch(affiliate);
@@ -929,7 +969,7 @@ fn posting_affiliate(account: &Account) -> Option<&AffiliateId> {
 }
 
 pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
-    pm.pending_memo.note(&pm.customers, recorded);
+    pm.pending_memo.note(&pm.customers, &pm.lines, recorded);
     let at = recorded.occurred_at;
     let seq = recorded.seq;
     if matches!(

@@ -317,6 +317,32 @@ fn pending_follows_a_late_group_change_and_a_reassignment_after_it_was_read() {
     assert_eq!(t.balance("bob").pending, "20.00");
 }
 
+/// A refund claws back from whoever the line rewarded, even after its
+/// customer moved to another affiliate for all time: that affiliate's
+/// estimate moves, though the customer no longer names it.
+#[test]
+fn pending_follows_a_refund_to_the_affiliate_the_line_rewarded() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
+    t.set_now("2026-09-01T00:00:00Z");
+    t.close("2026-08");
+    t.submit(
+        None,
+        Command::Reassign {
+            customer_id: cust("cust-1"),
+            to: aff("bob"),
+            from: None,
+            retroactive: false,
+            reason: "ticket 8".into(),
+        },
+    );
+    assert_eq!(t.balance("alice").pending, "0.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+    t.refund("2026-09-02T12:00:00Z", "r1", "cust-1", "l1", "100.00");
+    assert_eq!(t.balance("alice").pending, "-20.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+}
+
 /// After a read, new lines extend the estimate instead of computing it
 /// again; a line dated back before the customer's other lines takes the
 /// bounty from them, at the bounty of the rules of its own date.
