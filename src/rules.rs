@@ -2513,6 +2513,11 @@ fn simulate_pending(
         .flat_map(|c| &c.lines)
         .filter_map(|id| {
             let line = pm.lines.get(id)?;
+            // A line a close took is never open: no search for it (most
+            // of a customer's lines, once months are closed).
+            if line.processed {
+                return None;
+            }
             let (key, open) = pm
                 .open_lines
                 .get_key_value(&(line.month, line.at, line.seq))?;
