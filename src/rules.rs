@@ -2350,9 +2350,10 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
 
 /// What `changes` (noted since an estimate was computed, in log order)
 /// add to the affiliate's estimate, or `None` when adding is not exact
-/// and the estimate must be computed again. Every other kind of event bumps
-/// the program's epoch, so only lines and signups of customers without
-/// lines came since; the lines are all still open. A new line adds its
+/// and the estimate must be computed again. Anything else that concerns
+/// the estimate since (see [`PendingMemo::note`]) made it be computed
+/// again, so only lines and signups of customers without lines came; and
+/// as no close came, the lines are all still open. A new line adds its
 /// own reward and maybe a bounty, and changes no other line's reward but
 /// through the tier count of its month, so:
 /// - a line that makes its customer an active referral of the affiliate
@@ -2390,13 +2391,8 @@ fn extend_pending(
                 .filter_map(|id| pm.lines.get(id))
                 .filter(|l| l.seq < line.seq)
         };
-        let counts = |l: &Line| {
-            l.month == line.month
-                && pm
-                    .rules_at(l.at)
-                    .is_some_and(|rules| l.kind.earns_under(rules.basis))
-                && customer.affiliate_at(l.at) == Some(affiliate_id)
-        };
+        let counts =
+            |l: &Line| l.month == line.month && makes_active(pm, customer, l, affiliate_id);
         let mut tier_counts: HashMap<Month, HashMap<&AffiliateId, u32>> = HashMap::default();
         if tiers {
             let before = match active.get(&line.month) {
@@ -2456,6 +2452,19 @@ fn extend_pending(
     Some(added)
 }
 
+/// Whether a line makes its customer an active referral of the affiliate
+/// in the line's month: what [`active_referrals`] counts.
+fn makes_active(
+    pm: &ProgramModel,
+    customer: &Customer,
+    line: &Line,
+    affiliate_id: &AffiliateId,
+) -> bool {
+    pm.rules_at(line.at)
+        .is_some_and(|rules| line.kind.earns_under(rules.basis))
+        && customer.affiliate_at(line.at) == Some(affiliate_id)
+}
+
 /// The affiliate's active referrals in a month, counting only the lines
 /// recorded before `before_seq`: [`active_referrals`] for one affiliate,
 /// read through its own customers.
@@ -2473,12 +2482,7 @@ fn active_referrals_of(
         .filter(|id| {
             pm.customers.get(*id).is_some_and(|c| {
                 c.lines.iter().filter_map(|l| pm.lines.get(l)).any(|l| {
-                    l.month == month
-                        && l.seq < before_seq
-                        && pm
-                            .rules_at(l.at)
-                            .is_some_and(|rules| l.kind.earns_under(rules.basis))
-                        && c.affiliate_at(l.at) == Some(affiliate_id)
+                    l.month == month && l.seq < before_seq && makes_active(pm, c, l, affiliate_id)
                 })
             })
         })
