@@ -303,16 +303,7 @@ fn pending_follows_a_late_group_change_and_a_reassignment_after_it_was_read() {
     assert_eq!(t.balance("alice").pending, "20.00");
     assert_eq!(t.balance("bob").pending, "0.00");
     // and a reassignment for all time moves what is left to bob
-    t.submit(
-        None,
-        Command::Reassign {
-            customer_id: cust("cust-1"),
-            to: aff("bob"),
-            from: None,
-            retroactive: false,
-            reason: "ticket 7".into(),
-        },
-    );
+    t.reassign("cust-1", "bob", None, false, "ticket 7");
     assert_eq!(t.balance("alice").pending, "0.00");
     assert_eq!(t.balance("bob").pending, "20.00");
 }
@@ -326,16 +317,7 @@ fn pending_follows_a_refund_to_the_affiliate_the_line_rewarded() {
     t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
     t.set_now("2026-09-01T00:00:00Z");
     t.close("2026-08");
-    t.submit(
-        None,
-        Command::Reassign {
-            customer_id: cust("cust-1"),
-            to: aff("bob"),
-            from: None,
-            retroactive: false,
-            reason: "ticket 8".into(),
-        },
-    );
+    t.reassign("cust-1", "bob", None, false, "ticket 8");
     assert_eq!(t.balance("alice").pending, "0.00");
     assert_eq!(t.balance("bob").pending, "0.00");
     t.refund("2026-09-02T12:00:00Z", "r1", "cust-1", "l1", "100.00");
@@ -796,15 +778,12 @@ fn pending_follows_each_line_to_whoever_had_its_customer_then() {
     let (t, _, _) = given(serde_json::json!({}));
     t.expense("2026-08-05T12:00:00Z", "before", "cust-1", "100.00"); // alice 20.00
     t.expense("2026-08-20T12:00:00Z", "after", "cust-1", "50.00"); // bob 10.00
-    t.submit(
-        None,
-        Command::Reassign {
-            customer_id: cust("cust-1"),
-            to: aff("bob"),
-            from: Some(ts("2026-08-10T00:00:00Z")),
-            retroactive: false,
-            reason: "ticket 2".into(),
-        },
+    t.reassign(
+        "cust-1",
+        "bob",
+        Some("2026-08-10T00:00:00Z"),
+        false,
+        "ticket 2",
     );
     assert_eq!(t.balance("alice").pending, "20.00");
     assert_eq!(t.balance("bob").pending, "10.00");
@@ -1161,15 +1140,12 @@ fn reassignment_from_a_date_moves_future_lines_and_retroactive_moves_posted_mone
     t.close("2026-08");
     t.expense("2026-09-05T12:00:00Z", "sep", "cust-1", "50.00");
     // without retroactive: September follows bob, August stays with alice
-    t.submit(
-        None,
-        Command::Reassign {
-            customer_id: cust("cust-1"),
-            to: aff("bob"),
-            from: Some(ts("2026-09-01T00:00:00Z")),
-            retroactive: false,
-            reason: "ticket 1".into(),
-        },
+    t.reassign(
+        "cust-1",
+        "bob",
+        Some("2026-09-01T00:00:00Z"),
+        false,
+        "ticket 1",
     );
     assert_eq!(
         close_rewards(&t, "2026-09"),
@@ -1181,16 +1157,7 @@ fn reassignment_from_a_date_moves_future_lines_and_retroactive_moves_posted_mone
     );
     // retroactive for all time: alice's posted 20.00 moves to bob in the open month
     t.set_now("2026-10-03T00:00:00Z");
-    let receipt = t.submit(
-        None,
-        Command::Reassign {
-            customer_id: cust("cust-1"),
-            to: aff("bob"),
-            from: None,
-            retroactive: true,
-            reason: "ticket 2".into(),
-        },
-    );
+    let receipt = t.reassign("cust-1", "bob", None, true, "ticket 2");
     let adjustments: Vec<(String, String, Month)> = receipt
         .events
         .iter()

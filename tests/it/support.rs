@@ -271,6 +271,28 @@ impl TestLedger {
         self.basis(LineKind::Payment, at, id, customer, amount, None, None)
     }
 
+    /// An operator's reassignment of `customer` to `to`, from a moment on
+    /// (`None`: for all time), for the reason `ticket`.
+    pub fn reassign(
+        &self,
+        customer: &str,
+        to: &str,
+        from: Option<&str>,
+        retroactive: bool,
+        ticket: &str,
+    ) -> Receipt {
+        self.submit(
+            None,
+            Command::Reassign {
+                customer_id: cust(customer),
+                to: aff(to),
+                from: from.map(ts),
+                retroactive,
+                reason: ticket.into(),
+            },
+        )
+    }
+
     pub fn refund(
         &self,
         at: &str,
