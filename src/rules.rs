@@ -2532,19 +2532,24 @@ fn simulate_pending(
     // A customer listed twice (reassigned away and back) once.
     lines.dedup_by_key(|(key, _, _)| **key);
     let count = lines.len();
-    let pending = close_rewards_of(
+    let pending = commission_of(&close_rewards_of(
         pm,
         lines.into_iter(),
         pm.open_refunds.range(..),
         month,
         Some(affiliate_id),
-    )
-    .iter()
-    .map(|event| match event {
-        Event::RewardAccrued(r) => r.amount,
-        Event::RewardClawedBack(c) => -c.amount,
-        _ => Decimal::ZERO,
-    })
-    .sum();
+    ));
     (pending, count)
+}
+
+/// What the rewards and claw-backs among `events` (a close's) come to.
+pub fn commission_of(events: &[Event]) -> Decimal {
+    events
+        .iter()
+        .map(|event| match event {
+            Event::RewardAccrued(r) => r.amount,
+            Event::RewardClawedBack(c) => -c.amount,
+            _ => Decimal::ZERO,
+        })
+        .sum()
 }

@@ -12,6 +12,14 @@ use serde_json::{Value, json};
 
 use crate::support::ts;
 
+/// A client that, like a test looking at a link, stops at its redirect.
+fn visitor() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
 pub struct TestApp {
     pub base: String,
     pub admin: String,
@@ -785,10 +793,7 @@ fn the_referral_link_sets_the_cookie_and_never_redirects_off_site() {
     app.put_program("hosting", hosting_rules());
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let code = alice["referral_code"].as_str().unwrap().to_string();
-    let client = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let client = visitor();
     let follow = |query: &str, headers: &[(&str, &str)]| {
         let mut request = client.get(format!("{}/r/{code}{query}", app.base));
         for (name, value) in headers {
@@ -886,10 +891,7 @@ fn the_referral_link_sets_the_cookie_and_never_redirects_off_site() {
 #[test]
 fn an_unknown_code_goes_to_the_fallback_site_or_is_not_found() {
     let get = |app: &TestApp, path: &str| {
-        let client = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
+        let client = visitor();
         let response = client.get(app.url(path)).send().unwrap();
         let location = response
             .headers()
@@ -1590,10 +1592,7 @@ fn public_endpoints_are_rate_limited_per_address() {
     app.put_program("hosting", hosting_rules());
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let link = app.url(&format!("/r/{}", alice["referral_code"].as_str().unwrap()));
-    let client = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let client = visitor();
     let burst = ApiConfig::default().public_burst;
     for _ in 0..burst {
         assert_eq!(client.get(&link).send().unwrap().status().as_u16(), 302);
@@ -1677,10 +1676,7 @@ fn behind_a_trusted_proxy_each_visitor_is_limited_by_their_own_address() {
     app.put_program("hosting", hosting_rules());
     let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
     let link = app.url(&format!("/r/{}", alice["referral_code"].as_str().unwrap()));
-    let client = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let client = visitor();
     let from = |forwarded: &str| {
         client
             .get(&link)
@@ -2002,10 +1998,7 @@ fn a_query_string_leaves_blank_fields_out_and_names_a_bad_one() {
         assert!(detail.contains(field), "{path}: {detail}");
     }
     // a visitor's link whose query does not read still goes to the site
-    let client = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let client = visitor();
     let link = client.get(app.url("/r/nope?to=/a&to=/b")).send().unwrap();
     assert_eq!(link.status().as_u16(), 302);
     assert_eq!(
