@@ -709,6 +709,15 @@ fn replay(dir: &Path, full: bool) {
 }
 
 fn main() {
+    // Piped into `head`, the tool ends quietly when the pipe closes, as
+    // command-line tools do, instead of panicking in `println!`. (Not in
+    // the server or `http-load`: a peer closing a socket must not end them.)
+    // SAFETY: signal() with a standard signal and SIG_DFL touches no memory
+    // of ours, and runs before any other thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| {
         args.get(i).cloned().unwrap_or_else(|| {
