@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone, Utc};
 use rust_decimal::Decimal;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -344,9 +344,17 @@ impl Month {
         let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
         match zone.from_local_datetime(&midnight).earliest() {
             Some(at) => Timestamp::from_datetime(at.with_timezone(&Utc)),
-            // A zone that skips midnight that day (as the month start
-            // always has been): midnight read as UTC.
-            None => Timestamp::from_datetime(Utc.from_utc_datetime(&midnight)),
+            // The zone skips midnight that day (Asunción on 1 October
+            // 2023: 00:00 at -04 became 01:00 at -03): the day starts at
+            // that jump, which is midnight at the offset in force before.
+            None => {
+                let before = zone
+                    .offset_from_local_datetime(&(midnight - chrono::Duration::hours(12)))
+                    .earliest()
+                    .map_or(0, |offset| offset.fix().local_minus_utc());
+                let at = midnight - chrono::Duration::seconds(i64::from(before));
+                Timestamp::from_datetime(Utc.from_utc_datetime(&at))
+            }
         }
     }
 }

@@ -552,6 +552,36 @@ fn refunds_claw_back_at_the_original_rate_proportionally_and_never_more() {
 }
 
 #[test]
+fn a_month_starts_when_its_zone_jumps_over_midnight() {
+    // Paraguay began summer time at midnight on 1 October 2023: 00:00 at
+    // -04 became 01:00 at -03, so October began at 04:00 UTC.
+    let zone = chrono_tz::America::Asuncion;
+    assert_eq!(month("2023-10").start_in(zone), ts("2023-10-01T04:00:00Z"));
+    assert_eq!(ts("2023-10-01T03:59:59Z").month_in(zone), month("2023-09"));
+    assert_eq!(ts("2023-10-01T04:00:00Z").month_in(zone), month("2023-10"));
+    let t = TestLedger::new_at("hosting", "2023-09-01T00:00:00Z");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"timezone": "America/Asuncion"}),
+    ));
+    let alice = t.enroll_with("alice", Some("c-alice"), None, None);
+    t.click("2023-09-10T12:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2023-09-11T12:00:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2023-10-01T03:30:00Z", "sep", "cust-1", "10.00");
+    t.set_now("2023-10-01T03:59:00Z");
+    let september = Command::CloseMonth {
+        month: month("2023-09"),
+    };
+    assert_eq!(
+        t.rejected(None, september.clone()),
+        Rejection::MonthNotEnded(month("2023-09"))
+    );
+    t.set_now("2023-10-01T04:00:00Z");
+    let closed = t.submit(None, september);
+    assert_eq!(TestLedger::reward_amounts(&closed.events), vec!["2.00"]);
+}
+
+#[test]
 fn months_close_in_the_program_time_zone_in_order_and_once() {
     let (t, _, _) = given(serde_json::json!({"timezone": "Europe/Amsterdam"}));
     t.expense("2026-08-31T21:30:00Z", "aug", "cust-1", "10.00");

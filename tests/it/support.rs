@@ -64,8 +64,13 @@ pub struct TestLedger {
 
 impl TestLedger {
     pub fn new(program: &str) -> TestLedger {
+        TestLedger::new_at(program, "2025-01-01T00:00:00Z")
+    }
+
+    /// A ledger whose clock starts at `now`.
+    pub fn new_at(program: &str, now: &str) -> TestLedger {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(AtomicI64::new(ts("2025-01-01T00:00:00Z").micros()));
+        let clock = Arc::new(AtomicI64::new(ts(now).micros()));
         let mut t = TestLedger {
             ledger: None,
             dir,
