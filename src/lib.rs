@@ -14,7 +14,7 @@
 //!        ▼
 //!  ledger::Ledger ──bounded queue──▶ writer thread (one per data directory)
 //!        ▲                            │ rules::decide(model, ctx, command) → events
-//!        │ reads (RwLock, as_of;      │ Model::apply + Projections::apply
+//!        │ reads (fair RwLock, as_of; │ Model::apply + Projections::apply
 //!        │  wait until durable)       │ log::Framer::frame (CRC, hash chain)
 //!  State { Model, Projections } ◀─────┤ while the batch before is synced:
 //!        │                            ▼

@@ -28,11 +28,12 @@
 //!   then how long one affiliate's balance takes when its pending estimate
 //!   must be computed: a wide program, where a small affiliate's balance
 //!   should not cost a read of every customer.
-//! - `ledger-load portal DIR [SECONDS]`: on the bench's log (`bench DIR`
+//! - `ledger-load portal DIR [SECONDS] [READ]`: on the bench's log (`bench DIR`
 //!   first), 16 submitters append mixed events for SECONDS, once alone and
-//!   once while a portal reads `aff-0`'s balance in a loop (each read after
-//!   a new line of one of its customers computes its pending estimate
-//!   again): what a busy affiliate's portal costs the writers.
+//!   once while a portal reads `aff-0`'s READ in a loop (`balance`, the
+//!   default: a read after a new line of one of its customers may compute
+//!   its pending estimate again; `referrals`, `stats` by day or
+//!   `statement`): what a busy affiliate's portal costs the writers.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -629,11 +630,55 @@ fn customers(dir: &Path, customers: u64) {
     );
 }
 
-fn portal(dir: &Path, seconds: u64) {
-    let ledger =
-        Arc::new(Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string())));
-    let codes = setup(&ledger);
+/// One read of a portal's page for `aff-0`: `balance`, `referrals` (the
+/// first page of 50, by signup), `stats` (by day, a year) or `statement`
+/// (the current month).
+fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<bool, String> {
+    use commission_ledger::projections::{ReferralQuery, ReferralSort, StatsBy};
+    let now = ledger.now();
+    let today = now.date_in(chrono_tz::UTC);
+    let found = match read {
+        "balance" => ledger
+            .balance(&program(), affiliate, None)
+            .map(|b| b.is_some()),
+        "referrals" => {
+            let query = ReferralQuery {
+                status: None,
+                q: None,
+                sort: ReferralSort::SignupDesc,
+                limit: 50,
+                offset: 0,
+            };
+            ledger
+                .referrals(&program(), affiliate, &query, None)
+                .map(|p| p.is_some())
+        }
+        "stats" => {
+            let from = today - chrono::Duration::days(365);
+            ledger
+                .stats(&program(), affiliate, from, today, StatsBy::Day, None)
+                .map(|s| s.is_some())
+        }
+        "statement" => ledger
+            .statement(&program(), affiliate, now.month_in(chrono_tz::UTC), None)
+            .map(|s| s.is_some()),
+        other => {
+            return Err(format!(
+                "no read `{other}`: balance, referrals, stats or statement"
+            ));
+        }
+    };
+    found.map_err(|e| e.to_string())
+}
+
+fn portal(dir: &Path, seconds: u64, read: &str) {
+    let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
     let affiliate = AffiliateId::parse("aff-0").unwrap_or_else(|e| fail(&e.to_string()));
+    if !portal_read(&ledger, &affiliate, read).unwrap_or_else(|e| fail(&e)) {
+        fail("no aff-0 in program `load`: run `bench DIR` first");
+    }
+    let ledger = Arc::new(ledger);
+    let codes = setup(&ledger);
     let duration = Duration::from_secs(seconds);
     let mut alone = drive(&ledger, &codes, 16, duration, u64::MAX, Arc::new(|_| {}));
     println!(
@@ -644,13 +689,22 @@ fn portal(dir: &Path, seconds: u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (ledger, stop, affiliate) = (ledger.clone(), stop.clone(), affiliate.clone());
+        let read = read.to_string();
         std::thread::spawn(move || {
+            // As the API reads: at once, then await (not block on) the
+            // moment the state read is durable.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap_or_else(|e| fail(&e.to_string()));
             let mut reads = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                if let Err(e) = ledger.balance(&program(), &affiliate, None) {
-                    fail(&e.to_string());
+                let (answer, seq) =
+                    ledger.deferring_settle(|| portal_read(&ledger, &affiliate, &read));
+                if let Err(e) = answer {
+                    fail(&e);
                 }
+                runtime.block_on(ledger.settled(seq));
                 reads.push(start.elapsed());
             }
             reads
@@ -665,7 +719,7 @@ fn portal(dir: &Path, seconds: u64) {
         reads.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     println!(
-        "16 submitters, aff-0's balance read in a loop: {:.0} events/s; {}",
+        "16 submitters, aff-0's {read} read in a loop: {:.0} events/s; {}",
         with.acknowledged as f64 / seconds as f64,
         with.latency_line()
     );
@@ -677,7 +731,7 @@ fn portal(dir: &Path, seconds: u64) {
         .filter(|ms| *ms >= 1.0)
         .collect();
     println!(
-        "  {} balance reads ({:.0}/s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} computed the estimate again, {:.1} ms each (median)",
+        "  {} {read} reads ({:.0}/s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} took over 1 ms, {:.1} ms each (median)",
         reads.len(),
         reads.len() as f64 / seconds as f64,
         ms(0.5),
@@ -783,7 +837,11 @@ fn main() {
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
         "customers" => customers(&PathBuf::from(arg(2)), number(3, 200_000)),
-        "portal" => portal(&PathBuf::from(arg(2)), number(3, 5).min(600)),
+        "portal" => portal(
+            &PathBuf::from(arg(2)),
+            number(3, 5).min(600),
+            args.get(4).map_or("balance", String::as_str),
+        ),
         "fold" => {
             // The folding stage alone, each fold timed on its own.
             let mut events = Vec::new();
