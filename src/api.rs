@@ -1455,7 +1455,9 @@ async fn referrals(
     Params(query): Params<ReferralsQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
-    use crate::projections::{MAX_PAGE_SIZE, ReferralQuery, ReferralSort};
+    use crate::projections::{
+        MAX_PAGE_SIZE, ReferralCursor, ReferralQuery, ReferralSort, ReferralStart,
+    };
     let caller = caller(&app, &headers)?;
     let (program, affiliate) = (program_id(&program)?, affiliate_id(&affiliate)?);
     may_act_for(&caller, &program, &affiliate)?;
@@ -1467,41 +1469,47 @@ async fn referrals(
         );
     }
     let sort = match query.sort.as_deref() {
-        None | Some("-signup") => ReferralSort::SignupDesc,
-        Some("signup") => ReferralSort::SignupAsc,
-        Some("-commission") => ReferralSort::CommissionDesc,
-        Some("commission") => ReferralSort::CommissionAsc,
-        Some("-billed") => ReferralSort::BilledDesc,
-        Some(other) => {
-            return Err(InvalidValue::new(
+        None => ReferralSort::SignupDesc,
+        Some(text) => ReferralSort::parse(text).ok_or_else(|| {
+            InvalidValue::new(
                 "sort",
-                format!("`{other}` is not signup, -signup, commission, -commission or -billed"),
+                format!("`{text}` is not signup, -signup, commission, -commission or -billed"),
             )
-            .into());
-        }
+        })?,
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=MAX_PAGE_SIZE).contains(&limit) {
         return Err(InvalidValue::new("limit", format!("must be 1 to {MAX_PAGE_SIZE}")).into());
     }
-    let offset = match query.cursor.as_deref() {
-        None => 0,
-        Some(cursor) => cursor
-            .strip_prefix("o")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| {
-                ApiError::from(InvalidValue::new(
+    let not_given_out = || InvalidValue::new("cursor", "is not a cursor this API gave out");
+    let start = match query.cursor.as_deref() {
+        None => ReferralStart::First,
+        // A cursor of earlier versions: rows to skip.
+        Some(old) if old.starts_with('o') => {
+            ReferralStart::Offset(old[1..].parse().map_err(|_| not_given_out())?)
+        }
+        Some(cursor) => {
+            let cursor = ReferralCursor::parse(cursor).ok_or_else(not_given_out)?;
+            if cursor.sort() != sort {
+                return Err(InvalidValue::new(
                     "cursor",
-                    "is not a cursor this API gave out",
-                ))
-            })?,
+                    format!(
+                        "was given for sort={}, not sort={}",
+                        cursor.sort().as_str(),
+                        sort.as_str()
+                    ),
+                )
+                .into());
+            }
+            ReferralStart::After(cursor)
+        }
     };
     let referral_query = ReferralQuery {
         status: query.status,
         q: query.q.filter(|q| !q.is_empty()),
         sort,
         limit,
-        offset,
+        start,
     };
     let as_of = as_of(&AsOfQuery { as_of: query.as_of })?;
     let (p, a) = (program.clone(), affiliate.clone());
@@ -1513,7 +1521,7 @@ async fn referrals(
     Ok(Json(json!({
         "referrals": page.referrals,
         "total": page.total,
-        "next_cursor": page.next_offset.map(|n| format!("o{n}")),
+        "next_cursor": page.next.map(|cursor| cursor.to_string()),
     }))
     .into_response())
 }
@@ -3300,7 +3308,10 @@ pub fn openapi() -> Value {
                     "signup | -signup | commission | -commission | -billed",
                 ),
                 query("limit", "1 to 500"),
-                query("cursor", "next_cursor of the previous page"),
+                query(
+                    "cursor",
+                    "next_cursor of the previous page, as it is (the same sort)",
+                ),
                 as_of.clone(),
             ],
             None,

@@ -689,6 +689,136 @@ pub enum ReferralSort {
     BilledDesc,
 }
 
+impl ReferralSort {
+    /// Every sort, as the API's `sort` names them.
+    pub const ALL: [ReferralSort; 5] = [
+        ReferralSort::SignupDesc,
+        ReferralSort::SignupAsc,
+        ReferralSort::CommissionDesc,
+        ReferralSort::CommissionAsc,
+        ReferralSort::BilledDesc,
+    ];
+
+    /// The API's name of the sort (`-` for descending).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReferralSort::SignupDesc => "-signup",
+            ReferralSort::SignupAsc => "signup",
+            ReferralSort::CommissionDesc => "-commission",
+            ReferralSort::CommissionAsc => "commission",
+            ReferralSort::BilledDesc => "-billed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ReferralSort> {
+        ReferralSort::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    fn by_signup(self) -> bool {
+        matches!(self, ReferralSort::SignupDesc | ReferralSort::SignupAsc)
+    }
+
+    fn key(self, customer: &CustomerView, commission: Decimal) -> SortKey {
+        match self {
+            ReferralSort::SignupDesc | ReferralSort::SignupAsc => {
+                SortKey::Signup(customer.signup_at)
+            }
+            ReferralSort::CommissionDesc | ReferralSort::CommissionAsc => {
+                SortKey::Amount(commission)
+            }
+            ReferralSort::BilledDesc => SortKey::Amount(customer.billed),
+        }
+    }
+
+    /// The list's order: the sort's key, then the customer id (so that
+    /// every row has one place, and a cursor one row to follow).
+    fn order(self, x: (&SortKey, &CustomerId), y: (&SortKey, &CustomerId)) -> std::cmp::Ordering {
+        let by_key = match self {
+            ReferralSort::SignupAsc | ReferralSort::CommissionAsc => x.0.cmp(y.0),
+            _ => y.0.cmp(x.0),
+        };
+        by_key.then_with(|| x.1.cmp(y.1))
+    }
+}
+
+/// What a referral list is sorted by, for one customer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SortKey {
+    Signup(Option<Timestamp>),
+    Amount(Decimal),
+}
+
+/// Where the next page of a referral list starts: just after the last row
+/// of the page before, by that row's sort key and customer id, not by a
+/// count of rows. So a referral that arrives between two pages (at the
+/// top, with the default sort) does not push a row of the first page onto
+/// the second, nor one row past the other. A row whose key changes
+/// meanwhile (its commission, sorted by commission) may move across it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferralCursor {
+    sort: ReferralSort,
+    key: SortKey,
+    customer: CustomerId,
+}
+
+impl ReferralCursor {
+    /// The sort the cursor's page was listed by.
+    pub fn sort(&self) -> ReferralSort {
+        self.sort
+    }
+
+    /// Reads a cursor [`Self::to_string`] wrote; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<ReferralCursor> {
+        let mut parts = text.splitn(3, '~');
+        let (sort, key, customer) = (parts.next()?, parts.next()?, parts.next()?);
+        let sort = ReferralSort::parse(sort)?;
+        let key = match key {
+            "" if sort.by_signup() => SortKey::Signup(None),
+            micros if sort.by_signup() => {
+                SortKey::Signup(Some(Timestamp::from_micros(micros.parse().ok()?)))
+            }
+            amount => SortKey::Amount(amount.parse().ok()?),
+        };
+        let customer = CustomerId::parse(customer).ok()?;
+        Some(ReferralCursor {
+            sort,
+            key,
+            customer,
+        })
+    }
+}
+
+/// `SORT~KEY~CUSTOMER`: opaque to callers, who hand it back as it is.
+impl std::fmt::Display for ReferralCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sort = self.sort.as_str();
+        match &self.key {
+            SortKey::Signup(Some(at)) => write!(f, "{sort}~{}~{}", at.micros(), self.customer),
+            SortKey::Signup(None) => write!(f, "{sort}~~{}", self.customer),
+            SortKey::Amount(amount) => write!(f, "{sort}~{amount}~{}", self.customer),
+        }
+    }
+}
+
+impl Serialize for ReferralCursor {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where a page of referrals starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ReferralStart {
+    #[default]
+    First,
+    /// After skipping this many rows (the cursors of earlier versions).
+    Offset(usize),
+    /// After this row, the last of the page before. Made for another sort,
+    /// it is read by the query's sort, comparing keys of one kind only
+    /// (the API refuses such a cursor).
+    After(ReferralCursor),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReferralQuery {
     /// `active` or `closed`.
@@ -697,8 +827,7 @@ pub struct ReferralQuery {
     pub q: Option<String>,
     pub sort: ReferralSort,
     pub limit: usize,
-    /// Rows to skip: the opaque cursor of the API is this number.
-    pub offset: usize,
+    pub start: ReferralStart,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -713,8 +842,10 @@ pub struct Referral {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ReferralPage {
     pub referrals: Vec<Referral>,
+    /// The rows the filters match, on every page.
     pub total: usize,
-    pub next_offset: Option<usize>,
+    /// Where the next page starts; `None` on the last.
+    pub next: Option<ReferralCursor>,
 }
 
 impl ProgramView {
@@ -725,44 +856,70 @@ impl ProgramView {
     ) -> Option<ReferralPage> {
         let a = self.affiliates.get(affiliate_id)?;
         let currency = self.rules.currency;
-        let mut rows: Vec<(&CustomerId, &CustomerView, Decimal)> = a
-            .commission_by_customer
-            .iter()
-            .filter_map(|(id, commission)| Some((id, self.customers.get(id)?, *commission)))
-            .filter(|(id, c, _)| {
-                let status = if c.closed { "closed" } else { "active" };
-                query.status.as_deref().is_none_or(|s| s == status)
-                    && query.q.as_deref().is_none_or(|q| id.as_str().contains(q))
-            })
-            .collect();
-        rows.sort_by(|x, y| {
-            let order = match query.sort {
-                ReferralSort::SignupDesc => y.1.signup_at.cmp(&x.1.signup_at),
-                ReferralSort::SignupAsc => x.1.signup_at.cmp(&y.1.signup_at),
-                ReferralSort::CommissionDesc => y.2.cmp(&x.2),
-                ReferralSort::CommissionAsc => x.2.cmp(&y.2),
-                ReferralSort::BilledDesc => y.1.billed.cmp(&x.1.billed),
+        let sort = query.sort;
+        let after = match &query.start {
+            ReferralStart::After(cursor) => Some((&cursor.key, &cursor.customer)),
+            _ => None,
+        };
+        let mut total = 0;
+        let mut rows: Vec<(SortKey, &CustomerId, &CustomerView, Decimal)> = Vec::new();
+        for (id, commission) in &a.commission_by_customer {
+            let Some(c) = self.customers.get(id) else {
+                continue;
             };
-            order.then_with(|| x.0.cmp(y.0))
-        });
-        let total = rows.len();
-        let page: Vec<Referral> = rows
-            .into_iter()
-            .skip(query.offset)
-            .take(query.limit.min(MAX_PAGE_SIZE))
-            .map(|(id, c, commission)| Referral {
-                customer_id: id.clone(),
-                signup_at: c.signup_at,
-                status: if c.closed { "closed" } else { "active" },
-                billed: currency.format(c.billed),
-                commission: currency.format(commission),
-            })
-            .collect();
-        let next = query.offset + page.len();
+            let status = if c.closed { "closed" } else { "active" };
+            if query.status.as_deref().is_some_and(|s| s != status)
+                || query.q.as_deref().is_some_and(|q| !id.as_str().contains(q))
+            {
+                continue;
+            }
+            total += 1;
+            let key = sort.key(c, *commission);
+            if after.is_some_and(|after| sort.order((&key, id), after).is_le()) {
+                continue;
+            }
+            rows.push((key, id, c, *commission));
+        }
+        // Only the rows up to the page's end are sorted: a portal's first
+        // page of a busy affiliate's thousands of referrals picks 50 in
+        // one pass (the state's read lock is held meanwhile).
+        let skip = match query.start {
+            ReferralStart::Offset(skip) => skip,
+            _ => 0,
+        };
+        let end = skip.saturating_add(query.limit.min(MAX_PAGE_SIZE));
+        let order = |x: &(SortKey, &CustomerId, &CustomerView, Decimal),
+                     y: &(SortKey, &CustomerId, &CustomerView, Decimal)| {
+            sort.order((&x.0, x.1), (&y.0, y.1))
+        };
+        let more = rows.len() > end;
+        if more {
+            rows.select_nth_unstable_by(end, order);
+            rows.truncate(end);
+        }
+        rows.sort_unstable_by(order);
+        let page: Vec<_> = rows.into_iter().skip(skip).collect();
+        let next = page
+            .last()
+            .filter(|_| more)
+            .map(|(key, id, _, _)| ReferralCursor {
+                sort,
+                key: key.clone(),
+                customer: (*id).clone(),
+            });
         Some(ReferralPage {
-            referrals: page,
+            referrals: page
+                .into_iter()
+                .map(|(_, id, c, commission)| Referral {
+                    customer_id: id.clone(),
+                    signup_at: c.signup_at,
+                    status: if c.closed { "closed" } else { "active" },
+                    billed: currency.format(c.billed),
+                    commission: currency.format(commission),
+                })
+                .collect(),
             total,
-            next_offset: (next < total).then_some(next),
+            next,
         })
     }
 }

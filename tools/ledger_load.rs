@@ -647,7 +647,7 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
                 q: None,
                 sort: ReferralSort::SignupDesc,
                 limit: 50,
-                offset: 0,
+                start: Default::default(),
             };
             ledger
                 .referrals(&program(), affiliate, &query, None)

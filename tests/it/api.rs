@@ -1956,6 +1956,109 @@ fn the_openapi_document_is_served_and_committed() {
     }
 }
 
+/// A portal pages through a busy affiliate's referrals while signups go
+/// on: each page starts after the last row of the page before, by its sort
+/// key and customer id, so a signup between two pages neither repeats a
+/// row nor skips one, and the pages of every sort add up to the list.
+#[test]
+fn referral_pages_follow_the_last_row_so_a_signup_between_them_repeats_none() {
+    let app = TestApp::start();
+    app.put_program("hosting", hosting_rules());
+    let (_, alice) = app.enroll("hosting", json!({"affiliate_id": "alice"}));
+    let code = alice["referral_code"].as_str().unwrap().to_string();
+    let refer = |customer: &str, day: u32, billed: Option<&str>| {
+        let (visitor, at) = (
+            format!("v-{customer}"),
+            format!("2026-03-{day:02}T10:00:00Z"),
+        );
+        app.click(
+            "hosting",
+            json!({"referral_code": code, "visitor": visitor, "at": at}),
+        );
+        let (status, signup) = app.signup(
+            "hosting",
+            json!({"customer_id": customer, "visitor": visitor, "at": at}),
+        );
+        assert_eq!((status, &signup["attributed"]), (201, &json!(true)));
+        if let Some(amount) = billed {
+            let (status, _) = app.expense(
+                "hosting",
+                json!({"id": format!("inv-{customer}"), "customer_id": customer,
+                       "amount": amount, "currency": "USD", "at": at}),
+            );
+            assert_eq!(status, 201);
+        }
+    };
+    // c-2 and c-3 bill alike: their commissions tie, and the id orders them.
+    refer("c-1", 1, Some("10.00"));
+    refer("c-2", 2, Some("50.00"));
+    refer("c-3", 3, Some("50.00"));
+    refer("c-4", 4, None);
+    refer("c-5", 5, Some("5.00"));
+    app.set_now("2026-04-02T00:00:00Z");
+    assert_eq!(app.close("hosting", "2026-03").0, 200);
+    let referrals = "/v1/programs/hosting/affiliates/alice/referrals";
+    let page = |query: &str| -> Value {
+        let response = app.get(Some(&app.portal), &format!("{referrals}?{query}"));
+        assert_eq!(response.status().as_u16(), 200, "{query}");
+        response.json().unwrap()
+    };
+    let ids = |page: &Value| -> Vec<String> {
+        page["referrals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["customer_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ids(&page("sort=-commission")),
+        ["c-2", "c-3", "c-1", "c-5", "c-4"]
+    );
+    for sort in ["-signup", "signup", "-commission", "commission", "-billed"] {
+        let whole = ids(&page(&format!("sort={sort}")));
+        let (mut walked, mut pages) = (Vec::new(), 0);
+        let mut next = page(&format!("sort={sort}&limit=2"));
+        loop {
+            walked.extend(ids(&next));
+            pages += 1;
+            assert!(pages <= 3, "sort={sort}: {walked:?}");
+            let Some(cursor) = next["next_cursor"].as_str() else {
+                break;
+            };
+            next = page(&format!("sort={sort}&limit=2&cursor={cursor}"));
+        }
+        assert_eq!((walked, pages), (whole, 3), "sort={sort}");
+    }
+    let first = page("limit=2");
+    assert_eq!(ids(&first), ["c-5", "c-4"]);
+    app.set_now("2026-04-03T10:00:00Z");
+    refer("c-6", 6, None);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = page(&format!("limit=2&cursor={cursor}"));
+    assert_eq!(
+        (ids(&second), second["total"].as_u64()),
+        (vec!["c-3".to_string(), "c-2".to_string()], Some(6))
+    );
+    // A cursor of earlier versions counted rows: still read as that.
+    assert_eq!(ids(&page("limit=2&cursor=o1")), ["c-5", "c-4"]);
+    for (query, detail) in [
+        (format!("sort=commission&cursor={cursor}"), "sort=-signup"),
+        ("cursor=nonsense".to_string(), "gave out"),
+        ("cursor=-signup~soon~c-1".to_string(), "gave out"),
+        ("cursor=o-1".to_string(), "gave out"),
+    ] {
+        let refused = app.get(Some(&app.portal), &format!("{referrals}?{query}"));
+        assert_eq!(refused.status().as_u16(), 422, "{query}");
+        let problem: Value = refused.json().unwrap();
+        let text = problem["detail"].as_str().unwrap();
+        assert!(
+            text.contains("cursor") && text.contains(detail),
+            "{query}: {text}"
+        );
+    }
+}
+
 #[test]
 fn a_query_string_leaves_blank_fields_out_and_names_a_bad_one() {
     let app = TestApp::start();

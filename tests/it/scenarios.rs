@@ -349,7 +349,7 @@ fn whmcs_threshold_withdrawal_and_referral_list() {
             q: None,
             sort,
             limit: 10,
-            offset: 0,
+            start: Default::default(),
         };
         program
             .referrals(&aff("pat"), &query)
@@ -379,13 +379,17 @@ fn whmcs_threshold_withdrawal_and_referral_list() {
                 q: Some("w-".into()),
                 sort: ReferralSort::CommissionAsc,
                 limit: 2,
-                offset: 0,
+                start: Default::default(),
             },
         )
         .unwrap();
     assert_eq!(
-        (page.referrals.len(), page.total, page.next_offset),
-        (2, 3, Some(2))
+        (
+            page.referrals.len(),
+            page.total,
+            page.next.map(|c| c.to_string())
+        ),
+        (2, 3, Some("commission~15.00~w-2".to_string()))
     );
 
     let jan = |by| {
