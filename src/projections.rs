@@ -74,6 +74,29 @@ pub struct Counters {
     pub commission: Decimal,
 }
 
+impl Counters {
+    fn add(&mut self, other: &Counters) {
+        self.clicks += other.clicks;
+        self.signups += other.signups;
+        self.conversions += other.conversions;
+        self.commission += other.commission;
+    }
+}
+
+/// How many values the sets hold in all, each counted once.
+fn distinct(sets: &[&HashSet<u64>]) -> usize {
+    let Some(largest) = sets.iter().copied().max_by_key(|set| set.len()) else {
+        return 0;
+    };
+    let mut others: HashSet<u64> = HashSet::default();
+    for set in sets {
+        if !std::ptr::eq(*set, largest) {
+            others.extend(set.iter().filter(|v| !largest.contains(*v)));
+        }
+    }
+    largest.len() + others.len()
+}
+
 /// The kind of a statement line, as DESIGN.md names them.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
@@ -619,26 +642,24 @@ impl ProgramView {
         let a = self.affiliates.get(affiliate_id)?;
         let currency = self.rules.currency;
         let mut total = Counters::default();
-        let mut visitors: HashSet<u64> = HashSet::default();
-        let mut groups: BTreeMap<String, (Counters, HashSet<u64>)> = BTreeMap::new();
+        // The visitor sets of the days, borrowed: each is counted where
+        // it lies, and only the visitors outside a group's largest set are
+        // copied (a busy affiliate's day holds tens of thousands, and the
+        // state's read lock is held meanwhile).
+        let mut visitors: Vec<&HashSet<u64>> = Vec::new();
+        let mut groups: BTreeMap<String, (Counters, Vec<&HashSet<u64>>)> = BTreeMap::new();
         for (day, counters) in a.days.range(from..=to) {
-            total.clicks += counters.clicks;
-            total.signups += counters.signups;
-            total.conversions += counters.conversions;
-            total.commission += counters.commission;
+            total.add(counters);
             let day_visitors = a.visitors_by_day.get(day);
-            visitors.extend(day_visitors.into_iter().flatten());
+            visitors.extend(day_visitors);
             let key = match by {
                 StatsBy::Day => day.to_string(),
                 StatsBy::Month => day.format("%Y-%m").to_string(),
                 StatsBy::Creative => continue,
             };
             let (group, group_visitors) = groups.entry(key).or_default();
-            group.clicks += counters.clicks;
-            group.signups += counters.signups;
-            group.conversions += counters.conversions;
-            group.commission += counters.commission;
-            group_visitors.extend(day_visitors.into_iter().flatten());
+            group.add(counters);
+            group_visitors.extend(day_visitors);
         }
         let series = if by == StatsBy::Creative {
             a.creatives
@@ -658,7 +679,7 @@ impl ProgramView {
                 .map(|(key, (c, v))| StatsRow {
                     key,
                     clicks: c.clicks,
-                    unique_visitors: Some(v.len() as u64),
+                    unique_visitors: Some(distinct(&v) as u64),
                     signups: c.signups,
                     conversions: c.conversions,
                     commission: currency.format(c.commission),
@@ -667,7 +688,7 @@ impl ProgramView {
         };
         Some(Stats {
             clicks: total.clicks,
-            unique_visitors: visitors.len() as u64,
+            unique_visitors: distinct(&visitors) as u64,
             signups: total.signups,
             conversions: total.conversions,
             commission: currency.format(total.commission),
