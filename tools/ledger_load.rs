@@ -677,6 +677,25 @@ fn portal(dir: &Path, seconds: u64, read: &str) {
     if !portal_read(&ledger, &affiliate, read).unwrap_or_else(|e| fail(&e)) {
         fail("no aff-0 in program `load`: run `bench DIR` first");
     }
+    {
+        use commission_ledger::projections::{ReferralQuery, ReferralSort, StatsBy};
+        let query = ReferralQuery {
+            status: None,
+            q: None,
+            sort: ReferralSort::SignupDesc,
+            limit: 1,
+            start: Default::default(),
+        };
+        let referred = ledger.referrals(&program(), &affiliate, &query, None);
+        let (from, to) = (chrono::NaiveDate::MIN, chrono::NaiveDate::MAX);
+        let stats = ledger.stats(&program(), &affiliate, from, to, StatsBy::Month, None);
+        if let (Ok(Some(referred)), Ok(Some(stats))) = (referred, stats) {
+            println!(
+                "aff-0: {} customers referred, {} clicks, {} unique visitors",
+                referred.total, stats.clicks, stats.unique_visitors
+            );
+        }
+    }
     let ledger = Arc::new(ledger);
     let codes = setup(&ledger);
     let duration = Duration::from_secs(seconds);
