@@ -1853,21 +1853,38 @@ impl Ledger {
         as_of: Option<AsOf>,
         read: impl FnOnce(&State) -> T,
     ) -> Result<T, LedgerError> {
-        let head = {
-            let state = self.state();
-            match as_of {
-                None => return Ok(read(&state)),
-                Some(AsOf::Seq(seq)) if seq >= state.head.seq => return Ok(read(&state)),
-                Some(AsOf::Time(t)) if t >= state.last_recorded_at => return Ok(read(&state)),
-                _ => state.head.seq,
-            }
-        };
-        // A time names the last event recorded at or before it: a seq, so
-        // that reads of the same point by time and by seq share a state.
+        // A past already on disk is read without the state's lock: taking
+        // it (in `state`) would wait for the batch being synced and hold
+        // the writer meanwhile.
+        let durable = self.inner.durable.load(Ordering::Acquire);
         let target = match as_of {
-            Some(AsOf::Seq(seq)) => seq,
-            Some(AsOf::Time(t)) => self.seq_at_time(t, head)?,
-            None => head,
+            Some(AsOf::Seq(seq)) if seq < durable => Some(seq),
+            Some(AsOf::Time(t)) if durable > 0 && self.recorded_at(durable)? > t => {
+                Some(self.seq_at_time(t, durable)?)
+            }
+            _ => None,
+        };
+        let target = match target {
+            Some(target) => target,
+            None => {
+                let state = self.state();
+                match as_of {
+                    None => return Ok(read(&state)),
+                    Some(AsOf::Seq(seq)) if seq >= state.head.seq => return Ok(read(&state)),
+                    Some(AsOf::Time(t)) if t >= state.last_recorded_at => {
+                        return Ok(read(&state));
+                    }
+                    // A time names the last event recorded at or before
+                    // it: a seq, so that reads of the same point by time
+                    // and by seq share a state.
+                    Some(AsOf::Time(t)) => {
+                        let head = state.head.seq;
+                        drop(state);
+                        self.seq_at_time(t, head)?
+                    }
+                    Some(AsOf::Seq(seq)) => seq,
+                }
+            }
         };
         let state = self
             .inner
@@ -1876,21 +1893,24 @@ impl Ledger {
         Ok(read(&state))
     }
 
+    /// When the event at `seq` (written already) was recorded.
+    fn recorded_at(&self, seq: Seq) -> Result<Timestamp, LedgerError> {
+        read_events(&self.inner, seq, seq)?
+            .first()
+            .map(|r| r.recorded_at)
+            .ok_or_else(|| {
+                let what = "a seq below the head cannot be read".to_string();
+                log_short_of(&self.inner.log_dir, seq, what)
+            })
+    }
+
     /// The last seq recorded at or before `t` (0: none), given that
     /// `head`'s event is recorded after `t`. Recorded times never go back along
     /// the log (the writer records `max(clock, last)`, and an import refuses
     /// a line that goes back), so a binary search finds it in about twenty
     /// indexed reads, where a scan read the whole log.
     fn seq_at_time(&self, t: Timestamp, head: Seq) -> Result<Seq, LedgerError> {
-        let recorded_at = |seq: Seq| -> Result<Timestamp, LedgerError> {
-            read_events(&self.inner, seq, seq)?
-                .first()
-                .map(|r| r.recorded_at)
-                .ok_or_else(|| {
-                    let what = "a seq below the head cannot be read".to_string();
-                    log_short_of(&self.inner.log_dir, seq, what)
-                })
-        };
+        let recorded_at = |seq: Seq| self.recorded_at(seq);
         // Invariant: seq `low` is recorded at or before `t` (0: before all),
         // and every seq above `high` after it.
         let (mut low, mut high) = (0, head);

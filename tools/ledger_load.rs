@@ -32,8 +32,9 @@
 //!   first), 16 submitters append mixed events for SECONDS, once alone and
 //!   once while a portal reads `aff-0`'s READ in a loop (`balance`, the
 //!   default: a read after a new line of one of its customers may compute
-//!   its pending estimate again; `referrals`, `stats` by day or
-//!   `statement`): what a busy affiliate's portal costs the writers.
+//!   its pending estimate again; `past`, as of seq 500,000; `referrals`,
+//!   `stats` by day or `statement`): what a busy affiliate's portal costs
+//!   the writers.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -43,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commission_ledger::events::*;
-use commission_ledger::ledger::{Ledger, LedgerConfig, Submission};
+use commission_ledger::ledger::{AsOf, Ledger, LedgerConfig, Submission};
 use commission_ledger::rules::Command;
 
 fn program() -> ProgramId {
@@ -630,7 +631,11 @@ fn customers(dir: &Path, customers: u64) {
     );
 }
 
-/// One read of a portal's page for `aff-0`: `balance`, `referrals` (the
+/// The seq `past` reads as of: the bench's log has a million.
+const PAST_SEQ: u64 = 500_000;
+
+/// One read of a portal's page for `aff-0`: `balance`, `past` (its balance
+/// as of seq 500,000, replayed once and then shared), `referrals` (the
 /// first page of 50, by signup), `stats` (by day, a year) or `statement`
 /// (the current month).
 fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<bool, String> {
@@ -640,6 +645,9 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
     let found = match read {
         "balance" => ledger
             .balance(&program(), affiliate, None)
+            .map(|b| b.is_some()),
+        "past" => ledger
+            .balance(&program(), affiliate, Some(AsOf::Seq(PAST_SEQ)))
             .map(|b| b.is_some()),
         "referrals" => {
             let query = ReferralQuery {
@@ -664,7 +672,7 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
             .map(|s| s.is_some()),
         other => {
             return Err(format!(
-                "no read `{other}`: balance, referrals, stats or statement"
+                "no read `{other}`: balance, past, referrals, stats or statement"
             ));
         }
     };
@@ -710,16 +718,20 @@ fn portal(dir: &Path, seconds: u64, read: &str) {
         let (ledger, stop, affiliate) = (ledger.clone(), stop.clone(), affiliate.clone());
         let read = read.to_string();
         std::thread::spawn(move || {
-            // As the API reads: at once, then await (not block on) the
-            // moment the state read is durable.
+            // As the API reads now: at once, then await (not block on)
+            // the moment the state read is durable; a read of the past,
+            // on a blocking thread, as is.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap_or_else(|e| fail(&e.to_string()));
             let mut reads = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                let (answer, seq) =
-                    ledger.deferring_settle(|| portal_read(&ledger, &affiliate, &read));
+                let (answer, seq) = if read == "past" {
+                    (portal_read(&ledger, &affiliate, &read), 0)
+                } else {
+                    ledger.deferring_settle(|| portal_read(&ledger, &affiliate, &read))
+                };
                 if let Err(e) = answer {
                     fail(&e);
                 }
