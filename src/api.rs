@@ -1482,13 +1482,11 @@ async fn referrals(
         return Err(InvalidValue::new("limit", format!("must be 1 to {MAX_PAGE_SIZE}")).into());
     }
     let not_given_out = || InvalidValue::new("cursor", "is not a cursor this API gave out");
-    let start = match query.cursor.as_deref() {
+    let start = match query.cursor.as_deref().map(|c| (c, c.strip_prefix('o'))) {
         None => ReferralStart::First,
         // A cursor of earlier versions: rows to skip.
-        Some(old) if old.starts_with('o') => {
-            ReferralStart::Offset(old[1..].parse().map_err(|_| not_given_out())?)
-        }
-        Some(cursor) => {
+        Some((_, Some(rows))) => ReferralStart::Offset(rows.parse().map_err(|_| not_given_out())?),
+        Some((cursor, None)) => {
             let cursor = ReferralCursor::parse(cursor).ok_or_else(not_given_out)?;
             if cursor.sort() != sort {
                 return Err(InvalidValue::new(

@@ -1910,13 +1910,12 @@ impl Ledger {
     /// a line that goes back), so a binary search finds it in about twenty
     /// indexed reads, where a scan read the whole log.
     fn seq_at_time(&self, t: Timestamp, head: Seq) -> Result<Seq, LedgerError> {
-        let recorded_at = |seq: Seq| self.recorded_at(seq);
         // Invariant: seq `low` is recorded at or before `t` (0: before all),
         // and every seq above `high` after it.
         let (mut low, mut high) = (0, head);
         while low < high {
             let middle = low + (high - low).div_ceil(2);
-            if recorded_at(middle)? <= t {
+            if self.recorded_at(middle)? <= t {
                 low = middle;
             } else {
                 high = middle - 1;

@@ -48,6 +48,13 @@ pub struct CustomerView {
     pub billed: Decimal,
 }
 
+impl CustomerView {
+    /// `active` or `closed`, as the referral list shows and filters it.
+    pub fn status(&self) -> &'static str {
+        if self.closed { "closed" } else { "active" }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AffiliateView {
     pub profile: AffiliateEnrolled,
@@ -711,8 +718,7 @@ pub enum ReferralSort {
 }
 
 impl ReferralSort {
-    /// Every sort, as the API's `sort` names them.
-    pub const ALL: [ReferralSort; 5] = [
+    const ALL: [ReferralSort; 5] = [
         ReferralSort::SignupDesc,
         ReferralSort::SignupAsc,
         ReferralSort::CommissionDesc,
@@ -731,6 +737,7 @@ impl ReferralSort {
         }
     }
 
+    /// The sort the API's `sort` names.
     pub fn parse(text: &str) -> Option<ReferralSort> {
         ReferralSort::ALL.into_iter().find(|s| s.as_str() == text)
     }
@@ -888,8 +895,7 @@ impl ProgramView {
             let Some(c) = self.customers.get(id) else {
                 continue;
             };
-            let status = if c.closed { "closed" } else { "active" };
-            if query.status.as_deref().is_some_and(|s| s != status)
+            if query.status.as_deref().is_some_and(|s| s != c.status())
                 || query.q.as_deref().is_some_and(|q| !id.as_str().contains(q))
             {
                 continue;
@@ -934,7 +940,7 @@ impl ProgramView {
                 .map(|(_, id, c, commission)| Referral {
                     customer_id: id.clone(),
                     signup_at: c.signup_at,
-                    status: if c.closed { "closed" } else { "active" },
+                    status: c.status(),
                     billed: currency.format(c.billed),
                     commission: currency.format(commission),
                 })

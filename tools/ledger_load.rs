@@ -639,7 +639,7 @@ const PAST_SEQ: u64 = 500_000;
 /// first page of 50, by signup), `stats` (by day, a year) or `statement`
 /// (the current month).
 fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<bool, String> {
-    use commission_ledger::projections::{ReferralQuery, ReferralSort, StatsBy};
+    use commission_ledger::projections::StatsBy;
     let now = ledger.now();
     let today = now.date_in(chrono_tz::UTC);
     let found = match read {
@@ -649,18 +649,9 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
         "past" => ledger
             .balance(&program(), affiliate, Some(AsOf::Seq(PAST_SEQ)))
             .map(|b| b.is_some()),
-        "referrals" => {
-            let query = ReferralQuery {
-                status: None,
-                q: None,
-                sort: ReferralSort::SignupDesc,
-                limit: 50,
-                start: Default::default(),
-            };
-            ledger
-                .referrals(&program(), affiliate, &query, None)
-                .map(|p| p.is_some())
-        }
+        "referrals" => ledger
+            .referrals(&program(), affiliate, &newest_referrals(50), None)
+            .map(|p| p.is_some()),
         "stats" => {
             let from = today - chrono::Duration::days(365);
             ledger
@@ -679,6 +670,17 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
     found.map_err(|e| e.to_string())
 }
 
+/// The first page of referrals, newest signup first: a portal's default.
+fn newest_referrals(limit: usize) -> commission_ledger::projections::ReferralQuery {
+    commission_ledger::projections::ReferralQuery {
+        status: None,
+        q: None,
+        sort: commission_ledger::projections::ReferralSort::SignupDesc,
+        limit,
+        start: Default::default(),
+    }
+}
+
 fn portal(dir: &Path, seconds: u64, read: &str) {
     let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
     let affiliate = AffiliateId::parse("aff-0").unwrap_or_else(|e| fail(&e.to_string()));
@@ -686,15 +688,8 @@ fn portal(dir: &Path, seconds: u64, read: &str) {
         fail("no aff-0 in program `load`: run `bench DIR` first");
     }
     {
-        use commission_ledger::projections::{ReferralQuery, ReferralSort, StatsBy};
-        let query = ReferralQuery {
-            status: None,
-            q: None,
-            sort: ReferralSort::SignupDesc,
-            limit: 1,
-            start: Default::default(),
-        };
-        let referred = ledger.referrals(&program(), &affiliate, &query, None);
+        use commission_ledger::projections::StatsBy;
+        let referred = ledger.referrals(&program(), &affiliate, &newest_referrals(1), None);
         let (from, to) = (chrono::NaiveDate::MIN, chrono::NaiveDate::MAX);
         let stats = ledger.stats(&program(), &affiliate, from, to, StatsBy::Month, None);
         if let (Ok(Some(referred)), Ok(Some(stats))) = (referred, stats) {
