@@ -1857,9 +1857,15 @@ impl Ledger {
         // it (in `state`) would wait for the batch being synced and hold
         // the writer meanwhile.
         let durable = self.inner.durable.load(Ordering::Acquire);
+        // A time at or after the last decided event (read without waiting)
+        // is the present: it costs no read of the log.
+        let past_time = match as_of {
+            Some(AsOf::Time(t)) => durable > 0 && t < self.decided_state().last_recorded_at,
+            _ => false,
+        };
         let target = match as_of {
             Some(AsOf::Seq(seq)) if seq < durable => Some(seq),
-            Some(AsOf::Time(t)) if durable > 0 && self.recorded_at(durable)? > t => {
+            Some(AsOf::Time(t)) if past_time && self.recorded_at(durable)? > t => {
                 Some(self.seq_at_time(t, durable)?)
             }
             _ => None,

@@ -29,6 +29,14 @@ fn given(overrides: serde_json::Value) -> (TestLedger, AffiliateEnrolled, Affili
     (t, alice, bob)
 }
 
+/// `alice`, enrolled, and `cust-1`, who clicks her link at `clicked` (as
+/// visitor `v-1`) and signs up at `signed_up`.
+fn alice_refers_cust_1(t: &TestLedger, clicked: &str, signed_up: &str) {
+    let alice = t.enroll("alice");
+    t.click(clicked, &alice.referral_code, "v-1");
+    t.signup(signed_up, "cust-1", Some("v-1"), None);
+}
+
 /// The (affiliate, kind, amount, late) of each reward event of a close.
 fn close_rewards(t: &TestLedger, m: &str) -> Vec<(String, String, String, bool)> {
     let head = t.head();
@@ -564,9 +572,7 @@ fn a_month_starts_when_its_zone_jumps_over_midnight() {
         "hosting",
         serde_json::json!({"timezone": "America/Asuncion"}),
     ));
-    let alice = t.enroll_with("alice", Some("c-alice"), None, None);
-    t.click("2023-09-10T12:00:00Z", &alice.referral_code, "v-1");
-    t.signup("2023-09-11T12:00:00Z", "cust-1", Some("v-1"), None);
+    alice_refers_cust_1(&t, "2023-09-10T12:00:00Z", "2023-09-11T12:00:00Z");
     t.expense("2023-10-01T03:30:00Z", "sep", "cust-1", "10.00");
     t.set_now("2023-10-01T03:59:00Z");
     let september = Command::CloseMonth {
@@ -682,9 +688,7 @@ fn auto_close_closes_the_previous_month_on_its_day_in_the_program_zone() {
     let t = TestLedger::new("hosting");
     t.set_now("2026-08-05T00:00:00Z");
     t.define(rules("hosting", serde_json::json!({"auto_close_day": 3})));
-    let alice = t.enroll("alice");
-    t.click("2026-08-05T12:00:00Z", &alice.referral_code, "v-1");
-    t.signup("2026-08-06T12:00:00Z", "cust-1", Some("v-1"), None);
+    alice_refers_cust_1(&t, "2026-08-05T12:00:00Z", "2026-08-06T12:00:00Z");
     t.expense("2026-08-10T12:00:00Z", "aug", "cust-1", "100.00");
     t.expense("2026-09-01T12:00:00Z", "sep", "cust-1", "50.00");
     // when the 3rd has not begun in Amsterdam (23:59 on the 2nd, CEST)
@@ -723,9 +727,7 @@ fn auto_close_catches_up_in_order_but_not_on_months_before_it_was_switched_on() 
         "hosting",
         serde_json::json!({"auto_close_day": null}),
     ));
-    let alice = t.enroll("alice");
-    t.click("2026-06-01T12:00:00Z", &alice.referral_code, "v-1");
-    t.signup("2026-06-02T12:00:00Z", "cust-1", Some("v-1"), None);
+    alice_refers_cust_1(&t, "2026-06-01T12:00:00Z", "2026-06-02T12:00:00Z");
     t.expense("2026-06-10T12:00:00Z", "jun", "cust-1", "100.00");
     t.expense("2026-07-10T12:00:00Z", "jul", "cust-1", "100.00");
     // when auto-close is switched on for the 5th on 10 August
