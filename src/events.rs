@@ -247,8 +247,65 @@ impl Timestamp {
     pub fn date_in(&self, zone: chrono_tz::Tz) -> NaiveDate {
         self.to_datetime().with_timezone(&zone).date_naive()
     }
+    /// The UTC hour this moment falls in, as hours since the epoch.
+    fn utc_hour(&self) -> i64 {
+        self.0.div_euclid(MICROS_PER_HOUR)
+    }
     pub fn plus_days(&self, days: u32) -> Timestamp {
         Timestamp(self.0.saturating_add(i64::from(days) * 86_400_000_000))
+    }
+}
+
+const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// Remembers the calendar day of the last UTC hour asked about, in one time
+/// zone, for a caller that asks [`Timestamp::date_in`] for every event:
+/// events come in time order, and a zone conversion cost about a quarter
+/// of applying a click to the projections. An hour is remembered only when
+/// it lies wholly on one local day with one offset (its first and last
+/// microsecond are a day apart in local time by exactly the hour), so an
+/// hour holding a local midnight or an offset change is converted each time.
+/// Not state: equal to any other, and never saved.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DayMemo {
+    hour: Option<(i64, NaiveDate)>,
+}
+
+impl PartialEq for DayMemo {
+    fn eq(&self, _: &DayMemo) -> bool {
+        true
+    }
+}
+impl Eq for DayMemo {}
+
+impl DayMemo {
+    /// `at.date_in(zone)`; the caller asks with one zone only (else [`Self::clear`]).
+    pub fn date_in(&mut self, at: Timestamp, zone: chrono_tz::Tz) -> NaiveDate {
+        let hour = at.utc_hour();
+        if let Some((known, date)) = self.hour
+            && known == hour
+        {
+            return date;
+        }
+        let first = Timestamp(hour.saturating_mul(MICROS_PER_HOUR));
+        let last = Timestamp(first.0.saturating_add(MICROS_PER_HOUR - 1));
+        let (first_local, last_local) = (
+            first.to_datetime().with_timezone(&zone).naive_local(),
+            last.to_datetime().with_timezone(&zone).naive_local(),
+        );
+        let whole = first_local.date() == last_local.date()
+            && (last_local - first_local).num_microseconds() == Some(MICROS_PER_HOUR - 1);
+        if whole {
+            self.hour = Some((hour, first_local.date()));
+            first_local.date()
+        } else {
+            at.date_in(zone)
+        }
+    }
+
+    /// Forgets the hour remembered (the zone changed).
+    pub fn clear(&mut self) {
+        self.hour = None;
     }
 }
 

@@ -5,7 +5,6 @@
 //! once and recorded in an event, so a rule change can never alter a replay.
 
 use std::collections::BTreeMap;
-use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
 use chrono::NaiveDate;
@@ -19,7 +18,7 @@ use crate::money::{Currency, Rate};
 /// Every projection of the ledger, and the log position it reflects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Projections {
-    pub programs: BTreeMap<ProgramId, ProgramView>,
+    pub programs: HashMap<ProgramId, ProgramView>,
     pub last_seq: Seq,
     /// The sum of every posting ever made: zero, always.
     pub postings_sum: Decimal,
@@ -28,7 +27,7 @@ pub struct Projections {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramView {
     pub rules: ProgramRules,
-    pub affiliates: BTreeMap<AffiliateId, AffiliateView>,
+    pub affiliates: HashMap<AffiliateId, AffiliateView>,
     /// Who each customer belongs to now.
     pub customers: HashMap<CustomerId, CustomerView>,
     /// The program's commission expense account.
@@ -37,6 +36,9 @@ pub struct ProgramView {
     /// The rules' time zone, parsed once (again after a checkpoint is loaded).
     #[serde(skip, default = "utc")]
     pub zone: chrono_tz::Tz,
+    /// The local day of the last hour a click or line fell in.
+    #[serde(skip)]
+    day: DayMemo,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +154,13 @@ fn utc() -> chrono_tz::Tz {
     chrono_tz::UTC
 }
 
-fn visitor_hash(visitor: &str) -> u64 {
-    // DefaultHasher::new() has fixed keys: the same visitor hashes the same in every replay.
-    let mut hasher = DefaultHasher::new();
+/// The hash a day's unique visitors are counted by (kept in checkpoints).
+pub fn visitor_hash(visitor: &str) -> u64 {
+    // SipHash-1-3 with zero keys, named rather than std's `DefaultHasher`
+    // (the same function today, but std may change it between releases):
+    // checkpoints keep these hashes, so a visitor must hash the same in
+    // every build, or a day's unique visitors would count one twice.
+    let mut hasher = siphasher::sip::SipHasher13::new_with_keys(0, 0);
     visitor.hash(&mut hasher);
     hasher.finish()
 }
@@ -164,6 +170,7 @@ impl Projections {
     pub fn after_load(&mut self) {
         for view in self.programs.values_mut() {
             view.zone = view.rules.zone();
+            view.day.clear();
         }
     }
 
@@ -191,17 +198,19 @@ impl Projections {
                 Some(view) => {
                     view.rules = e.rules.clone();
                     view.zone = e.rules.zone();
+                    view.day.clear();
                 }
                 None => {
                     self.programs.insert(
                         program.clone(),
                         ProgramView {
                             rules: e.rules.clone(),
-                            affiliates: BTreeMap::new(),
+                            affiliates: HashMap::default(),
                             customers: HashMap::default(),
                             commission_expense: Decimal::ZERO,
                             closed_months: BTreeMap::new(),
                             zone: e.rules.zone(),
+                            day: DayMemo::default(),
                         },
                     );
                 }
@@ -258,7 +267,7 @@ impl ProgramView {
             }
             Event::ClickRecorded(e) => {
                 if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    let day = at.date_in(zone);
+                    let day = self.day.date_in(at, zone);
                     a.days.entry(day).or_default().clicks += 1;
                     a.visitors_by_day
                         .entry(day)
@@ -282,7 +291,10 @@ impl ProgramView {
                 customer.affiliate_id = Some(e.affiliate_id.clone());
                 customer.signup_at = Some(at);
                 if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    a.days.entry(at.date_in(zone)).or_default().signups += 1;
+                    a.days
+                        .entry(self.day.date_in(at, zone))
+                        .or_default()
+                        .signups += 1;
                     a.commission_by_customer
                         .entry(e.customer_id.clone())
                         .or_default();
@@ -333,7 +345,7 @@ impl ProgramView {
                     RewardKind::Reward => StatementKind::Reward,
                     RewardKind::Bounty => StatementKind::Bounty,
                 };
-                let day = e.line_at.date_in(zone);
+                let day = self.day.date_in(e.line_at, zone);
                 let counters = a.days.entry(day).or_default();
                 counters.commission += e.amount;
                 if a.converted.insert(e.customer_id.clone()) {
@@ -363,7 +375,7 @@ impl ProgramView {
                     return;
                 };
                 a.days
-                    .entry(e.refund_at.date_in(zone))
+                    .entry(self.day.date_in(e.refund_at, zone))
                     .or_default()
                     .commission -= e.amount;
                 *a.commission_by_customer
@@ -389,7 +401,10 @@ impl ProgramView {
                 let Some(a) = self.affiliates.get_mut(&e.affiliate_id) else {
                     return;
                 };
-                a.days.entry(at.date_in(zone)).or_default().commission += e.amount;
+                a.days
+                    .entry(self.day.date_in(at, zone))
+                    .or_default()
+                    .commission += e.amount;
                 if let Some(customer) = &e.customer_id {
                     *a.commission_by_customer
                         .entry(customer.clone())

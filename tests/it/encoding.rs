@@ -1,6 +1,7 @@
 //! The encoding is part of the hash chain: golden bytes of one event per
 //! type and version, JSON Schemas of every event kept in `schemas/`, and
-//! round trips through postcard and the NDJSON export shape.
+//! round trips through postcard and the NDJSON export shape; the hash that
+//! checkpoints count unique visitors by.
 
 use std::collections::BTreeMap;
 
@@ -315,4 +316,20 @@ fn every_sample_event_is_valid_json_for_its_schema_shape() {
 fn currencies_keep_their_code_in_json() {
     let usd = Currency::parse("USD").unwrap();
     assert_eq!(serde_json::to_string(&usd).unwrap(), "\"USD\"");
+}
+
+/// Checkpoints keep each day's unique visitors as these hashes, so a build
+/// that hashed a visitor differently would count a visitor seen before the
+/// checkpoint a second time after it. The values are SipHash-1-3 with zero
+/// keys over the string's bytes and a 0xff, which std's `DefaultHasher`
+/// gave when the first checkpoints were written.
+#[test]
+fn visitors_hash_as_the_checkpoints_kept_them() {
+    use commission_ledger::projections::visitor_hash;
+    assert_eq!(visitor_hash("v-1"), 0x49c1_a83b_e702_94f8);
+    assert_eq!(visitor_hash(""), 0x3040_6ea5_23c5_3def);
+    assert_eq!(
+        visitor_hash("a-much-longer-visitor-identifier-0123456789"),
+        0x0d11_0d98_b957_07d4
+    );
 }

@@ -681,6 +681,59 @@ fn owed(t: &TestLedger) -> Vec<String> {
         .collect()
 }
 
+/// Clicks count on the program's local day. One hour of UTC can hold a
+/// local midnight (Kolkata is at +05:30), and a program that changes its
+/// zone counts the rest of that hour in the new one.
+#[test]
+fn clicks_count_on_their_local_day_inside_one_utc_hour_and_after_a_zone_change() {
+    let t = TestLedger::new("hosting");
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"timezone": "Asia/Kolkata"}),
+    ));
+    let alice = t.enroll("alice");
+    let code = &alice.referral_code;
+    t.click("2026-08-01T18:20:00Z", code, "v-1"); // 23:50 on 1 August in Kolkata
+    t.click("2026-08-01T18:40:00Z", code, "v-2"); // 00:10 on 2 August
+    t.click("2026-08-01T18:50:00Z", code, "v-3"); // 00:20 on 2 August
+    t.click("2026-08-01T18:55:00Z", code, "v-1"); // 00:25 on 2 August, seen the day before
+    t.define(rules("hosting", serde_json::json!({"timezone": "UTC"})));
+    t.click("2026-08-03T20:10:00Z", code, "v-4"); // 20:10 on 3 August in UTC
+    t.define(rules(
+        "hosting",
+        serde_json::json!({"timezone": "Asia/Tokyo"}),
+    ));
+    t.click("2026-08-03T20:30:00Z", code, "v-5"); // 05:30 on 4 August in Tokyo
+    let stats = t
+        .ledger()
+        .stats(
+            &t.program,
+            &aff("alice"),
+            chrono::NaiveDate::from_ymd_opt(2026, 7, 31).unwrap(),
+            chrono::NaiveDate::from_ymd_opt(2026, 8, 5).unwrap(),
+            commission_ledger::projections::StatsBy::Day,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+    let days: Vec<_> = stats
+        .series
+        .iter()
+        .filter(|row| row.clicks > 0)
+        .map(|row| (row.key.as_str(), row.clicks, row.unique_visitors))
+        .collect();
+    assert_eq!(
+        days,
+        vec![
+            ("2026-08-01", 1, Some(1)),
+            ("2026-08-02", 3, Some(3)),
+            ("2026-08-03", 1, Some(1)),
+            ("2026-08-04", 1, Some(1)),
+        ]
+    );
+    assert_eq!((stats.clicks, stats.unique_visitors), (6, 5));
+}
+
 #[test]
 fn auto_close_closes_the_previous_month_on_its_day_in_the_program_zone() {
     // given a program that closes by itself on the 3rd, in Amsterdam,
