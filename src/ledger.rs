@@ -1252,6 +1252,13 @@ fn decode_record(seq: Seq, payload: &[u8]) -> Result<Recorded, String> {
     Ok(recorded)
 }
 
+/// What [`Ledger::read`] finds under the state's lock: the answer, when
+/// the read is of the present, or the head and the read not yet made.
+enum Now<T, F> {
+    Answered(T),
+    Past(Seq, F),
+}
+
 /// The state after `target` (a durable seq), for a read of the past: from
 /// the newest checkpoint not past `target`, the last one or one kept (the
 /// last of a month), since decoding one costs in proportion to the state
@@ -1568,16 +1575,14 @@ impl Ledger {
         overrides: Overrides,
         months: Option<MonthRange>,
     ) -> Result<Replay, SubmitError> {
-        let (head, applied) = {
-            let state = self.state();
+        let (head, applied) = self.durable_read(|state| {
             let pm = state
                 .model
                 .program(program)
                 .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
             rules::validate_overrides(pm, program, &overrides)?;
-            let applied = pm.applied_overrides(None);
-            (state.head.seq, applied)
-        };
+            Ok::<_, SubmitError>((state.head.seq, pm.applied_overrides(None)))
+        })?;
         if let Some(range) = months
             && range.from > range.to
         {
@@ -1666,14 +1671,13 @@ impl Ledger {
     /// `DATA/replays/` from before a restart), or an applied one
     /// (recomputed from the log at the position it was applied at).
     pub fn replay(&self, program: &ProgramId, id: &Uuid) -> Result<Option<Replay>, SubmitError> {
-        let applied_seq = {
-            let state = self.state();
+        let applied_seq = self.durable_read(|state| {
             state
                 .model
                 .program(program)
                 .and_then(|pm| pm.applied_replays.iter().find(|(r, _, _)| r == id))
                 .map(|(_, seq, _)| *seq)
-        };
+        });
         let cached = self
             .inner
             .replays
@@ -1701,14 +1705,13 @@ impl Ledger {
         let Some(Event::ReplayApplied(e)) = recorded.first().map(|r| &r.event) else {
             return Ok(None);
         };
-        let applied: Vec<Overrides> = {
-            let state = self.state();
+        let applied: Vec<Overrides> = self.durable_read(|state| {
             state
                 .model
                 .program(program)
                 .map(|pm| pm.applied_overrides(Some(id)))
                 .unwrap_or_default()
-        };
+        });
         let diff = self.compute_diff(program, applied, e.overrides.clone(), e.months, e.at_seq)?;
         Ok(Some(Replay {
             replay_id: *id,
@@ -1737,15 +1740,13 @@ impl Ledger {
         let Some(replay) = self.replay(program, id)? else {
             return Ok(None);
         };
-        let (head, money_seq, applied) = {
-            let state = self.state();
+        let (head, money_seq, applied) = self.durable_read(|state| {
             let pm = state
                 .model
                 .program(program)
                 .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
-            let applied = pm.applied_overrides(None);
-            (state.head.seq, pm.money_seq, applied)
-        };
+            Ok::<_, SubmitError>((state.head.seq, pm.money_seq, pm.applied_overrides(None)))
+        })?;
         let mut at_seq = replay.at_seq;
         if replay.applied_seq.is_none() && money_seq > replay.at_seq {
             let now = self.compute_diff(
@@ -1798,7 +1799,27 @@ impl Ledger {
     /// the answer must not be given before, for the caller to await.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
         let state = self.decided_state();
-        let seq = state.head.seq;
+        self.settle_before_answering(state.head.seq);
+        state
+    }
+
+    /// Runs `read` on the current state and returns its answer once that
+    /// state is durable, as [`Self::state`] does, but waits with the lock
+    /// released: a reader waiting with it holds up the writer, whose next
+    /// batch needs it, for the `fdatasync` under way. Within
+    /// [`Self::deferring_settle`], notes the seq instead of waiting.
+    fn durable_read<T>(&self, read: impl FnOnce(&State) -> T) -> T {
+        let (answer, seq) = {
+            let state = self.decided_state();
+            (read(&state), state.head.seq)
+        };
+        self.settle_before_answering(seq);
+        answer
+    }
+
+    /// Waits until `seq` is durable, or, within [`Self::deferring_settle`],
+    /// notes it for the caller to await.
+    fn settle_before_answering(&self, seq: Seq) {
         let deferred = DEFERRED.with(|deferred| match deferred.get() {
             Some(noted) => {
                 deferred.set(Some(noted.max(seq)));
@@ -1809,7 +1830,6 @@ impl Ledger {
         if !deferred {
             self.inner.wait_durable(seq);
         }
-        state
     }
 
     /// Runs reads (`read` and everything built on [`Self::state`]) without
@@ -1853,9 +1873,7 @@ impl Ledger {
         as_of: Option<AsOf>,
         read: impl FnOnce(&State) -> T,
     ) -> Result<T, LedgerError> {
-        // A past already on disk is read without the state's lock: taking
-        // it (in `state`) would wait for the batch being synced and hold
-        // the writer meanwhile.
+        // A past already on disk is read without the state's lock.
         let durable = self.inner.durable.load(Ordering::Acquire);
         // A time at or after the last decided event (read without waiting)
         // is the present: it costs no read of the log.
@@ -1870,26 +1888,36 @@ impl Ledger {
             }
             _ => None,
         };
-        let target = match target {
-            Some(target) => target,
+        let (target, read) = match target {
+            Some(target) => (target, read),
             None => {
-                let state = self.state();
-                match as_of {
-                    None => return Ok(read(&state)),
-                    Some(AsOf::Seq(seq)) if seq >= state.head.seq => return Ok(read(&state)),
-                    Some(AsOf::Time(t)) if t >= state.last_recorded_at => {
-                        return Ok(read(&state));
+                // The present, or a point the state knows is past: decided
+                // under one lock, and read under it when present.
+                let now = self.durable_read(move |state| {
+                    let present = match as_of {
+                        None => true,
+                        Some(AsOf::Seq(seq)) => seq >= state.head.seq,
+                        Some(AsOf::Time(t)) => t >= state.last_recorded_at,
+                    };
+                    if present {
+                        Now::Answered(read(state))
+                    } else {
+                        Now::Past(state.head.seq, read)
                     }
+                });
+                let (head, read) = match now {
+                    Now::Answered(answer) => return Ok(answer),
+                    Now::Past(head, read) => (head, read),
+                };
+                let target = match as_of {
                     // A time names the last event recorded at or before
                     // it: a seq, so that reads of the same point by time
                     // and by seq share a state.
-                    Some(AsOf::Time(t)) => {
-                        let head = state.head.seq;
-                        drop(state);
-                        self.seq_at_time(t, head)?
-                    }
+                    Some(AsOf::Time(t)) => self.seq_at_time(t, head)?,
                     Some(AsOf::Seq(seq)) => seq,
-                }
+                    None => head,
+                };
+                (target, read)
             }
         };
         let state = self
@@ -2064,17 +2092,14 @@ impl Ledger {
             .whole_log
             .take()
             .map_err(|Busy| LedgerError::WholeLogBusy)?;
-        let head = self.state().head.seq;
+        let head = self.durable_read(|state| state.head.seq);
         let mut report = verify_log(&self.inner.log_dir, Some(head));
-        if report.ok {
-            let state = self.state();
-            if let Some(fresh) = &report.fresh
-                && state.head.seq == fresh.last_seq
-                && &state.views != fresh
-            {
-                report.ok = false;
-                report.problem = Some("the live projections differ from a fresh replay".into());
-            }
+        if report.ok
+            && let Some(fresh) = &report.fresh
+            && self.durable_read(|state| state.head.seq == fresh.last_seq && &state.views != fresh)
+        {
+            report.ok = false;
+            report.problem = Some("the live projections differ from a fresh replay".into());
         }
         Ok(report)
     }

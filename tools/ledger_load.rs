@@ -32,9 +32,10 @@
 //!   first), 16 submitters append mixed events for SECONDS, once alone and
 //!   once while a portal reads `aff-0`'s READ in a loop (`balance`, the
 //!   default: a read after a new line of one of its customers may compute
-//!   its pending estimate again; `past`, as of seq 500,000; `referrals`,
-//!   `stats` by day or `statement`): what a busy affiliate's portal costs
-//!   the writers.
+//!   its pending estimate again; `blocking`, the same read waiting on its
+//!   thread for the disk, as the command line and what-if do; `past`, as
+//!   of seq 500,000; `referrals`, `stats` by day or `statement`): what a
+//!   busy affiliate's portal costs the writers.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -634,8 +635,10 @@ fn customers(dir: &Path, customers: u64) {
 /// The seq `past` reads as of: the bench's log has a million.
 const PAST_SEQ: u64 = 500_000;
 
-/// One read of a portal's page for `aff-0`: `balance`, `past` (its balance
-/// as of seq 500,000, replayed once and then shared), `referrals` (the
+/// One read of a portal's page for `aff-0`: `balance`, `blocking` (the
+/// same, waiting on its thread for the disk as a blocking caller does),
+/// `past` (its balance as of seq 500,000, replayed once and then shared),
+/// `referrals` (the
 /// first page of 50, by signup), `stats` (by day, a year) or `statement`
 /// (the current month).
 fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<bool, String> {
@@ -648,6 +651,10 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
             .map(|b| b.is_some()),
         "past" => ledger
             .balance(&program(), affiliate, Some(AsOf::Seq(PAST_SEQ)))
+            .map(|b| b.is_some()),
+        // As a blocking caller (the command line, a what-if) reads it.
+        "blocking" => ledger
+            .balance(&program(), affiliate, None)
             .map(|b| b.is_some()),
         "referrals" => ledger
             .referrals(&program(), affiliate, &newest_referrals(50), None)
@@ -663,7 +670,7 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
             .map(|s| s.is_some()),
         other => {
             return Err(format!(
-                "no read `{other}`: balance, past, referrals, stats or statement"
+                "no read `{other}`: balance, blocking, past, referrals, stats or statement"
             ));
         }
     };
@@ -722,7 +729,7 @@ fn portal(dir: &Path, seconds: u64, read: &str) {
             let mut reads = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                let (answer, seq) = if read == "past" {
+                let (answer, seq) = if read == "past" || read == "blocking" {
                     (portal_read(&ledger, &affiliate, &read), 0)
                 } else {
                     ledger.deferring_settle(|| portal_read(&ledger, &affiliate, &read))

@@ -78,6 +78,10 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
                 assert!(settle >= head);
                 runtime.block_on(t.ledger().settled(settle));
                 in_the_log(head, "deferring_settle + settled");
+                // A blocking read of the present (the CLI's, a what-if's)
+                // waits too, with the lock released.
+                let head = t.ledger().read(None, |state| state.head.seq).unwrap();
+                in_the_log(head, "read");
                 reads += 1;
             }
             reads
