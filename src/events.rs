@@ -260,11 +260,12 @@ const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// Remembers the calendar day of the last UTC hour asked about, in one time
 /// zone, for a caller that asks [`Timestamp::date_in`] for every event:
-/// events come in time order, and a zone conversion cost about a quarter
-/// of applying a click to the projections. An hour is remembered only when
-/// it lies wholly on one local day with one offset (its first and last
-/// microsecond are a day apart in local time by exactly the hour), so an
-/// hour holding a local midnight or an offset change is converted each time.
+/// events come in time order, and a zone conversion cost about a fifth of
+/// the instructions of applying a click to the projections. An hour is
+/// remembered only when it lies wholly on one local day at one offset (its
+/// first and last microsecond fall on the same local day, exactly as far
+/// apart as in UTC), so an hour holding a local midnight or an offset
+/// change is converted each time.
 /// Not state: equal to any other, and never saved.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DayMemo {
