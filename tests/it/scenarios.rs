@@ -233,19 +233,7 @@ fn h_sphere_only_the_server_holding_the_cookie_acts() {
         (2, "19.48".to_string())
     );
 
-    let march = |by| {
-        t.ledger()
-            .stats(
-                &t.program,
-                &aff("webmaster"),
-                chrono::NaiveDate::from_ymd_opt(2026, 3, 1).unwrap(),
-                chrono::NaiveDate::from_ymd_opt(2026, 3, 31).unwrap(),
-                by,
-                None,
-            )
-            .unwrap()
-            .unwrap()
-    };
+    let march = |by| t.stats("webmaster", "2026-03-01", "2026-03-31", by);
     let stats = march(commission_ledger::projections::StatsBy::Month);
     assert_eq!(
         (

@@ -363,6 +363,21 @@ impl TestLedger {
             .unwrap()
     }
 
+    /// The affiliate's statistics of the days `from..=to` (`YYYY-MM-DD`), now.
+    pub fn stats(
+        &self,
+        affiliate: &str,
+        from: &str,
+        to: &str,
+        by: commission_ledger::projections::StatsBy,
+    ) -> commission_ledger::projections::Stats {
+        let day = |text: &str| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap();
+        self.ledger()
+            .stats(&self.program, &aff(affiliate), day(from), day(to), by, None)
+            .unwrap()
+            .unwrap()
+    }
+
     /// Snapshots a statement as JSON under `snapshots/`, the log hash redacted
     /// (event ids are random, so the hash differs per run).
     pub fn snapshot_statement(&self, name: &str, affiliate: &str, m: &str) {

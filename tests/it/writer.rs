@@ -107,15 +107,13 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
             > 5
     );
     let monthly_stats = |t: &TestLedger| {
-        let stats = t.ledger().stats(
-            &t.program,
-            &aff("alice"),
-            chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap(),
-            chrono::NaiveDate::from_ymd_opt(2026, 12, 31).unwrap(),
+        let stats = t.stats(
+            "alice",
+            "2024-01-01",
+            "2026-12-31",
             commission_ledger::projections::StatsBy::Month,
-            None,
         );
-        serde_json::to_string(&stats.unwrap()).unwrap()
+        serde_json::to_string(&stats).unwrap()
     };
     let before = monthly_stats(&t);
     t.verify_ok();
