@@ -2,7 +2,8 @@
 //! trail it, never disagree with it, and are rebuilt when deleted or stale.
 
 use commission_ledger::events::{Event, Timestamp};
-use commission_ledger::ledger::{Ledger, LedgerConfig};
+use commission_ledger::ledger::{Ledger, LedgerConfig, verify_log};
+use commission_ledger::store::Store;
 
 use crate::support::*;
 
@@ -576,4 +577,88 @@ fn reads_of_the_past_beyond_the_waiting_limit_are_refused_as_busy() {
     // The refusal says what to do.
     let message = LedgerError::Busy.to_string();
     assert!(message.contains("try again"), "{message}");
+}
+
+/// Stored projections that are wrong but read (a checkpoint written by a
+/// faulty build, or swapped in from another ledger at the same seq and
+/// hash): the restart serves them, and `verify` must say so, even while
+/// events keep coming, which moves the head during its replay.
+#[test]
+fn verify_finds_wrong_stored_projections_while_events_keep_coming() {
+    let story = |amount: &str| {
+        let mut t = TestLedger::new("hosting");
+        t.define(rules("hosting", serde_json::json!({})));
+        t.enroll("alice");
+        t.signup("2026-01-03T10:00:00Z", "c-1", None, Some("HOST-alice"));
+        t.expense("2026-01-04T10:00:00Z", "l-1", "c-1", amount);
+        t.close("2026-01");
+        let money = t.money("alice");
+        t.ledger = None; // the shutdown saves a checkpoint at the head
+        (t, money)
+    };
+    let (mut t, right) = story("100.00");
+    let (other, wrong) = story("200.00");
+    assert_eq!((right.0.as_str(), wrong.0.as_str()), ("20.00", "40.00"));
+    let read = |t: &TestLedger| {
+        let store = Store::open(&t.dir.path().join("index")).unwrap();
+        store
+            .load_checkpoint(|seq, hash, bytes| (seq, hash, bytes.to_vec()))
+            .unwrap()
+            .unwrap()
+    };
+    let (seq, hash, _) = read(&t);
+    let (other_seq, _, other_state) = read(&other);
+    assert_eq!(seq, other_seq, "the same number of events");
+    Store::open(&t.dir.path().join("index"))
+        .unwrap()
+        .save_checkpoint(seq, &hash, 202601, &other_state, 0)
+        .unwrap();
+    t.reopen();
+    assert_eq!(
+        t.money("alice"),
+        wrong,
+        "the restart serves the swapped state"
+    );
+    // A fresh replay of the log alone finds nothing wrong.
+    assert!(verify_log(&t.dir.path().join("log"), None).ok);
+
+    let code = t
+        .ledger()
+        .state()
+        .model
+        .program(&t.program)
+        .unwrap()
+        .affiliates[&aff("alice")]
+        .referral_code
+        .clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let report = std::thread::scope(|scope| {
+        let clicker = scope.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                t.click("2026-02-02T10:00:00Z", &code, &format!("v-{n}"));
+                n += 1;
+            }
+            n
+        });
+        while t.head() < seq + 20 && !clicker.is_finished() {
+            std::thread::yield_now();
+        }
+        let report = t.ledger().verify().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(clicker.join().unwrap() >= 20);
+        report
+    });
+    assert!(!report.ok, "verify passed wrong projections: {report:?}");
+    let problem = report.problem.clone().unwrap_or_default();
+    assert!(
+        problem.contains("differ from a fresh replay") && problem.contains("affiliate alice"),
+        "{problem}"
+    );
+    assert!(
+        report.head_seq > seq + 20,
+        "compared at the head, after the clicks: {report:?}"
+    );
+    assert_eq!(report.events, report.head_seq);
+    assert_eq!(report.bad_seq, None);
 }
