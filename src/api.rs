@@ -1140,6 +1140,7 @@ async fn verify(State(app): State<AppState>, headers: HeaderMap) -> ApiResult {
         "head_hash": report.head_hash,
         "bad_seq": report.bad_seq,
         "problem": report.problem,
+        "projections": report.projections.as_str(),
     });
     let status = if report.ok {
         StatusCode::OK
@@ -3591,7 +3592,7 @@ pub fn openapi() -> Value {
             (
                 200,
                 object(
-                    json!({"ok": {"type": "boolean"}, "events": {"type": "integer"}, "head_seq": {"type": "integer"}, "head_hash": string}),
+                    json!({"ok": {"type": "boolean"}, "events": {"type": "integer"}, "head_seq": {"type": "integer"}, "head_hash": string, "projections": {"type": "string", "enum": ["equal", "differ", "not_compared"]}}),
                 ),
             ),
         ),

@@ -291,10 +291,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Verb::Verify => {
-            let report = ledger::verify_log(&data.join("log"), None);
+            let report = ledger::verify_data_dir(&data);
             let body = serde_json::json!({
                 "ok": report.ok, "events": report.events, "head_seq": report.head_seq,
                 "head_hash": report.head_hash, "bad_seq": report.bad_seq, "problem": report.problem,
+                "projections": report.projections.as_str(),
+                "projections_detail": report.projections_detail,
             });
             println!("{body}");
             if !report.ok {

@@ -2106,16 +2106,27 @@ impl Ledger {
             &self.inner.log_dir,
             ScanMode::Strict,
             Some(head),
-            |record| fresh.check(record.seq, &record.hash, record.payload),
+            |record| {
+                fresh
+                    .check(record.seq, &record.hash, record.payload)
+                    .map(drop)
+            },
         );
         if let Err(e) = scanned {
             return Ok(fresh.report(Err(e.to_string()), e.bad_seq()));
         }
-        // What was appended during the scan, without the lock: less to do
-        // under it.
-        let durable = self.inner.durable.load(Ordering::Acquire);
-        if let Err((problem, bad_seq)) = fresh.catch_up(&self.inner, durable) {
-            return Ok(fresh.report(Err(problem), bad_seq));
+        // What was appended during the scan, without the lock: little is
+        // left to do under it (each round takes in what came during the
+        // one before, fewer events each time while the replay outpaces
+        // the writer).
+        for _ in 0..VERIFY_CATCH_UP_ROUNDS {
+            let durable = self.inner.durable.load(Ordering::Acquire);
+            if durable.saturating_sub(fresh.state.head.seq) <= VERIFY_LOCKED_CATCH_UP {
+                break;
+            }
+            if let Err((problem, bad_seq)) = fresh.catch_up(&self.inner, durable) {
+                return Ok(fresh.report(Err(problem), bad_seq));
+            }
         }
         let compared = {
             let state = self.decided_state();
@@ -2127,14 +2138,22 @@ impl Ledger {
         };
         Ok(match compared {
             Err((problem, bad_seq)) => fresh.report(Err(problem), bad_seq),
-            Ok(Some(difference)) => fresh.report(
-                Err(format!(
-                    "the live projections differ from a fresh replay at seq {}: {difference}",
-                    fresh.state.head.seq
-                )),
-                None,
-            ),
-            Ok(None) => fresh.report(Ok(()), None),
+            Ok(Some(difference)) => VerifyReport {
+                projections: ProjectionsCheck::Differ,
+                projections_detail: Some("the live projections".into()),
+                ..fresh.report(
+                    Err(format!(
+                        "the live projections differ from a fresh replay at seq {}: {difference}",
+                        fresh.state.head.seq
+                    )),
+                    None,
+                )
+            },
+            Ok(None) => VerifyReport {
+                projections: ProjectionsCheck::Equal,
+                projections_detail: Some("the live projections".into()),
+                ..fresh.report(Ok(()), None)
+            },
         })
     }
 
@@ -2169,6 +2188,12 @@ impl Drop for Ledger {
     }
 }
 
+/// `verify` catches its replay up with the writer without the lock until
+/// at most this many events are left for it to fold holding the lock ...
+const VERIFY_LOCKED_CATCH_UP: Seq = 1024;
+/// ... or for this many rounds.
+const VERIFY_CATCH_UP_ROUNDS: usize = 8;
+
 /// The result of `verify`.
 #[derive(Debug, Clone)]
 pub struct VerifyReport {
@@ -2179,6 +2204,32 @@ pub struct VerifyReport {
     pub head_hash: String,
     pub bad_seq: Option<Seq>,
     pub problem: Option<String>,
+    /// Whether projections were compared with the fresh replay, and how
+    /// they compared.
+    pub projections: ProjectionsCheck,
+    /// Which projections were compared, or why none were.
+    pub projections_detail: Option<String>,
+}
+
+/// How `verify` found the projections against a fresh replay of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionsCheck {
+    Equal,
+    /// `ok` is false, and `problem` says where they first differ.
+    Differ,
+    /// The log has a problem, or there were none to compare (see the detail).
+    NotCompared,
+}
+
+impl ProjectionsCheck {
+    /// As the JSON reports give it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectionsCheck::Equal => "equal",
+            ProjectionsCheck::Differ => "differ",
+            ProjectionsCheck::NotCompared => "not_compared",
+        }
+    }
 }
 
 /// Verifies a log directory without opening a ledger on it: every frame and
@@ -2187,10 +2238,104 @@ pub struct VerifyReport {
 pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
     let mut fresh = FreshReplay::default();
     match log::scan(log_dir, ScanMode::Strict, until, |record| {
-        fresh.check(record.seq, &record.hash, record.payload)
+        fresh
+            .check(record.seq, &record.hash, record.payload)
+            .map(drop)
     }) {
         Ok(_) => fresh.report(Ok(()), None),
         Err(e) => fresh.report(Err(e.to_string()), e.bad_seq()),
+    }
+}
+
+/// `verify` of the command line: the log, as [`verify_log`] checks it, and
+/// the projections a start would load (the store's checkpoint, with the
+/// log after it folded in) against the fresh replay, when there is a
+/// checkpoint and no server holds the data directory (`GET /v1/verify`
+/// compares a running server's live projections).
+pub fn verify_data_dir(data_dir: &Path) -> VerifyReport {
+    let (mut stored, why_not, _lock) = match stored_projections(data_dir) {
+        Ok((state, lock)) => (Some(state), None, Some(lock)),
+        Err(why) => (None, Some(why), None),
+    };
+    let checkpoint = stored.as_ref().map(|state| state.head);
+    // Whether the log has the checkpoint's seq, with its hash.
+    let mut of_this_log = false;
+    let mut fresh = FreshReplay::default();
+    let scanned = log::scan(&data_dir.join("log"), ScanMode::Strict, None, |record| {
+        let recorded = fresh.check(record.seq, &record.hash, record.payload)?;
+        if let (Some(state), Some(at)) = (&mut stored, checkpoint) {
+            if record.seq == at.seq {
+                of_this_log = record.hash == at.hash;
+            } else if record.seq > at.seq && of_this_log {
+                state.fold(&recorded);
+                state.head = Head {
+                    seq: record.seq,
+                    hash: record.hash,
+                };
+            }
+        }
+        Ok(())
+    });
+    let mut report = match scanned {
+        Ok(_) => fresh.report(Ok(()), None),
+        Err(e) => return fresh.report(Err(e.to_string()), e.bad_seq()),
+    };
+    let (state, at) = match (stored, checkpoint) {
+        (Some(state), Some(at)) if of_this_log => (state, at.seq),
+        (_, Some(at)) => {
+            report.projections_detail = Some(format!(
+                "not compared: the stored checkpoint (seq {}) is not of this log; the next start rebuilds the index",
+                at.seq
+            ));
+            return report;
+        }
+        _ => {
+            report.projections_detail = why_not.map(|why| format!("not compared: {why}"));
+            return report;
+        }
+    };
+    let what = format!("the stored projections (the checkpoint at seq {at}, and the log after it)");
+    match first_difference(&state.views, &fresh.state.views) {
+        None => report.projections = ProjectionsCheck::Equal,
+        Some(difference) => {
+            report.ok = false;
+            report.projections = ProjectionsCheck::Differ;
+            report.problem = Some(format!("{what} differ from a fresh replay: {difference}"));
+        }
+    }
+    report.projections_detail = Some(what);
+    report
+}
+
+/// The projections a start would load from the store of `data_dir` (its
+/// checkpoint, as of the checkpoint's head), with the data directory's lock,
+/// or why there are none to compare.
+fn stored_projections(data_dir: &Path) -> Result<(State, File), String> {
+    let index = data_dir.join("index");
+    if !index.exists() {
+        return Err("no stored projections (the next start replays the whole log)".into());
+    }
+    let lock = match lock_dir(data_dir) {
+        Ok(lock) => lock,
+        Err(LedgerError::Locked(_)) => {
+            return Err(
+                "a server holds the data directory (GET /v1/verify compares its live projections)"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(format!("the data directory cannot be locked ({e})")),
+    };
+    let store = Store::open(&index)
+        .map_err(|e| format!("the index store does not open ({e}); the next start rebuilds it"))?;
+    match store.load_checkpoint(decode_checkpoint) {
+        Ok(Some(Some(state))) if state.head.seq > 0 => Ok((state, lock)),
+        Ok(Some(None)) => Err(
+            "the stored checkpoint does not decode; the next start replays the whole log".into(),
+        ),
+        Ok(_) => Err("no checkpoint stored (the next start replays the whole log)".into()),
+        Err(e) => Err(format!(
+            "the stored checkpoint does not read ({e}); the next start replays the whole log"
+        )),
     }
 }
 
@@ -2205,8 +2350,8 @@ struct FreshReplay {
 
 impl FreshReplay {
     /// Checks and folds the record after the head (its frame, CRC and
-    /// chain hash are the caller's to check).
-    fn check(&mut self, seq: Seq, hash: &log::Hash, payload: &[u8]) -> Result<(), String> {
+    /// chain hash are the caller's to check); hands the event back.
+    fn check(&mut self, seq: Seq, hash: &log::Hash, payload: &[u8]) -> Result<Recorded, String> {
         let recorded = decode_record(seq, payload)?;
         let sum: Decimal = recorded.event.postings().iter().map(|p| p.amount).sum();
         if !sum.is_zero() {
@@ -2222,7 +2367,7 @@ impl FreshReplay {
         self.state.fold(&recorded);
         self.state.head = Head { seq, hash: *hash };
         self.events += 1;
-        Ok(())
+        Ok(recorded)
     }
 
     /// Checks and folds the durable records after the head up to `to`,
@@ -2237,7 +2382,7 @@ impl FreshReplay {
             if log::chain_hash(&self.state.head.hash, seq, payload) != *hash {
                 return Err("hash chain broken".into());
             }
-            self.check(seq, hash, payload)
+            self.check(seq, hash, payload).map(drop)
         });
         match visited {
             Err(LedgerError::Log(e)) => Err((e.to_string(), e.bad_seq())),
@@ -2270,6 +2415,8 @@ impl FreshReplay {
             head_hash: log::hex(&self.state.head.hash),
             bad_seq,
             problem: result.err(),
+            projections: ProjectionsCheck::NotCompared,
+            projections_detail: None,
         }
     }
 }

@@ -665,12 +665,20 @@ fn portal_read(ledger: &Ledger, affiliate: &AffiliateId, read: &str) -> Result<b
                 .stats(&program(), affiliate, from, today, StatsBy::Day, None)
                 .map(|s| s.is_some())
         }
+        // An operator's audit, beside the writer.
+        "verify" => {
+            let report = ledger.verify().map_err(|e| e.to_string())?;
+            return match report.problem {
+                None => Ok(true),
+                Some(problem) => Err(format!("verify failed: {problem}")),
+            };
+        }
         "statement" => ledger
             .statement(&program(), affiliate, now.month_in(chrono_tz::UTC), None)
             .map(|s| s.is_some()),
         other => {
             return Err(format!(
-                "no read `{other}`: balance, blocking, past, referrals, stats or statement"
+                "no read `{other}`: balance, blocking, past, referrals, stats, statement or verify"
             ));
         }
     };
@@ -729,7 +737,7 @@ fn portal(dir: &Path, seconds: u64, read: &str) {
             let mut reads = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                let (answer, seq) = if read == "past" || read == "blocking" {
+                let (answer, seq) = if ["past", "blocking", "verify"].contains(&read.as_str()) {
                     (portal_read(&ledger, &affiliate, &read), 0)
                 } else {
                     ledger.deferring_settle(|| portal_read(&ledger, &affiliate, &read))

@@ -602,6 +602,7 @@ fn keys_and_roles_decide_who_may_do_what() {
     );
     let verify: Value = app.get(Some(&app.admin), "/v1/verify").json().unwrap();
     assert_eq!(verify["ok"], true);
+    assert_eq!(verify["projections"], "equal");
 }
 
 #[test]

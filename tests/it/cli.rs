@@ -143,6 +143,8 @@ fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
         (report["ok"].as_bool(), report["events"].as_u64()),
         (Some(true), Some(3))
     );
+    // Each `keys create` stopped with a checkpoint at its head.
+    assert_eq!(report["projections"], "equal");
     // corrupt record 2
     let segment = std::fs::read_dir(dir.path().join("log"))
         .unwrap()

@@ -2,7 +2,7 @@
 //! trail it, never disagree with it, and are rebuilt when deleted or stale.
 
 use commission_ledger::events::{Event, Timestamp};
-use commission_ledger::ledger::{Ledger, LedgerConfig, verify_log};
+use commission_ledger::ledger::{Ledger, LedgerConfig, ProjectionsCheck, verify_log};
 use commission_ledger::store::Store;
 
 use crate::support::*;
@@ -661,4 +661,76 @@ fn verify_finds_wrong_stored_projections_while_events_keep_coming() {
     );
     assert_eq!(report.events, report.head_seq);
     assert_eq!(report.bad_seq, None);
+    assert_eq!(report.projections, ProjectionsCheck::Differ);
+
+    // Stopped, the ledger saves its (wrong) state as the checkpoint at the
+    // head; the command line compares what the next start would load.
+    t.ledger = None;
+    let (code, report) = cli_verify(t.dir.path());
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["projections"], "differ");
+    let problem = report["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("the stored projections (the checkpoint at seq")
+            && problem.contains("affiliate alice"),
+        "{problem}"
+    );
+}
+
+/// `commission-ledger verify --data DIR`: its exit code and JSON report.
+fn cli_verify(data: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_commission-ledger"))
+        .args(["verify", "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.code(), report)
+}
+
+/// The command line compares the projections a start would load (the
+/// stored checkpoint and the log after it) when it can: not those of a
+/// running server, which `GET /v1/verify` compares, and none where no
+/// store is.
+#[test]
+fn verify_on_the_command_line_compares_the_stored_projections_when_it_can() {
+    let mut t = TestLedger::new("hosting");
+    history(&t, 50);
+    t.reopen(); // a checkpoint at the head
+    let checkpointed = t.head();
+    t.expense("2026-01-05T10:00:00Z", "l-2", "c-1", "10.00"); // after it
+
+    let (code, held) = cli_verify(t.dir.path());
+    assert_eq!(code, Some(0), "{held}");
+    assert_eq!(held["projections"], "not_compared");
+    let detail = held["projections_detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("a server holds the data directory"),
+        "{detail}"
+    );
+
+    t.ledger = None;
+    std::fs::remove_dir_all(t.dir.path().join("index")).unwrap();
+    let (code, none) = cli_verify(t.dir.path());
+    assert_eq!(
+        (code, &none["projections"]),
+        (Some(0), &"not_compared".into())
+    );
+    let detail = none["projections_detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("no stored projections"), "{detail}");
+
+    // Started again: a replay, and at shutdown a checkpoint at the head.
+    t.reopen();
+    let head = t.head();
+    assert!(head > checkpointed);
+    t.ledger = None;
+    let (code, equal) = cli_verify(t.dir.path());
+    assert_eq!(code, Some(0), "{equal}");
+    assert_eq!(equal["projections"], "equal");
+    assert_eq!(equal["events"], head);
+    let detail = equal["projections_detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!("the checkpoint at seq {head}")),
+        "{detail}"
+    );
 }
