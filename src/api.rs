@@ -1521,6 +1521,7 @@ async fn referrals(
         "referrals": page.referrals,
         "total": page.total,
         "next_cursor": page.next.map(|cursor| cursor.to_string()),
+        "as_of_seq": page.as_of_seq,
     }))
     .into_response())
 }
@@ -3317,7 +3318,7 @@ pub fn openapi() -> Value {
             (
                 200,
                 object(
-                    json!({"referrals": {"type": "array", "items": referral}, "total": {"type": "integer"}, "next_cursor": {"type": ["string", "null"]}}),
+                    json!({"referrals": {"type": "array", "items": referral}, "total": {"type": "integer"}, "next_cursor": {"type": ["string", "null"]}, "as_of_seq": {"type": "integer"}}),
                 ),
             ),
         ),

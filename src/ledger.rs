@@ -2033,7 +2033,7 @@ impl Ledger {
                 .views
                 .programs
                 .get(program)?
-                .referrals(affiliate, query)
+                .referrals(affiliate, query, state.head.seq)
         })
     }
 

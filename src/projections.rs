@@ -889,6 +889,9 @@ pub struct ReferralPage {
     pub total: usize,
     /// Where the next page starts; `None` on the last.
     pub next: Option<ReferralCursor>,
+    /// The log position the page was read at: the pages after it read
+    /// `as_of` it show the list as it was then.
+    pub as_of_seq: Seq,
 }
 
 impl ProgramView {
@@ -896,6 +899,7 @@ impl ProgramView {
         &self,
         affiliate_id: &AffiliateId,
         query: &ReferralQuery,
+        as_of_seq: Seq,
     ) -> Option<ReferralPage> {
         let a = self.affiliates.get(affiliate_id)?;
         let currency = self.rules.currency;
@@ -962,6 +966,7 @@ impl ProgramView {
                 .collect(),
             total,
             next,
+            as_of_seq,
         })
     }
 }

@@ -2043,6 +2043,33 @@ fn referral_pages_follow_the_last_row_so_a_signup_between_them_repeats_none() {
     );
     // A cursor of earlier versions counted rows: still read as that.
     assert_eq!(ids(&page("limit=2&cursor=o1")), ["c-5", "c-4"]);
+    // Sorted by commission, a row whose commission changes between two
+    // pages can cross the boundary; the pages after the first, read as of
+    // its `as_of_seq`, show the list as it was then.
+    let top = page("sort=-commission&limit=2");
+    assert_eq!(ids(&top), ["c-2", "c-3"]);
+    let seq = top["as_of_seq"].as_u64().unwrap();
+    let (status, _) = app.expense(
+        "hosting",
+        json!({"id": "inv-c-5-april", "customer_id": "c-5", "amount": "1000.00",
+               "currency": "USD", "at": "2026-04-03T11:00:00Z"}),
+    );
+    assert_eq!(status, 201);
+    app.set_now("2026-05-02T00:00:00Z");
+    assert_eq!(app.close("hosting", "2026-04").0, 200);
+    let after = top["next_cursor"].as_str().unwrap();
+    let now = page(&format!("sort=-commission&limit=10&cursor={after}"));
+    assert_eq!(
+        ids(&now),
+        ["c-1", "c-4", "c-6"],
+        "c-5 moved before the cursor"
+    );
+    assert!(now["as_of_seq"].as_u64().unwrap() > seq);
+    let then = page(&format!(
+        "sort=-commission&limit=10&cursor={after}&as_of={seq}"
+    ));
+    assert_eq!(ids(&then), ["c-1", "c-5", "c-4", "c-6"]);
+    assert_eq!(then["as_of_seq"].as_u64(), Some(seq));
     for (query, detail) in [
         (format!("sort=commission&cursor={cursor}"), "sort=-signup"),
         ("cursor=nonsense".to_string(), "gave out"),

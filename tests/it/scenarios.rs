@@ -340,7 +340,7 @@ fn whmcs_threshold_withdrawal_and_referral_list() {
             start: Default::default(),
         };
         program
-            .referrals(&aff("pat"), &query)
+            .referrals(&aff("pat"), &query, t.head())
             .unwrap()
             .referrals
             .iter()
@@ -369,6 +369,7 @@ fn whmcs_threshold_withdrawal_and_referral_list() {
                 limit: 2,
                 start: Default::default(),
             },
+            t.head(),
         )
         .unwrap();
     assert_eq!(
