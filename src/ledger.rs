@@ -2016,7 +2016,7 @@ impl Ledger {
                 .views
                 .programs
                 .get(program)?
-                .stats(affiliate, from, to, by)
+                .stats(affiliate, from, to, by, state.head.seq)
         })
     }
 

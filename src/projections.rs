@@ -639,6 +639,8 @@ pub struct Stats {
     pub conversions: u64,
     pub commission: String,
     pub series: Vec<StatsRow>,
+    /// The log position the statistics were read at.
+    pub as_of_seq: Seq,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -660,6 +662,7 @@ impl ProgramView {
         from: NaiveDate,
         to: NaiveDate,
         by: StatsBy,
+        as_of_seq: Seq,
     ) -> Option<Stats> {
         let a = self.affiliates.get(affiliate_id)?;
         let currency = self.rules.currency;
@@ -715,6 +718,7 @@ impl ProgramView {
             conversions: total.conversions,
             commission: currency.format(total.commission),
             series,
+            as_of_seq,
         })
     }
 }

@@ -2070,6 +2070,23 @@ fn referral_pages_follow_the_last_row_so_a_signup_between_them_repeats_none() {
     ));
     assert_eq!(ids(&then), ["c-1", "c-5", "c-4", "c-6"]);
     assert_eq!(then["as_of_seq"].as_u64(), Some(seq));
+    // The statistics beside them name the position they were read at too.
+    let april = |as_of: &str| -> Value {
+        let path = "/v1/programs/hosting/affiliates/alice/stats";
+        let response = app.get(
+            Some(&app.portal),
+            &format!("{path}?from=2026-04-01&to=2026-04-30{as_of}"),
+        );
+        assert_eq!(response.status().as_u16(), 200, "{as_of}");
+        response.json().unwrap()
+    };
+    let (before, after) = (april(&format!("&as_of={seq}")), april(""));
+    assert_eq!(
+        (&before["as_of_seq"], &before["commission"]),
+        (&json!(seq), &json!("0.00"))
+    );
+    assert_eq!(after["commission"], "200.00");
+    assert!(after["as_of_seq"].as_u64().unwrap() > seq);
     for (query, detail) in [
         (format!("sort=commission&cursor={cursor}"), "sort=-signup"),
         ("cursor=nonsense".to_string(), "gave out"),

@@ -388,6 +388,7 @@ fn whmcs_threshold_withdrawal_and_referral_list() {
                 chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
                 chrono::NaiveDate::from_ymd_opt(2026, 2, 28).unwrap(),
                 by,
+                t.head(),
             )
             .unwrap()
     };
