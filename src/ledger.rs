@@ -2235,7 +2235,7 @@ impl ProjectionsCheck {
 /// CRC, the hash chain, every event decoded, every event's postings balanced
 /// and their running sum zero.
 pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
-    match FreshReplay::scan(log_dir, until, None) {
+    match FreshReplay::scan(log_dir, ScanMode::Strict, until, None) {
         (fresh, _, Ok(())) => fresh.report(Ok(()), None),
         (fresh, _, Err(e)) => fresh.report(Err(e.to_string()), e.bad_seq()),
     }
@@ -2247,12 +2247,30 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
 /// checkpoint and no server holds the data directory (`GET /v1/verify`
 /// compares a running server's live projections).
 pub fn verify_data_dir(data_dir: &Path) -> VerifyReport {
-    let (stored, why_not, _lock) = match stored_projections(data_dir) {
-        Ok((state, lock)) => (Some(state), None, Some(lock)),
-        Err(why) => (None, Some(why), None),
+    // Held while verifying, so that no server starts meanwhile (a copy
+    // without one, a backup, gets none). A server holding it may be
+    // appending: what it is writing is no torn tail.
+    let lock = data_dir.join("LOCK").exists().then(|| lock_dir(data_dir));
+    let held = matches!(lock, Some(Err(LedgerError::Locked(_))));
+    let mode = if held {
+        ScanMode::Read
+    } else {
+        ScanMode::Strict
+    };
+    let stored = if held {
+        Err(
+            "a server holds the data directory (GET /v1/verify compares its live projections)"
+                .into(),
+        )
+    } else {
+        stored_projections(data_dir)
+    };
+    let (stored, why_not) = match stored {
+        Ok(state) => (Some(state), None),
+        Err(why) => (None, Some(why)),
     };
     let checkpoint = stored.as_ref().map(|state| state.head);
-    let (fresh, stored, scanned) = FreshReplay::scan(&data_dir.join("log"), None, stored);
+    let (fresh, stored, scanned) = FreshReplay::scan(&data_dir.join("log"), mode, None, stored);
     let mut report = match scanned {
         Ok(()) => fresh.report(Ok(()), None),
         Err(e) => return fresh.report(Err(e.to_string()), e.bad_seq()),
@@ -2285,27 +2303,17 @@ pub fn verify_data_dir(data_dir: &Path) -> VerifyReport {
 }
 
 /// The projections a start would load from the store of `data_dir` (its
-/// checkpoint, as of the checkpoint's head), with the data directory's lock,
-/// or why there are none to compare.
-fn stored_projections(data_dir: &Path) -> Result<(State, File), String> {
+/// checkpoint, as of the checkpoint's head), or why there are none to
+/// compare.
+fn stored_projections(data_dir: &Path) -> Result<State, String> {
     let index = data_dir.join("index");
     if !index.exists() {
         return Err("no stored projections (the next start replays the whole log)".into());
     }
-    let lock = match lock_dir(data_dir) {
-        Ok(lock) => lock,
-        Err(LedgerError::Locked(_)) => {
-            return Err(
-                "a server holds the data directory (GET /v1/verify compares its live projections)"
-                    .into(),
-            );
-        }
-        Err(e) => return Err(format!("the data directory cannot be locked ({e})")),
-    };
     let store = Store::open(&index)
         .map_err(|e| format!("the index store does not open ({e}); the next start rebuilds it"))?;
     match store.load_checkpoint(decode_checkpoint) {
-        Ok(Some(Some(state))) if state.head.seq > 0 => Ok((state, lock)),
+        Ok(Some(Some(state))) if state.head.seq > 0 => Ok(state),
         Ok(Some(None)) => Err(
             "the stored checkpoint does not decode; the next start replays the whole log".into(),
         ),
@@ -2335,6 +2343,7 @@ impl FreshReplay {
     /// replay comes back as far as it got, with the first problem.
     fn scan(
         log_dir: &Path,
+        mode: ScanMode,
         until: Option<Seq>,
         stored: Option<State>,
     ) -> (FreshReplay, Option<State>, Result<(), LogError>) {
@@ -2380,7 +2389,7 @@ impl FreshReplay {
                 }
             };
             let mut last_recorded_at = Timestamp::default();
-            let scanned = log::scan(log_dir, ScanMode::Strict, until, |record| {
+            let scanned = log::scan(log_dir, mode, until, |record| {
                 let recorded = decode_record(record.seq, record.payload)?;
                 check_event(&recorded, &mut last_recorded_at)?;
                 events.push((recorded, record.hash))

@@ -3,6 +3,7 @@
 
 use commission_ledger::events::{Event, Timestamp};
 use commission_ledger::ledger::{Ledger, LedgerConfig, ProjectionsCheck, verify_log};
+use commission_ledger::log::ScanMode;
 use commission_ledger::store::Store;
 
 use crate::support::*;
@@ -700,8 +701,19 @@ fn verify_on_the_command_line_compares_the_stored_projections_when_it_can() {
     let checkpointed = t.head();
     t.expense("2026-01-05T10:00:00Z", "l-2", "c-1", "10.00"); // after it
 
+    // A record the server is writing, half there, after the last one.
+    let log_dir = t.dir.path().join("log");
+    let scanned = commission_ledger::log::scan(&log_dir, ScanMode::Read, None, |_| Ok(())).unwrap();
+    let (_, segment) = scanned.segments.last().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment)
+        .unwrap();
+    let half = [100u8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9];
+    std::os::unix::fs::FileExt::write_at(&file, &half, scanned.end).unwrap();
     let (code, held) = cli_verify(t.dir.path());
     assert_eq!(code, Some(0), "{held}");
+    assert_eq!(held["events"], t.head(), "{held}");
     assert_eq!(held["projections"], "not_compared");
     let detail = held["projections_detail"].as_str().unwrap_or_default();
     assert!(
@@ -709,6 +721,16 @@ fn verify_on_the_command_line_compares_the_stored_projections_when_it_can() {
         "{detail}"
     );
 
+    // With no server, it is a torn tail, which the next start cuts off.
+    t.ledger = None;
+    let (code, torn) = cli_verify(t.dir.path());
+    assert_eq!(code, Some(1), "{torn}");
+    let problem = torn["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("torn record at the end of the log"),
+        "{problem}"
+    );
+    t.reopen();
     t.ledger = None;
     std::fs::remove_dir_all(t.dir.path().join("index")).unwrap();
     let (code, none) = cli_verify(t.dir.path());
