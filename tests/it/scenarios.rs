@@ -174,15 +174,7 @@ fn h_sphere_only_the_server_holding_the_cookie_acts() {
         t.enroll("webmaster");
         servers.push(t);
     }
-    let code = servers[0]
-        .ledger()
-        .state()
-        .model
-        .program(&servers[0].program)
-        .unwrap()
-        .affiliates[&aff("webmaster")]
-        .referral_code
-        .clone();
+    let code = servers[0].referral_code("webmaster");
     // The visitor clicked only server A's links: the banner twice, then a text link.
     servers[0].click_creative(
         "2026-03-10T15:00:00Z",

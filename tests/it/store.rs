@@ -65,15 +65,7 @@ fn a_restart_starts_from_the_checkpoint_and_the_tail_and_agrees_with_a_fresh_rep
         (head, head),
         "indexed and checkpointed at the head"
     );
-    let alice = t
-        .ledger()
-        .state()
-        .model
-        .program(&t.program)
-        .unwrap()
-        .affiliates[&aff("alice")]
-        .referral_code
-        .clone();
+    let alice = t.referral_code("alice");
     for i in 0..50 {
         t.click("2026-02-02T10:00:00Z", &alice, &format!("w-{i}"));
     }
@@ -97,15 +89,7 @@ fn a_store_that_disagrees_with_the_log_is_rebuilt() {
     }
     t.reopen();
     let old = answers(&t);
-    let alice = t
-        .ledger()
-        .state()
-        .model
-        .program(&t.program)
-        .unwrap()
-        .affiliates[&aff("alice")]
-        .referral_code
-        .clone();
+    let alice = t.referral_code("alice");
     for i in 0..100 {
         t.click("2026-02-02T10:00:00Z", &alice, &format!("x-{i}"));
     }
@@ -623,15 +607,7 @@ fn verify_finds_wrong_stored_projections_while_events_keep_coming() {
     // A fresh replay of the log alone finds nothing wrong.
     assert!(verify_log(&t.dir.path().join("log"), None).ok);
 
-    let code = t
-        .ledger()
-        .state()
-        .model
-        .program(&t.program)
-        .unwrap()
-        .affiliates[&aff("alice")]
-        .referral_code
-        .clone();
+    let code = t.referral_code("alice");
     let stop = std::sync::atomic::AtomicBool::new(false);
     let report = std::thread::scope(|scope| {
         let clicker = scope.spawn(|| {

@@ -155,6 +155,18 @@ impl TestLedger {
         )
     }
 
+    /// The referral code of an enrolled affiliate, as the model keeps it.
+    pub fn referral_code(&self, affiliate: &str) -> String {
+        self.ledger()
+            .state()
+            .model
+            .program(&self.program)
+            .unwrap()
+            .affiliates[&aff(affiliate)]
+            .referral_code
+            .clone()
+    }
+
     pub fn enroll(&self, affiliate: &str) -> AffiliateEnrolled {
         self.enroll_with(affiliate, None, None, None)
     }
