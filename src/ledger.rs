@@ -689,6 +689,29 @@ impl<T> ChunkSender<T> {
     }
 }
 
+/// Runs a replay in two stages on two threads, as a start does: `read`,
+/// on this one, reads, checks and decodes the log and hands items through
+/// its [`ChunkSender`] to `fold`, on a thread named `name`. Returns what
+/// each stage returned; an error only when that thread does not start.
+fn two_stages<T: Send, R, S: Send>(
+    name: &str,
+    read: impl FnOnce(&mut ChunkSender<T>) -> R,
+    fold: impl FnOnce(std::sync::mpsc::Receiver<Vec<T>>) -> S + Send,
+) -> std::io::Result<(R, S)> {
+    std::thread::scope(|scope| {
+        let (mut sender, received) = ChunkSender::channel();
+        let folder = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, move || fold(received))?;
+        let read = read(&mut sender);
+        sender.finish();
+        let folded = folder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((read, folded))
+    })
+}
+
 /// The state rebuilt at open, and what the store still has to index.
 struct Loaded {
     log: Log,
@@ -713,31 +736,23 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
     let mut keys = HashMap::default();
     // Two stages on two threads: this one reads, checks and decodes the
     // log; the other folds the events into the state, in order.
-    let (opened, state) = std::thread::scope(|scope| -> Result<_, LedgerError> {
-        let (mut events, received) = ChunkSender::<(Recorded, log::Hash)>::channel();
-        let fold = move || {
-            let mut state = state;
-            for chunk in received {
-                // By reference: moving each event out of the chunk was a
-                // copy of its bytes for nothing.
-                for (recorded, hash) in &chunk {
-                    state.apply(recorded);
-                    state.head = Head {
-                        seq: recorded.seq,
-                        hash: *hash,
-                    };
-                }
+    let fold = move |received: std::sync::mpsc::Receiver<Vec<(Recorded, log::Hash)>>| {
+        let mut state = state;
+        for chunk in received {
+            // By reference: moving each event out of the chunk was a copy
+            // of its bytes for nothing.
+            for (recorded, hash) in &chunk {
+                state.apply(recorded);
+                state.head = Head {
+                    seq: recorded.seq,
+                    hash: *hash,
+                };
             }
-            state
-        };
-        let applier = std::thread::Builder::new()
-            .name("ledger-fold".into())
-            .spawn_scoped(scope, fold)
-            .map_err(|e| LedgerError::Io {
-                path: log_dir.to_path_buf(),
-                source: e,
-            })?;
-        let opened = Log::open(log_dir, segment_bytes, |record| {
+        }
+        state
+    };
+    let read = |events: &mut ChunkSender<_>| {
+        Log::open(log_dir, segment_bytes, |record| {
             if record.seq == indexed_seq {
                 seen_indexed = record.hash == indexed_hash;
             }
@@ -758,12 +773,11 @@ fn load(log_dir: &Path, store: &Store, segment_bytes: u64) -> Result<Option<Load
                 events.push((recorded, record.hash))?;
             }
             Ok(())
-        });
-        events.finish();
-        let state = applier
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok((opened, state))
+        })
+    };
+    let (opened, state) = two_stages("ledger-fold", read, fold).map_err(|e| LedgerError::Io {
+        path: log_dir.to_path_buf(),
+        source: e,
     })?;
     let (log, report) = opened?;
     let mut state = state;
@@ -1639,26 +1653,21 @@ impl Ledger {
             .take()
             .map_err(|Busy| SubmitError::Busy)?;
         let mut what_if = crate::replay::WhatIf::new(program.clone(), applied, overrides);
-        let result = std::thread::scope(|scope| {
-            let (mut chunks, received) = ChunkSender::<Recorded>::channel();
-            let folder = scope.spawn(move || {
-                for chunk in received {
-                    for recorded in &chunk {
-                        what_if.apply(recorded)?;
-                    }
+        let fold = move |received: std::sync::mpsc::Receiver<Vec<Recorded>>| {
+            for chunk in received {
+                for recorded in &chunk {
+                    what_if.apply(recorded)?;
                 }
-                Ok::<_, Rejection>(what_if)
-            });
-            let scanned = log::scan(&self.inner.log_dir, ScanMode::Read, Some(head), |record| {
+            }
+            Ok::<_, Rejection>(what_if)
+        };
+        let read = |chunks: &mut ChunkSender<Recorded>| {
+            log::scan(&self.inner.log_dir, ScanMode::Read, Some(head), |record| {
                 chunks.push(decode_record(record.seq, record.payload)?)
-            });
-            chunks.finish();
-            let folded = folder
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (scanned, folded)
-        });
-        let (scanned, folded) = result;
+            })
+        };
+        let (scanned, folded) = two_stages("what-if-fold", read, fold)
+            .map_err(|e| SubmitError::Failed(format!("cannot start the replay's thread: {e}")))?;
         let what_if = match (scanned, folded) {
             (_, Err(rejection)) => return Err(rejection.into()),
             (Err(e), _) => return Err(SubmitError::Failed(e.to_string())),
@@ -2347,59 +2356,49 @@ impl FreshReplay {
         until: Option<Seq>,
         stored: Option<State>,
     ) -> (FreshReplay, Option<State>, Result<(), LogError>) {
-        std::thread::scope(|scope| {
-            let (mut events, received) = ChunkSender::<(Recorded, log::Hash)>::channel();
-            let fold = move || {
-                let mut fresh = FreshReplay::default();
-                // The stored state, its head, and whether the log has it.
-                let mut stored = stored.map(|state| (state.head, state, false));
-                for chunk in received {
-                    for (recorded, hash) in &chunk {
-                        fresh.fold(recorded, hash);
-                        let Some((at, state, of_this_log)) = &mut stored else {
-                            continue;
+        let fold = move |received: std::sync::mpsc::Receiver<Vec<(Recorded, log::Hash)>>| {
+            let mut fresh = FreshReplay::default();
+            // The stored state, its head, and whether the log has it.
+            let mut stored = stored.map(|state| (state.head, state, false));
+            for chunk in received {
+                for (recorded, hash) in &chunk {
+                    fresh.fold(recorded, hash);
+                    let Some((at, state, of_this_log)) = &mut stored else {
+                        continue;
+                    };
+                    if recorded.seq == at.seq {
+                        *of_this_log = *hash == at.hash;
+                    } else if recorded.seq > at.seq && *of_this_log {
+                        state.fold(recorded);
+                        state.head = Head {
+                            seq: recorded.seq,
+                            hash: *hash,
                         };
-                        if recorded.seq == at.seq {
-                            *of_this_log = *hash == at.hash;
-                        } else if recorded.seq > at.seq && *of_this_log {
-                            state.fold(recorded);
-                            state.head = Head {
-                                seq: recorded.seq,
-                                hash: *hash,
-                            };
-                        }
                     }
                 }
-                let stored =
-                    stored.and_then(|(_, state, of_this_log)| of_this_log.then_some(state));
-                (fresh, stored)
-            };
-            let folder = match std::thread::Builder::new()
-                .name("verify-fold".into())
-                .spawn_scoped(scope, fold)
-            {
-                Ok(folder) => folder,
-                Err(e) => {
-                    let e = LogError::Io {
-                        path: log_dir.to_path_buf(),
-                        op: "start the folding thread for",
-                        source: e,
-                    };
-                    return (FreshReplay::default(), None, Err(e));
-                }
-            };
+            }
+            let stored = stored.and_then(|(_, state, of_this_log)| of_this_log.then_some(state));
+            (fresh, stored)
+        };
+        let read = |events: &mut ChunkSender<_>| {
             let mut last_recorded_at = Timestamp::default();
-            let scanned = log::scan(log_dir, mode, until, |record| {
+            log::scan(log_dir, mode, until, |record| {
                 let recorded = decode_record(record.seq, record.payload)?;
                 check_event(&recorded, &mut last_recorded_at)?;
                 events.push((recorded, record.hash))
-            });
-            events.finish();
-            let (fresh, stored) = folder
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (fresh, stored, scanned.map(drop))
-        })
+            })
+        };
+        match two_stages("verify-fold", read, fold) {
+            Ok((scanned, (fresh, stored))) => (fresh, stored, scanned.map(drop)),
+            Err(e) => {
+                let e = LogError::Io {
+                    path: log_dir.to_path_buf(),
+                    op: "start the folding thread for",
+                    source: e,
+                };
+                (FreshReplay::default(), None, Err(e))
+            }
+        }
     }
 
     /// Checks and folds the record after the head (its frame, CRC and

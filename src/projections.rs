@@ -800,7 +800,8 @@ enum SortKey {
 /// count of rows. So a referral that arrives between two pages (at the
 /// top, with the default sort) does not push a row of the first page onto
 /// the second, nor one row past the other. A row whose key changes
-/// meanwhile (its commission, sorted by commission) may move across it.
+/// meanwhile (its commission, sorted by commission) may move across it,
+/// unless the pages after the first are read `as_of` its `as_of_seq`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReferralCursor {
     sort: ReferralSort,

@@ -1960,7 +1960,9 @@ fn the_openapi_document_is_served_and_committed() {
 /// A portal pages through a busy affiliate's referrals while signups go
 /// on: each page starts after the last row of the page before, by its sort
 /// key and customer id, so a signup between two pages neither repeats a
-/// row nor skips one, and the pages of every sort add up to the list.
+/// row nor skips one, and the pages of every sort add up to the list; a
+/// commission that changes between pages does not move a row when the
+/// later pages are read as of the first's `as_of_seq`.
 #[test]
 fn referral_pages_follow_the_last_row_so_a_signup_between_them_repeats_none() {
     let app = TestApp::start();
