@@ -65,7 +65,7 @@ pub struct LedgerConfig {
     /// Commands decided and made durable together, at most.
     pub max_batch: usize,
     /// Events between checkpoints of the state in the store, at least
-    /// (written when the writer has been idle a moment, and at shutdown).
+    /// (made when the ledger has been quiet a moment, and at shutdown).
     pub checkpoint_every: u64,
     /// Under load that leaves no idle moment, a checkpoint is forced once
     /// this many events and half the log are not in one: a start then
@@ -2567,8 +2567,9 @@ fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch:
 /// How often a lingering syncer looks at how many submitters are active.
 const LINGER_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// How long the writer must have waited for a command before it asks for
-/// a checkpoint that is due but not yet forced.
+/// How long the ledger must have been quiet (no event made durable, no
+/// submitter waiting) before the checkpoint builder makes a checkpoint that
+/// is due but not yet forced; also how often it looks.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The nice value of the checkpoint builder: when the cores are busy
@@ -2736,7 +2737,8 @@ impl Pipeline {
 /// records, and hands them to the syncer on another thread. So batch N + 1
 /// is decided while batch N is on its way to the disk. Readers see the
 /// state only once it is durable ([`Ledger::state`] waits). When a
-/// checkpoint is due, it asks the checkpoint builder for one and goes on.
+/// checkpoint must be forced, it asks the checkpoint builder for one and
+/// goes on (the builder makes those of lulls by itself).
 fn writer_loop(
     inner: &Inner,
     log: Log,
@@ -2767,20 +2769,15 @@ fn writer_loop(
             eprintln!("fatal: cannot start the ledger syncer: {e}; stopping the process");
             std::process::abort();
         }
-        // One checkpoint asked for at a time: `building` is set here and
-        // cleared by the builder once it is saved (or given up).
+        // One checkpoint at a time: `building` is set by whoever starts one
+        // (the writer forcing one, or the builder in a lull) and cleared by
+        // the builder once it is saved (or given up).
         let (ask, asked) = std::sync::mpsc::sync_channel::<Seq>(1);
         let builder = std::thread::Builder::new()
             .name("ledger-checkpoint".into())
             .spawn_scoped(scope, || {
                 lower_this_threads_priority(CHECKPOINT_NICE);
-                for target in asked {
-                    inner.wait_durable(target);
-                    if let Some(built) = build_checkpoint(inner, target, &cancel) {
-                        save_checkpoint(inner, built);
-                    }
-                    building.store(false, Ordering::Release);
-                }
+                checkpoint_builder_loop(inner, asked, policy, &cancel);
             });
         let ask = match builder {
             Ok(_) => Some(ask),
@@ -2795,14 +2792,10 @@ fn writer_loop(
         };
         let mut ids = RandomIds;
         let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-        let mut quiet = false;
         loop {
-            let waiting = Instant::now();
             let Some(first) = jobs.blocking_recv() else {
                 break;
             };
-            // The writer waited for work a while: a quiet moment for a checkpoint.
-            quiet |= waiting.elapsed() >= QUIET;
             batch.push(first);
             take_waiting(&mut jobs, &mut batch, max_batch);
             let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
@@ -2812,16 +2805,13 @@ fn writer_loop(
             let (Some(head), Some(ask)) = (head, &ask) else {
                 continue;
             };
-            if building.load(Ordering::Acquire) {
-                continue;
-            }
+            // Under load that leaves no lull: forced.
             let checkpointed = inner.checkpointed.load(Ordering::Acquire);
-            if policy.due(head, checkpointed, quiet && jobs.is_empty()) {
-                building.store(true, Ordering::Release);
-                if ask.try_send(head).is_err() {
-                    building.store(false, Ordering::Release);
-                }
-                quiet = false;
+            if policy.due(head, checkpointed, false)
+                && start_building(building)
+                && ask.try_send(head).is_err()
+            {
+                building.store(false, Ordering::Release);
             }
         }
         pipeline.close();
@@ -2836,6 +2826,50 @@ fn writer_loop(
     {
         // Waits only when the indexer is INDEX_QUEUE_LEN jobs behind.
         let _ = checkpoints.send(StoreJob::Checkpoint(encoded));
+    }
+}
+
+/// Claims the one checkpoint build; false when one is under way.
+fn start_building(building: &AtomicBool) -> bool {
+    building
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// The checkpoint builder: builds the checkpoints the writer forces, and
+/// by itself one that is due once the ledger has been quiet for [`QUIET`]
+/// (nothing made durable over a whole look, no submitter waiting), so that
+/// a lull's checkpoint is built in the lull, not when the next burst
+/// begins, and a ledger that falls idle gets one without another command.
+fn checkpoint_builder_loop(
+    inner: &Inner,
+    asked: std::sync::mpsc::Receiver<Seq>,
+    policy: CheckpointPolicy,
+    cancel: &AtomicBool,
+) {
+    let building = &inner.stats.checkpoint_building;
+    let mut seen = inner.durable.load(Ordering::Acquire);
+    loop {
+        let target = match asked.recv_timeout(QUIET) {
+            Ok(target) => target,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let head = inner.durable.load(Ordering::Acquire);
+                let quiet = head == seen && inner.in_flight.load(Ordering::Acquire) == 0;
+                seen = head;
+                let checkpointed = inner.checkpointed.load(Ordering::Acquire);
+                if !(quiet && policy.due(head, checkpointed, true) && start_building(building)) {
+                    continue;
+                }
+                head
+            }
+        };
+        inner.wait_durable(target);
+        if let Some(built) = build_checkpoint(inner, target, cancel) {
+            save_checkpoint(inner, built);
+        }
+        building.store(false, Ordering::Release);
+        seen = inner.durable.load(Ordering::Acquire);
     }
 }
 

@@ -29,9 +29,9 @@
 //! last checkpoint plus the events after it, on two threads (read and
 //! decode; fold). An indexer thread writes the sparse seq index and the
 //! idempotency keys to sled at most every 50 ms, only for acknowledged
-//! batches. A checkpoint builder thread makes the checkpoints the writer
-//! asks for (in a lull, or forced once the tail is a million events and
-//! half the log) as a start would, from the last one and the log, so the
+//! batches. A checkpoint builder thread makes checkpoints (by itself in a
+//! lull, or when the writer forces one once the tail is a million events
+//! and half the log) as a start would, from the last one and the log, so the
 //! writer never waits for one; the writer encodes its own state only at
 //! shutdown, and the indexer saves that one. `serve` also runs the
 //! auto-closer, which makes the month closes programs' `auto_close_day`

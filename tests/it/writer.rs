@@ -261,3 +261,52 @@ fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_
         "{syncs} syncs took {elapsed:?}: the linger did not end once all were in"
     );
 }
+
+/// A checkpoint that is due is built in a lull, by the checkpoint builder,
+/// not when the next command after it comes: a ledger that falls idle
+/// right after a burst gets one at its head without another command (so
+/// a crash in the lull replays nothing), and the next burst does not
+/// begin beside a build.
+#[test]
+fn a_ledger_that_falls_idle_checkpoints_its_head_without_another_command() {
+    let mut t = TestLedger::new("hosting");
+    {
+        let mut config = t.config();
+        config.checkpoint_every = 1_000;
+        config.checkpoint_forced_after = u64::MAX;
+        t.ledger = None;
+        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    }
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Two bursts back to back: the first makes a checkpoint due, the
+    // second makes another due as the ledger falls idle.
+    for burst in 0..2 {
+        let clicks = (0..1_000)
+            .map(|i| {
+                let command = click(&code, format!("v-{burst}-{i}"));
+                Submission::new(Some(&t.program), "test", command)
+            })
+            .collect();
+        let answers = runtime.block_on(t.ledger().submit_many(clicks));
+        assert!(answers.iter().all(Result::is_ok));
+    }
+    let head = t.head();
+    let waited = std::time::Instant::now();
+    while t.ledger().store_status().1 < head
+        && waited.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        t.ledger().store_status().1,
+        head,
+        "no checkpoint of the head while the ledger was idle"
+    );
+    assert_eq!(t.head(), head, "the test appended nothing meanwhile");
+    assert!(t.ledger().verify().unwrap().ok);
+}
