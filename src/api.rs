@@ -2398,6 +2398,10 @@ async fn follow_link(
     let submission = Submission::new(Some(&program), "public", command);
     // A suspended affiliate's link still takes the visitor to the site.
     let _ = app.ledger.submit(submission).await;
+    // The server speaks plain HTTP: https ends at a proxy in front. The
+    // header is believed from any peer, unlike `X-Forwarded-For`: all a
+    // client can get by forging it is a cookie its own plain-HTTP browser
+    // will not send back.
     let secure = headers
         .get("x-forwarded-proto")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
