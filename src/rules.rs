@@ -1303,23 +1303,42 @@ fn group(field: &'static str, value: &Option<String>) -> Result<String, Rejectio
 /// Keeps a URL's origin and path: no query string, no fragment, no user
 /// info (which is only in the authority: an `@` in the path, as in
 /// `https://medium.com/@someone/post`, stays).
-pub fn origin_and_path(url: &str) -> Text {
-    let url = &url[..url.find(['?', '#']).unwrap_or(url.len())];
-    let Some(authority_at) = url
-        .find(':')
-        .filter(|colon| url[*colon..].starts_with("://"))
-        .map(|colon| colon + 3)
-    else {
-        return Text::new(url);
-    };
-    let rest = &url[authority_at..];
-    let authority = &rest[..rest.find(['/', '\\']).unwrap_or(rest.len())];
-    match authority.rfind('@') {
+///
+/// Every character it looks for is ASCII, so it searches bytes (a click's
+/// referrer is trimmed on the writer's path), and a URL that is already
+/// only an origin and path is the same text, not a copy.
+pub fn origin_and_path(text: &Text) -> Text {
+    let bytes = text.as_bytes();
+    let end = bytes
+        .iter()
+        .position(|b| matches!(b, b'?' | b'#'))
+        .unwrap_or(bytes.len());
+    let url = &bytes[..end];
+    let authority_at = url
+        .iter()
+        .position(|b| *b == b':')
+        .filter(|colon| url[*colon..].starts_with(b"://"))
+        .map(|colon| colon + 3);
+    let user_info_end = authority_at.and_then(|at| {
+        let rest = &url[at..];
+        let authority = &rest[..rest
+            .iter()
+            .position(|b| matches!(b, b'/' | b'\\'))
+            .unwrap_or(rest.len())];
+        authority
+            .iter()
+            .rposition(|b| *b == b'@')
+            .map(|i| (at, at + i + 1))
+    });
+    // The cuts are at ASCII bytes, so they fall between characters.
+    let url = &text[..end];
+    match user_info_end {
+        None if end == text.len() => text.clone(),
         None => Text::new(url),
-        Some(at) => {
+        Some((authority_at, host_at)) => {
             let mut kept = String::with_capacity(url.len());
             kept.push_str(&url[..authority_at]);
-            kept.push_str(&rest[at + 1..]);
+            kept.push_str(&url[host_at..]);
             Text::from(kept)
         }
     }
@@ -1479,8 +1498,8 @@ pub fn decide(
                 affiliate_id: affiliate_id.clone(),
                 visitor,
                 creative: creative.clone(),
-                referrer: referrer.as_deref().map(origin_and_path),
-                landing: landing.as_deref().map(origin_and_path),
+                referrer: referrer.as_ref().map(origin_and_path),
+                landing: landing.as_ref().map(origin_and_path),
                 client_hash: *client_hash,
             })])
         }

@@ -1369,6 +1369,11 @@ fn a_click_keeps_only_the_origin_and_path_of_its_referrer_and_landing() {
             "android-app://com.example.app/",
         ),
         ("blog.example/post?x=1", "blog.example/post"),
+        // Cut between characters, whatever the bytes around.
+        (
+            "https://ü:ß@bücher.example/straße?ö=1",
+            "https://bücher.example/straße",
+        ),
     ] {
         assert_eq!(kept(url), expected, "{url}");
     }
