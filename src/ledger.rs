@@ -549,12 +549,57 @@ fn note_key(keys: &mut HashMap<String, KeyRow>, recorded: &Recorded) {
     }
 }
 
-/// Fresh ids: UUID v7 for events and withdrawals, random codes for links.
-struct RandomIds;
+/// The writer's fresh ids: UUID v7 (RFC 9562) for events, clicks and
+/// withdrawals, random codes for links. A v7 id is a Unix millisecond and
+/// 74 more bits. Here the millisecond is the batch's recorded-at time (an
+/// event's id and its `recorded_at` agree, under a test clock too), and
+/// the 74 bits are random at the first id of a millisecond and counted up
+/// from there (RFC 9562's monotonic random, method 3): ids sort in the
+/// order they were made, at the cost of one random draw per batch, not a
+/// clock read and a draw per id (measured: a quarter of the instructions
+/// the writer spent on a click went to its two ids).
+#[derive(Default)]
+struct WriterIds {
+    /// The millisecond of the batch being decided.
+    batch_millis: u64,
+    /// The millisecond of the last id, and its 74 bits as one number.
+    millis: u64,
+    counter: u128,
+}
 
-impl IdSource for RandomIds {
+impl WriterIds {
+    const COUNTER_BITS: u32 = 74;
+
+    /// Sets the time of the ids of the batch about to be decided.
+    fn stamp(&mut self, now: Timestamp) {
+        self.batch_millis = u64::try_from(now.micros()).unwrap_or(0) / 1_000;
+    }
+
+    /// 73 random bits: a counter that starts there has room to count.
+    fn random_start() -> u128 {
+        let v4 = Uuid::new_v4().as_u128();
+        // A v4 id's random bits are those outside its version and variant.
+        let random = ((v4 >> 64) & 0xfff) << 62 | (v4 & ((1 << 62) - 1));
+        random & ((1 << (Self::COUNTER_BITS - 1)) - 1)
+    }
+}
+
+impl IdSource for WriterIds {
     fn uuid(&mut self) -> Uuid {
-        Uuid::now_v7()
+        if self.batch_millis > self.millis {
+            self.millis = self.batch_millis;
+            self.counter = Self::random_start();
+        } else if self.counter + 1 < 1 << Self::COUNTER_BITS {
+            self.counter += 1;
+        } else {
+            // 2^73 ids in one millisecond: borrow the next one.
+            self.millis += 1;
+            self.counter = Self::random_start();
+        }
+        let millis = u128::from(self.millis) & ((1 << 48) - 1);
+        let rand_a = self.counter >> 62;
+        let rand_b = self.counter & ((1 << 62) - 1);
+        Uuid::from_u128(millis << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
     }
     fn code(&mut self) -> String {
         random_code(10)
@@ -2790,7 +2835,7 @@ fn writer_loop(
                 None
             }
         };
-        let mut ids = RandomIds;
+        let mut ids = WriterIds::default();
         let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
         loop {
             let Some(first) = jobs.blocking_recv() else {
@@ -2879,7 +2924,7 @@ fn decide_batch(
     inner: &Inner,
     framer: &mut log::Framer,
     batch: &mut Vec<Job>,
-    ids: &mut RandomIds,
+    ids: &mut WriterIds,
 ) -> Decided {
     let started = Instant::now();
     let commands = batch.len();
@@ -2888,6 +2933,7 @@ fn decide_batch(
     let indexed = inner.indexed.load(Ordering::Acquire);
     state.prune(indexed);
     let now = (inner.clock)().max(state.last_recorded_at);
+    ids.stamp(now);
     let mut payloads: Vec<Vec<u8>> = Vec::new();
     let mut answers = Vec::with_capacity(commands);
     for job in batch.drain(..) {
@@ -3158,7 +3204,7 @@ fn decide_one(
     state: &mut State,
     submission: &Submission,
     now: Timestamp,
-    ids: &mut RandomIds,
+    ids: &mut WriterIds,
     payloads: &mut Vec<Vec<u8>>,
 ) -> Answer {
     let known = submission.idempotency.as_ref().and_then(|idem| {
@@ -3206,7 +3252,7 @@ fn decide_one(
         .enumerate()
         .map(|(i, event)| Recorded {
             seq: next_seq + i as u64,
-            id: Uuid::now_v7(),
+            id: ids.uuid(),
             recorded_at: now,
             occurred_at: at,
             actor: submission.actor.clone(),

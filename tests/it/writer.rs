@@ -310,3 +310,53 @@ fn a_ledger_that_falls_idle_checkpoints_its_head_without_another_command() {
     assert_eq!(t.head(), head, "the test appended nothing meanwhile");
     assert!(t.ledger().verify().unwrap().ok);
 }
+
+/// Event, click and withdrawal ids are UUID v7 stamped with the millisecond
+/// the ledger recorded them at (its clock, here the test's), and sort in
+/// log order, within a millisecond's thousands of ids as across
+/// milliseconds and restarts.
+#[test]
+fn ids_are_v7_of_the_recorded_millisecond_and_sort_in_log_order() {
+    let mut t = TestLedger::new("hosting");
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let burst = |t: &TestLedger, round: usize| {
+        let clicks = (0..2_000)
+            .map(|i| {
+                let command = click(&code, format!("v-{round}-{i}"));
+                Submission::new(Some(&t.program), "test", command)
+            })
+            .collect();
+        let answers = runtime.block_on(t.ledger().submit_many(clicks));
+        assert!(answers.iter().all(Result::is_ok));
+    };
+    // The test's clock stands still: every id of a burst shares a millisecond.
+    burst(&t, 0);
+    t.set_now("2026-09-01T10:00:00.001Z");
+    burst(&t, 1);
+    t.reopen();
+    t.set_now("2026-09-01T10:00:00.002Z");
+    burst(&t, 2);
+    let events = t.ledger().events_range(1, t.head()).unwrap();
+    let mut ids = Vec::new();
+    for r in &events {
+        assert_eq!(r.id.get_version_num(), 7, "seq {}", r.seq);
+        let (secs, nanos) = r.id.get_timestamp().unwrap().to_unix();
+        let millis = secs as i64 * 1_000 + i64::from(nanos) / 1_000_000;
+        assert_eq!(millis, r.recorded_at.micros() / 1_000, "seq {}", r.seq);
+        if let commission_ledger::events::Event::ClickRecorded(c) = &r.event {
+            assert_eq!(c.click_id.get_version_num(), 7);
+            ids.push(c.click_id);
+        }
+        ids.push(r.id);
+    }
+    assert!(ids.len() > 12_000);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids out of the order they were made in"
+    );
+}
