@@ -265,8 +265,7 @@ fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_
 /// A checkpoint that is due is built in a lull, by the checkpoint builder,
 /// not when the next command after it comes: a ledger that falls idle
 /// right after a burst gets one at its head without another command (so
-/// a crash in the lull replays nothing), and the next burst does not
-/// begin beside a build.
+/// a crash in the lull replays nothing).
 #[test]
 fn a_ledger_that_falls_idle_checkpoints_its_head_without_another_command() {
     let mut t = TestLedger::new("hosting");
@@ -311,7 +310,7 @@ fn a_ledger_that_falls_idle_checkpoints_its_head_without_another_command() {
     assert!(t.ledger().verify().unwrap().ok);
 }
 
-/// Event, click and withdrawal ids are UUID v7 stamped with the millisecond
+/// Event and click ids (and withdrawal ids, made alike) are UUID v7 stamped with the millisecond
 /// the ledger recorded them at (its clock, here the test's), and sort in
 /// log order, within a millisecond's thousands of ids as across
 /// milliseconds and restarts.
