@@ -554,8 +554,8 @@ fn note_key(keys: &mut HashMap<String, KeyRow>, recorded: &Recorded) {
 /// 74 more bits. Here the millisecond is the batch's recorded-at time (an
 /// event's id and its `recorded_at` agree, under a test clock too), and
 /// the 74 bits are random at the first id of a millisecond and counted up
-/// from there (RFC 9562's monotonic random, method 3): ids sort in the
-/// order they were made, at the cost of one random draw per batch, not a
+/// from there (RFC 9562's monotonic random, method 3), and a start counts
+/// on from the log's last id: ids sort in log order, at the cost of one random draw per batch, not a
 /// clock read and a draw per id (`Uuid::now_v7` took 680 of the 8,900
 /// instructions the writer spent per command of the bench's mix, SHA-256
 /// aside; callgrind).
@@ -570,6 +570,19 @@ struct WriterIds {
 
 impl WriterIds {
     const COUNTER_BITS: u32 = 74;
+
+    /// Ids that follow the log's last event (so they sort after it even
+    /// in its millisecond, as after a restart within one, or with the
+    /// clock set back): its id's millisecond and bits, when it is a v7 id.
+    fn after(last: Option<Uuid>) -> WriterIds {
+        let mut ids = WriterIds::default();
+        if let Some(last) = last.filter(|id| id.get_version_num() == 7) {
+            let value = last.as_u128();
+            ids.millis = (value >> 80) as u64;
+            ids.counter = ((value >> 64) & 0xfff) << 62 | (value & ((1 << 62) - 1));
+        }
+        ids
+    }
 
     /// Sets the time of the ids of the batch about to be decided.
     fn stamp(&mut self, now: Timestamp) {
@@ -2836,7 +2849,12 @@ fn writer_loop(
                 None
             }
         };
-        let mut ids = WriterIds::default();
+        let head = inner.state.read().head.seq;
+        let last_id = (head > 0)
+            .then(|| read_events(inner, head, head).ok()?.pop())
+            .flatten()
+            .map(|r| r.id);
+        let mut ids = WriterIds::after(last_id);
         let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
         loop {
             let Some(first) = jobs.blocking_recv() else {
