@@ -25,19 +25,16 @@ fn click(code: &str, visitor: String) -> Command {
 
 /// `n` clicks through `code`, one visitor each (named by `round`),
 /// submitted at once; every one accepted.
-fn click_burst(
-    t: &TestLedger,
-    runtime: &tokio::runtime::Runtime,
-    code: &str,
-    round: usize,
-    n: usize,
-) {
+fn click_burst(t: &TestLedger, code: &str, round: usize, n: usize) {
     let clicks = (0..n)
         .map(|i| {
             let command = click(code, format!("v-{round}-{i}"));
             Submission::new(Some(&t.program), "test", command)
         })
         .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let answers = runtime.block_on(t.ledger().submit_many(clicks));
     assert!(answers.iter().all(Result::is_ok));
 }
@@ -297,14 +294,10 @@ fn a_ledger_that_falls_idle_checkpoints_its_head_without_another_command() {
     }
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     // Two bursts back to back: the first makes a checkpoint due, the
     // second makes another due as the ledger falls idle.
     for round in 0..2 {
-        click_burst(&t, &runtime, &code, round, 1_000);
+        click_burst(&t, &code, round, 1_000);
     }
     let head = t.head();
     let waited = std::time::Instant::now();
@@ -331,11 +324,7 @@ fn ids_are_v7_of_the_recorded_millisecond_and_sort_in_log_order() {
     let mut t = TestLedger::new("hosting");
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let burst = |t: &TestLedger, round: usize| click_burst(t, &runtime, &code, round, 2_000);
+    let burst = |t: &TestLedger, round: usize| click_burst(t, &code, round, 2_000);
     // The test's clock stands still: every id of a burst shares a
     // millisecond, and so do those of the bursts before and after a
     // restart, whose ids count on from the log's last.
