@@ -348,7 +348,19 @@ fn the_server_closes_a_month_by_itself_on_the_auto_close_day() {
     assert_eq!(closes[0]["actor"], "auto-close");
     assert_eq!(closes[0]["data"]["month"], "2026-08");
     assert_eq!(closes[0]["data"]["total"], "20.00");
-    let metrics = app.get(Some(&app.admin), "/metrics").text().unwrap();
+    // The auto-closer counts its close once it has the answer, a moment
+    // after readers see the close.
+    let metrics = loop {
+        let metrics = app.get(Some(&app.admin), "/metrics").text().unwrap();
+        if metrics
+            .lines()
+            .any(|l| l == "commission_ledger_auto_closes_total 1")
+            || waited.elapsed().as_secs() >= 20
+        {
+            break metrics;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     for line in [
         "commission_ledger_auto_closes_total 1",
         "commission_ledger_auto_close_refusals_total 0",
