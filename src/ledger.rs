@@ -579,7 +579,7 @@ impl WriterIds {
         if let Some(last) = last.filter(|id| id.get_version_num() == 7) {
             let value = last.as_u128();
             ids.millis = (value >> 80) as u64;
-            ids.counter = ((value >> 64) & 0xfff) << 62 | (value & ((1 << 62) - 1));
+            ids.counter = Self::free_bits(value);
         }
         ids
     }
@@ -591,10 +591,14 @@ impl WriterIds {
 
     /// 73 random bits: a counter that starts there has room to count.
     fn random_start() -> u128 {
-        let v4 = Uuid::new_v4().as_u128();
         // A v4 id's random bits are those outside its version and variant.
-        let random = ((v4 >> 64) & 0xfff) << 62 | (v4 & ((1 << 62) - 1));
-        random & ((1 << (Self::COUNTER_BITS - 1)) - 1)
+        Self::free_bits(Uuid::new_v4().as_u128()) & ((1 << (Self::COUNTER_BITS - 1)) - 1)
+    }
+
+    /// The 74 bits of a v4 or v7 id outside its timestamp, version and
+    /// variant (rand_a and rand_b of v7), as one number.
+    fn free_bits(id: u128) -> u128 {
+        ((id >> 64) & 0xfff) << 62 | (id & ((1 << 62) - 1))
     }
 }
 
