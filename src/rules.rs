@@ -1169,6 +1169,17 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             for (_, id) in std::mem::replace(&mut pm.open_refunds, rest) {
                 if let Some(refund) = pm.refunds.get_mut(&id) {
                     refund.processed = true;
+                    // A refund of a rewarded line that clawed nothing back
+                    // (its share rounded to nothing): it still counts among
+                    // the line's refunds, so that the refund completing the
+                    // line takes back all of the reward that is left.
+                    if let Some(reward) = pm
+                        .lines
+                        .get_mut(&refund.line)
+                        .and_then(|line| line.reward.as_mut())
+                    {
+                        reward.refunded += refund.amount;
+                    }
                 }
             }
             pm.closed.insert(e.month, e.clone());

@@ -28,9 +28,11 @@ use crate::log::{Hash, Position};
 /// One `positions` key per this many seqs: seqs 1, 1 + STRIDE, 1 + 2 × STRIDE …
 pub const POSITION_STRIDE: u64 = 64;
 
-/// Bumped whenever the checkpoint's encoding changes: an old checkpoint is
-/// then ignored and the state replayed from the log.
-pub const CHECKPOINT_FORMAT: u32 = 4;
+/// Bumped whenever the checkpoint's encoding changes, or the state folded
+/// from the same events does: an old checkpoint is then ignored and the
+/// state replayed from the log. (5: a refund that clawed nothing back
+/// counts among its line's refunds.)
+pub const CHECKPOINT_FORMAT: u32 = 5;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod encoding;
 mod log;
+mod model;
 mod money;
 mod properties;
 mod replays;

@@ -560,6 +560,29 @@ fn refunds_claw_back_at_the_original_rate_proportionally_and_never_more() {
 }
 
 #[test]
+fn a_line_refunded_in_full_keeps_no_commission_even_when_a_partial_refund_clawed_back_nothing() {
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "inv", "cust-1", "0.13");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "0.03")]
+    ); // 20% of 0.13 = 0.026 → 0.03
+    // 20% of 0.02 = 0.004 → 0.00: nothing to claw back yet
+    t.refund("2026-09-03T12:00:00Z", "cn-1", "cust-1", "inv", "0.02");
+    assert_eq!(close_rewards(&t, "2026-09"), vec![]);
+    // the rest: the line is refunded in full, so is its reward (20% of
+    // 0.11 would be 0.02, leaving a cent for a refunded line)
+    t.refund("2026-10-03T12:00:00Z", "cn-2", "cust-1", "inv", "0.11");
+    assert_eq!(
+        close_rewards(&t, "2026-10"),
+        vec![r("alice", "Clawback", "0.03")]
+    );
+    let (earned, _, _) = t.money("alice");
+    assert_eq!(earned, "0.00");
+    t.verify_ok();
+}
+
+#[test]
 fn a_month_starts_when_its_zone_jumps_over_midnight() {
     // Paraguay began summer time at midnight on 1 October 2023: 00:00 at
     // -04 became 01:00 at -03, so October began at 04:00 UTC.

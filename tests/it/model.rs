@@ -1,0 +1,823 @@
+//! The ledger against a reference model of the money rules (sled's
+//! model-based testing): random histories of clicks, signups, charges,
+//! refunds, closes, withdrawals and credits run through the ledger and
+//! through a small model written from DESIGN.md alone, in cents and plain
+//! collections, with no memo, index or incremental path. They must agree
+//! on every outcome (appended, no-op, refused and why), on every reward,
+//! bounty and claw-back each close posts, and on every field of every
+//! balance (the pending estimate among them) after every step.
+//!
+//! `properties` checks the ledger against itself (postings, replays,
+//! reads of the past); this checks it against the rules.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+
+use commission_ledger::events::*;
+use commission_ledger::ledger::{Submission, SubmitError};
+use commission_ledger::rules::{Command, Noop};
+use proptest::prelude::*;
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use crate::support::*;
+
+const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
+const DAY_US: i64 = 86_400_000_000;
+
+/// The program both run: percent rates with a product rate and a tier, a
+/// bounty, a threshold, last click inside 30 days, rewards on expenses.
+fn program() -> serde_json::Value {
+    serde_json::json!({
+        "timezone": "UTC", "cookie_days": 30, "attribution": "last_click",
+        "basis": "expenses", "default_rate": "20", "product_rates": {"domains": "5"},
+        "tiers": [{"min_active_referrals": 2, "rate": "25"}], "bounty": "5.00",
+        "payout_threshold": "5.00", "forbidden_groups": [], "auto_close_day": null,
+    })
+}
+const DEFAULT_RATE: i64 = 20;
+const TIER_RATE: i64 = 25;
+const TIER_MIN: usize = 2;
+const DOMAINS_RATE: i64 = 5;
+const BOUNTY_CENTS: i64 = 500;
+const THRESHOLD_CENTS: i64 = 500;
+const COOKIE_DAYS: i64 = 30;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Click {
+        affiliate: usize,
+        visitor: u8,
+    },
+    Signup {
+        customer: u8,
+        visitor: u8,
+        promo: Option<usize>,
+    },
+    Expense {
+        customer: u8,
+        cents: u32,
+        domains: bool,
+        /// Dated this many days before now (maybe in a closed month: late).
+        days_back: Option<u8>,
+    },
+    Refund {
+        line: usize,
+        size: Size,
+    },
+    Close,
+    Withdraw {
+        affiliate: usize,
+        cents: u32,
+    },
+    Settle {
+        withdrawal: usize,
+        pay: bool,
+    },
+    Credit {
+        affiliate: usize,
+        cents: u32,
+    },
+    /// Time passes (cookie windows run out, months end).
+    Wait {
+        days: u8,
+    },
+}
+
+/// How much of a line a refund takes back.
+#[derive(Clone, Debug)]
+enum Size {
+    Cents(u32),
+    /// This percentage of what is not refunded yet (at least a cent).
+    Percent(u8),
+    /// All that is not refunded yet.
+    Rest,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Small amounts as often as large ones: rounding to the cent, zero
+    // rewards and one-cent claw-backs are where money rules go wrong.
+    let cents = || prop_oneof![1..300u32, 300..60_000u32];
+    prop_oneof![
+        4 => (0..3usize, 0..5u8).prop_map(|(affiliate, visitor)| Op::Click { affiliate, visitor }),
+        4 => (0..6u8, 0..5u8, proptest::option::weighted(0.5, 0..3usize))
+            .prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
+        7 => (0..6u8, cents(), proptest::bool::weighted(0.25), proptest::option::weighted(0.2, 1..50u8))
+            .prop_map(|(customer, cents, domains, days_back)| Op::Expense { customer, cents, domains, days_back }),
+        4 => (0..40usize, prop_oneof![
+                (1..3_000u32).prop_map(Size::Cents),
+                (1..=100u8).prop_map(Size::Percent),
+                Just(Size::Rest),
+            ]).prop_map(|(line, size)| Op::Refund { line, size }),
+        3 => Just(Op::Close),
+        3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Withdraw { affiliate, cents }),
+        3 => (0..6usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
+        3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
+        1 => (1..40u8).prop_map(|days| Op::Wait { days }),
+    ]
+}
+
+fn money(cents: i64) -> Decimal {
+    Decimal::new(cents, 2)
+}
+
+/// A percentage of an amount, rounded half to even to the cent.
+fn percent(amount: Decimal, rate: i64) -> Decimal {
+    (amount * Decimal::from(rate) / Decimal::ONE_HUNDRED)
+        .round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven)
+}
+
+fn month_of(micros: i64) -> Month {
+    Timestamp::from_micros(micros).month_in(chrono_tz::UTC)
+}
+
+struct Line {
+    id: String,
+    customer: u8,
+    amount: Decimal,
+    domains: bool,
+    at: i64,
+    month: Month,
+    /// Not yet taken by a close.
+    open: bool,
+    /// Recorded refunds, in all.
+    refunded: Decimal,
+    reward: Option<Reward>,
+}
+
+#[derive(Clone)]
+struct Reward {
+    affiliate: usize,
+    rate: i64,
+    amount: Decimal,
+    /// Refunds a close has taken, and what they clawed back.
+    refunded: Decimal,
+    clawed: Decimal,
+}
+
+struct Refund {
+    id: String,
+    line: usize,
+    amount: Decimal,
+    at: i64,
+    month: Month,
+    open: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Accounts {
+    /// Earned and not in a withdrawal.
+    free: Decimal,
+    in_withdrawal: Decimal,
+    paid_out: Decimal,
+    credited: Decimal,
+}
+
+impl Accounts {
+    fn earned(&self) -> Decimal {
+        self.free + self.in_withdrawal
+    }
+    fn available(&self) -> Decimal {
+        let earned = self.earned();
+        if earned >= money(THRESHOLD_CENTS) && earned >= Decimal::ZERO && self.free > Decimal::ZERO
+        {
+            self.free
+        } else {
+            Decimal::ZERO
+        }
+    }
+}
+
+/// What a close posts, in the order it posts it.
+#[derive(Clone, Debug, PartialEq)]
+enum Posted {
+    Reward {
+        affiliate: usize,
+        line: String,
+        rate: i64,
+        amount: Decimal,
+        late: bool,
+    },
+    Bounty {
+        affiliate: usize,
+        line: String,
+        late: bool,
+    },
+    ClawBack {
+        affiliate: usize,
+        refund: String,
+        amount: Decimal,
+        late: bool,
+    },
+}
+
+impl Posted {
+    fn affiliate(&self) -> usize {
+        match self {
+            Posted::Reward { affiliate, .. }
+            | Posted::Bounty { affiliate, .. }
+            | Posted::ClawBack { affiliate, .. } => *affiliate,
+        }
+    }
+    fn amount(&self) -> Decimal {
+        match self {
+            Posted::Reward { amount, .. } => *amount,
+            Posted::Bounty { .. } => money(BOUNTY_CENTS),
+            Posted::ClawBack { amount, .. } => -*amount,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Model {
+    /// Each visitor's clicks: when, on whose link.
+    clicks: HashMap<u8, Vec<(i64, usize)>>,
+    /// Whose referral each attributed customer is.
+    attributed: HashMap<u8, usize>,
+    billed: BTreeSet<u8>,
+    bountied: BTreeSet<u8>,
+    lines: Vec<Line>,
+    refunds: Vec<Refund>,
+    closed: BTreeSet<Month>,
+    accounts: [Accounts; 3],
+    /// Affiliate, amount, still requested.
+    withdrawals: Vec<(usize, Decimal, bool)>,
+}
+
+impl Model {
+    /// The referrals of `affiliate` with a line in `month`.
+    fn active(&self, affiliate: usize, month: Month) -> usize {
+        self.lines
+            .iter()
+            .filter(|l| l.month == month && self.attributed.get(&l.customer) == Some(&affiliate))
+            .map(|l| l.customer)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
+    /// What closing `month` would post: every open line and refund dated
+    /// up to it (every one, for `None`: the pending estimate).
+    fn close(&self, month: Option<Month>) -> Vec<Posted> {
+        let statement_month = month.unwrap_or_else(|| Month::new(9999, 12).unwrap());
+        let taken = |m: Month| month.is_none_or(|month| m <= month);
+        let mut lines: Vec<usize> = (0..self.lines.len())
+            .filter(|i| self.lines[*i].open && taken(self.lines[*i].month))
+            .collect();
+        lines.sort_by_key(|i| (self.lines[*i].month, self.lines[*i].at, *i));
+        let mut posted = Vec::new();
+        let mut new_rewards: HashMap<usize, Reward> = HashMap::new();
+        let mut bountied = self.bountied.clone();
+        for i in lines {
+            let line = &self.lines[i];
+            let Some(&affiliate) = self.attributed.get(&line.customer) else {
+                continue;
+            };
+            let rate = if line.domains {
+                DOMAINS_RATE
+            } else if self.active(affiliate, line.month) >= TIER_MIN {
+                TIER_RATE
+            } else {
+                DEFAULT_RATE
+            };
+            let amount = percent(line.amount, rate);
+            let late = month.is_some() && line.month < statement_month;
+            if !amount.is_zero() {
+                posted.push(Posted::Reward {
+                    affiliate,
+                    line: line.id.clone(),
+                    rate,
+                    amount,
+                    late,
+                });
+            }
+            if bountied.insert(line.customer) {
+                posted.push(Posted::Bounty {
+                    affiliate,
+                    line: line.id.clone(),
+                    late,
+                });
+            }
+            new_rewards.insert(
+                i,
+                Reward {
+                    affiliate,
+                    rate,
+                    amount,
+                    refunded: Decimal::ZERO,
+                    clawed: Decimal::ZERO,
+                },
+            );
+        }
+        let mut refunds: Vec<usize> = (0..self.refunds.len())
+            .filter(|i| self.refunds[*i].open && taken(self.refunds[*i].month))
+            .collect();
+        refunds.sort_by_key(|i| (self.refunds[*i].month, self.refunds[*i].at, *i));
+        for i in refunds {
+            let refund = &self.refunds[i];
+            let line = &self.lines[refund.line];
+            // The line's reward as this close leaves it so far.
+            let reward = match new_rewards.entry(refund.line) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => match &line.reward {
+                    Some(reward) => e.insert(reward.clone()),
+                    None => continue,
+                },
+            };
+            // A refund takes back the same rate of what it refunds; the one
+            // that completes the line's refunds takes back all that is left.
+            let remaining = reward.amount - reward.clawed;
+            let amount = if reward.refunded + refund.amount >= line.amount {
+                remaining
+            } else {
+                percent(refund.amount, reward.rate).min(remaining)
+            };
+            reward.refunded += refund.amount;
+            reward.clawed += amount;
+            if amount > Decimal::ZERO {
+                posted.push(Posted::ClawBack {
+                    affiliate: reward.affiliate,
+                    refund: refund.id.clone(),
+                    amount,
+                    late: month.is_some() && refund.month < statement_month,
+                });
+            }
+        }
+        posted
+    }
+
+    /// Closes `month`: posts what [`Model::close`] says and takes its lines and refunds.
+    fn apply_close(&mut self, month: Month) -> Vec<Posted> {
+        let posted = self.close(Some(month));
+        for p in &posted {
+            self.accounts[p.affiliate()].free += p.amount();
+        }
+        // The lines' rewards, then what the refunds took back from them.
+        let lines_by_id: HashMap<String, usize> = self
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.id.clone(), i))
+            .collect();
+        for p in &posted {
+            match p {
+                Posted::Reward {
+                    affiliate,
+                    line,
+                    rate,
+                    amount,
+                    ..
+                } => {
+                    self.lines[lines_by_id[line]].reward = Some(Reward {
+                        affiliate: *affiliate,
+                        rate: *rate,
+                        amount: *amount,
+                        refunded: Decimal::ZERO,
+                        clawed: Decimal::ZERO,
+                    });
+                }
+                Posted::Bounty { line, .. } => {
+                    let customer = self.lines[lines_by_id[line]].customer;
+                    self.bountied.insert(customer);
+                }
+                Posted::ClawBack { .. } => {}
+            }
+        }
+        let clawed: HashMap<&str, Decimal> = posted
+            .iter()
+            .filter_map(|p| match p {
+                Posted::ClawBack { refund, amount, .. } => Some((refund.as_str(), *amount)),
+                _ => None,
+            })
+            .collect();
+        for refund in self
+            .refunds
+            .iter_mut()
+            .filter(|r| r.open && r.month <= month)
+        {
+            refund.open = false;
+            if let Some(reward) = self.lines[refund.line].reward.as_mut() {
+                reward.refunded += refund.amount;
+                reward.clawed += clawed.get(refund.id.as_str()).copied().unwrap_or_default();
+            }
+        }
+        for line in self.lines.iter_mut().filter(|l| l.open && l.month <= month) {
+            line.open = false;
+        }
+        self.closed.insert(month);
+        posted
+    }
+
+    fn pending(&self, affiliate: usize) -> Decimal {
+        self.close(None)
+            .iter()
+            .filter(|p| p.affiliate() == affiliate)
+            .map(Posted::amount)
+            .sum()
+    }
+
+    /// Balance fields, as the API names them.
+    fn balance(&self, affiliate: usize) -> Vec<(&'static str, Decimal)> {
+        let a = &self.accounts[affiliate];
+        let threshold = money(THRESHOLD_CENTS);
+        vec![
+            ("pending", self.pending(affiliate)),
+            ("earned", a.earned()),
+            ("threshold", threshold),
+            ("to_threshold", (threshold - a.earned()).max(Decimal::ZERO)),
+            ("available", a.available()),
+            ("in_withdrawal", a.in_withdrawal),
+            ("withdrawn_total", a.paid_out),
+            ("credited_total", a.credited),
+            ("lifetime_earned", a.earned() + a.paid_out + a.credited),
+        ]
+    }
+}
+
+fn served_balance(b: &commission_ledger::projections::Balance) -> Vec<(&'static str, Decimal)> {
+    let d = |s: &str| s.parse::<Decimal>().unwrap();
+    vec![
+        ("pending", d(&b.pending)),
+        ("earned", d(&b.earned)),
+        ("threshold", d(&b.threshold)),
+        ("to_threshold", d(&b.to_threshold)),
+        ("available", d(&b.available)),
+        ("in_withdrawal", d(&b.in_withdrawal)),
+        ("withdrawn_total", d(&b.withdrawn_total)),
+        ("credited_total", d(&b.credited_total)),
+        ("lifetime_earned", d(&b.lifetime_earned)),
+    ]
+}
+
+/// What became of a command, in words both sides can produce.
+fn outcome(result: &Result<commission_ledger::ledger::Receipt, SubmitError>) -> String {
+    match result {
+        Err(SubmitError::Rejected(r)) => {
+            let debug = format!("{r:?}");
+            let name: String = debug.chars().take_while(|c| c.is_alphanumeric()).collect();
+            format!("refused {name}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(receipt) => match &receipt.noop {
+            Some(Noop::SignupIgnored) => "ignored".into(),
+            Some(Noop::AlreadyAttributed { .. }) => "already attributed".into(),
+            Some(Noop::MonthAlreadyClosed(_)) => "already closed".into(),
+            Some(other) => format!("no-op {other:?}"),
+            None => {
+                let mut words = Vec::new();
+                for r in &receipt.events {
+                    match &r.event {
+                        Event::SignupAttributed(e) => words.push(format!(
+                            "attributed to {} via {:?}",
+                            e.affiliate_id.as_str(),
+                            e.via
+                        )),
+                        Event::MonthClosed(e) => words.push(format!(
+                            "closed {} with {} rewards of {}",
+                            e.month, e.rewards, e.total
+                        )),
+                        _ => {}
+                    }
+                }
+                if words.is_empty() {
+                    "appended".into()
+                } else {
+                    words.join("; ")
+                }
+            }
+        },
+    }
+}
+
+fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted> {
+    let index = |a: &AffiliateId| AFFILIATES.iter().position(|x| *x == a.as_str()).unwrap();
+    receipt
+        .events
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::RewardAccrued(e) if e.kind == RewardKind::Reward => Some(Posted::Reward {
+                affiliate: index(&e.affiliate_id),
+                line: e.line.as_str().to_string(),
+                rate: e.rate.percent().try_into().unwrap(),
+                amount: e.amount,
+                late: e.late,
+            }),
+            Event::RewardAccrued(e) => Some(Posted::Bounty {
+                affiliate: index(&e.affiliate_id),
+                line: e.line.as_str().to_string(),
+                late: e.late,
+            }),
+            Event::RewardClawedBack(e) => Some(Posted::ClawBack {
+                affiliate: index(&e.affiliate_id),
+                refund: e.refund.as_str().to_string(),
+                amount: e.amount,
+                late: e.late,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs `ops` through the ledger and the model, asserting they agree after each.
+fn run(ops: &[Op]) {
+    let t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
+    t.define(rules("model", program()));
+    let codes: Vec<String> = AFFILIATES
+        .iter()
+        .map(|a| t.enroll(a).referral_code)
+        .collect();
+    let mut m = Model::default();
+    let mut withdrawal_ids = Vec::new();
+    let mut now = ts("2026-01-01T12:00:00Z").micros();
+    for (i, op) in ops.iter().enumerate() {
+        now += DAY_US * 3 / 2;
+        let at = Timestamp::from_micros(now);
+        // What a close posts, by the model.
+        let mut posted = Vec::new();
+        let customer = |c: u8| cust(&format!("c-{c}"));
+        // The command, the moment it happened, and what the model expects of it.
+        let (command, at, expected): (Command, Timestamp, String) = match op {
+            Op::Wait { days } => {
+                now += i64::from(*days) * DAY_US;
+                continue;
+            }
+            Op::Click { affiliate, visitor } => {
+                m.clicks
+                    .entry(*visitor)
+                    .or_default()
+                    .push((now, *affiliate));
+                (
+                    Command::RecordClick {
+                        referral_code: codes[*affiliate].clone(),
+                        visitor: Some(format!("v-{visitor}").into()),
+                        creative: None,
+                        referrer: None,
+                        landing: None,
+                        client_hash: None,
+                    },
+                    at,
+                    "appended".into(),
+                )
+            }
+            Op::Signup {
+                customer: c,
+                visitor,
+                promo,
+            } => {
+                let expected = if m.attributed.contains_key(c) {
+                    "already attributed".to_string()
+                } else {
+                    let by_promo = promo
+                        .filter(|_| !m.billed.contains(c))
+                        .map(|a| (a, "PromoCode"));
+                    let by_click = || {
+                        let clicks = m.clicks.get(visitor)?;
+                        clicks
+                            .iter()
+                            .filter(|(click_at, _)| *click_at >= now - COOKIE_DAYS * DAY_US)
+                            .max_by_key(|(click_at, _)| *click_at)
+                            .map(|(_, a)| (*a, "Click"))
+                    };
+                    match by_promo.or_else(by_click) {
+                        Some((a, via)) => {
+                            m.attributed.insert(*c, a);
+                            format!("attributed to {} via {via}", AFFILIATES[a])
+                        }
+                        None => "ignored".into(),
+                    }
+                };
+                (
+                    Command::Signup {
+                        customer_id: customer(*c),
+                        visitor: Some(format!("v-{visitor}").into()),
+                        promo_code: promo.map(|a| format!("HOST-{}", AFFILIATES[a])),
+                        group: None,
+                    },
+                    at,
+                    expected,
+                )
+            }
+            Op::Expense {
+                customer: c,
+                cents,
+                domains,
+                days_back,
+            } => {
+                let line_at = now - i64::from(days_back.unwrap_or(0)) * DAY_US;
+                let id = format!("l-{i}");
+                m.billed.insert(*c);
+                m.lines.push(Line {
+                    id: id.clone(),
+                    customer: *c,
+                    amount: money(i64::from(*cents)),
+                    domains: *domains,
+                    at: line_at,
+                    month: month_of(line_at),
+                    open: true,
+                    refunded: Decimal::ZERO,
+                    reward: None,
+                });
+                (
+                    Command::RecordBasisLine {
+                        kind: LineKind::Expense,
+                        id: line(&id),
+                        customer_id: customer(*c),
+                        amount: money(i64::from(*cents)).to_string(),
+                        currency: "USD".into(),
+                        product: domains.then(|| "domains".to_string()),
+                        order_id: None,
+                    },
+                    Timestamp::from_micros(line_at),
+                    "appended".into(),
+                )
+            }
+            Op::Refund { line: l, size } => {
+                // Mostly a line of a customer someone referred: one that earns.
+                let referred: Vec<usize> = (0..m.lines.len())
+                    .filter(|i| m.attributed.contains_key(&m.lines[*i].customer))
+                    .collect();
+                let l = &match (referred.len(), m.lines.len()) {
+                    (_, 0) => continue,
+                    (0, all) => *l % all,
+                    (some, _) if *l % 4 != 0 => referred[*l % some],
+                    (_, all) => *l % all,
+                };
+                let refunded = &m.lines[*l];
+                let left = refunded.amount - refunded.refunded;
+                let amount = match size {
+                    Size::Cents(c) => money(i64::from(*c)),
+                    Size::Percent(p) => (left * Decimal::from(*p) / Decimal::ONE_HUNDRED)
+                        .round_dp_with_strategy(2, RoundingStrategy::ToZero)
+                        .max(money(1)),
+                    Size::Rest => left.max(money(1)),
+                };
+                let command = Command::RecordRefund {
+                    id: line(&format!("r-{i}")),
+                    customer_id: customer(refunded.customer),
+                    refunds: line(&refunded.id),
+                    amount: amount.to_string(),
+                    currency: "USD".into(),
+                };
+                let expected = if amount > left {
+                    "refused RefundExceedsLine".to_string()
+                } else {
+                    m.lines[*l].refunded += amount;
+                    m.refunds.push(Refund {
+                        id: format!("r-{i}"),
+                        line: *l,
+                        amount,
+                        at: now,
+                        month: month_of(now),
+                        open: true,
+                    });
+                    "appended".into()
+                };
+                (command, at, expected)
+            }
+            Op::Close => {
+                let month = month_of(now).previous();
+                let expected = if m.closed.contains(&month) {
+                    "already closed".to_string()
+                } else {
+                    posted = m.apply_close(month);
+                    let total: Decimal = posted.iter().map(Posted::amount).sum();
+                    let rewards = posted
+                        .iter()
+                        .filter(|p| !matches!(p, Posted::ClawBack { .. }))
+                        .count();
+                    format!("closed {month} with {rewards} rewards of {total:.2}")
+                };
+                (Command::CloseMonth { month }, at, expected)
+            }
+            Op::Withdraw { affiliate, cents } => {
+                let amount = money(i64::from(*cents));
+                let a = &mut m.accounts[*affiliate];
+                let expected = if a.earned() < Decimal::ZERO {
+                    "refused NegativeEarned"
+                } else if a.earned() < money(THRESHOLD_CENTS) {
+                    "refused BelowThreshold"
+                } else if amount > a.available() {
+                    "refused InsufficientBalance"
+                } else {
+                    a.free -= amount;
+                    a.in_withdrawal += amount;
+                    m.withdrawals.push((*affiliate, amount, true));
+                    "appended"
+                };
+                (
+                    Command::RequestWithdrawal {
+                        affiliate_id: aff(AFFILIATES[*affiliate]),
+                        amount: amount.to_string(),
+                    },
+                    at,
+                    expected.into(),
+                )
+            }
+            Op::Settle { withdrawal, pay } => {
+                let Some(&(affiliate, amount, requested)) = m.withdrawals.get(*withdrawal) else {
+                    continue;
+                };
+                let expected = if requested {
+                    let a = &mut m.accounts[affiliate];
+                    a.in_withdrawal -= amount;
+                    if *pay {
+                        a.paid_out += amount;
+                    } else {
+                        a.free += amount;
+                    }
+                    m.withdrawals[*withdrawal].2 = false;
+                    "appended"
+                } else {
+                    "refused WithdrawalSettled"
+                };
+                let withdrawal_id = withdrawal_ids[*withdrawal];
+                let command = if *pay {
+                    Command::PayWithdrawal {
+                        withdrawal_id,
+                        reference: "wire".into(),
+                    }
+                } else {
+                    Command::RejectWithdrawal {
+                        withdrawal_id,
+                        reason: "details wrong".into(),
+                    }
+                };
+                (command, at, expected.into())
+            }
+            Op::Credit { affiliate, cents } => {
+                let amount = money(i64::from(*cents));
+                let a = &mut m.accounts[*affiliate];
+                let expected = if a.earned() < Decimal::ZERO {
+                    "refused NegativeEarned"
+                } else if amount > a.free {
+                    "refused InsufficientBalance"
+                } else {
+                    a.free -= amount;
+                    a.credited += amount;
+                    "appended"
+                };
+                (
+                    Command::ApplyCredit {
+                        affiliate_id: aff(AFFILIATES[*affiliate]),
+                        amount: amount.to_string(),
+                        invoice_id: format!("i-{i}"),
+                    },
+                    at,
+                    expected.into(),
+                )
+            }
+        };
+        t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        let submission = Submission::new(Some(&t.program), "model", command).at(at);
+        let result = t.ledger().submit_blocking(submission);
+        let context = || format!("op {i} {op:?}");
+        assert_eq!(outcome(&result), expected, "{}", context());
+        if std::env::var_os("MODEL_STATS").is_some() {
+            let kind = format!("{op:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let what: String = expected
+                .split(" to ")
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect();
+            eprintln!("STAT {kind}: {what}");
+            for p in &posted {
+                let late = matches!(
+                    p,
+                    Posted::Reward { late: true, .. }
+                        | Posted::Bounty { late: true, .. }
+                        | Posted::ClawBack { late: true, .. }
+                );
+                eprintln!(
+                    "STAT posted {} late={late}",
+                    format!("{p:?}").split([' ', '{']).next().unwrap_or("")
+                );
+            }
+        }
+        if let Ok(receipt) = &result {
+            // Every reward, bounty and claw-back of a close, in order.
+            assert_eq!(posted_by_ledger(receipt), posted, "{}", context());
+            for r in &receipt.events {
+                if let Event::WithdrawalRequested(w) = &r.event {
+                    withdrawal_ids.push(w.withdrawal_id);
+                }
+            }
+        }
+        for (a, name) in AFFILIATES.iter().enumerate() {
+            let served = served_balance(&t.balance(name));
+            assert_eq!(served, m.balance(a), "{name} after {}", context());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 400, .. ProptestConfig::default() })]
+
+    #[test]
+    fn the_ledger_agrees_with_a_reference_model_of_the_money_rules(ops in proptest::collection::vec(op(), 1..150)) {
+        run(&ops);
+    }
+}
