@@ -2739,9 +2739,13 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, IngestAnswer<'_>), Ap
                 ..IngestAnswer::default()
             },
         ),
-        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
-            (StatusCode::OK, attributed(affiliate_id, *via))
-        }
+        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => (
+            StatusCode::OK,
+            IngestAnswer {
+                via: *via,
+                ..attributed(affiliate_id, Via::Click)
+            },
+        ),
         (Some(Noop::Duplicate { seq }), _) => (StatusCode::OK, recorded(Some(*seq), Some(true))),
         (None, Some(Event::ClickRecorded(e))) => (
             StatusCode::CREATED,

@@ -225,10 +225,12 @@ impl Command {
 pub enum Noop {
     /// No click or promo code matched (H-Sphere sends every signup everywhere).
     SignupIgnored,
-    /// The customer already belongs to an affiliate; only reassignment moves them.
+    /// The customer already belongs to an affiliate; only reassignment
+    /// moves them. `via` is how a signup attributed them, unless an
+    /// operator has moved (or placed) them since.
     AlreadyAttributed {
         affiliate_id: AffiliateId,
-        via: Via,
+        via: Option<Via>,
     },
     /// The same basis line or refund was recorded before, at this seq.
     Duplicate {
@@ -1225,6 +1227,8 @@ fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
         return;
     };
     let before = customer.move_to(e.from, &e.to);
+    // The customer is the operator's placement now, not the signup's.
+    customer.via = None;
     pm.note_attributed(&e.customer_id, &e.to, before);
     let Some(customer) = pm.customers.get_mut(&e.customer_id) else {
         return;
@@ -1530,12 +1534,14 @@ pub fn decide(
             }
             optional_text("promo_code", promo_code, 128)?;
             let customer = pm.customers.get(customer_id);
-            if let Some((affiliate_id, via)) =
-                customer.and_then(|c| Some((c.current_affiliate()?, c.via?)))
+            // A customer an operator placed without a signup belongs to
+            // someone too: a later signup must not take them elsewhere.
+            if let Some(c) = customer
+                && let Some(affiliate_id) = c.current_affiliate()
             {
                 return Ok(Decision::Noop(Noop::AlreadyAttributed {
                     affiliate_id: affiliate_id.clone(),
-                    via,
+                    via: c.via,
                 }));
             }
             let has_billed_lines = customer.is_some_and(|c| !c.lines.is_empty());
@@ -2160,24 +2166,19 @@ fn line_earning<'a>(
     Some((affiliate_id.clone(), rate, amount))
 }
 
-/// Each affiliate's referrals that produced an earning basis line in a
-/// month, counted in one pass over the month's lines (once per month and
-/// close, not once per affiliate).
+/// Each affiliate's active referrals in a month: the customers with a
+/// basis line dated in it that earns the affiliate commission (so a staff
+/// customer, a line past the term, or one after a suspension raises no
+/// tier: a forbidden group never earns its affiliate anything). Counted
+/// in one pass over the month's lines (once per month and close, not once
+/// per affiliate).
 fn active_referrals(pm: &ProgramModel, month: Month) -> HashMap<&AffiliateId, u32> {
     let mut customers: HashSet<(&AffiliateId, &CustomerId)> = HashSet::default();
     for id in pm.lines_by_month.get(&month).into_iter().flatten() {
         let Some(line) = pm.lines.get(id) else {
             continue;
         };
-        let earns = pm
-            .rules_at(line.at)
-            .is_some_and(|rules| line.kind.earns_under(rules.basis));
-        if earns
-            && let Some(affiliate_id) = pm
-                .customers
-                .get(&line.customer_id)
-                .and_then(|c| c.affiliate_at(line.at))
-        {
+        if let Some((affiliate_id, _, _)) = line_earner(pm, line) {
             customers.insert((affiliate_id, &line.customer_id));
         }
     }
@@ -2233,6 +2234,14 @@ fn close_rewards_of<'a>(
         let Some((affiliate_id, rate, amount)) = line_earning(pm, line, &mut tier_counts) else {
             continue;
         };
+        // The customer's first earning line takes the bounty, whomever it
+        // earns: also when only another affiliate's money is asked for.
+        let bounty = pm.rules_at(line.at).and_then(|r| r.bounty).filter(|_| {
+            pm.customers
+                .get(&line.customer_id)
+                .is_some_and(|c| c.bounty.is_none())
+                && bounties.insert(&line.customer_id)
+        });
         if only.is_some_and(|only| only != &affiliate_id) {
             continue;
         }
@@ -2252,11 +2261,7 @@ fn close_rewards_of<'a>(
                 late,
             }));
         }
-        let customer = pm.customers.get(&line.customer_id);
-        if let Some(bounty) = pm.rules_at(line.at).and_then(|r| r.bounty)
-            && customer.is_some_and(|c| c.bounty.is_none())
-            && bounties.insert(&line.customer_id)
-        {
+        if let Some(bounty) = bounty {
             events.push(Event::RewardAccrued(RewardAccrued {
                 affiliate_id: affiliate_id.clone(),
                 customer_id: line.customer_id.clone(),
@@ -2390,9 +2395,10 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
 ///   in its month adds one to that count, and when that changes a tier's
 ///   rate under any version of the rules, the estimate is computed again;
 /// - the bounty goes to the customer's first open line (in close order)
-///   that earns the affiliate under rules with a bounty: a new line gets
-///   it when there is no such line before it, and when there is one after
-///   it (a line dated back), the estimate is computed again;
+///   that earns anyone under rules with a bounty: a new line of the
+///   affiliate's gets it when there is no such line before it; when there
+///   is one after it (a line dated back), or the new line earns someone
+///   else while the bounty is unpaid, the estimate is computed again;
 /// - a line sets its customer's first line and order only when the
 ///   customer had none, so that changes no other line's term.
 fn extend_pending(
@@ -2421,8 +2427,7 @@ fn extend_pending(
                 .filter_map(|id| pm.lines.get(id))
                 .filter(|l| l.seq < line.seq)
         };
-        let counts =
-            |l: &Line| l.month == line.month && makes_active(pm, customer, l, affiliate_id);
+        let counts = |l: &Line| l.month == line.month && makes_active(pm, l, affiliate_id);
         let mut tier_counts: HashMap<Month, HashMap<&AffiliateId, u32>> = HashMap::default();
         if tiers {
             let before = match active.get(&line.month) {
@@ -2451,7 +2456,16 @@ fn extend_pending(
         let Some((earner, _, amount)) = line_earning(pm, line, &mut tier_counts) else {
             continue;
         };
+        let bounty_unpaid = customer.bounty.is_none()
+            && pm
+                .rules_at(line.at)
+                .is_some_and(|rules| rules.bounty.is_some());
         if &earner != affiliate_id {
+            // It earns someone else, but may take the customer's bounty
+            // from a line of the affiliate's dated after it.
+            if bounty_unpaid {
+                return None;
+            }
             continue;
         }
         added += amount;
@@ -2466,7 +2480,8 @@ fn extend_pending(
                     && pm
                         .rules_at(l.at)
                         .is_some_and(|rules| rules.bounty.is_some())
-                    && line_earner(pm, l).is_some_and(|(a, _, _)| a == affiliate_id)
+                    // The first earning line takes the bounty, whomever it earns.
+                    && line_earner(pm, l).is_some()
                 {
                     if l_key > key {
                         return None;
@@ -2484,15 +2499,8 @@ fn extend_pending(
 
 /// Whether a line makes its customer an active referral of the affiliate
 /// in the line's month: what [`active_referrals`] counts.
-fn makes_active(
-    pm: &ProgramModel,
-    customer: &Customer,
-    line: &Line,
-    affiliate_id: &AffiliateId,
-) -> bool {
-    pm.rules_at(line.at)
-        .is_some_and(|rules| line.kind.earns_under(rules.basis))
-        && customer.affiliate_at(line.at) == Some(affiliate_id)
+fn makes_active(pm: &ProgramModel, line: &Line, affiliate_id: &AffiliateId) -> bool {
+    line_earner(pm, line).is_some_and(|(a, _, _)| a == affiliate_id)
 }
 
 /// The affiliate's active referrals in a month, counting only the lines
@@ -2512,7 +2520,7 @@ fn active_referrals_of(
         .filter(|id| {
             pm.customers.get(*id).is_some_and(|c| {
                 c.lines.iter().filter_map(|l| pm.lines.get(l)).any(|l| {
-                    l.month == month && l.seq < before_seq && makes_active(pm, c, l, affiliate_id)
+                    l.month == month && l.seq < before_seq && makes_active(pm, l, affiliate_id)
                 })
             })
         })

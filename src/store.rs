@@ -31,8 +31,9 @@ pub const POSITION_STRIDE: u64 = 64;
 /// Bumped whenever the checkpoint's encoding changes, or the state folded
 /// from the same events does: an old checkpoint is then ignored and the
 /// state replayed from the log. (5: a refund that clawed nothing back
-/// counts among its line's refunds.)
-pub const CHECKPOINT_FORMAT: u32 = 5;
+/// counts among its line's refunds; 6: a reassigned customer's `via` is
+/// cleared.)
+pub const CHECKPOINT_FORMAT: u32 = 6;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

@@ -25,15 +25,32 @@ const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
 const DAY_US: i64 = 86_400_000_000;
 
 /// The program both run: percent rates with a product rate and a tier, a
-/// bounty, a threshold, last click inside 30 days, rewards on expenses.
-fn program() -> serde_json::Value {
+/// bounty, a threshold, a 30-day cookie, rewards on expenses, staff
+/// customers earning nothing; the last or first click, and a lifetime or
+/// two-month term, as the case has it.
+fn program(case: &Case) -> serde_json::Value {
     serde_json::json!({
-        "timezone": "UTC", "cookie_days": 30, "attribution": "last_click",
+        "timezone": "UTC", "cookie_days": 30,
+        "attribution": if case.first_click { "first_click" } else { "last_click" },
         "basis": "expenses", "default_rate": "20", "product_rates": {"domains": "5"},
         "tiers": [{"min_active_referrals": 2, "rate": "25"}], "bounty": "5.00",
-        "payout_threshold": "5.00", "forbidden_groups": [], "auto_close_day": null,
+        "payout_threshold": "5.00", "forbidden_groups": ["staff"], "auto_close_day": null,
+        "term": match case.term_months {
+            Some(months) => serde_json::json!({"kind": "months", "months": months}),
+            None => serde_json::json!({"kind": "lifetime"}),
+        },
     })
 }
+
+/// What varies between histories besides their steps.
+#[derive(Clone, Debug)]
+struct Case {
+    first_click: bool,
+    term_months: Option<u32>,
+}
+
+/// Alice is also a customer of the provider: this one.
+const ALICE_OWN_CUSTOMER: u8 = 0;
 const DEFAULT_RATE: i64 = 20;
 const TIER_RATE: i64 = 25;
 const TIER_MIN: usize = 2;
@@ -53,7 +70,8 @@ enum Op {
         visitor: u8,
         promo: Option<usize>,
     },
-    Expense {
+    Line {
+        payment: bool,
         customer: u8,
         cents: u32,
         domains: bool,
@@ -81,6 +99,20 @@ enum Op {
     Wait {
         days: u8,
     },
+    Group {
+        customer: u8,
+        staff: bool,
+    },
+    Suspend {
+        affiliate: usize,
+    },
+    /// An operator moves a customer, from some days back or for all time
+    /// (not retroactively: what was posted stays).
+    Reassign {
+        customer: u8,
+        affiliate: usize,
+        days_back: Option<u8>,
+    },
 }
 
 /// How much of a line a refund takes back.
@@ -101,8 +133,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, 0..5u8).prop_map(|(affiliate, visitor)| Op::Click { affiliate, visitor }),
         4 => (0..6u8, 0..5u8, proptest::option::weighted(0.5, 0..3usize))
             .prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
-        7 => (0..6u8, cents(), proptest::bool::weighted(0.25), proptest::option::weighted(0.2, 1..50u8))
-            .prop_map(|(customer, cents, domains, days_back)| Op::Expense { customer, cents, domains, days_back }),
+        7 => (proptest::bool::weighted(0.15), 0..6u8, cents(), proptest::bool::weighted(0.25), proptest::option::weighted(0.2, 1..50u8))
+            .prop_map(|(payment, customer, cents, domains, days_back)| Op::Line { payment, customer, cents, domains, days_back }),
         4 => (0..40usize, prop_oneof![
                 (1..3_000u32).prop_map(Size::Cents),
                 (1..=100u8).prop_map(Size::Percent),
@@ -113,7 +145,18 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..6usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
         3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
+        1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
+        1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
+        1 => (0..6u8, 0..3usize, proptest::option::of(0..40u8))
+            .prop_map(|(customer, affiliate, days_back)| Op::Reassign { customer, affiliate, days_back }),
     ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (any::<bool>(), proptest::option::of(Just(2u32))).prop_map(|(first_click, term_months)| Case {
+        first_click,
+        term_months,
+    })
 }
 
 fn money(cents: i64) -> Decimal {
@@ -132,6 +175,8 @@ fn month_of(micros: i64) -> Month {
 
 struct Line {
     id: String,
+    /// A payment, which earns nothing under an expenses basis.
+    payment: bool,
     customer: u8,
     amount: Decimal,
     domains: bool,
@@ -228,11 +273,43 @@ impl Posted {
 }
 
 #[derive(Default)]
+struct Customer {
+    /// Whose referral the customer is from when on (`None`: from the start).
+    attribution: Vec<(Option<i64>, usize)>,
+    signup_at: Option<i64>,
+    first_line_at: Option<i64>,
+    /// Staff from when on (or not), in order.
+    groups: Vec<(i64, bool)>,
+}
+
+impl Customer {
+    fn affiliate_at(&self, at: i64) -> Option<usize> {
+        self.attribution
+            .iter()
+            .rev()
+            .find(|(from, _)| from.is_none_or(|from| from <= at))
+            .map(|(_, a)| *a)
+    }
+    /// A group change applies from its moment; before the first one
+    /// known, the customer was in that group already.
+    fn staff_at(&self, at: i64) -> bool {
+        self.groups
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= at)
+            .or(self.groups.first())
+            .is_some_and(|(_, staff)| *staff)
+    }
+}
+
+#[derive(Default)]
 struct Model {
+    case: Option<Case>,
     /// Each visitor's clicks: when, on whose link.
     clicks: HashMap<u8, Vec<(i64, usize)>>,
-    /// Whose referral each attributed customer is.
-    attributed: HashMap<u8, usize>,
+    /// Customers the ledger knows of: attributed, billed, or grouped.
+    customers: HashMap<u8, Customer>,
+    suspended_at: [Option<i64>; 3],
     billed: BTreeSet<u8>,
     bountied: BTreeSet<u8>,
     lines: Vec<Line>,
@@ -244,14 +321,48 @@ struct Model {
 }
 
 impl Model {
-    /// The referrals of `affiliate` with a line in `month`.
+    /// Whom a line earns commission for, if anyone: the customer's
+    /// affiliate at the line's moment, unless the line is a payment, the
+    /// affiliate was suspended by then or is the customer, the customer was
+    /// staff then, or the line falls outside the term.
+    fn earner(&self, line: &Line) -> Option<usize> {
+        let customer = self.customers.get(&line.customer)?;
+        let affiliate = customer.affiliate_at(line.at)?;
+        let suspended = self.suspended_at[affiliate].is_some_and(|s| s <= line.at);
+        let own = affiliate == 0 && line.customer == ALICE_OWN_CUSTOMER;
+        let in_term = match self.case.as_ref().and_then(|c| c.term_months) {
+            None => true,
+            Some(months) => {
+                let start = customer
+                    .signup_at
+                    .or(customer.first_line_at)
+                    .unwrap_or(line.at);
+                let end = chrono::DateTime::from_timestamp_micros(start)
+                    .unwrap()
+                    .checked_add_months(chrono::Months::new(months))
+                    .unwrap();
+                line.at < end.timestamp_micros()
+            }
+        };
+        (!line.payment && !suspended && !own && !customer.staff_at(line.at) && in_term)
+            .then_some(affiliate)
+    }
+
+    /// The active referrals of `affiliate` in `month`: those with a line
+    /// dated in it that earns the affiliate commission.
     fn active(&self, affiliate: usize, month: Month) -> usize {
         self.lines
             .iter()
-            .filter(|l| l.month == month && self.attributed.get(&l.customer) == Some(&affiliate))
+            .filter(|l| l.month == month && self.earner(l) == Some(affiliate))
             .map(|l| l.customer)
             .collect::<BTreeSet<_>>()
             .len()
+    }
+
+    /// Whether `affiliate` may get a signup of `customer` now.
+    fn eligible(&self, affiliate: usize, customer: u8, now: i64) -> bool {
+        self.suspended_at[affiliate].is_none_or(|s| s > now)
+            && !(affiliate == 0 && customer == ALICE_OWN_CUSTOMER)
     }
 
     /// What closing `month` would post: every open line and refund dated
@@ -268,7 +379,7 @@ impl Model {
         let mut bountied = self.bountied.clone();
         for i in lines {
             let line = &self.lines[i];
-            let Some(&affiliate) = self.attributed.get(&line.customer) else {
+            let Some(affiliate) = self.earner(line) else {
                 continue;
             };
             let rate = if line.domains {
@@ -517,14 +628,21 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
 }
 
 /// Runs `ops` through the ledger and the model, asserting they agree after each.
-fn run(ops: &[Op]) {
+fn run(case: &Case, ops: &[Op]) {
     let t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
-    t.define(rules("model", program()));
+    t.define(rules("model", program(case)));
+    let own = format!("c-{ALICE_OWN_CUSTOMER}");
     let codes: Vec<String> = AFFILIATES
         .iter()
-        .map(|a| t.enroll(a).referral_code)
+        .map(|a| {
+            let own = (*a == "alice").then_some(own.as_str());
+            t.enroll_with(a, own, None, None).referral_code
+        })
         .collect();
-    let mut m = Model::default();
+    let mut m = Model {
+        case: Some(case.clone()),
+        ..Model::default()
+    };
     let mut withdrawal_ids = Vec::new();
     let mut now = ts("2026-01-01T12:00:00Z").micros();
     for (i, op) in ops.iter().enumerate() {
@@ -540,10 +658,15 @@ fn run(ops: &[Op]) {
                 continue;
             }
             Op::Click { affiliate, visitor } => {
-                m.clicks
-                    .entry(*visitor)
-                    .or_default()
-                    .push((now, *affiliate));
+                let expected = if m.suspended_at[*affiliate].is_some() {
+                    "refused AffiliateSuspended"
+                } else {
+                    m.clicks
+                        .entry(*visitor)
+                        .or_default()
+                        .push((now, *affiliate));
+                    "appended"
+                };
                 (
                     Command::RecordClick {
                         referral_code: codes[*affiliate].clone(),
@@ -554,7 +677,7 @@ fn run(ops: &[Op]) {
                         client_hash: None,
                     },
                     at,
-                    "appended".into(),
+                    expected.into(),
                 )
             }
             Op::Signup {
@@ -562,23 +685,37 @@ fn run(ops: &[Op]) {
                 visitor,
                 promo,
             } => {
-                let expected = if m.attributed.contains_key(c) {
+                // Once someone's referral (by a signup or an operator), a
+                // customer stays theirs until an operator moves them.
+                let attributed = m
+                    .customers
+                    .get(c)
+                    .is_some_and(|c| !c.attribution.is_empty());
+                let expected = if attributed {
                     "already attributed".to_string()
                 } else {
                     let by_promo = promo
-                        .filter(|_| !m.billed.contains(c))
+                        .filter(|a| !m.billed.contains(c) && m.eligible(*a, *c, now))
                         .map(|a| (a, "PromoCode"));
                     let by_click = || {
-                        let clicks = m.clicks.get(visitor)?;
-                        clicks
-                            .iter()
-                            .filter(|(click_at, _)| *click_at >= now - COOKIE_DAYS * DAY_US)
-                            .max_by_key(|(click_at, _)| *click_at)
-                            .map(|(_, a)| (*a, "Click"))
+                        let inside = m.clicks.get(visitor)?.iter().filter(|(click_at, a)| {
+                            *click_at >= now - COOKIE_DAYS * DAY_US && m.eligible(*a, *c, now)
+                        });
+                        let chosen = if case.first_click {
+                            inside.min_by_key(|(click_at, _)| *click_at)
+                        } else {
+                            inside.max_by_key(|(click_at, _)| *click_at)
+                        };
+                        chosen.map(|(_, a)| (*a, "Click"))
                     };
                     match by_promo.or_else(by_click) {
                         Some((a, via)) => {
-                            m.attributed.insert(*c, a);
+                            let customer = m.customers.entry(*c).or_default();
+                            customer.attribution = vec![(None, a)];
+                            customer.signup_at = Some(now);
+                            if customer.groups.is_empty() {
+                                customer.groups.push((now, false));
+                            }
                             format!("attributed to {} via {via}", AFFILIATES[a])
                         }
                         None => "ignored".into(),
@@ -595,7 +732,8 @@ fn run(ops: &[Op]) {
                     expected,
                 )
             }
-            Op::Expense {
+            Op::Line {
+                payment,
                 customer: c,
                 cents,
                 domains,
@@ -604,8 +742,11 @@ fn run(ops: &[Op]) {
                 let line_at = now - i64::from(days_back.unwrap_or(0)) * DAY_US;
                 let id = format!("l-{i}");
                 m.billed.insert(*c);
+                let known = m.customers.entry(*c).or_default();
+                known.first_line_at = known.first_line_at.or(Some(line_at));
                 m.lines.push(Line {
                     id: id.clone(),
+                    payment: *payment,
                     customer: *c,
                     amount: money(i64::from(*cents)),
                     domains: *domains,
@@ -617,7 +758,11 @@ fn run(ops: &[Op]) {
                 });
                 (
                     Command::RecordBasisLine {
-                        kind: LineKind::Expense,
+                        kind: if *payment {
+                            LineKind::Payment
+                        } else {
+                            LineKind::Expense
+                        },
                         id: line(&id),
                         customer_id: customer(*c),
                         amount: money(i64::from(*cents)).to_string(),
@@ -632,7 +777,7 @@ fn run(ops: &[Op]) {
             Op::Refund { line: l, size } => {
                 // Mostly a line of a customer someone referred: one that earns.
                 let referred: Vec<usize> = (0..m.lines.len())
-                    .filter(|i| m.attributed.contains_key(&m.lines[*i].customer))
+                    .filter(|i| m.earner(&m.lines[*i]).is_some())
                     .collect();
                 let l = &match (referred.len(), m.lines.len()) {
                     (_, 0) => continue,
@@ -742,6 +887,71 @@ fn run(ops: &[Op]) {
                 };
                 (command, at, expected.into())
             }
+            Op::Group { customer: c, staff } => {
+                m.customers
+                    .entry(*c)
+                    .or_default()
+                    .groups
+                    .push((now, *staff));
+                (
+                    Command::ChangeCustomerGroup {
+                        customer_id: customer(*c),
+                        group: if *staff { "staff" } else { "default" }.into(),
+                    },
+                    at,
+                    "appended".into(),
+                )
+            }
+            Op::Suspend { affiliate } => {
+                let expected = if m.suspended_at[*affiliate].is_some() {
+                    "refused AffiliateSuspended"
+                } else {
+                    m.suspended_at[*affiliate] = Some(now);
+                    "appended"
+                };
+                (
+                    Command::SuspendAffiliate {
+                        affiliate_id: aff(AFFILIATES[*affiliate]),
+                        reason: "fraud".into(),
+                    },
+                    at,
+                    expected.into(),
+                )
+            }
+            Op::Reassign {
+                customer: c,
+                affiliate,
+                days_back,
+            } => {
+                let from = days_back.map(|days| now - i64::from(days) * DAY_US);
+                let expected = if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
+                    "refused SelfReferral"
+                } else if let Some(customer) = m.customers.get_mut(c) {
+                    match from {
+                        None => customer.attribution = vec![(None, *affiliate)],
+                        Some(from) => {
+                            customer
+                                .attribution
+                                .retain(|(start, _)| start.is_none_or(|start| start < from));
+                            customer.attribution.push((Some(from), *affiliate));
+                        }
+                    }
+                    "appended"
+                } else {
+                    "refused UnknownCustomer"
+                };
+                (
+                    Command::Reassign {
+                        customer_id: customer(*c),
+                        to: aff(AFFILIATES[*affiliate]),
+                        from: from.map(Timestamp::from_micros),
+                        retroactive: false,
+                        reason: "ticket".into(),
+                    },
+                    at,
+                    expected.into(),
+                )
+            }
             Op::Credit { affiliate, cents } => {
                 let amount = money(i64::from(*cents));
                 let a = &mut m.accounts[*affiliate];
@@ -770,33 +980,6 @@ fn run(ops: &[Op]) {
         let result = t.ledger().submit_blocking(submission);
         let context = || format!("op {i} {op:?}");
         assert_eq!(outcome(&result), expected, "{}", context());
-        if std::env::var_os("MODEL_STATS").is_some() {
-            let kind = format!("{op:?}")
-                .split([' ', '{'])
-                .next()
-                .unwrap_or("")
-                .to_string();
-            let what: String = expected
-                .split(" to ")
-                .next()
-                .unwrap_or("")
-                .chars()
-                .filter(|c| !c.is_ascii_digit())
-                .collect();
-            eprintln!("STAT {kind}: {what}");
-            for p in &posted {
-                let late = matches!(
-                    p,
-                    Posted::Reward { late: true, .. }
-                        | Posted::Bounty { late: true, .. }
-                        | Posted::ClawBack { late: true, .. }
-                );
-                eprintln!(
-                    "STAT posted {} late={late}",
-                    format!("{p:?}").split([' ', '{']).next().unwrap_or("")
-                );
-            }
-        }
         if let Ok(receipt) = &result {
             // Every reward, bounty and claw-back of a close, in order.
             assert_eq!(posted_by_ledger(receipt), posted, "{}", context());
@@ -817,7 +1000,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 400, .. ProptestConfig::default() })]
 
     #[test]
-    fn the_ledger_agrees_with_a_reference_model_of_the_money_rules(ops in proptest::collection::vec(op(), 1..150)) {
-        run(&ops);
+    fn the_ledger_agrees_with_a_reference_model_of_the_money_rules(case in case(), ops in proptest::collection::vec(op(), 1..150)) {
+        run(&case, &ops);
     }
 }

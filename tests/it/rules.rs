@@ -583,6 +583,107 @@ fn a_line_refunded_in_full_keeps_no_commission_even_when_a_partial_refund_clawed
 }
 
 #[test]
+fn a_staff_customer_raises_no_tier() {
+    // given: 25% from 2 active referrals; alice's second referral is staff
+    let (t, alice, _) = given(serde_json::json!({
+        "tiers": [{"min_active_referrals": 2, "rate": "25"}],
+    }));
+    t.click("2026-08-01T12:00:00Z", &alice.referral_code, "v-2");
+    t.signup_group(
+        "2026-08-02T12:00:00Z",
+        "staffer",
+        Some("v-2"),
+        None,
+        Some("staff"),
+    );
+    // when: both buy in August
+    t.expense("2026-08-05T12:00:00Z", "l1", "cust-1", "100.00");
+    t.expense("2026-08-05T12:00:00Z", "l2", "staffer", "100.00");
+    // then: the staff customer earns alice nothing, not even a higher rate
+    // on cust-1's line (forbidden groups never earn their affiliate anything)
+    assert_eq!(t.money("alice").1, "20.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "20.00")]
+    );
+}
+
+#[test]
+fn the_bounty_goes_with_the_first_earning_line_whomever_it_earns_also_in_the_estimate() {
+    // given: a bounty; cust-1 is alice's, and bob's from 10 August on
+    let (t, _, _) = given(serde_json::json!({"bounty": "5.00"}));
+    t.set_now("2026-08-09T12:00:00Z");
+    t.reassign(
+        "cust-1",
+        "bob",
+        Some("2026-08-10T00:00:00Z"),
+        false,
+        "ticket 9",
+    );
+    // when: a line in bob's time, then one dated back into alice's
+    t.expense("2026-08-12T12:00:00Z", "later", "cust-1", "10.00");
+    assert_eq!(t.money("bob").1, "7.00"); // 2.00 + the bounty, so far
+    t.expense("2026-08-13T12:00:00Z", "earlier", "cust-1", "10.00");
+    t.set_now("2026-08-13T12:00:00Z");
+    let earlier = Command::RecordBasisLine {
+        kind: LineKind::Expense,
+        id: line("dated-back"),
+        customer_id: cust("cust-1"),
+        amount: "10.00".into(),
+        currency: "USD".into(),
+        product: None,
+        order_id: None,
+    };
+    t.submit(Some("2026-08-05T12:00:00Z"), earlier);
+    // then: the line dated back is the first: its bounty is alice's, and
+    // neither estimate counts it twice
+    assert_eq!(t.money("alice").1, "7.00");
+    assert_eq!(t.money("bob").1, "4.00");
+    let closed = close_rewards(&t, "2026-08");
+    assert_eq!(
+        closed,
+        vec![
+            r("alice", "Reward", "2.00"),
+            r("alice", "Bounty", "5.00"),
+            r("bob", "Reward", "2.00"),
+            r("bob", "Reward", "2.00")
+        ]
+    );
+}
+
+#[test]
+fn a_customer_an_operator_placed_stays_theirs_when_a_signup_comes() {
+    // given: billed lines of a customer no click brought, placed with bob
+    let (t, alice, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "l1", "walk-in", "10.00");
+    t.set_now("2026-08-06T12:00:00Z");
+    t.reassign("walk-in", "bob", None, false, "ticket 12");
+    // when: the billing system forwards a signup with alice's cookie
+    t.click("2026-08-07T12:00:00Z", &alice.referral_code, "v-9");
+    let receipt = t.submit(
+        Some("2026-08-07T13:00:00Z"),
+        Command::Signup {
+            customer_id: cust("walk-in"),
+            visitor: Some("v-9".into()),
+            promo_code: None,
+            group: None,
+        },
+    );
+    // then: still bob's, and no signup brought them
+    assert_eq!(
+        receipt.noop,
+        Some(Noop::AlreadyAttributed {
+            affiliate_id: aff("bob"),
+            via: None
+        })
+    );
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("bob", "Reward", "2.00")]
+    );
+}
+
+#[test]
 fn a_month_starts_when_its_zone_jumps_over_midnight() {
     // Paraguay began summer time at midnight on 1 October 2023: 00:00 at
     // -04 became 01:00 at -03, so October began at 04:00 UTC.
