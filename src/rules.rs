@@ -308,8 +308,7 @@ pub struct Customer {
     pub first_line: Option<LineId>,
     pub first_order: Option<String>,
     pub first_line_at: Option<Timestamp>,
-    /// The bounty paid for this customer: to whom, how much.
-    pub bounty: Option<(AffiliateId, Decimal)>,
+    pub bounty: Option<PaidBounty>,
     pub lines: Vec<LineId>,
 }
 
@@ -351,6 +350,16 @@ impl Customer {
             .map(|(_, group)| group.as_str())
             .unwrap_or(DEFAULT_GROUP)
     }
+}
+
+/// The bounty paid for a customer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PaidBounty {
+    pub affiliate_id: AffiliateId,
+    pub amount: Decimal,
+    /// The moment of the line it was paid with: a retroactive
+    /// reassignment moves it with the lines from a moment up to this one.
+    pub line_at: Timestamp,
 }
 
 /// A reward posted for a basis line.
@@ -1137,7 +1146,11 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             }
             RewardKind::Bounty => {
                 if let Some(customer) = pm.customers.get_mut(&e.customer_id) {
-                    customer.bounty = Some((e.affiliate_id.clone(), e.amount));
+                    customer.bounty = Some(PaidBounty {
+                        affiliate_id: e.affiliate_id.clone(),
+                        amount: e.amount,
+                        line_at: e.line_at,
+                    });
                 }
             }
         },
@@ -1237,10 +1250,10 @@ fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
         return;
     }
     let from = e.from.unwrap_or(Timestamp::MIN);
-    if customer.first_line_at.is_some_and(|at| at >= from)
-        && let Some((_, amount)) = customer.bounty.take()
+    if let Some(bounty) = &mut customer.bounty
+        && bounty.line_at >= from
     {
-        customer.bounty = Some((e.to.clone(), amount));
+        bounty.affiliate_id = e.to.clone();
     }
     for id in customer.lines.clone() {
         let Some(line) = pm.lines.get_mut(&id) else {
@@ -2049,11 +2062,12 @@ pub(crate) fn reassignment_adjustments(
                 }
             }
         }
-        if let Some((owner, amount)) = &customer.bounty
-            && owner != to
-            && customer.first_line_at.is_some_and(|at| at >= start)
+        // The bounty moves with the line it was paid with.
+        if let Some(bounty) = &customer.bounty
+            && &bounty.affiliate_id != to
+            && bounty.line_at >= start
         {
-            moves.insert((owner.clone(), None), *amount);
+            moves.insert((bounty.affiliate_id.clone(), None), bounty.amount);
         }
         for ((owner, line), net) in moves {
             for (affiliate_id, amount) in [(owner, -net), (to.clone(), net)] {

@@ -106,12 +106,13 @@ enum Op {
     Suspend {
         affiliate: usize,
     },
-    /// An operator moves a customer, from some days back or for all time
-    /// (not retroactively: what was posted stays).
+    /// An operator moves a customer, from some days back or for all time;
+    /// `retroactive`: with what was posted for the lines since.
     Reassign {
         customer: u8,
         affiliate: usize,
         days_back: Option<u8>,
+        retroactive: bool,
     },
 }
 
@@ -147,8 +148,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
         1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
-        1 => (0..6u8, 0..3usize, proptest::option::of(0..40u8))
-            .prop_map(|(customer, affiliate, days_back)| Op::Reassign { customer, affiliate, days_back }),
+        2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
+            .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
     ]
 }
 
@@ -311,7 +312,8 @@ struct Model {
     customers: HashMap<u8, Customer>,
     suspended_at: [Option<i64>; 3],
     billed: BTreeSet<u8>,
-    bountied: BTreeSet<u8>,
+    /// Customers whose bounty was paid: to whom, with a line of when.
+    bountied: HashMap<u8, (usize, i64)>,
     lines: Vec<Line>,
     refunds: Vec<Refund>,
     closed: BTreeSet<Month>,
@@ -376,7 +378,7 @@ impl Model {
         lines.sort_by_key(|i| (self.lines[*i].month, self.lines[*i].at, *i));
         let mut posted = Vec::new();
         let mut new_rewards: HashMap<usize, Reward> = HashMap::new();
-        let mut bountied = self.bountied.clone();
+        let mut bountied: BTreeSet<u8> = self.bountied.keys().copied().collect();
         for i in lines {
             let line = &self.lines[i];
             let Some(affiliate) = self.earner(line) else {
@@ -485,9 +487,11 @@ impl Model {
                         clawed: Decimal::ZERO,
                     });
                 }
-                Posted::Bounty { line, .. } => {
-                    let customer = self.lines[lines_by_id[line]].customer;
-                    self.bountied.insert(customer);
+                Posted::Bounty {
+                    affiliate, line, ..
+                } => {
+                    let line = &self.lines[lines_by_id[line]];
+                    self.bountied.insert(line.customer, (*affiliate, line.at));
                 }
                 Posted::ClawBack { .. } => {}
             }
@@ -515,6 +519,48 @@ impl Model {
         }
         self.closed.insert(month);
         posted
+    }
+
+    /// A retroactive reassignment of `customer` to `to` from `from` on:
+    /// what was posted for the lines since (net of claw-backs), and the
+    /// bounty paid with one of them, moves to `to`, who also gets what
+    /// those lines' refunds claw back from now on; lines a close took
+    /// while they earned nobody wait for the next close again.
+    fn move_posted(&mut self, customer: u8, to: usize, from: i64) {
+        let mut moves = Vec::new();
+        for line in &mut self.lines {
+            if line.customer != customer || line.at < from {
+                continue;
+            }
+            match line.reward.as_mut() {
+                Some(reward) => {
+                    if reward.affiliate != to {
+                        moves.push((reward.affiliate, reward.amount - reward.clawed));
+                    }
+                    reward.affiliate = to;
+                }
+                None if !line.open => line.open = true,
+                None => {}
+            }
+        }
+        if let Some((owner, at)) = self.bountied.get_mut(&customer)
+            && *owner != to
+            && *at >= from
+        {
+            moves.push((*owner, money(BOUNTY_CENTS)));
+            *owner = to;
+        }
+        for refund in &mut self.refunds {
+            let line = &self.lines[refund.line];
+            if !refund.open && line.customer == customer && line.at >= from && line.reward.is_none()
+            {
+                refund.open = true;
+            }
+        }
+        for (owner, net) in moves {
+            self.accounts[owner].free -= net;
+            self.accounts[to].free += net;
+        }
     }
 
     fn pending(&self, affiliate: usize) -> Decimal {
@@ -922,11 +968,16 @@ fn run(case: &Case, ops: &[Op]) {
                 customer: c,
                 affiliate,
                 days_back,
+                retroactive,
             } => {
                 let from = days_back.map(|days| now - i64::from(days) * DAY_US);
                 let expected = if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
                     "refused SelfReferral"
-                } else if let Some(customer) = m.customers.get_mut(c) {
+                } else if m.customers.contains_key(c) {
+                    if *retroactive {
+                        m.move_posted(*c, *affiliate, from.unwrap_or(i64::MIN));
+                    }
+                    let customer = m.customers.entry(*c).or_default();
                     match from {
                         None => customer.attribution = vec![(None, *affiliate)],
                         Some(from) => {
@@ -945,7 +996,7 @@ fn run(case: &Case, ops: &[Op]) {
                         customer_id: customer(*c),
                         to: aff(AFFILIATES[*affiliate]),
                         from: from.map(Timestamp::from_micros),
-                        retroactive: false,
+                        retroactive: *retroactive,
                         reason: "ticket".into(),
                     },
                     at,

@@ -684,6 +684,34 @@ fn a_customer_an_operator_placed_stays_theirs_when_a_signup_comes() {
 }
 
 #[test]
+fn a_retroactive_reassignment_moves_the_bounty_with_the_line_it_was_paid_with() {
+    // given: a bounty; cust-1's first line is a payment (it earns nothing
+    // under an expenses basis), the bounty comes with the expense after it
+    let (t, _, _) = given(serde_json::json!({"bounty": "5.00"}));
+    t.payment("2026-08-03T12:00:00Z", "paid", "cust-1", "10.00");
+    t.expense("2026-08-20T12:00:00Z", "charged", "cust-1", "10.00");
+    assert_eq!(
+        close_rewards(&t, "2026-08"),
+        vec![r("alice", "Reward", "2.00"), r("alice", "Bounty", "5.00")]
+    );
+    // when: cust-1 moves to bob, retroactively, from a moment between the two
+    t.set_now("2026-09-02T12:00:00Z");
+    t.reassign(
+        "cust-1",
+        "bob",
+        Some("2026-08-10T00:00:00Z"),
+        true,
+        "ticket 21",
+    );
+    // then: the expense's reward and its bounty move, 7.00 in all
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("0.00".into(), "7.00".into())
+    );
+    t.verify_ok();
+}
+
+#[test]
 fn a_month_starts_when_its_zone_jumps_over_midnight() {
     // Paraguay began summer time at midnight on 1 October 2023: 00:00 at
     // -04 became 01:00 at -03, so October began at 04:00 UTC.
