@@ -1,11 +1,14 @@
 //! The ledger against a reference model of the money rules (sled's
-//! model-based testing): random histories of clicks, signups, charges,
-//! refunds, closes, withdrawals and credits run through the ledger and
-//! through a small model written from DESIGN.md alone, in cents and plain
-//! collections, with no memo, index or incremental path. They must agree
-//! on every outcome (appended, no-op, refused and why), on every reward,
-//! bounty and claw-back each close posts, and on every field of every
-//! balance (the pending estimate among them) after every step.
+//! model-based testing): random histories of clicks, signups, charges and
+//! payments, refunds, closes, withdrawals and their settlement, credits,
+//! group changes, suspensions, rule changes and reassignments (dated or
+//! for all time, retroactive or not) run through the ledger and through a
+//! small model written from DESIGN.md alone, with plain collections and
+//! no memo, index or incremental path. Cases vary the attribution model,
+//! the term and a custom rate. The two must agree on every outcome
+//! (appended, no-op, refused and why), on every reward, bounty and
+//! claw-back each close posts, and on every field of every balance (the
+//! pending estimate among them) after every step.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
@@ -27,14 +30,18 @@ const DAY_US: i64 = 86_400_000_000;
 /// The program both run: percent rates with a product rate and a tier, a
 /// bounty, a threshold, a 30-day cookie, rewards on expenses, staff
 /// customers earning nothing; the last or first click, and a lifetime or
-/// two-month term, as the case has it.
-fn program(case: &Case) -> serde_json::Value {
+/// two-month term, as the case has it; the default rate, the bounty and
+/// the threshold as the version has them.
+fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
         "timezone": "UTC", "cookie_days": 30,
         "attribution": if case.first_click { "first_click" } else { "last_click" },
-        "basis": "expenses", "default_rate": "20", "product_rates": {"domains": "5"},
-        "tiers": [{"min_active_referrals": 2, "rate": "25"}], "bounty": "5.00",
-        "payout_threshold": "5.00", "forbidden_groups": ["staff"], "auto_close_day": null,
+        "basis": "expenses", "default_rate": version.default_rate.to_string(),
+        "product_rates": {"domains": "5"},
+        "tiers": [{"min_active_referrals": 2, "rate": "25"}],
+        "bounty": version.bounty.then_some("5.00"),
+        "payout_threshold": money(version.threshold_cents).to_string(),
+        "forbidden_groups": ["staff"], "auto_close_day": null,
         "term": match case.term_months {
             Some(months) => serde_json::json!({"kind": "months", "months": months}),
             None => serde_json::json!({"kind": "lifetime"}),
@@ -47,16 +54,30 @@ fn program(case: &Case) -> serde_json::Value {
 struct Case {
     first_click: bool,
     term_months: Option<u32>,
+    /// Bob's own rate (a custom deal), over every other.
+    bob_rate: Option<i64>,
 }
+
+/// What a change of the program's rules changes here.
+#[derive(Clone, Debug)]
+struct Version {
+    default_rate: i64,
+    bounty: bool,
+    threshold_cents: i64,
+}
+
+const FIRST_VERSION: Version = Version {
+    default_rate: 20,
+    bounty: true,
+    threshold_cents: 500,
+};
 
 /// Alice is also a customer of the provider: this one.
 const ALICE_OWN_CUSTOMER: u8 = 0;
-const DEFAULT_RATE: i64 = 20;
 const TIER_RATE: i64 = 25;
 const TIER_MIN: usize = 2;
 const DOMAINS_RATE: i64 = 5;
 const BOUNTY_CENTS: i64 = 500;
-const THRESHOLD_CENTS: i64 = 500;
 const COOKIE_DAYS: i64 = 30;
 
 #[derive(Clone, Debug)]
@@ -106,6 +127,10 @@ enum Op {
     Suspend {
         affiliate: usize,
     },
+    /// The program's rules change from now on.
+    ChangeRules {
+        version: Version,
+    },
     /// An operator moves a customer, from some days back or for all time;
     /// `retroactive`: with what was posted for the lines since.
     Reassign {
@@ -148,16 +173,26 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
         1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
+        1 => (prop_oneof![Just(20i64), Just(30)], proptest::bool::weighted(0.7), prop_oneof![Just(500i64), Just(2_000)])
+            .prop_map(|(default_rate, bounty, threshold_cents)| Op::ChangeRules {
+                version: Version { default_rate, bounty, threshold_cents },
+            }),
         2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
             .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
     ]
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (any::<bool>(), proptest::option::of(Just(2u32))).prop_map(|(first_click, term_months)| Case {
-        first_click,
-        term_months,
-    })
+    (
+        any::<bool>(),
+        proptest::option::of(Just(2u32)),
+        proptest::option::of(Just(30i64)),
+    )
+        .prop_map(|(first_click, term_months, bob_rate)| Case {
+            first_click,
+            term_months,
+            bob_rate,
+        })
 }
 
 fn money(cents: i64) -> Decimal {
@@ -222,10 +257,9 @@ impl Accounts {
     fn earned(&self) -> Decimal {
         self.free + self.in_withdrawal
     }
-    fn available(&self) -> Decimal {
+    fn available(&self, threshold: Decimal) -> Decimal {
         let earned = self.earned();
-        if earned >= money(THRESHOLD_CENTS) && earned >= Decimal::ZERO && self.free > Decimal::ZERO
-        {
+        if earned >= threshold && earned >= Decimal::ZERO && self.free > Decimal::ZERO {
             self.free
         } else {
             Decimal::ZERO
@@ -306,6 +340,8 @@ impl Customer {
 #[derive(Default)]
 struct Model {
     case: Option<Case>,
+    /// The program's rules, each from its moment on (the first also before).
+    versions: Vec<(i64, Version)>,
     /// Each visitor's clicks: when, on whose link.
     clicks: HashMap<u8, Vec<(i64, usize)>>,
     /// Customers the ledger knows of: attributed, billed, or grouped.
@@ -323,6 +359,20 @@ struct Model {
 }
 
 impl Model {
+    fn version_at(&self, at: i64) -> &Version {
+        self.versions
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= at)
+            .or(self.versions.first())
+            .map(|(_, version)| version)
+            .unwrap()
+    }
+
+    fn current(&self) -> &Version {
+        &self.versions.last().unwrap().1
+    }
+
     /// Whom a line earns commission for, if anyone: the customer's
     /// affiliate at the line's moment, unless the line is a payment, the
     /// affiliate was suspended by then or is the customer, the customer was
@@ -384,12 +434,16 @@ impl Model {
             let Some(affiliate) = self.earner(line) else {
                 continue;
             };
-            let rate = if line.domains {
-                DOMAINS_RATE
-            } else if self.active(affiliate, line.month) >= TIER_MIN {
-                TIER_RATE
-            } else {
-                DEFAULT_RATE
+            // The rules in force at the line's moment; the affiliate's
+            // own rate over the product's over the tier's over the default.
+            let version = self.version_at(line.at);
+            let rate = match self.case.as_ref().and_then(|c| c.bob_rate) {
+                Some(rate) if affiliate == 1 => rate,
+                _ if line.domains => DOMAINS_RATE,
+                _ if self.active(affiliate, line.month) >= TIER_MIN => {
+                    TIER_RATE.max(version.default_rate)
+                }
+                _ => version.default_rate,
             };
             let amount = percent(line.amount, rate);
             let late = month.is_some() && line.month < statement_month;
@@ -402,7 +456,7 @@ impl Model {
                     late,
                 });
             }
-            if bountied.insert(line.customer) {
+            if version.bounty && bountied.insert(line.customer) {
                 posted.push(Posted::Bounty {
                     affiliate,
                     line: line.id.clone(),
@@ -574,13 +628,13 @@ impl Model {
     /// Balance fields, as the API names them.
     fn balance(&self, affiliate: usize) -> Vec<(&'static str, Decimal)> {
         let a = &self.accounts[affiliate];
-        let threshold = money(THRESHOLD_CENTS);
+        let threshold = money(self.current().threshold_cents);
         vec![
             ("pending", self.pending(affiliate)),
             ("earned", a.earned()),
             ("threshold", threshold),
             ("to_threshold", (threshold - a.earned()).max(Decimal::ZERO)),
-            ("available", a.available()),
+            ("available", a.available(threshold)),
             ("in_withdrawal", a.in_withdrawal),
             ("withdrawn_total", a.paid_out),
             ("credited_total", a.credited),
@@ -676,17 +730,19 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
 /// Runs `ops` through the ledger and the model, asserting they agree after each.
 fn run(case: &Case, ops: &[Op]) {
     let t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
-    t.define(rules("model", program(case)));
+    t.define(rules("model", program(case, &FIRST_VERSION)));
     let own = format!("c-{ALICE_OWN_CUSTOMER}");
     let codes: Vec<String> = AFFILIATES
         .iter()
         .map(|a| {
             let own = (*a == "alice").then_some(own.as_str());
-            t.enroll_with(a, own, None, None).referral_code
+            let rate = case.bob_rate.filter(|_| *a == "bob").map(|r| r.to_string());
+            t.enroll_with(a, own, None, rate.as_deref()).referral_code
         })
         .collect();
     let mut m = Model {
         case: Some(case.clone()),
+        versions: vec![(ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION)],
         ..Model::default()
     };
     let mut withdrawal_ids = Vec::new();
@@ -880,12 +936,13 @@ fn run(case: &Case, ops: &[Op]) {
             }
             Op::Withdraw { affiliate, cents } => {
                 let amount = money(i64::from(*cents));
+                let threshold = money(m.current().threshold_cents);
                 let a = &mut m.accounts[*affiliate];
                 let expected = if a.earned() < Decimal::ZERO {
                     "refused NegativeEarned"
-                } else if a.earned() < money(THRESHOLD_CENTS) {
+                } else if a.earned() < threshold {
                     "refused BelowThreshold"
-                } else if amount > a.available() {
+                } else if amount > a.available(threshold) {
                     "refused InsufficientBalance"
                 } else {
                     a.free -= amount;
@@ -943,6 +1000,17 @@ fn run(case: &Case, ops: &[Op]) {
                     Command::ChangeCustomerGroup {
                         customer_id: customer(*c),
                         group: if *staff { "staff" } else { "default" }.into(),
+                    },
+                    at,
+                    "appended".into(),
+                )
+            }
+            Op::ChangeRules { version } => {
+                m.versions.push((now, version.clone()));
+                (
+                    Command::DefineProgram {
+                        rules: Box::new(rules("model", program(case, version))),
+                        reason: Some("new terms".into()),
                     },
                     at,
                     "appended".into(),
