@@ -28,6 +28,12 @@
 //!   then how long one affiliate's balance takes when its pending estimate
 //!   must be computed: a wide program, where a small affiliate's balance
 //!   should not cost a read of every customer.
+//! - `ledger-load close DIR [CUSTOMERS]`: a program with a tier and a
+//!   bounty, 1,000 affiliates and CUSTOMERS (default 100k) customers with
+//!   two lines each in last month (a fresh DIR; the clock is held at the
+//!   5th of this month), then one affiliate's first pending estimate (and
+//!   after a new line of its own), the close computed, and the close
+//!   submitted and made durable.
 //! - `ledger-load portal DIR [SECONDS] [READ]`: on the bench's log (`bench DIR`
 //!   first), 16 submitters append mixed events for SECONDS, once alone and
 //!   once while a portal reads `aff-0`'s READ in a loop (`balance`, the
@@ -636,6 +642,131 @@ fn customers(dir: &Path, customers: u64) {
     );
 }
 
+/// `close DIR CUSTOMERS`: see the module's doc.
+fn close(dir: &Path, customers: u64) {
+    let parse = |text: &str| Timestamp::parse(text).unwrap_or_else(|e| fail(&e.to_string()));
+    let now = parse("2026-11-05T00:00:00Z");
+    let (signed_up, billed) = (parse("2026-10-01T00:00:00Z"), parse("2026-10-15T00:00:00Z"));
+    let month = now.month_in(chrono_tz::UTC).previous();
+    let mut config = LedgerConfig::new(dir);
+    config.clock = Arc::new(move || now);
+    let ledger = Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string()));
+    let p = ProgramId::parse("tiered").unwrap_or_else(|e| fail(&e.to_string()));
+    if ledger.state().head.seq > 0 {
+        fail("close needs a fresh DIR");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let many = |commands: Vec<(Command, Option<Timestamp>)>| {
+        let submissions = commands
+            .into_iter()
+            .map(|(command, at)| {
+                let s = Submission::new(Some(&p), "load", command);
+                at.map_or(s.clone(), |at| s.at(at))
+            })
+            .collect();
+        for answer in runtime.block_on(ledger.submit_many(submissions)) {
+            if let Err(e) = answer {
+                fail(&format!("refused: {e}"));
+            }
+        }
+    };
+    let customer =
+        |i: u64| CustomerId::parse(&format!("c-{i}")).unwrap_or_else(|e| fail(&e.to_string()));
+    let expense = |line: String, customer: CustomerId| Command::RecordBasisLine {
+        kind: LineKind::Expense,
+        id: LineId::parse(&line).unwrap_or_else(|e| fail(&e.to_string())),
+        customer_id: customer,
+        amount: "12.34".into(),
+        currency: "USD".into(),
+        product: None,
+        order_id: None,
+    };
+    let rules: ProgramRules = serde_json::from_value(serde_json::json!({
+        "id": "tiered", "name": "Tiered", "currency": "USD", "timezone": "UTC",
+        "site_url": "https://provider.example/", "default_rate": "20",
+        "payout_threshold": "50.00", "promo_code_template": "T-@ID@",
+        "tiers": [{"min_active_referrals": 2, "rate": "25"}], "bounty": "5.00",
+        "forbidden_groups": ["staff"]
+    }))
+    .unwrap_or_else(|e| fail(&e.to_string()));
+    let start = Instant::now();
+    many(vec![(
+        Command::DefineProgram {
+            rules: Box::new(rules),
+            reason: None,
+        },
+        None,
+    )]);
+    many(
+        (0..1_000)
+            .map(|i| {
+                let affiliate_id = AffiliateId::parse(&format!("aff-{i}"))
+                    .unwrap_or_else(|e| fail(&e.to_string()));
+                let enroll = Command::EnrollAffiliate {
+                    affiliate_id,
+                    customer_id: None,
+                    group: None,
+                    rate: None,
+                };
+                (enroll, None)
+            })
+            .collect(),
+    );
+    for chunk in (0..customers).collect::<Vec<_>>().chunks(5_000) {
+        let mut commands = Vec::with_capacity(chunk.len() * 3);
+        for &i in chunk {
+            let signup = Command::Signup {
+                customer_id: customer(i),
+                visitor: None,
+                promo_code: Some(format!("T-aff-{}", i % 1_000)),
+                group: None,
+            };
+            commands.push((signup, Some(signed_up)));
+            for k in 0..2 {
+                commands.push((expense(format!("l-{i}-{k}"), customer(i)), Some(billed)));
+            }
+        }
+        many(commands);
+    }
+    println!(
+        "{customers} customers of 1,000 affiliates, two lines each in {month}, made in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let one = AffiliateId::parse("aff-7").unwrap_or_else(|e| fail(&e.to_string()));
+    let pending = || {
+        let start = Instant::now();
+        let pending = match ledger.balance(&p, &one, None) {
+            Ok(Some(b)) => b.pending,
+            Ok(None) => fail("no aff-7"),
+            Err(e) => fail(&e.to_string()),
+        };
+        (start.elapsed().as_secs_f64() * 1000.0, pending)
+    };
+    let (first, amount) = pending();
+    let (again, _) = pending();
+    many(vec![(expense("l-new".into(), customer(7)), Some(billed))]);
+    let (after_line, _) = pending();
+    println!(
+        "aff-7's pending estimate {amount}: first {first:.2} ms, again {again:.3} ms, after a line of its own {after_line:.2} ms"
+    );
+    let start = Instant::now();
+    let events = ledger
+        .state()
+        .model
+        .program(&p)
+        .map(|pm| commission_ledger::rules::close_rewards(pm, month, month, None).len())
+        .unwrap_or(0);
+    let computed = start.elapsed().as_secs_f64() * 1000.0;
+    let start = Instant::now();
+    many(vec![(Command::CloseMonth { month }, None)]);
+    println!(
+        "closing {month}: {events} events computed in {computed:.0} ms; submitted and durable in {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
 /// The seq `past` reads as of: the bench's log has a million.
 const PAST_SEQ: u64 = 500_000;
 
@@ -882,6 +1013,7 @@ fn main() {
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
         "customers" => customers(&PathBuf::from(arg(2)), number(3, 200_000)),
+        "close" => close(&PathBuf::from(arg(2)), number(3, 100_000)),
         "portal" => portal(
             &PathBuf::from(arg(2)),
             number(3, 5).min(600),
