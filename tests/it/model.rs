@@ -5,16 +5,17 @@
 //! for all time, retroactive or not) run through the ledger and through a
 //! small model written from DESIGN.md alone, with plain collections and
 //! no memo, index or incremental path. Cases vary the attribution model,
-//! the term and a custom rate. The two must agree on every outcome
+//! the term (lifetime, months, first order) and a custom rate. The two must agree on every outcome
 //! (appended, no-op, refused and why), on every reward, bounty and
-//! claw-back each close posts, and on every field of every balance (the
-//! pending estimate among them) after every step.
+//! claw-back each close posts, on every field of every balance (the
+//! pending estimate among them), and on this and last month's statements
+//! (opening, totals by kind, closing) after every step.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use commission_ledger::events::*;
 use commission_ledger::ledger::{Submission, SubmitError};
@@ -42,9 +43,10 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
         "bounty": version.bounty.then_some("5.00"),
         "payout_threshold": money(version.threshold_cents).to_string(),
         "forbidden_groups": ["staff"], "auto_close_day": null,
-        "term": match case.term_months {
-            Some(months) => serde_json::json!({"kind": "months", "months": months}),
-            None => serde_json::json!({"kind": "lifetime"}),
+        "term": match case.term {
+            Term::Months(months) => serde_json::json!({"kind": "months", "months": months}),
+            Term::FirstOrder => serde_json::json!({"kind": "first_order"}),
+            Term::Lifetime => serde_json::json!({"kind": "lifetime"}),
         },
     })
 }
@@ -53,9 +55,19 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
 #[derive(Clone, Debug)]
 struct Case {
     first_click: bool,
-    term_months: Option<u32>,
+    term: Term,
     /// Bob's own rate (a custom deal), over every other.
     bob_rate: Option<i64>,
+}
+
+/// Which lines of a referral earn.
+#[derive(Clone, Copy, Debug)]
+enum Term {
+    Lifetime,
+    /// Those dated within this many months of the signup (or first line).
+    Months(u32),
+    /// Those of the customer's first order (or the first line, without orders).
+    FirstOrder,
 }
 
 /// What a change of the program's rules changes here.
@@ -96,6 +108,8 @@ enum Op {
         customer: u8,
         cents: u32,
         domains: bool,
+        /// One of the customer's orders, or none.
+        order: Option<u8>,
         /// Dated this many days before now (maybe in a closed month: late).
         days_back: Option<u8>,
     },
@@ -159,8 +173,9 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, 0..5u8).prop_map(|(affiliate, visitor)| Op::Click { affiliate, visitor }),
         4 => (0..6u8, 0..5u8, proptest::option::weighted(0.5, 0..3usize))
             .prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
-        7 => (proptest::bool::weighted(0.15), 0..6u8, cents(), proptest::bool::weighted(0.25), proptest::option::weighted(0.2, 1..50u8))
-            .prop_map(|(payment, customer, cents, domains, days_back)| Op::Line { payment, customer, cents, domains, days_back }),
+        7 => (proptest::bool::weighted(0.15), 0..6u8, cents(), proptest::bool::weighted(0.25),
+              proptest::option::of(0..3u8), proptest::option::weighted(0.2, 1..50u8))
+            .prop_map(|(payment, customer, cents, domains, order, days_back)| Op::Line { payment, customer, cents, domains, order, days_back }),
         4 => (0..40usize, prop_oneof![
                 (1..3_000u32).prop_map(Size::Cents),
                 (1..=100u8).prop_map(Size::Percent),
@@ -185,12 +200,16 @@ fn op() -> impl Strategy<Value = Op> {
 fn case() -> impl Strategy<Value = Case> {
     (
         any::<bool>(),
-        proptest::option::of(Just(2u32)),
+        prop_oneof![
+            Just(Term::Lifetime),
+            Just(Term::Months(2)),
+            Just(Term::FirstOrder)
+        ],
         proptest::option::of(Just(30i64)),
     )
-        .prop_map(|(first_click, term_months, bob_rate)| Case {
+        .prop_map(|(first_click, term, bob_rate)| Case {
             first_click,
-            term_months,
+            term,
             bob_rate,
         })
 }
@@ -214,6 +233,7 @@ struct Line {
     /// A payment, which earns nothing under an expenses basis.
     payment: bool,
     customer: u8,
+    order: Option<String>,
     amount: Decimal,
     domains: bool,
     at: i64,
@@ -312,7 +332,10 @@ struct Customer {
     /// Whose referral the customer is from when on (`None`: from the start).
     attribution: Vec<(Option<i64>, usize)>,
     signup_at: Option<i64>,
+    /// The first line recorded: its moment, id and order.
     first_line_at: Option<i64>,
+    first_line: Option<String>,
+    first_order: Option<String>,
     /// Staff from when on (or not), in order.
     groups: Vec<(i64, bool)>,
 }
@@ -354,11 +377,46 @@ struct Model {
     refunds: Vec<Refund>,
     closed: BTreeSet<Month>,
     accounts: [Accounts; 3],
+    /// Each affiliate's statement totals by month and kind.
+    statements: HashMap<(usize, Month), BTreeMap<&'static str, Decimal>>,
     /// Affiliate, amount, still requested.
     withdrawals: Vec<(usize, Decimal, bool)>,
 }
 
 impl Model {
+    /// A movement of `earned` on the affiliate's statement of `month`.
+    fn post(&mut self, affiliate: usize, month: Month, kind: &'static str, amount: Decimal) {
+        *self
+            .statements
+            .entry((affiliate, month))
+            .or_default()
+            .entry(kind)
+            .or_default() += amount;
+    }
+
+    /// The statement of a month: opening balance, totals by kind, closing balance.
+    fn statement(
+        &self,
+        affiliate: usize,
+        month: Month,
+    ) -> (Decimal, Vec<(String, Decimal)>, Decimal) {
+        let opening: Decimal = self
+            .statements
+            .iter()
+            .filter(|((a, m), _)| *a == affiliate && *m < month)
+            .flat_map(|(_, totals)| totals.values())
+            .sum();
+        let totals: Vec<(String, Decimal)> = self
+            .statements
+            .get(&(affiliate, month))
+            .into_iter()
+            .flatten()
+            .map(|(kind, amount)| (kind.to_string(), *amount))
+            .collect();
+        let closing = opening + totals.iter().map(|(_, amount)| *amount).sum::<Decimal>();
+        (opening, totals, closing)
+    }
+
     fn version_at(&self, at: i64) -> &Version {
         self.versions
             .iter()
@@ -382,9 +440,13 @@ impl Model {
         let affiliate = customer.affiliate_at(line.at)?;
         let suspended = self.suspended_at[affiliate].is_some_and(|s| s <= line.at);
         let own = affiliate == 0 && line.customer == ALICE_OWN_CUSTOMER;
-        let in_term = match self.case.as_ref().and_then(|c| c.term_months) {
-            None => true,
-            Some(months) => {
+        let in_term = match self.case.as_ref().map_or(Term::Lifetime, |c| c.term) {
+            Term::Lifetime => true,
+            Term::FirstOrder => match (&customer.first_order, &line.order) {
+                (Some(first), Some(order)) => first == order,
+                _ => customer.first_line.as_ref() == Some(&line.id),
+            },
+            Term::Months(months) => {
                 let start = customer
                     .signup_at
                     .or(customer.first_line_at)
@@ -516,6 +578,12 @@ impl Model {
         let posted = self.close(Some(month));
         for p in &posted {
             self.accounts[p.affiliate()].free += p.amount();
+            let kind = match p {
+                Posted::Reward { .. } => "reward",
+                Posted::Bounty { .. } => "bounty",
+                Posted::ClawBack { .. } => "clawback",
+            };
+            self.post(p.affiliate(), month, kind, p.amount());
         }
         // The lines' rewards, then what the refunds took back from them.
         let lines_by_id: HashMap<String, usize> = self
@@ -580,7 +648,7 @@ impl Model {
     /// bounty paid with one of them, moves to `to`, who also gets what
     /// those lines' refunds claw back from now on; lines a close took
     /// while they earned nobody wait for the next close again.
-    fn move_posted(&mut self, customer: u8, to: usize, from: i64) {
+    fn move_posted(&mut self, customer: u8, to: usize, from: i64, now: i64) {
         let mut moves = Vec::new();
         for line in &mut self.lines {
             if line.customer != customer || line.at < from {
@@ -588,8 +656,10 @@ impl Model {
             }
             match line.reward.as_mut() {
                 Some(reward) => {
-                    if reward.affiliate != to {
-                        moves.push((reward.affiliate, reward.amount - reward.clawed));
+                    // Nothing left to move is no movement.
+                    let net = reward.amount - reward.clawed;
+                    if reward.affiliate != to && !net.is_zero() {
+                        moves.push((reward.affiliate, net));
                     }
                     reward.affiliate = to;
                 }
@@ -614,6 +684,8 @@ impl Model {
         for (owner, net) in moves {
             self.accounts[owner].free -= net;
             self.accounts[to].free += net;
+            self.post(owner, month_of(now), "adjustment", -net);
+            self.post(to, month_of(now), "adjustment", net);
         }
     }
 
@@ -839,16 +911,23 @@ fn run(case: &Case, ops: &[Op]) {
                 customer: c,
                 cents,
                 domains,
+                order,
                 days_back,
             } => {
+                let order = order.map(|o| format!("o-{c}-{o}"));
                 let line_at = now - i64::from(days_back.unwrap_or(0)) * DAY_US;
                 let id = format!("l-{i}");
                 m.billed.insert(*c);
                 let known = m.customers.entry(*c).or_default();
-                known.first_line_at = known.first_line_at.or(Some(line_at));
+                if known.first_line.is_none() {
+                    known.first_line_at = Some(line_at);
+                    known.first_line = Some(id.clone());
+                    known.first_order = order.clone();
+                }
                 m.lines.push(Line {
                     id: id.clone(),
                     payment: *payment,
+                    order: order.clone(),
                     customer: *c,
                     amount: money(i64::from(*cents)),
                     domains: *domains,
@@ -870,7 +949,7 @@ fn run(case: &Case, ops: &[Op]) {
                         amount: money(i64::from(*cents)).to_string(),
                         currency: "USD".into(),
                         product: domains.then(|| "domains".to_string()),
-                        order_id: None,
+                        order_id: order,
                     },
                     Timestamp::from_micros(line_at),
                     "appended".into(),
@@ -968,6 +1047,7 @@ fn run(case: &Case, ops: &[Op]) {
                     a.in_withdrawal -= amount;
                     if *pay {
                         a.paid_out += amount;
+                        m.post(affiliate, month_of(now), "withdrawal", -amount);
                     } else {
                         a.free += amount;
                     }
@@ -1043,7 +1123,7 @@ fn run(case: &Case, ops: &[Op]) {
                     "refused SelfReferral"
                 } else if m.customers.contains_key(c) {
                     if *retroactive {
-                        m.move_posted(*c, *affiliate, from.unwrap_or(i64::MIN));
+                        m.move_posted(*c, *affiliate, from.unwrap_or(i64::MIN), now);
                     }
                     let customer = m.customers.entry(*c).or_default();
                     match from {
@@ -1081,6 +1161,7 @@ fn run(case: &Case, ops: &[Op]) {
                 } else {
                     a.free -= amount;
                     a.credited += amount;
+                    m.post(*affiliate, month_of(now), "credit", -amount);
                     "appended"
                 };
                 (
@@ -1111,6 +1192,23 @@ fn run(case: &Case, ops: &[Op]) {
         for (a, name) in AFFILIATES.iter().enumerate() {
             let served = served_balance(&t.balance(name));
             assert_eq!(served, m.balance(a), "{name} after {}", context());
+            // This month's statement and last month's: the months money
+            // moves in (closes post in the month they close).
+            for month in [month_of(now), month_of(now).previous()] {
+                let s = t.statement(name, &month.to_string());
+                let d = |s: &str| s.parse::<Decimal>().unwrap();
+                let served = (
+                    d(&s.opening_balance),
+                    s.totals.iter().map(|(k, v)| (k.clone(), d(v))).collect(),
+                    d(&s.closing_balance),
+                );
+                assert_eq!(
+                    served,
+                    m.statement(a, month),
+                    "{name}'s {month} after {}",
+                    context()
+                );
+            }
         }
     }
 }
