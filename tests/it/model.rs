@@ -5,11 +5,11 @@
 //! for all time, retroactive or not) run through the ledger and through a
 //! small model written from DESIGN.md alone, with plain collections and
 //! no memo, index or incremental path. Cases vary the attribution model,
-//! the term (lifetime, months, first order) and a custom rate. The two must agree on every outcome
-//! (appended, no-op, refused and why), on every reward, bounty and
-//! claw-back each close posts, on every field of every balance (the
-//! pending estimate among them), and on this and last month's statements
-//! (opening, totals by kind, closing) after every step.
+//! the term (lifetime, months, first order) and a custom rate. The two
+//! must agree on every outcome (appended, no-op, refused and why), on
+//! every reward, bounty and claw-back each close posts, on every field of
+//! every balance (the pending estimate among them), and on this and last
+//! month's statements (opening, totals by kind, closing) after every step.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
