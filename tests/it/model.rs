@@ -9,7 +9,8 @@
 //! must agree on every outcome (appended, no-op, refused and why), on
 //! every reward, bounty and claw-back each close posts, on every field of
 //! every balance (the pending estimate among them), and on this and last
-//! month's statements (opening, totals by kind, closing) after every step.
+//! month's statements (opening, totals by kind, closing) after every step,
+//! and across restarts from a checkpoint and from the log alone.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
@@ -134,6 +135,12 @@ enum Op {
     Wait {
         days: u8,
     },
+    /// The ledger stops and starts again: from the checkpoint it saves
+    /// when it stops, or (`rebuild`) from the log alone, its index store
+    /// deleted. The state it starts with must be the same.
+    Restart {
+        rebuild: bool,
+    },
     Group {
         customer: u8,
         staff: bool,
@@ -186,6 +193,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..6usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
         3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
+        1 => any::<bool>().prop_map(|rebuild| Op::Restart { rebuild }),
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
         1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
         1 => (prop_oneof![Just(20i64), Just(30)], proptest::bool::weighted(0.7), prop_oneof![Just(500i64), Just(2_000)])
@@ -801,7 +809,7 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
 
 /// Runs `ops` through the ledger and the model, asserting they agree after each.
 fn run(case: &Case, ops: &[Op]) {
-    let t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
+    let mut t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
     t.define(rules("model", program(case, &FIRST_VERSION)));
     let own = format!("c-{ALICE_OWN_CUSTOMER}");
     let codes: Vec<String> = AFFILIATES
@@ -829,6 +837,18 @@ fn run(case: &Case, ops: &[Op]) {
         let (command, at, expected): (Command, Timestamp, String) = match op {
             Op::Wait { days } => {
                 now += i64::from(*days) * DAY_US;
+                continue;
+            }
+            Op::Restart { rebuild } => {
+                if *rebuild {
+                    t.ledger = None;
+                    std::fs::remove_dir_all(t.dir.path().join("index")).unwrap();
+                }
+                t.reopen();
+                for (a, name) in AFFILIATES.iter().enumerate() {
+                    let served = served_balance(&t.balance(name));
+                    assert_eq!(served, m.balance(a), "{name} after a restart at op {i}");
+                }
                 continue;
             }
             Op::Click { affiliate, visitor } => {
