@@ -1184,6 +1184,15 @@ fn statements_by_accept_reassignment_and_the_audit_log() {
         (Some("bob"), Some("20.00"))
     );
     assert_eq!(app.balance("hosting", "bob")["earned"], "20.00");
+    // a signup forwarded again finds the customer where the operator put
+    // them, and says so without claiming how a signup brought them
+    assert_eq!(
+        app.signup(
+            "hosting",
+            json!({"customer_id": "cust-1", "promo_code": "HOST-alice"})
+        ),
+        (200, json!({"attributed": true, "affiliate_id": "bob"}))
+    );
     assert_eq!(
         app.statement("hosting", "alice", "2026-08")["closing_balance"],
         "20.00",
