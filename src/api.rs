@@ -2722,7 +2722,7 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, IngestAnswer<'_>), Ap
     let attributed = |affiliate_id, via| IngestAnswer {
         attributed: Some(true),
         affiliate_id: Some(affiliate_id),
-        via: Some(via),
+        via,
         ..IngestAnswer::default()
     };
     let recorded = |seq, duplicate| IngestAnswer {
@@ -2739,13 +2739,9 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, IngestAnswer<'_>), Ap
                 ..IngestAnswer::default()
             },
         ),
-        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => (
-            StatusCode::OK,
-            IngestAnswer {
-                via: *via,
-                ..attributed(affiliate_id, Via::Click)
-            },
-        ),
+        (Some(Noop::AlreadyAttributed { affiliate_id, via }), _) => {
+            (StatusCode::OK, attributed(affiliate_id, *via))
+        }
         (Some(Noop::Duplicate { seq }), _) => (StatusCode::OK, recorded(Some(*seq), Some(true))),
         (None, Some(Event::ClickRecorded(e))) => (
             StatusCode::CREATED,
@@ -2755,9 +2751,10 @@ fn ingest_answer(receipt: &Receipt) -> Result<(StatusCode, IngestAnswer<'_>), Ap
                 ..IngestAnswer::default()
             },
         ),
-        (None, Some(Event::SignupAttributed(e))) => {
-            (StatusCode::CREATED, attributed(&e.affiliate_id, e.via))
-        }
+        (None, Some(Event::SignupAttributed(e))) => (
+            StatusCode::CREATED,
+            attributed(&e.affiliate_id, Some(e.via)),
+        ),
         (None, Some(_)) if receipt.replayed => {
             (StatusCode::OK, recorded(first.map(|r| r.seq), Some(true)))
         }

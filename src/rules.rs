@@ -2493,22 +2493,20 @@ fn extend_pending(
         let Some(earner) = line_earner(pm, line) else {
             continue;
         };
-        let bounty_unpaid = customer.bounty.is_none()
-            && pm
-                .rules_at(line.at)
-                .is_some_and(|rules| rules.bounty.is_some());
+        let unpaid_bounty = pm
+            .rules_at(line.at)
+            .and_then(|rules| rules.bounty)
+            .filter(|_| customer.bounty.is_none());
         if earner.0 != affiliate_id {
             // It earns someone else, but may take the customer's bounty
             // from a line of the affiliate's dated after it.
-            if bounty_unpaid {
+            if unpaid_bounty.is_some() {
                 return None;
             }
             continue;
         }
         added += line_reward(pm, line, earner, &mut tier_counts).1;
-        if let Some(bounty) = pm.rules_at(line.at).and_then(|rules| rules.bounty)
-            && customer.bounty.is_none()
-        {
+        if let Some(bounty) = unpaid_bounty {
             let mut first = true;
             for l in earlier() {
                 let l_key = (l.month, l.at, l.seq);
