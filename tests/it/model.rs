@@ -807,7 +807,9 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
         .collect()
 }
 
-/// Runs `ops` through the ledger and the model, asserting they agree after each.
+/// Runs `ops` through the ledger and the model, asserting they agree after
+/// each; then replays the whole history without overrides, which must
+/// decide every close as it was decided (no money moves).
 fn run(case: &Case, ops: &[Op]) {
     let mut t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
     t.define(rules("model", program(case, &FIRST_VERSION)));
@@ -1231,6 +1233,15 @@ fn run(case: &Case, ops: &[Op]) {
             }
         }
     }
+    let replay = t
+        .ledger()
+        .what_if(&t.program, Default::default(), None)
+        .unwrap();
+    assert!(
+        replay.diff.rows.is_empty(),
+        "a replay of the history as it was moves money: {:?}",
+        replay.diff.rows
+    );
 }
 
 proptest! {
