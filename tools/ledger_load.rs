@@ -30,8 +30,8 @@
 //!   should not cost a read of every customer.
 //! - `ledger-load close DIR [CUSTOMERS]`: a program with a tier and a
 //!   bounty, 1,000 affiliates and CUSTOMERS (default 100k) customers with
-//!   two lines each in last month (a fresh DIR; the clock is held at the
-//!   5th of this month), then one affiliate's first pending estimate (and
+//!   two lines each in October 2026 (a fresh DIR; the ledger's clock is
+//!   held at 5 November 2026), then one affiliate's first pending estimate (and
 //!   after a new line of its own), the close computed, and the close
 //!   submitted and made durable.
 //! - `ledger-load portal DIR [SECONDS] [READ]`: on the bench's log (`bench DIR`
@@ -663,7 +663,10 @@ fn close(dir: &Path, customers: u64) {
             .into_iter()
             .map(|(command, at)| {
                 let s = Submission::new(Some(&p), "load", command);
-                at.map_or(s.clone(), |at| s.at(at))
+                match at {
+                    Some(at) => s.at(at),
+                    None => s,
+                }
             })
             .collect();
         for answer in runtime.block_on(ledger.submit_many(submissions)) {
