@@ -3417,7 +3417,10 @@ pub fn openapi() -> Value {
             (
                 201,
                 object(
-                    json!({"attributed": {"type": "boolean"}, "affiliate_id": string, "via": string}),
+                    json!({"attributed": {"type": "boolean"}, "affiliate_id": string, "via": {
+                        "type": "string", "enum": ["click", "promo_code"],
+                        "description": "How a signup brought the customer; absent when an operator placed or moved them"
+                    }}),
                 ),
             ),
         ),
