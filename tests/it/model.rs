@@ -4,8 +4,9 @@
 //! group changes, suspensions, rule changes and reassignments (dated or
 //! for all time, retroactive or not) run through the ledger and through a
 //! small model written from DESIGN.md alone, with plain collections and
-//! no memo, index or incremental path. Cases vary the attribution model,
-//! the term (lifetime, months, first order) and a custom rate. The two
+//! no memo, index or incremental path, and the server's auto-closer run
+//! now and then. Cases vary the attribution model, the term (lifetime,
+//! months, first order), a custom rate and the auto-close day. The two
 //! must agree on every outcome (appended, no-op, refused and why), on
 //! every reward, bounty and claw-back each close posts, on every field of
 //! every balance (the pending estimate among them), and on this and last
@@ -43,7 +44,7 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
         "tiers": [{"min_active_referrals": 2, "rate": "25"}],
         "bounty": version.bounty.then_some("5.00"),
         "payout_threshold": money(version.threshold_cents).to_string(),
-        "forbidden_groups": ["staff"], "auto_close_day": null,
+        "forbidden_groups": ["staff"], "auto_close_day": case.auto_close_day,
         "term": match case.term {
             Term::Months(months) => serde_json::json!({"kind": "months", "months": months}),
             Term::FirstOrder => serde_json::json!({"kind": "first_order"}),
@@ -59,6 +60,8 @@ struct Case {
     term: Term,
     /// Bob's own rate (a custom deal), over every other.
     bob_rate: Option<i64>,
+    /// The day of the month the server closes the month before by itself.
+    auto_close_day: Option<u32>,
 }
 
 /// Which lines of a referral earn.
@@ -119,6 +122,9 @@ enum Op {
         size: Size,
     },
     Close,
+    /// The server's auto-closer looks at the clock: it closes every month
+    /// whose day `auto_close_day` of the month after has come.
+    AutoClose,
     Withdraw {
         affiliate: usize,
         cents: u32,
@@ -189,6 +195,7 @@ fn op() -> impl Strategy<Value = Op> {
                 Just(Size::Rest),
             ]).prop_map(|(line, size)| Op::Refund { line, size }),
         3 => Just(Op::Close),
+        2 => Just(Op::AutoClose),
         3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Withdraw { affiliate, cents }),
         3 => (0..6usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
         3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
@@ -214,11 +221,13 @@ fn case() -> impl Strategy<Value = Case> {
             Just(Term::FirstOrder)
         ],
         proptest::option::of(Just(30i64)),
+        proptest::option::of(1..29u32),
     )
-        .prop_map(|(first_click, term, bob_rate)| Case {
+        .prop_map(|(first_click, term, bob_rate, auto_close_day)| Case {
             first_click,
             term,
             bob_rate,
+            auto_close_day,
         })
 }
 
@@ -697,6 +706,28 @@ impl Model {
         }
     }
 
+    /// The months the auto-closer owes at `now`, oldest first: each month
+    /// from the program's definition on whose close moment (its day of the
+    /// month after, at midnight) has come, after the last month closed.
+    fn auto_close_due(&self, now: i64) -> Vec<Month> {
+        let Some(day) = self.case.as_ref().and_then(|c| c.auto_close_day) else {
+            return Vec::new();
+        };
+        let since = self.versions[0].0;
+        let last_closed = self.closed.iter().next_back().copied();
+        let mut due = Vec::new();
+        let mut month = month_of(since).previous();
+        while month < month_of(now) {
+            let moment =
+                month.next().start_in(chrono_tz::UTC).micros() + i64::from(day - 1) * DAY_US;
+            if moment >= since && moment <= now && last_closed.is_none_or(|last| month > last) {
+                due.push(month);
+            }
+            month = month.next();
+        }
+        due
+    }
+
     fn pending(&self, affiliate: usize) -> Decimal {
         self.close(None)
             .iter()
@@ -839,6 +870,28 @@ fn run(case: &Case, ops: &[Op]) {
         let (command, at, expected): (Command, Timestamp, String) = match op {
             Op::Wait { days } => {
                 now += i64::from(*days) * DAY_US;
+                continue;
+            }
+            Op::AutoClose => {
+                t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let closed: Vec<(Month, Vec<Posted>)> = runtime
+                    .block_on(t.ledger().auto_close())
+                    .into_iter()
+                    .map(|(_, month, result)| (month, posted_by_ledger(&result.unwrap())))
+                    .collect();
+                let expected: Vec<(Month, Vec<Posted>)> = m
+                    .auto_close_due(now)
+                    .into_iter()
+                    .map(|month| (month, m.apply_close(month)))
+                    .collect();
+                assert_eq!(closed, expected, "op {i} {op:?}");
+                for (a, name) in AFFILIATES.iter().enumerate() {
+                    let served = served_balance(&t.balance(name));
+                    assert_eq!(served, m.balance(a), "{name} after auto-close at op {i}");
+                }
                 continue;
             }
             Op::Restart { rebuild } => {
