@@ -1,11 +1,11 @@
 //! The ledger against a reference model of the money rules (sled's
 //! model-based testing): random histories of clicks, signups, charges and
-//! payments, refunds, closes, withdrawals and their settlement, credits,
-//! group changes, suspensions, rule changes and reassignments (dated or
-//! for all time, retroactive or not) run through the ledger and through a
-//! small model written from DESIGN.md alone, with plain collections and
-//! no memo, index or incremental path, and the server's auto-closer run
-//! now and then. Cases vary the attribution model, the term (lifetime,
+//! payments, refunds, closes (by hand and by the server's auto-closer),
+//! withdrawals and their settlement, credits, group changes, suspensions,
+//! rule changes and reassignments (dated or for all time, retroactive or
+//! not) run through the ledger and through a small model written from
+//! DESIGN.md alone, with plain collections and no memo, index or
+//! incremental path. Cases vary the attribution model, the term (lifetime,
 //! months, first order), a custom rate and the auto-close day. The two
 //! must agree on every outcome (appended, no-op, refused and why), on
 //! every reward, bounty and claw-back each close posts, on every field of
