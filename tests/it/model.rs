@@ -1035,13 +1035,13 @@ fn run(case: &Case, ops: &[Op]) {
                 let referred: Vec<usize> = (0..m.lines.len())
                     .filter(|i| m.earner(&m.lines[*i]).is_some())
                     .collect();
-                let l = &match (referred.len(), m.lines.len()) {
+                let l = match (referred.len(), m.lines.len()) {
                     (_, 0) => continue,
                     (0, all) => *l % all,
                     (some, _) if *l % 4 != 0 => referred[*l % some],
                     (_, all) => *l % all,
                 };
-                let refunded = &m.lines[*l];
+                let refunded = &m.lines[l];
                 let left = refunded.amount - refunded.refunded;
                 let amount = match size {
                     Size::Cents(c) => money(i64::from(*c)),
@@ -1060,10 +1060,10 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if amount > left {
                     "refused RefundExceedsLine".to_string()
                 } else {
-                    m.lines[*l].refunded += amount;
+                    m.lines[l].refunded += amount;
                     m.refunds.push(Refund {
                         id: format!("r-{i}"),
-                        line: *l,
+                        line: l,
                         amount,
                         at: now,
                         month: month_of(now),
