@@ -6,7 +6,8 @@
 //! not) run through the ledger and through a small model written from
 //! DESIGN.md alone, with plain collections and no memo, index or
 //! incremental path. Cases vary the attribution model, the term (lifetime,
-//! months, first order), a custom rate and the auto-close day. The two
+//! months, first order), a custom rate, the auto-close day and the
+//! currency (USD, JPY or BHD: 2, 0 or 3 decimals to round to). The two
 //! must agree on every outcome (appended, no-op, refused and why), on
 //! every reward, bounty and claw-back each close posts, on every field of
 //! every balance (the pending estimate among them), and on this and last
@@ -42,7 +43,8 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
         "basis": "expenses", "default_rate": version.default_rate.to_string(),
         "product_rates": {"domains": "5"},
         "tiers": [{"min_active_referrals": 2, "rate": "25"}],
-        "bounty": version.bounty.then_some("5.00"),
+        "currency": case.currency.0,
+        "bounty": version.bounty.then(|| money(BOUNTY_CENTS).to_string()),
         "payout_threshold": money(version.threshold_cents).to_string(),
         "forbidden_groups": ["staff"], "auto_close_day": case.auto_close_day,
         "term": match case.term {
@@ -62,6 +64,8 @@ struct Case {
     bob_rate: Option<i64>,
     /// The day of the month the server closes the month before by itself.
     auto_close_day: Option<u32>,
+    /// The program's currency and its minor unit.
+    currency: (&'static str, u32),
 }
 
 /// Which lines of a referral earn.
@@ -222,23 +226,35 @@ fn case() -> impl Strategy<Value = Case> {
         ],
         proptest::option::of(Just(30i64)),
         proptest::option::of(1..29u32),
+        prop_oneof![4 => Just(("USD", 2)), 1 => Just(("JPY", 0)), 1 => Just(("BHD", 3))],
     )
-        .prop_map(|(first_click, term, bob_rate, auto_close_day)| Case {
-            first_click,
-            term,
-            bob_rate,
-            auto_close_day,
-        })
+        .prop_map(
+            |(first_click, term, bob_rate, auto_close_day, currency)| Case {
+                first_click,
+                term,
+                bob_rate,
+                auto_close_day,
+                currency,
+            },
+        )
 }
 
-fn money(cents: i64) -> Decimal {
-    Decimal::new(cents, 2)
+thread_local! {
+    /// The minor unit of the history's currency (ISO 4217: 2 for USD, 0
+    /// for JPY, 3 for BHD), set by [`run`] for the amounts below.
+    static MINOR_UNIT: std::cell::Cell<u32> = const { std::cell::Cell::new(2) };
 }
 
-/// A percentage of an amount, rounded half to even to the cent.
+/// An amount of `units` of the currency's minor unit ("cents" in this
+/// file, whatever the currency).
+fn money(units: i64) -> Decimal {
+    Decimal::new(units, MINOR_UNIT.get())
+}
+
+/// A percentage of an amount, rounded half to even to the minor unit.
 fn percent(amount: Decimal, rate: i64) -> Decimal {
     (amount * Decimal::from(rate) / Decimal::ONE_HUNDRED)
-        .round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven)
+        .round_dp_with_strategy(MINOR_UNIT.get(), RoundingStrategy::MidpointNearestEven)
 }
 
 fn month_of(micros: i64) -> Month {
@@ -842,6 +858,7 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
 /// each; then replays the whole history without overrides, which must
 /// decide every close as it was decided (no money moves).
 fn run(case: &Case, ops: &[Op]) {
+    MINOR_UNIT.set(case.currency.1);
     let mut t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
     t.define(rules("model", program(case, &FIRST_VERSION)));
     let own = format!("c-{ALICE_OWN_CUSTOMER}");
@@ -1022,7 +1039,7 @@ fn run(case: &Case, ops: &[Op]) {
                         id: line(&id),
                         customer_id: customer(*c),
                         amount: money(i64::from(*cents)).to_string(),
-                        currency: "USD".into(),
+                        currency: case.currency.0.into(),
                         product: domains.then(|| "domains".to_string()),
                         order_id: order,
                     },
@@ -1046,7 +1063,7 @@ fn run(case: &Case, ops: &[Op]) {
                 let amount = match size {
                     Size::Cents(c) => money(i64::from(*c)),
                     Size::Percent(p) => (left * Decimal::from(*p) / Decimal::ONE_HUNDRED)
-                        .round_dp_with_strategy(2, RoundingStrategy::ToZero)
+                        .round_dp_with_strategy(MINOR_UNIT.get(), RoundingStrategy::ToZero)
                         .max(money(1)),
                     Size::Rest => left.max(money(1)),
                 };
@@ -1055,7 +1072,7 @@ fn run(case: &Case, ops: &[Op]) {
                     customer_id: customer(refunded.customer),
                     refunds: line(&refunded.id),
                     amount: amount.to_string(),
-                    currency: "USD".into(),
+                    currency: case.currency.0.into(),
                 };
                 let expected = if amount > left {
                     "refused RefundExceedsLine".to_string()
@@ -1084,7 +1101,10 @@ fn run(case: &Case, ops: &[Op]) {
                         .iter()
                         .filter(|p| !matches!(p, Posted::ClawBack { .. }))
                         .count();
-                    format!("closed {month} with {rewards} rewards of {total:.2}")
+                    format!(
+                        "closed {month} with {rewards} rewards of {total:.minor$}",
+                        minor = MINOR_UNIT.get() as usize
+                    )
                 };
                 (Command::CloseMonth { month }, at, expected)
             }
