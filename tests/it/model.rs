@@ -12,7 +12,9 @@
 //! every reward, bounty and claw-back each close posts, on every field of
 //! every balance (the pending estimate among them), and on this and last
 //! month's statements (opening, totals by kind, closing) after every step,
-//! and across restarts from a checkpoint and from the log alone.
+//! and across restarts from a checkpoint and from the log alone. A twin
+//! program on the same server gets every command too, with the same ids,
+//! and must answer and count exactly the same: programs share nothing.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
@@ -870,12 +872,50 @@ fn run(case: &Case, ops: &[Op]) {
             t.enroll_with(a, own, None, rate.as_deref()).referral_code
         })
         .collect();
+    // A twin program on the same server gets every command too, with the
+    // same customer, line and refund ids: programs share nothing, so it
+    // must answer and count exactly as the first (and the model) do.
+    let twin = program_id("twin");
+    let on_twin = |command: Command| {
+        let submission = Submission::new(Some(&twin), "model", command);
+        t.ledger().submit_blocking(submission).unwrap().events
+    };
+    on_twin(Command::DefineProgram {
+        rules: Box::new(rules("twin", program(case, &FIRST_VERSION))),
+        reason: None,
+    });
+    let twin_codes: Vec<String> = AFFILIATES
+        .iter()
+        .map(|a| {
+            let own = (*a == "alice").then(|| cust(&own));
+            let rate = case.bob_rate.filter(|_| *a == "bob");
+            let enroll = Command::EnrollAffiliate {
+                affiliate_id: aff(a),
+                customer_id: own,
+                group: None,
+                rate: rate.map(|r| commission_ledger::money::Rate::parse(&r.to_string()).unwrap()),
+            };
+            match &on_twin(enroll)[0].event {
+                Event::AffiliateEnrolled(e) => e.referral_code.clone(),
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let twin_balance = |t: &TestLedger, name: &str| {
+        let balance = t
+            .ledger()
+            .balance(&twin, &aff(name), None)
+            .unwrap()
+            .unwrap();
+        served_balance(&balance)
+    };
     let mut m = Model {
         case: Some(case.clone()),
         versions: vec![(ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION)],
         ..Model::default()
     };
     let mut withdrawal_ids = Vec::new();
+    let mut twin_withdrawal_ids = Vec::new();
     let mut now = ts("2026-01-01T12:00:00Z").micros();
     for (i, op) in ops.iter().enumerate() {
         now += DAY_US * 3 / 2;
@@ -894,20 +934,24 @@ fn run(case: &Case, ops: &[Op]) {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .build()
                     .unwrap();
-                let closed: Vec<(Month, Vec<Posted>)> = runtime
-                    .block_on(t.ledger().auto_close())
-                    .into_iter()
-                    .map(|(_, month, result)| (month, posted_by_ledger(&result.unwrap())))
-                    .collect();
+                let mut closed: HashMap<ProgramId, Vec<(Month, Vec<Posted>)>> = HashMap::new();
+                for (program, month, result) in runtime.block_on(t.ledger().auto_close()) {
+                    let posted = posted_by_ledger(&result.unwrap());
+                    closed.entry(program).or_default().push((month, posted));
+                }
                 let expected: Vec<(Month, Vec<Posted>)> = m
                     .auto_close_due(now)
                     .into_iter()
                     .map(|month| (month, m.apply_close(month)))
                     .collect();
-                assert_eq!(closed, expected, "op {i} {op:?}");
+                for program in [&t.program, &twin] {
+                    let closed = closed.remove(program).unwrap_or_default();
+                    assert_eq!(closed, expected, "{program}: op {i} {op:?}");
+                }
                 for (a, name) in AFFILIATES.iter().enumerate() {
                     let served = served_balance(&t.balance(name));
                     assert_eq!(served, m.balance(a), "{name} after auto-close at op {i}");
+                    assert_eq!(twin_balance(&t, name), m.balance(a), "twin's {name}");
                 }
                 continue;
             }
@@ -920,6 +964,7 @@ fn run(case: &Case, ops: &[Op]) {
                 for (a, name) in AFFILIATES.iter().enumerate() {
                     let served = served_balance(&t.balance(name));
                     assert_eq!(served, m.balance(a), "{name} after a restart at op {i}");
+                    assert_eq!(twin_balance(&t, name), m.balance(a), "twin's {name}");
                 }
                 continue;
             }
@@ -1271,10 +1316,66 @@ fn run(case: &Case, ops: &[Op]) {
             }
         };
         t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        // The twin's own codes, ids and program id in its copy.
+        let twin_command = match command.clone() {
+            Command::RecordClick {
+                referral_code,
+                visitor,
+                creative,
+                referrer,
+                landing,
+                client_hash,
+            } => Command::RecordClick {
+                referral_code: twin_codes[codes.iter().position(|c| *c == referral_code).unwrap()]
+                    .clone(),
+                visitor,
+                creative,
+                referrer,
+                landing,
+                client_hash,
+            },
+            Command::PayWithdrawal {
+                withdrawal_id,
+                reference,
+            } => Command::PayWithdrawal {
+                withdrawal_id: twin_withdrawal_ids[withdrawal_ids
+                    .iter()
+                    .position(|w| *w == withdrawal_id)
+                    .unwrap()],
+                reference,
+            },
+            Command::RejectWithdrawal {
+                withdrawal_id,
+                reason,
+            } => Command::RejectWithdrawal {
+                withdrawal_id: twin_withdrawal_ids[withdrawal_ids
+                    .iter()
+                    .position(|w| *w == withdrawal_id)
+                    .unwrap()],
+                reason,
+            },
+            Command::DefineProgram { mut rules, reason } => {
+                rules.id = twin.clone();
+                Command::DefineProgram { rules, reason }
+            }
+            other => other,
+        };
         let submission = Submission::new(Some(&t.program), "model", command).at(at);
         let result = t.ledger().submit_blocking(submission);
         let context = || format!("op {i} {op:?}");
         assert_eq!(outcome(&result), expected, "{}", context());
+        let twin_result = t
+            .ledger()
+            .submit_blocking(Submission::new(Some(&twin), "model", twin_command).at(at));
+        assert_eq!(outcome(&twin_result), expected, "twin: {}", context());
+        if let Ok(receipt) = &twin_result {
+            assert_eq!(posted_by_ledger(receipt), posted, "twin: {}", context());
+            for r in &receipt.events {
+                if let Event::WithdrawalRequested(w) = &r.event {
+                    twin_withdrawal_ids.push(w.withdrawal_id);
+                }
+            }
+        }
         if let Ok(receipt) = &result {
             // Every reward, bounty and claw-back of a close, in order.
             assert_eq!(posted_by_ledger(receipt), posted, "{}", context());
@@ -1287,6 +1388,12 @@ fn run(case: &Case, ops: &[Op]) {
         for (a, name) in AFFILIATES.iter().enumerate() {
             let served = served_balance(&t.balance(name));
             assert_eq!(served, m.balance(a), "{name} after {}", context());
+            assert_eq!(
+                twin_balance(&t, name),
+                m.balance(a),
+                "twin's {name} after {}",
+                context()
+            );
             // This month's statement and last month's: the months money
             // moves in (closes post in the month they close).
             for month in [month_of(now), month_of(now).previous()] {
@@ -1306,15 +1413,17 @@ fn run(case: &Case, ops: &[Op]) {
             }
         }
     }
-    let replay = t
-        .ledger()
-        .what_if(&t.program, Default::default(), None)
-        .unwrap();
-    assert!(
-        replay.diff.rows.is_empty(),
-        "a replay of the history as it was moves money: {:?}",
-        replay.diff.rows
-    );
+    for program in [&t.program, &twin] {
+        let replay = t
+            .ledger()
+            .what_if(program, Default::default(), None)
+            .unwrap();
+        assert!(
+            replay.diff.rows.is_empty(),
+            "a replay of {program}'s history as it was moves money: {:?}",
+            replay.diff.rows
+        );
+    }
 }
 
 proptest! {
