@@ -6,8 +6,10 @@
 //! not) run through the ledger and through a small model written from
 //! DESIGN.md alone, with plain collections and no memo, index or
 //! incremental path. Cases vary the attribution model, the term (lifetime,
-//! months, first order), a custom rate, the auto-close day and the
-//! currency (USD, JPY or BHD: 2, 0 or 3 decimals to round to). The two
+//! months, first order), a custom rate, the auto-close day, the currency
+//! (USD, JPY or BHD: 2, 0 or 3 decimals to round to) and the time zone
+//! the program's months are in (UTC, Amsterdam, Kiritimati at +14, and
+//! Asunción, whose summer time began at midnight). The two
 //! must agree on every outcome (appended, no-op, refused and why), on
 //! every reward, bounty and claw-back each close posts, on every field of
 //! every balance (the pending estimate among them), and on this and last
@@ -40,7 +42,7 @@ const DAY_US: i64 = 86_400_000_000;
 /// the threshold as the version has them.
 fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
-        "timezone": "UTC", "cookie_days": 30,
+        "timezone": case.zone.name(), "cookie_days": 30,
         "attribution": if case.first_click { "first_click" } else { "last_click" },
         "basis": "expenses", "default_rate": version.default_rate.to_string(),
         "product_rates": {"domains": "5"},
@@ -68,6 +70,8 @@ struct Case {
     auto_close_day: Option<u32>,
     /// The program's currency and its minor unit.
     currency: (&'static str, u32),
+    /// The program's time zone: where its months begin and end.
+    zone: chrono_tz::Tz,
 }
 
 /// Which lines of a referral earn.
@@ -229,14 +233,22 @@ fn case() -> impl Strategy<Value = Case> {
         proptest::option::of(Just(30i64)),
         proptest::option::of(1..29u32),
         prop_oneof![4 => Just(("USD", 2)), 1 => Just(("JPY", 0)), 1 => Just(("BHD", 3))],
+        // UTC; summer time; 14 hours ahead; summer time beginning at midnight.
+        prop_oneof![
+            Just(chrono_tz::UTC),
+            Just(chrono_tz::Europe::Amsterdam),
+            Just(chrono_tz::Pacific::Kiritimati),
+            Just(chrono_tz::America::Asuncion),
+        ],
     )
         .prop_map(
-            |(first_click, term, bob_rate, auto_close_day, currency)| Case {
+            |(first_click, term, bob_rate, auto_close_day, currency, zone)| Case {
                 first_click,
                 term,
                 bob_rate,
                 auto_close_day,
                 currency,
+                zone,
             },
         )
 }
@@ -245,6 +257,8 @@ thread_local! {
     /// The minor unit of the history's currency (ISO 4217: 2 for USD, 0
     /// for JPY, 3 for BHD), set by [`run`] for the amounts below.
     static MINOR_UNIT: std::cell::Cell<u32> = const { std::cell::Cell::new(2) };
+    /// The program's time zone, set by [`run`] for [`month_of`].
+    static ZONE: std::cell::Cell<chrono_tz::Tz> = const { std::cell::Cell::new(chrono_tz::UTC) };
 }
 
 /// An amount of `units` of the currency's minor unit ("cents" in this
@@ -259,8 +273,9 @@ fn percent(amount: Decimal, rate: i64) -> Decimal {
         .round_dp_with_strategy(MINOR_UNIT.get(), RoundingStrategy::MidpointNearestEven)
 }
 
+/// The program's month of a moment.
 fn month_of(micros: i64) -> Month {
-    Timestamp::from_micros(micros).month_in(chrono_tz::UTC)
+    Timestamp::from_micros(micros).month_in(ZONE.get())
 }
 
 struct Line {
@@ -736,8 +751,7 @@ impl Model {
         let mut due = Vec::new();
         let mut month = month_of(since).previous();
         while month < month_of(now) {
-            let moment =
-                month.next().start_in(chrono_tz::UTC).micros() + i64::from(day - 1) * DAY_US;
+            let moment = month.next().day_start_in(day as u8, ZONE.get()).micros();
             if moment >= since && moment <= now && last_closed.is_none_or(|last| month > last) {
                 due.push(month);
             }
@@ -861,6 +875,7 @@ fn posted_by_ledger(receipt: &commission_ledger::ledger::Receipt) -> Vec<Posted>
 /// decide every close as it was decided (no money moves).
 fn run(case: &Case, ops: &[Op]) {
     MINOR_UNIT.set(case.currency.1);
+    ZONE.set(case.zone);
     let mut t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
     t.define(rules("model", program(case, &FIRST_VERSION)));
     let own = format!("c-{ALICE_OWN_CUSTOMER}");
