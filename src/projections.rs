@@ -319,24 +319,7 @@ impl ProgramView {
                     .closed = true;
             }
             Event::CustomerGroupChanged(_) => {}
-            Event::ReferralReassigned(e) => {
-                let customer = self.customers.entry(e.customer_id.clone()).or_default();
-                let previous = customer.affiliate_id.replace(e.to.clone());
-                if customer.signup_at.is_none() {
-                    customer.signup_at = Some(at);
-                }
-                if let Some(previous) = previous
-                    && previous != e.to
-                    && let Some(a) = self.affiliates.get_mut(&previous)
-                {
-                    a.commission_by_customer.remove(&e.customer_id);
-                }
-                if let Some(a) = self.affiliates.get_mut(&e.to) {
-                    a.commission_by_customer
-                        .entry(e.customer_id.clone())
-                        .or_default();
-                }
-            }
+            Event::ReferralReassigned(e) => self.place(&e.customer_id, &e.to, at),
             Event::RewardAccrued(e) => {
                 let Some(a) = self.affiliates.get_mut(&e.affiliate_id) else {
                     return;
@@ -461,12 +444,35 @@ impl ProgramView {
             Event::MonthClosed(e) => {
                 self.closed_months.insert(e.month, e.clone());
             }
+            // An applied replay's attribution corrections hold from now
+            // on: each customer is the corrected affiliate's referral.
+            Event::ReplayApplied(e) => {
+                for o in &e.overrides.attribution {
+                    self.place(&o.customer_id, &o.affiliate_id, at);
+                }
+            }
             Event::ProgramDefined(_)
             | Event::WithdrawalRequested(_)
             | Event::WithdrawalRejected(_)
             | Event::ApiKeyIssued(_)
-            | Event::ApiKeyRevoked(_)
-            | Event::ReplayApplied(_) => {}
+            | Event::ApiKeyRevoked(_) => {}
+        }
+    }
+
+    /// Makes a customer `to`'s referral (an operator's correction). The
+    /// affiliate it leaves keeps what it earned from the customer, but no
+    /// longer lists it: the referral list shows current referrals, each
+    /// with all its affiliate ever earned from it.
+    fn place(&mut self, customer_id: &CustomerId, to: &AffiliateId, at: Timestamp) {
+        let customer = self.customers.entry(customer_id.clone()).or_default();
+        customer.affiliate_id = Some(to.clone());
+        if customer.signup_at.is_none() {
+            customer.signup_at = Some(at);
+        }
+        if let Some(a) = self.affiliates.get_mut(to) {
+            a.commission_by_customer
+                .entry(customer_id.clone())
+                .or_default();
         }
     }
 }
@@ -916,7 +922,12 @@ impl ProgramView {
         let mut total = 0;
         let mut rows: Vec<(SortKey, &CustomerId, &CustomerView, Decimal)> = Vec::new();
         for (id, commission) in &a.commission_by_customer {
-            let Some(c) = self.customers.get(id) else {
+            // Customers moved to another affiliate since are not listed.
+            let Some(c) = self
+                .customers
+                .get(id)
+                .filter(|c| c.affiliate_id.as_ref() == Some(affiliate_id))
+            else {
                 continue;
             };
             if query.status.as_deref().is_some_and(|s| s != c.status())

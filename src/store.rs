@@ -32,8 +32,9 @@ pub const POSITION_STRIDE: u64 = 64;
 /// from the same events does: an old checkpoint is then ignored and the
 /// state replayed from the log. (5: a refund that clawed nothing back
 /// counts among its line's refunds; 6: a reassigned customer's `via` is
-/// cleared; 7: a paid bounty keeps its line's moment.)
-pub const CHECKPOINT_FORMAT: u32 = 7;
+/// cleared; 7: a paid bounty keeps its line's moment; 8: a referral moved
+/// to another affiliate keeps its commission on the one it left.)
+pub const CHECKPOINT_FORMAT: u32 = 8;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

@@ -12,8 +12,9 @@
 //! Santiago, whose clocks change at midnight). The two must agree on
 //! every outcome (appended, no-op, refused and why), on every reward,
 //! bounty and claw-back each close posts, on every field of every balance
-//! (the pending estimate among them), and on this and last month's
-//! statements (opening, totals by kind, closing) after every step, and
+//! (the pending estimate among them), on every referral list (who, billed,
+//! commission), and on this and last month's statements (opening, totals
+//! by kind, closing) after every step, and
 //! across restarts from a checkpoint and from the log alone. A twin
 //! program on the same server gets every command too, with the same ids,
 //! and must answer and count exactly the same: programs share nothing.
@@ -429,11 +430,40 @@ struct Model {
     accounts: [Accounts; 3],
     /// Each affiliate's statement totals by month and kind.
     statements: HashMap<(usize, Month), BTreeMap<&'static str, Decimal>>,
+    /// What each affiliate ever earned from each customer.
+    commission: HashMap<(usize, u8), Decimal>,
     /// Affiliate, amount, still requested.
     withdrawals: Vec<(usize, Decimal, bool)>,
 }
 
 impl Model {
+    fn line(&self, id: &str) -> &Line {
+        self.lines.iter().find(|l| l.id == id).unwrap()
+    }
+
+    /// An affiliate's referral list: its current referrals, by id, each
+    /// with what expenses billed (less their refunds) and all the affiliate
+    /// ever earned from it.
+    fn referrals(&self, affiliate: usize) -> Vec<(String, Decimal, Decimal)> {
+        let mut list: Vec<(String, Decimal, Decimal)> = self
+            .customers
+            .iter()
+            .filter(|(_, c)| c.attribution.last().map(|(_, a)| *a) == Some(affiliate))
+            .map(|(c, _)| {
+                let billed: Decimal = self
+                    .lines
+                    .iter()
+                    .filter(|l| l.customer == *c && !l.payment)
+                    .map(|l| l.amount - l.refunded)
+                    .sum();
+                let commission = self.commission.get(&(affiliate, *c)).copied();
+                (format!("c-{c}"), billed, commission.unwrap_or_default())
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
     /// A movement of `earned` on the affiliate's statement of `month`.
     fn post(&mut self, affiliate: usize, month: Month, kind: &'static str, amount: Decimal) {
         *self
@@ -628,12 +658,19 @@ impl Model {
         let posted = self.close(Some(month));
         for p in &posted {
             self.accounts[p.affiliate()].free += p.amount();
-            let kind = match p {
-                Posted::Reward { .. } => "reward",
-                Posted::Bounty { .. } => "bounty",
-                Posted::ClawBack { .. } => "clawback",
+            let (kind, customer) = match p {
+                Posted::Reward { line, .. } => ("reward", self.line(line).customer),
+                Posted::Bounty { line, .. } => ("bounty", self.line(line).customer),
+                Posted::ClawBack { refund, .. } => {
+                    let refund = self.refunds.iter().find(|r| r.id == *refund).unwrap();
+                    ("clawback", self.lines[refund.line].customer)
+                }
             };
             self.post(p.affiliate(), month, kind, p.amount());
+            *self
+                .commission
+                .entry((p.affiliate(), customer))
+                .or_default() += p.amount();
         }
         // The lines' rewards, then what the refunds took back from them.
         let lines_by_id: HashMap<String, usize> = self
@@ -736,6 +773,8 @@ impl Model {
             self.accounts[to].free += net;
             self.post(owner, month_of(now), "adjustment", -net);
             self.post(to, month_of(now), "adjustment", net);
+            *self.commission.entry((owner, customer)).or_default() -= net;
+            *self.commission.entry((to, customer)).or_default() += net;
         }
     }
 
@@ -784,6 +823,30 @@ impl Model {
             ("lifetime_earned", a.earned() + a.paid_out + a.credited),
         ]
     }
+}
+
+/// An affiliate's referral list as the ledger serves it, by id.
+fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, Decimal, Decimal)> {
+    let query = commission_ledger::projections::ReferralQuery {
+        status: None,
+        q: None,
+        sort: commission_ledger::projections::ReferralSort::SignupDesc,
+        limit: 100,
+        start: Default::default(),
+    };
+    let page = t
+        .ledger()
+        .referrals(&t.program, &aff(affiliate), &query, None);
+    let d = |s: &str| s.parse::<Decimal>().unwrap();
+    let mut list: Vec<(String, Decimal, Decimal)> = page
+        .unwrap()
+        .unwrap()
+        .referrals
+        .into_iter()
+        .map(|r| (r.customer_id.to_string(), d(&r.billed), d(&r.commission)))
+        .collect();
+    list.sort();
+    list
 }
 
 fn served_balance(b: &commission_ledger::projections::Balance) -> Vec<(&'static str, Decimal)> {
@@ -1407,6 +1470,13 @@ fn run(case: &Case, ops: &[Op]) {
                 twin_balance(&t, name),
                 m.balance(a),
                 "twin's {name} after {}",
+                context()
+            );
+            let listed = referrals(&t, name);
+            assert_eq!(
+                listed,
+                m.referrals(a),
+                "{name}'s referrals after {}",
                 context()
             );
             // This month's statement and last month's: the months money

@@ -177,6 +177,15 @@ fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
     }
     assert_eq!(t.money("alice").0, "8.00");
     assert_eq!(t.money("bob").0, "46.00");
+    // cust-1 is bob's referral now, with what it earned him; alice keeps cust-2
+    assert_eq!(
+        t.referral_list("bob"),
+        vec![("cust-1".into(), "46.00".into())]
+    );
+    assert_eq!(
+        t.referral_list("alice"),
+        vec![("cust-2".into(), "8.00".into())]
+    );
     assert_eq!(
         closed_view(t.statement("alice", "2026-05")),
         may_statement,

@@ -712,6 +712,49 @@ fn a_retroactive_reassignment_moves_the_bounty_with_the_line_it_was_paid_with() 
 }
 
 #[test]
+fn a_referral_moved_away_leaves_the_list_and_money_for_earlier_lines_does_not_bring_it_back() {
+    // given: cust-1 earned alice 2.00 in August
+    let (t, _, _) = given(serde_json::json!({}));
+    t.expense("2026-08-05T12:00:00Z", "inv", "cust-1", "10.00");
+    t.close("2026-08");
+    assert_eq!(
+        t.referral_list("alice"),
+        vec![("cust-1".into(), "2.00".into())]
+    );
+    // when: cust-1 is bob's from September on, and the August line is refunded
+    t.set_now("2026-09-02T12:00:00Z");
+    t.reassign(
+        "cust-1",
+        "bob",
+        Some("2026-09-01T00:00:00Z"),
+        false,
+        "ticket 31",
+    );
+    t.expense("2026-09-05T12:00:00Z", "sep", "cust-1", "50.00");
+    t.refund("2026-09-06T12:00:00Z", "cn", "cust-1", "inv", "10.00");
+    t.close("2026-09");
+    // then: the claw-back is alice's money (her statement shows it), but
+    // cust-1 is bob's referral, with bob's commission, and only his
+    assert_eq!(t.money("alice").0, "0.00");
+    assert_eq!(t.referral_list("alice"), vec![]);
+    assert_eq!(
+        t.referral_list("bob"),
+        vec![("cust-1".into(), "10.00".into())]
+    );
+    // when: cust-1 goes back to alice for all time, with bob's posted money
+    t.set_now("2026-10-03T12:00:00Z");
+    t.reassign("cust-1", "alice", None, true, "ticket 32");
+    // then: alice lists cust-1 with all it ever earned her (2.00 - 2.00 +
+    // 10.00 moved from bob); bob lists nothing, though he keeps his lines
+    assert_eq!(
+        t.referral_list("alice"),
+        vec![("cust-1".into(), "10.00".into())]
+    );
+    assert_eq!(t.referral_list("bob"), vec![]);
+    t.verify_ok();
+}
+
+#[test]
 fn a_month_starts_when_its_zone_jumps_over_midnight() {
     // Paraguay began summer time at midnight on 1 October 2023: 00:00 at
     // -04 became 01:00 at -03, so October began at 04:00 UTC.

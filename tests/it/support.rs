@@ -435,6 +435,26 @@ impl TestLedger {
             .collect()
     }
 
+    /// The customer ids on an affiliate's referral list (newest signup
+    /// first), with their commission.
+    pub fn referral_list(&self, affiliate: &str) -> Vec<(String, String)> {
+        let query = commission_ledger::projections::ReferralQuery {
+            status: None,
+            q: None,
+            sort: commission_ledger::projections::ReferralSort::SignupDesc,
+            limit: 100,
+            start: Default::default(),
+        };
+        self.ledger()
+            .referrals(&self.program, &aff(affiliate), &query, None)
+            .unwrap()
+            .unwrap()
+            .referrals
+            .into_iter()
+            .map(|r| (r.customer_id.to_string(), r.commission))
+            .collect()
+    }
+
     pub fn verify_ok(&self) {
         let report = self.ledger().verify().unwrap();
         assert!(report.ok, "verify failed: {:?}", report.problem);
