@@ -14,8 +14,8 @@
 //! bounty and claw-back each close posts, on every field of every balance
 //! (the pending estimate among them), on every referral list (who, billed,
 //! commission), and on this and last month's statements (opening, totals
-//! by kind, closing) after every step, and
-//! across restarts from a checkpoint and from the log alone. A twin
+//! by kind, closing) after every step, and across restarts from a
+//! checkpoint and from the log alone. A twin
 //! program on the same server gets every command too, with the same ids,
 //! and must answer and count exactly the same: programs share nothing.
 //!
