@@ -1,7 +1,8 @@
 //! The ledger against a reference model of the money rules (sled's
 //! model-based testing): random histories of clicks, signups, charges and
 //! payments, refunds, closes (by hand and by the server's auto-closer),
-//! withdrawals and their settlement, credits, group changes, suspensions,
+//! withdrawals and their settlement, credits, group changes, closed
+//! accounts, suspensions,
 //! rule changes and reassignments (dated or for all time, retroactive or
 //! not) run through the ledger and through a small model written from
 //! DESIGN.md alone, with plain collections and no memo, index or
@@ -12,8 +13,8 @@
 //! Santiago, whose clocks change at midnight). The two must agree on
 //! every outcome (appended, no-op, refused and why), on every reward,
 //! bounty and claw-back each close posts, on every field of every balance
-//! (the pending estimate among them), on every referral list (who, billed,
-//! commission), and on this and last month's statements (opening, totals
+//! (the pending estimate among them), on every referral list (who,
+//! status, billed, commission), and on this and last month's statements (opening, totals
 //! by kind, closing) after every step, and across restarts from a
 //! checkpoint and from the log alone. A twin
 //! program on the same server gets every command too, with the same ids,
@@ -162,6 +163,10 @@ enum Op {
         customer: u8,
         staff: bool,
     },
+    /// The billing system closed the customer's account (it earns on).
+    CloseCustomer {
+        customer: u8,
+    },
     Suspend {
         affiliate: usize,
     },
@@ -213,6 +218,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
         1 => any::<bool>().prop_map(|rebuild| Op::Restart { rebuild }),
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
+        1 => (0..6u8).prop_map(|customer| Op::CloseCustomer { customer }),
         1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
         1 => (prop_oneof![Just(20i64), Just(30)], proptest::bool::weighted(0.7), prop_oneof![Just(500i64), Just(2_000)])
             .prop_map(|(default_rate, bounty, threshold_cents)| Op::ChangeRules {
@@ -389,6 +395,8 @@ struct Customer {
     first_order: Option<String>,
     /// Staff from when on (or not), in order.
     groups: Vec<(i64, bool)>,
+    /// The account was closed.
+    closed: bool,
 }
 
 impl Customer {
@@ -444,12 +452,12 @@ impl Model {
     /// An affiliate's referral list: its current referrals, by id, each
     /// with what expenses billed (less their refunds) and all the affiliate
     /// ever earned from it.
-    fn referrals(&self, affiliate: usize) -> Vec<(String, Decimal, Decimal)> {
-        let mut list: Vec<(String, Decimal, Decimal)> = self
+    fn referrals(&self, affiliate: usize) -> Vec<(String, &'static str, Decimal, Decimal)> {
+        let mut list: Vec<(String, &'static str, Decimal, Decimal)> = self
             .customers
             .iter()
             .filter(|(_, c)| c.attribution.last().map(|(_, a)| *a) == Some(affiliate))
-            .map(|(c, _)| {
+            .map(|(c, customer)| {
                 let billed: Decimal = self
                     .lines
                     .iter()
@@ -457,7 +465,13 @@ impl Model {
                     .map(|l| l.amount - l.refunded)
                     .sum();
                 let commission = self.commission.get(&(affiliate, *c)).copied();
-                (format!("c-{c}"), billed, commission.unwrap_or_default())
+                let status = if customer.closed { "closed" } else { "active" };
+                (
+                    format!("c-{c}"),
+                    status,
+                    billed,
+                    commission.unwrap_or_default(),
+                )
             })
             .collect();
         list.sort();
@@ -826,7 +840,7 @@ impl Model {
 }
 
 /// An affiliate's referral list as the ledger serves it, by id.
-fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, Decimal, Decimal)> {
+fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, &'static str, Decimal, Decimal)> {
     let query = commission_ledger::projections::ReferralQuery {
         status: None,
         q: None,
@@ -838,12 +852,15 @@ fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, Decimal, Decimal)>
         .ledger()
         .referrals(&t.program, &aff(affiliate), &query, None);
     let d = |s: &str| s.parse::<Decimal>().unwrap();
-    let mut list: Vec<(String, Decimal, Decimal)> = page
+    let mut list: Vec<(String, &'static str, Decimal, Decimal)> = page
         .unwrap()
         .unwrap()
         .referrals
         .into_iter()
-        .map(|r| (r.customer_id.to_string(), d(&r.billed), d(&r.commission)))
+        .map(|r| {
+            let id = r.customer_id.to_string();
+            (id, r.status, d(&r.billed), d(&r.commission))
+        })
         .collect();
     list.sort();
     list
@@ -1287,6 +1304,17 @@ fn run(case: &Case, ops: &[Op]) {
                     }
                 };
                 (command, at, expected.into())
+            }
+            Op::CloseCustomer { customer: c } => {
+                m.customers.entry(*c).or_default().closed = true;
+                (
+                    Command::CloseCustomer {
+                        customer_id: customer(*c),
+                        reason: Some("cancelled".into()),
+                    },
+                    at,
+                    "appended".into(),
+                )
             }
             Op::Group { customer: c, staff } => {
                 m.customers
