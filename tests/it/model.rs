@@ -2,23 +2,22 @@
 //! model-based testing): random histories of clicks, signups, charges and
 //! payments, refunds, closes (by hand and by the server's auto-closer),
 //! withdrawals and their settlement, credits, group changes, closed
-//! accounts, suspensions,
-//! rule changes and reassignments (dated or for all time, retroactive or
-//! not) run through the ledger and through a small model written from
-//! DESIGN.md alone, with plain collections and no memo, index or
-//! incremental path. Cases vary the attribution model, the term (lifetime,
-//! months, first order), a custom rate, the auto-close day, the currency
-//! (USD, JPY or BHD: 2, 0 or 3 decimals to round to) and the time zone
-//! the program's months are in (UTC, Amsterdam, Kiritimati at +14, and
-//! Santiago, whose clocks change at midnight). The two must agree on
+//! accounts, suspensions, rule changes and reassignments (dated or for all
+//! time, retroactive or not) run through the ledger and through a small
+//! model written from DESIGN.md alone, with plain collections and no memo,
+//! index or incremental path. Cases vary the attribution model, the term
+//! (lifetime, months, first order), a custom rate, the auto-close day, the
+//! currency (USD, JPY or BHD: 2, 0 or 3 decimals to round to) and the time
+//! zone the program's months are in (UTC, Amsterdam, Kiritimati at +14,
+//! and Santiago, whose clocks change at midnight). The two must agree on
 //! every outcome (appended, no-op, refused and why), on every reward,
 //! bounty and claw-back each close posts, on every field of every balance
-//! (the pending estimate among them), on every referral list (who,
-//! status, billed, commission), and on this and last month's statements (opening, totals
-//! by kind, closing) after every step, and across restarts from a
-//! checkpoint and from the log alone. A twin
-//! program on the same server gets every command too, with the same ids,
-//! and must answer and count exactly the same: programs share nothing.
+//! (the pending estimate among them), on every referral list (who, status,
+//! billed, commission), and on this and last month's statements (opening,
+//! totals by kind, closing) after every step, and across restarts from a
+//! checkpoint and from the log alone. A twin program on the same server
+//! gets every command too, with the same ids, and must answer and count
+//! exactly the same: programs share nothing.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
