@@ -840,21 +840,9 @@ impl Model {
 
 /// An affiliate's referral list as the ledger serves it, by id.
 fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, &'static str, Decimal, Decimal)> {
-    let query = commission_ledger::projections::ReferralQuery {
-        status: None,
-        q: None,
-        sort: commission_ledger::projections::ReferralSort::SignupDesc,
-        limit: 100,
-        start: Default::default(),
-    };
-    let page = t
-        .ledger()
-        .referrals(&t.program, &aff(affiliate), &query, None);
     let d = |s: &str| s.parse::<Decimal>().unwrap();
-    let mut list: Vec<(String, &'static str, Decimal, Decimal)> = page
-        .unwrap()
-        .unwrap()
-        .referrals
+    let mut list: Vec<(String, &'static str, Decimal, Decimal)> = t
+        .referrals(affiliate)
         .into_iter()
         .map(|r| {
             let id = r.customer_id.to_string();
@@ -1422,49 +1410,22 @@ fn run(case: &Case, ops: &[Op]) {
         };
         t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
         // The twin's own codes, ids and program id in its copy.
-        let twin_command = match command.clone() {
-            Command::RecordClick {
-                referral_code,
-                visitor,
-                creative,
-                referrer,
-                landing,
-                client_hash,
-            } => Command::RecordClick {
-                referral_code: twin_codes[codes.iter().position(|c| *c == referral_code).unwrap()]
-                    .clone(),
-                visitor,
-                creative,
-                referrer,
-                landing,
-                client_hash,
-            },
-            Command::PayWithdrawal {
-                withdrawal_id,
-                reference,
-            } => Command::PayWithdrawal {
-                withdrawal_id: twin_withdrawal_ids[withdrawal_ids
-                    .iter()
-                    .position(|w| *w == withdrawal_id)
-                    .unwrap()],
-                reference,
-            },
-            Command::RejectWithdrawal {
-                withdrawal_id,
-                reason,
-            } => Command::RejectWithdrawal {
-                withdrawal_id: twin_withdrawal_ids[withdrawal_ids
-                    .iter()
-                    .position(|w| *w == withdrawal_id)
-                    .unwrap()],
-                reason,
-            },
-            Command::DefineProgram { mut rules, reason } => {
-                rules.id = twin.clone();
-                Command::DefineProgram { rules, reason }
-            }
-            other => other,
+        let mut twin_command = command.clone();
+        let twin_withdrawal = |id: &uuid::Uuid| {
+            twin_withdrawal_ids[withdrawal_ids.iter().position(|w| w == id).unwrap()]
         };
+        match &mut twin_command {
+            Command::RecordClick { referral_code, .. } => {
+                let a = codes.iter().position(|c| c == referral_code).unwrap();
+                *referral_code = twin_codes[a].clone();
+            }
+            Command::PayWithdrawal { withdrawal_id, .. }
+            | Command::RejectWithdrawal { withdrawal_id, .. } => {
+                *withdrawal_id = twin_withdrawal(withdrawal_id);
+            }
+            Command::DefineProgram { rules, .. } => rules.id = twin.clone(),
+            _ => {}
+        }
         let submission = Submission::new(Some(&t.program), "model", command).at(at);
         let result = t.ledger().submit_blocking(submission);
         let context = || format!("op {i} {op:?}");

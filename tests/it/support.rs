@@ -435,9 +435,8 @@ impl TestLedger {
             .collect()
     }
 
-    /// The customer ids on an affiliate's referral list (newest signup
-    /// first), with their commission.
-    pub fn referral_list(&self, affiliate: &str) -> Vec<(String, String)> {
+    /// An affiliate's referral list, newest signup first (100 at most).
+    pub fn referrals(&self, affiliate: &str) -> Vec<commission_ledger::projections::Referral> {
         let query = commission_ledger::projections::ReferralQuery {
             status: None,
             q: None,
@@ -450,6 +449,12 @@ impl TestLedger {
             .unwrap()
             .unwrap()
             .referrals
+    }
+
+    /// The customer ids on an affiliate's referral list (newest signup
+    /// first), with their commission.
+    pub fn referral_list(&self, affiliate: &str) -> Vec<(String, String)> {
+        self.referrals(affiliate)
             .into_iter()
             .map(|r| (r.customer_id.to_string(), r.commission))
             .collect()
