@@ -555,10 +555,10 @@ fn note_key(keys: &mut HashMap<String, KeyRow>, recorded: &Recorded) {
 /// event's id and its `recorded_at` agree, under a test clock too), and
 /// the 74 bits are random at the first id of a millisecond and counted up
 /// from there (RFC 9562's monotonic random, method 3), and a start counts
-/// on from the log's last id: ids sort in log order, at the cost of one random draw per batch, not a
-/// clock read and a draw per id (`Uuid::now_v7` took 680 of the 8,900
-/// instructions the writer spent per command of the bench's mix, SHA-256
-/// aside; callgrind).
+/// on from the log's last id: ids sort in log order, at the cost of one
+/// random draw per batch, not a clock read and a draw per id
+/// (`Uuid::now_v7` took 680 of the 8,900 instructions the writer spent per
+/// command of the bench's mix, SHA-256 aside; callgrind).
 #[derive(Default)]
 struct WriterIds {
     /// The millisecond of the batch being decided.

@@ -444,10 +444,6 @@ struct Model {
 }
 
 impl Model {
-    fn line(&self, id: &str) -> &Line {
-        self.lines.iter().find(|l| l.id == id).unwrap()
-    }
-
     /// An affiliate's referral list: its current referrals, by id, each
     /// with what expenses billed (less their refunds) and all the affiliate
     /// ever earned from it.
@@ -669,39 +665,38 @@ impl Model {
     /// Closes `month`: posts what [`Model::close`] says and takes its lines and refunds.
     fn apply_close(&mut self, month: Month) -> Vec<Posted> {
         let posted = self.close(Some(month));
-        for p in &posted {
-            self.accounts[p.affiliate()].free += p.amount();
-            let (kind, customer) = match p {
-                Posted::Reward { line, .. } => ("reward", self.line(line).customer),
-                Posted::Bounty { line, .. } => ("bounty", self.line(line).customer),
-                Posted::ClawBack { refund, .. } => {
-                    let refund = self.refunds.iter().find(|r| r.id == *refund).unwrap();
-                    ("clawback", self.lines[refund.line].customer)
-                }
-            };
-            self.post(p.affiliate(), month, kind, p.amount());
-            *self
-                .commission
-                .entry((p.affiliate(), customer))
-                .or_default() += p.amount();
-        }
-        // The lines' rewards, then what the refunds took back from them.
         let lines_by_id: HashMap<String, usize> = self
             .lines
             .iter()
             .enumerate()
             .map(|(i, l)| (l.id.clone(), i))
             .collect();
+        // Each posting on its statement and its customer's commission; the
+        // lines' rewards and paid bounties.
         for p in &posted {
+            self.accounts[p.affiliate()].free += p.amount();
+            let (kind, line) = match p {
+                Posted::Reward { line, .. } => ("reward", lines_by_id[line]),
+                Posted::Bounty { line, .. } => ("bounty", lines_by_id[line]),
+                Posted::ClawBack { refund, .. } => {
+                    let refund = self.refunds.iter().find(|r| r.id == *refund).unwrap();
+                    ("clawback", refund.line)
+                }
+            };
+            let customer = self.lines[line].customer;
+            self.post(p.affiliate(), month, kind, p.amount());
+            *self
+                .commission
+                .entry((p.affiliate(), customer))
+                .or_default() += p.amount();
             match p {
                 Posted::Reward {
                     affiliate,
-                    line,
                     rate,
                     amount,
                     ..
                 } => {
-                    self.lines[lines_by_id[line]].reward = Some(Reward {
+                    self.lines[line].reward = Some(Reward {
                         affiliate: *affiliate,
                         rate: *rate,
                         amount: *amount,
@@ -709,15 +704,14 @@ impl Model {
                         clawed: Decimal::ZERO,
                     });
                 }
-                Posted::Bounty {
-                    affiliate, line, ..
-                } => {
-                    let line = &self.lines[lines_by_id[line]];
-                    self.bountied.insert(line.customer, (*affiliate, line.at));
+                Posted::Bounty { affiliate, .. } => {
+                    self.bountied
+                        .insert(customer, (*affiliate, self.lines[line].at));
                 }
                 Posted::ClawBack { .. } => {}
             }
         }
+        // What the refunds took back from the lines' rewards.
         let clawed: HashMap<&str, Decimal> = posted
             .iter()
             .filter_map(|p| match p {
