@@ -1666,10 +1666,11 @@ impl CauseFilter {
         }
     }
 
-    /// The correction's own event and the adjustments it posted.
+    /// The correction's own events and the adjustments it posted.
     fn matches(&self, recorded: &Recorded) -> bool {
         match (self, &recorded.event) {
             (CauseFilter::Replay(id), Event::ReplayApplied(e)) => e.replay_id == *id,
+            (CauseFilter::Replay(id), Event::ReplayCorrected(e)) => e.replay_id == *id,
             (CauseFilter::Reassignment(seq), Event::ReferralReassigned(_)) => recorded.seq == *seq,
             (CauseFilter::Replay(id), Event::AdjustmentPosted(e)) => {
                 matches!(e.cause, Cause::Replay { replay_id, .. } if replay_id == *id)

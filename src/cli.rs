@@ -225,7 +225,11 @@ fn what_if(
                 Err(e) => bail!("{e}"),
             };
         let receipt = submit(&ledger, submission)?;
-        let adjustments = receipt.events.len().saturating_sub(1);
+        let adjustments = receipt
+            .events
+            .iter()
+            .filter(|r| matches!(r.event, Event::AdjustmentPosted(_)))
+            .count();
         match receipt.events.first() {
             Some(first) => println!(
                 "applied at seq {}: {adjustments} adjustments in the open month",

@@ -1180,6 +1180,108 @@ pub struct ReplayApplied {
     pub reason: String,
 }
 
+/// What an applied replay's corrected world leaves in the write model,
+/// beside the money its adjustments move: recorded right after its
+/// `ReplayApplied`, so that what follows (refunds of the corrected lines,
+/// later reassignments, closes) acts on the corrected world, exactly as a
+/// later replay would. Only what differs from what was recorded is named.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplayCorrected {
+    pub replay_id: Uuid,
+    /// Lines whose close, reward or exclusion the replay changed.
+    pub lines: Vec<LineCorrection>,
+    /// Refunds whose close or exclusion the replay changed.
+    pub refunds: Vec<RefundCorrection>,
+    /// Customers whose attribution, signup or bounty the replay changed.
+    pub customers: Vec<CustomerCorrection>,
+    /// Excluded clicks: they no longer count for signups.
+    pub clicks: Vec<ExcludedClick>,
+}
+
+impl ReplayCorrected {
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+            && self.refunds.is_empty()
+            && self.customers.is_empty()
+            && self.clicks.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LineCorrection {
+    pub line: LineId,
+    pub state: CorrectedState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RefundCorrection {
+    pub refund: LineId,
+    pub state: CorrectedState,
+}
+
+/// A line's (or refund's) state in the corrected world.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectedState {
+    /// No close has taken it yet.
+    Open,
+    /// A close took it; a line with the reward posted for it, if any.
+    Closed { reward: Option<CorrectedReward> },
+    /// It no longer counts (excluded by the replay).
+    Excluded,
+}
+
+/// A line's reward in the corrected world: whose, at what rate, and what
+/// refunds have taken back of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CorrectedReward {
+    pub affiliate_id: AffiliateId,
+    pub rate: Rate,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    #[schemars(with = "String")]
+    pub refunded: Decimal,
+    #[schemars(with = "String")]
+    pub clawed: Decimal,
+}
+
+/// A customer in the corrected world.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerCorrection {
+    pub customer_id: CustomerId,
+    /// Whose referral from when on, in order (none: nobody's).
+    pub attribution: Vec<AttributedFrom>,
+    pub signup_at: Option<Timestamp>,
+    pub via: Option<Via>,
+    /// The bounty paid for the customer, if one was.
+    pub bounty: Option<CorrectedBounty>,
+}
+
+/// A customer belongs to an affiliate from a moment on (`from` absent:
+/// from the start).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AttributedFrom {
+    pub from: Option<Timestamp>,
+    pub affiliate_id: AffiliateId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CorrectedBounty {
+    pub affiliate_id: AffiliateId,
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    /// The moment of the line it was paid with.
+    pub line_at: Timestamp,
+}
+
+/// A click that no longer counts: its visitor, moment and affiliate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExcludedClick {
+    pub visitor: Text,
+    pub at: Timestamp,
+    pub affiliate_id: AffiliateId,
+}
+
 /// Statement months `from` to `to`, both included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -1254,6 +1356,7 @@ events!(
     ApiKeyIssued(ApiKeyIssued),
     ApiKeyRevoked(ApiKeyRevoked),
     ReplayApplied(Box<ReplayApplied>),
+    ReplayCorrected(Box<ReplayCorrected>),
 );
 
 // A replay moves every event from the decoding thread to the folding one:

@@ -1705,7 +1705,7 @@ impl Ledger {
     fn compute_diff(
         &self,
         program: &ProgramId,
-        applied: Vec<Overrides>,
+        applied: Vec<(Seq, Overrides)>,
         overrides: Overrides,
         months: Option<MonthRange>,
         head: Seq,
@@ -1715,6 +1715,18 @@ impl Ledger {
             .whole_log
             .take()
             .map_err(|Busy| SubmitError::Busy)?;
+        let what_if = self.fold_what_if(program, applied, overrides, head)?;
+        Ok(what_if.finish(months)?)
+    }
+
+    /// A what-if replay of the log up to `head`.
+    fn fold_what_if(
+        &self,
+        program: &ProgramId,
+        applied: Vec<(Seq, Overrides)>,
+        overrides: Overrides,
+        head: Seq,
+    ) -> Result<crate::replay::WhatIf, SubmitError> {
         let mut what_if = crate::replay::WhatIf::new(program.clone(), applied, overrides);
         let fold = move |received: std::sync::mpsc::Receiver<Vec<Recorded>>| {
             for chunk in received {
@@ -1736,7 +1748,28 @@ impl Ledger {
             (Err(e), _) => return Err(SubmitError::Failed(e.to_string())),
             (Ok(_), Ok(what_if)) => what_if,
         };
-        Ok(what_if.finish(months)?)
+        Ok(what_if)
+    }
+
+    /// Folds the durable records after the replay's head up to `to` into it.
+    fn catch_up_what_if(
+        &self,
+        what_if: &mut crate::replay::WhatIf,
+        to: Seq,
+    ) -> Result<(), SubmitError> {
+        let mut refused = None;
+        visit_records(&self.inner, what_if.head() + 1, to, |seq, _, payload| {
+            let recorded = decode_record(seq, payload)?;
+            if let Err(rejection) = what_if.apply(&recorded) {
+                refused = Some(rejection);
+                return Err("refused".into());
+            }
+            Ok(())
+        })
+        .map_err(|e| match refused.take() {
+            Some(rejection) => SubmitError::Rejected(rejection),
+            None => SubmitError::Failed(e.to_string()),
+        })
     }
 
     /// A replay by id: one computed and kept (in memory, or in
@@ -1777,7 +1810,7 @@ impl Ledger {
         let Some(Event::ReplayApplied(e)) = recorded.first().map(|r| &r.event) else {
             return Ok(None);
         };
-        let applied: Vec<Overrides> = self.durable_read(|state| {
+        let applied: Vec<(Seq, Overrides)> = self.durable_read(|state| {
             state
                 .model
                 .program(program)
@@ -1812,42 +1845,66 @@ impl Ledger {
         let Some(replay) = self.replay(program, id)? else {
             return Ok(None);
         };
-        let (head, money_seq, applied) = self.durable_read(|state| {
+        let command = |at_seq, corrected| Command::ApplyReplay {
+            replay_id: *id,
+            at_seq,
+            overrides: Box::new(replay.overrides.clone()),
+            changes: replay.diff.changes.clone(),
+            corrected: Box::new(corrected),
+            months: replay.months,
+            reason: reason.to_string(),
+        };
+        if replay.applied_seq.is_some() {
+            // The writer answers that it is applied already.
+            let command = command(replay.at_seq, ReplayCorrected::default());
+            return Ok(Some(Submission::new(Some(program), actor, command)));
+        }
+        // Computed again at the head, to take the corrected world with it.
+        let (head, applied) = self.durable_read(|state| {
             let pm = state
                 .model
                 .program(program)
                 .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
-            Ok::<_, SubmitError>((state.head.seq, pm.money_seq, pm.applied_overrides(None)))
+            Ok::<_, SubmitError>((state.head.seq, pm.applied_overrides(None)))
         })?;
-        let mut at_seq = replay.at_seq;
-        if replay.applied_seq.is_none() && money_seq > replay.at_seq {
-            let now = self.compute_diff(
-                program,
-                applied,
-                replay.overrides.clone(),
-                replay.months,
-                head,
-            )?;
-            if now.changes != replay.diff.changes {
-                return Err(Rejection::ReplayStale {
-                    at_seq: replay.at_seq,
-                    moved_at: money_seq,
-                }
-                .into());
+        let _turn = self
+            .inner
+            .whole_log
+            .take()
+            .map_err(|Busy| SubmitError::Busy)?;
+        let mut what_if = self.fold_what_if(program, applied, replay.overrides.clone(), head)?;
+        // What was appended meanwhile, without the lock; the last few
+        // events under it, to compare with the write model at one head.
+        for _ in 0..VERIFY_CATCH_UP_ROUNDS {
+            let durable = self.inner.durable.load(Ordering::Acquire);
+            if durable.saturating_sub(what_if.head()) <= VERIFY_LOCKED_CATCH_UP {
+                break;
             }
-            at_seq = head;
+            self.catch_up_what_if(&mut what_if, durable)?;
+        }
+        let (at_seq, money_seq, corrected) = {
+            let state = self.decided_state();
+            self.inner.wait_durable(state.head.seq);
+            self.catch_up_what_if(&mut what_if, state.head.seq)?;
+            let pm = state
+                .model
+                .program(program)
+                .ok_or_else(|| Rejection::UnknownProgram(program.clone()))?;
+            let corrected = what_if.corrections(pm, replay.months);
+            (state.head.seq, pm.money_seq, corrected)
+        };
+        let now = what_if.finish(replay.months)?;
+        if now.changes != replay.diff.changes {
+            return Err(Rejection::ReplayStale {
+                at_seq: replay.at_seq,
+                moved_at: money_seq,
+            }
+            .into());
         }
         Ok(Some(Submission::new(
             Some(program),
             actor,
-            Command::ApplyReplay {
-                replay_id: *id,
-                at_seq,
-                overrides: Box::new(replay.overrides),
-                changes: replay.diff.changes,
-                months: replay.months,
-                reason: reason.to_string(),
-            },
+            command(at_seq, corrected),
         )))
     }
 

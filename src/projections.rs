@@ -451,6 +451,14 @@ impl ProgramView {
                     self.place(&o.customer_id, &o.affiliate_id, at);
                 }
             }
+            Event::ReplayCorrected(e) => {
+                for c in &e.customers {
+                    match c.attribution.last() {
+                        Some(a) => self.place(&c.customer_id, &a.affiliate_id, at),
+                        None => self.unplace(&c.customer_id),
+                    }
+                }
+            }
             Event::ProgramDefined(_)
             | Event::WithdrawalRequested(_)
             | Event::WithdrawalRejected(_)
@@ -463,6 +471,13 @@ impl ProgramView {
     /// affiliate it leaves keeps what it earned from the customer, but no
     /// longer lists it: the referral list shows current referrals, each
     /// with all its affiliate ever earned from it.
+    /// Makes a customer nobody's referral (its signup no longer counts).
+    fn unplace(&mut self, customer_id: &CustomerId) {
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.affiliate_id = None;
+        }
+    }
+
     fn place(&mut self, customer_id: &CustomerId, to: &AffiliateId, at: Timestamp) {
         let customer = self.customers.entry(customer_id.clone()).or_default();
         customer.affiliate_id = Some(to.clone());

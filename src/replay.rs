@@ -14,9 +14,13 @@
 //! of the rules.
 //!
 //! Replays already applied are part of history: their overrides hold in
-//! every later replay from the start, and their changes count as recorded
-//! in the month they corrected. So an empty override set gives an empty
-//! diff, and running an applied replay again finds nothing left to change.
+//! every later replay over the history recorded before them, and their
+//! changes count as recorded in the month they corrected. What was
+//! recorded after one (a rule change, a reassignment) is a newer decision
+//! and stands. The write model takes the corrected world when a replay is
+//! applied ([`WhatIf::corrections`]). So an empty override set gives an
+//! empty diff, and running an applied replay again finds nothing left to
+//! change, whatever came after it.
 //!
 //! Pure: no I/O, no clock.
 
@@ -24,10 +28,11 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::events::*;
 use crate::money::{Currency, Rate};
-use crate::rules::{self, ProgramModel, Rejection};
+use crate::rules::{self, Customer, ProgramModel, Rejection};
 
 /// One money item: whose, which statement month, what, behind which line.
 type Item = (
@@ -51,13 +56,16 @@ struct Side {
 /// then take the [`Diff`] with [`WhatIf::finish`].
 pub struct WhatIf {
     program: ProgramId,
-    /// Applied replays' overrides, in order, then the new ones.
-    layers: Vec<Overrides>,
+    /// Applied replays' overrides, in order, with the seq of their
+    /// `ReplayApplied` (they hold over the events before it), then the new
+    /// ones (over every event).
+    layers: Vec<(Option<Seq>, Overrides)>,
     excluded: HashSet<Seq>,
     excluded_seen: HashSet<Seq>,
     /// Visitors with an excluded click: their signups are attributed again.
     visitors_with_excluded_clicks: HashSet<Text>,
-    click_model_changed: bool,
+    /// The new layer's excluded clicks, as they were recorded.
+    excluded_clicks: Vec<ExcludedClick>,
     /// Whether the layers were installed (at the program's definition).
     installed: bool,
     shadow: ProgramModel,
@@ -69,31 +77,42 @@ pub struct WhatIf {
 impl WhatIf {
     /// A replay of `program` under `overrides`, on top of the replays
     /// `applied` before (their overrides, in order).
-    pub fn new(program: ProgramId, applied: Vec<Overrides>, overrides: Overrides) -> WhatIf {
-        let mut layers = applied;
-        layers.push(overrides);
+    pub fn new(program: ProgramId, applied: Vec<(Seq, Overrides)>, overrides: Overrides) -> WhatIf {
+        let mut layers: Vec<(Option<Seq>, Overrides)> = applied
+            .into_iter()
+            .map(|(seq, layer)| (Some(seq), layer))
+            .collect();
+        layers.push((None, overrides));
         let excluded = layers
             .iter()
-            .flat_map(|l| l.exclude.iter().copied())
+            .flat_map(|(_, l)| l.exclude.iter().copied())
             .collect();
-        // Corrected rules may change the attribution model or the cookie
-        // window: signups that came by a click are then attributed again.
-        let click_model_changed = layers
-            .iter()
-            .any(|l| l.model.is_some() || l.rules.is_some());
         WhatIf {
             program,
             layers,
             excluded,
             excluded_seen: HashSet::default(),
             visitors_with_excluded_clicks: HashSet::default(),
-            click_model_changed,
+            excluded_clicks: Vec::new(),
             installed: false,
             shadow: ProgramModel::default(),
             before: BTreeMap::new(),
             after: BTreeMap::new(),
             head: 0,
         }
+    }
+
+    /// The seq of the last event folded.
+    pub fn head(&self) -> Seq {
+        self.head
+    }
+
+    /// The layers that hold over the event at `seq`.
+    fn active(&self, seq: Seq) -> impl Iterator<Item = &Overrides> {
+        self.layers
+            .iter()
+            .filter(move |(until, _)| until.is_none_or(|until| seq < until))
+            .map(|(_, layer)| layer)
     }
 
     /// Folds the next event of the log (events of other programs are
@@ -109,6 +128,14 @@ impl WhatIf {
             return match &recorded.event {
                 Event::ClickRecorded(e) => {
                     self.visitors_with_excluded_clicks.insert(e.visitor.clone());
+                    let new = self.layers.last().map(|(_, l)| l);
+                    if new.is_some_and(|l| l.exclude.contains(&recorded.seq)) {
+                        self.excluded_clicks.push(ExcludedClick {
+                            visitor: e.visitor.clone(),
+                            at: recorded.occurred_at,
+                            affiliate_id: e.affiliate_id.clone(),
+                        });
+                    }
                     Ok(())
                 }
                 Event::SignupAttributed(_)
@@ -160,7 +187,7 @@ impl WhatIf {
                         &self.shadow,
                         customer,
                         &e.customer_id,
-                        &e.to,
+                        &self.moved(recorded.seq, customer, e),
                         e.from,
                         recorded.recorded_at.month_in(self.shadow.zone()),
                         recorded.seq,
@@ -169,14 +196,26 @@ impl WhatIf {
                     _ => Vec::new(),
                 };
                 self.fold(recorded);
-                self.impose_attribution(&e.customer_id);
+                self.impose_attribution(recorded.seq, &e.customer_id);
+                if e.retroactive {
+                    self.shadow.reown_since(&e.customer_id, e.from);
+                }
                 for event in adjustments {
                     self.fold_derived(recorded, event);
                 }
             }
+            // The write model's copy of a corrected world: this replay
+            // decides its own.
+            Event::ReplayCorrected(_) => {}
             Event::SignupAttributed(e) => {
+                // Corrected rules may change the attribution model or the
+                // cookie window: signups that came by a click are then
+                // attributed again.
+                let click_model_changed = self
+                    .active(recorded.seq)
+                    .any(|l| l.model.is_some() || l.rules.is_some());
                 let redecide = e.via == Via::Click
-                    && (self.click_model_changed
+                    && (click_model_changed
                         || e.visitor
                             .as_ref()
                             .is_some_and(|v| self.visitors_with_excluded_clicks.contains(v)));
@@ -198,25 +237,26 @@ impl WhatIf {
                         self.fold(&changed);
                     }
                 }
-                self.impose_attribution(&e.customer_id);
+                self.impose_attribution(recorded.seq, &e.customer_id);
             }
             Event::ProgramDefined(_) => {
                 self.fold(recorded);
                 if !self.installed {
                     // The program exists now: install every layer.
                     self.installed = true;
-                    for layer in &self.layers {
+                    for (_, layer) in &self.layers {
                         self.shadow.install_overrides(layer, true);
                     }
                 } else {
-                    for layer in &self.layers {
+                    let layers: Vec<Overrides> = self.active(recorded.seq).cloned().collect();
+                    for layer in &layers {
                         self.shadow.impose_rules(layer);
                     }
                 }
             }
             Event::BasisLineRecorded(e) => {
                 self.fold(recorded);
-                self.impose_attribution(&e.customer_id);
+                self.impose_attribution(recorded.seq, &e.customer_id);
             }
             _ => self.fold(recorded),
         }
@@ -238,16 +278,177 @@ impl WhatIf {
         rules::apply_program_event(&mut self.shadow, &derived);
     }
 
-    fn impose_attribution(&mut self, customer_id: &CustomerId) {
-        for layer in &self.layers {
-            self.shadow.impose_attribution(layer, customer_id);
+    /// The customer as a reassignment leaves it, the corrections that
+    /// hold over it imposed.
+    fn moved(&self, seq: Seq, customer: &Customer, e: &ReferralReassigned) -> Customer {
+        let mut moved = customer.clone();
+        moved.move_to(e.from, &e.to);
+        for layer in self.active(seq) {
+            for o in layer
+                .attribution
+                .iter()
+                .filter(|o| o.customer_id == e.customer_id)
+            {
+                moved.move_to(o.from, &o.affiliate_id);
+            }
+        }
+        moved
+    }
+
+    fn impose_attribution(&mut self, seq: Seq, customer_id: &CustomerId) {
+        for (until, layer) in &self.layers {
+            if until.is_none_or(|until| seq < until) {
+                self.shadow.impose_attribution(layer, customer_id);
+            }
+        }
+    }
+
+    /// What the write model `live` (the program at the same head) must
+    /// take of the corrected world when this replay is applied: every line,
+    /// refund and customer whose state differs, and the clicks excluded.
+    /// With `months`, only the lines and refunds whose money this diff
+    /// changes in those months, and bounties likewise (the rest was not
+    /// applied, and keeps what was recorded); exclusions and attribution
+    /// always (they hold from now on).
+    pub fn corrections(&self, live: &ProgramModel, months: Option<MonthRange>) -> ReplayCorrected {
+        let new = self.layers.last().map(|(_, l)| l);
+        let excluded_now = |seq: Seq| new.is_some_and(|l| l.exclude.contains(&seq));
+        // The lines (refunds for claw-backs) and customers (bounties) whose
+        // money the diff changes in the months.
+        let mut in_range_lines: HashSet<&LineId> = HashSet::default();
+        let mut in_range_bounties: HashSet<&CustomerId> = HashSet::default();
+        if let Some(range) = months {
+            for (_, month, kind, line, customer) in self.before.keys().chain(self.after.keys()) {
+                if *month < range.from || *month > range.to {
+                    continue;
+                }
+                match (kind, line, customer) {
+                    (ChangeKind::Bounty, _, Some(customer)) => {
+                        in_range_bounties.insert(customer);
+                    }
+                    (_, Some(line), _) => {
+                        in_range_lines.insert(line);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let applies = |line: &LineId| months.is_none() || in_range_lines.contains(line);
+        let state = |processed: bool, reward: Option<&rules::LineReward>| {
+            if !processed {
+                return CorrectedState::Open;
+            }
+            CorrectedState::Closed {
+                reward: reward.map(|r| CorrectedReward {
+                    affiliate_id: r.affiliate_id.clone(),
+                    rate: r.rate,
+                    amount: r.amount,
+                    refunded: r.refunded,
+                    clawed: r.clawed,
+                }),
+            }
+        };
+        let mut lines = Vec::new();
+        for (id, line) in &live.lines {
+            let was = state(line.processed, line.reward.as_deref());
+            let corrected = match self.shadow.lines.get(id) {
+                None if excluded_now(line.seq) => CorrectedState::Excluded,
+                None => continue,
+                Some(l) => state(l.processed, l.reward.as_deref()),
+            };
+            if corrected != was && (corrected == CorrectedState::Excluded || applies(id)) {
+                lines.push(LineCorrection {
+                    line: id.clone(),
+                    state: corrected,
+                });
+            }
+        }
+        lines.sort_by(|a, b| a.line.cmp(&b.line));
+        let mut refunds = Vec::new();
+        for (id, refund) in &live.refunds {
+            let was = state(refund.processed, None);
+            let corrected = match self.shadow.refunds.get(id) {
+                None if excluded_now(refund.seq) => CorrectedState::Excluded,
+                None => continue,
+                Some(r) => state(r.processed, None),
+            };
+            let applies = applies(id) || applies(&refund.line);
+            if corrected != was && (corrected == CorrectedState::Excluded || applies) {
+                refunds.push(RefundCorrection {
+                    refund: id.clone(),
+                    state: corrected,
+                });
+            }
+        }
+        refunds.sort_by(|a, b| a.refund.cmp(&b.refund));
+        let nobody = Customer::default();
+        let mut customers = Vec::new();
+        let ids: std::collections::BTreeSet<&CustomerId> = live
+            .customers
+            .keys()
+            .chain(self.shadow.customers.keys())
+            .collect();
+        for id in ids {
+            let was = live.customers.get(id).unwrap_or(&nobody);
+            let now = self.shadow.customers.get(id).unwrap_or(&nobody);
+            let bounty_applies = months.is_none() || in_range_bounties.contains(id);
+            let bounty = if bounty_applies {
+                &now.bounty
+            } else {
+                &was.bounty
+            };
+            let same_bounty = match (bounty, &was.bounty) {
+                (Some(a), Some(b)) => {
+                    a.affiliate_id == b.affiliate_id
+                        && a.amount == b.amount
+                        && a.line_at == b.line_at
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if now.attribution == was.attribution
+                && now.signup_at == was.signup_at
+                && now.via == was.via
+                && same_bounty
+            {
+                continue;
+            }
+            customers.push(CustomerCorrection {
+                customer_id: id.clone(),
+                attribution: now
+                    .attribution
+                    .iter()
+                    .map(|(from, affiliate_id)| AttributedFrom {
+                        from: *from,
+                        affiliate_id: affiliate_id.clone(),
+                    })
+                    .collect(),
+                signup_at: now.signup_at,
+                via: now.via,
+                bounty: bounty.as_ref().map(|b| CorrectedBounty {
+                    affiliate_id: b.affiliate_id.clone(),
+                    amount: b.amount,
+                    line_at: b.line_at,
+                }),
+            });
+        }
+        ReplayCorrected {
+            replay_id: Uuid::nil(),
+            lines,
+            refunds,
+            customers,
+            clicks: self.excluded_clicks.clone(),
         }
     }
 
     /// The diff, restricted to statement months `from..=to` when given.
     /// Refuses excluded seqs that are not events of the program.
     pub fn finish(self, months: Option<MonthRange>) -> Result<Diff, Rejection> {
-        let new = self.layers.last().cloned().unwrap_or_default();
+        let new = self
+            .layers
+            .last()
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default();
         if let Some(missing) = new
             .exclude
             .iter()

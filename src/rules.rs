@@ -205,6 +205,8 @@ pub enum Command {
         at_seq: Seq,
         overrides: Box<Overrides>,
         changes: Vec<ReplayChange>,
+        /// The write model as the corrected world has it, where it differs.
+        corrected: Box<ReplayCorrected>,
         months: Option<MonthRange>,
         reason: String,
     },
@@ -329,7 +331,7 @@ impl Customer {
     }
     /// Moves the customer to `affiliate` from `from` on (`None`: for all
     /// time); whether `affiliate` was named before.
-    fn move_to(&mut self, from: Option<Timestamp>, affiliate: &AffiliateId) -> bool {
+    pub(crate) fn move_to(&mut self, from: Option<Timestamp>, affiliate: &AffiliateId) -> bool {
         let before = self.names(affiliate);
         match from {
             None => self.attribution = vec![(None, affiliate.clone())],
@@ -448,8 +450,8 @@ pub struct ProgramModel {
     /// their overrides are part of history for every later replay.
     pub applied_replays: Vec<(Uuid, Seq, Overrides)>,
     /// The last seq that changed money a replay compares (rewards, claw-backs,
-    /// adjustments, closes, reassignments, rules): applying a replay computed
-    /// before it is refused.
+    /// adjustments, closes, reassignments, rules) or what it corrects
+    /// (signups): applying a replay computed before it is refused.
     pub money_seq: Seq,
     /// Per-affiliate rates set by applied replays, from a moment on.
     rate_overrides: Vec<AffiliateRateOverride>,
@@ -737,16 +739,6 @@ impl ProgramModel {
         for o in &overrides.affiliate_rates {
             self.rate_overrides.push(o.clone());
         }
-        if let Some(model) = &overrides.model {
-            for (_, rules) in &mut self.rules {
-                if let Some(attribution) = model.attribution {
-                    rules.attribution = attribution;
-                }
-                if let Some(days) = model.cookie_days {
-                    rules.cookie_days = days;
-                }
-            }
-        }
         self.impose_rules(overrides);
         let customers: Vec<CustomerId> = overrides
             .attribution
@@ -766,17 +758,29 @@ impl ProgramModel {
 
     /// The overrides of the replays applied so far, in order (those before
     /// replay `before`, when given): the layers a new replay starts from.
-    pub fn applied_overrides(&self, before: Option<&Uuid>) -> Vec<Overrides> {
+    pub fn applied_overrides(&self, before: Option<&Uuid>) -> Vec<(Seq, Overrides)> {
         self.applied_replays
             .iter()
             .take_while(|(r, _, _)| Some(r) != before)
-            .map(|(_, _, o)| o.clone())
+            .map(|(_, seq, o)| (*seq, o.clone()))
             .collect()
     }
 
-    /// The rules override holds from its moment on, over any later version.
+    /// The attribution model override holds over every version of the
+    /// rules, and the rules override from its moment on, over any later
+    /// version.
     pub(crate) fn impose_rules(&mut self, overrides: &Overrides) {
         self.pending_memo.program += 1;
+        if let Some(model) = &overrides.model {
+            for (_, rules) in &mut self.rules {
+                if let Some(attribution) = model.attribution {
+                    rules.attribution = attribution;
+                }
+                if let Some(days) = model.cookie_days {
+                    rules.cookie_days = days;
+                }
+            }
+        }
         if let Some(o) = &overrides.rules {
             self.rules.retain(|(at, _)| *at < o.from);
             let mut rules = o.rules.clone();
@@ -786,6 +790,36 @@ impl ProgramModel {
             }
             self.rules.push((o.from, rules));
             self.zone = self.current_rules().map(ProgramRules::zone);
+        }
+    }
+
+    /// The posted rewards (and bounty) of the customer's lines from `from`
+    /// on belong to whoever has the customer at the line's moment: after a
+    /// retroactive reassignment that a replay's correction holds over.
+    pub(crate) fn reown_since(&mut self, customer_id: &CustomerId, from: Option<Timestamp>) {
+        let Some(customer) = self.customers.get_mut(customer_id) else {
+            return;
+        };
+        let start = from.unwrap_or(Timestamp::MIN);
+        if let Some(bounty) = &mut customer.bounty
+            && bounty.line_at >= start
+            && let Some(to) = customer
+                .attribution
+                .iter()
+                .rev()
+                .find(|(f, _)| f.is_none_or(|f| f <= bounty.line_at))
+                .map(|(_, a)| a)
+        {
+            bounty.affiliate_id = to.clone();
+        }
+        for id in &customer.lines {
+            if let Some(line) = self.lines.get_mut(id)
+                && line.at >= start
+                && let Some(reward) = &mut line.reward
+                && let Some(to) = customer.affiliate_at(line.at)
+            {
+                reward.affiliate_id = to.clone();
+            }
         }
     }
 
@@ -993,6 +1027,8 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             | Event::ReferralReassigned(_)
             | Event::AdjustmentPosted(_)
             | Event::ReplayApplied(_)
+            | Event::ReplayCorrected(_)
+            | Event::SignupAttributed(_)
     ) {
         pm.money_seq = seq;
     }
@@ -1225,10 +1261,124 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             pm.applied_replays
                 .push((e.replay_id, seq, e.overrides.clone()));
         }
+        Event::ReplayCorrected(e) => correct(pm, e),
         Event::CreditApplied(_)
         | Event::AdjustmentPosted(_)
         | Event::ApiKeyIssued(_)
         | Event::ApiKeyRevoked(_) => {}
+    }
+}
+
+/// Makes the write model what an applied replay's corrected world has, where
+/// it differs ([`ReplayCorrected`]).
+fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
+    for c in &e.refunds {
+        let Some(refund) = pm.refunds.get_mut(&c.refund) else {
+            continue;
+        };
+        let key = (refund.month, refund.at, refund.seq);
+        match &c.state {
+            CorrectedState::Open => {
+                refund.processed = false;
+                pm.open_refunds.insert(key, c.refund.clone());
+            }
+            CorrectedState::Closed { .. } => {
+                refund.processed = true;
+                pm.open_refunds.remove(&key);
+            }
+            CorrectedState::Excluded => {
+                refund.processed = true;
+                pm.open_refunds.remove(&key);
+                let amount = refund.amount;
+                if let Some(line) = pm.lines.get_mut(&refund.line) {
+                    line.refunded -= amount;
+                }
+            }
+        }
+    }
+    let mut first_lines_changed = Vec::new();
+    for c in &e.lines {
+        let Some(line) = pm.lines.get_mut(&c.line) else {
+            continue;
+        };
+        let key = (line.month, line.at, line.seq);
+        match &c.state {
+            CorrectedState::Open => {
+                line.processed = false;
+                line.reward = None;
+                pm.open_lines.insert(key, c.line.clone());
+            }
+            CorrectedState::Closed { reward } => {
+                line.processed = true;
+                line.reward = reward.as_ref().map(|r| {
+                    Box::new(LineReward {
+                        affiliate_id: r.affiliate_id.clone(),
+                        rate: r.rate,
+                        amount: r.amount,
+                        refunded: r.refunded,
+                        clawed: r.clawed,
+                    })
+                });
+                pm.open_lines.remove(&key);
+            }
+            CorrectedState::Excluded => {
+                // Kept (its id stays taken, its refunds find it), but no
+                // close, tier count or reassignment sees it again.
+                line.processed = true;
+                line.reward = None;
+                pm.open_lines.remove(&key);
+                if let Some(month) = pm.lines_by_month.get_mut(&line.month) {
+                    month.retain(|id| id != &c.line);
+                }
+                if let Some(customer) = pm.customers.get_mut(&line.customer_id) {
+                    customer.lines.retain(|id| id != &c.line);
+                    first_lines_changed.push(line.customer_id.clone());
+                }
+            }
+        }
+    }
+    // A customer's first line is the first of those that still count.
+    for customer_id in first_lines_changed {
+        let Some(customer) = pm.customers.get_mut(&customer_id) else {
+            continue;
+        };
+        let first = customer.lines.first().and_then(|id| pm.lines.get(id));
+        customer.first_line = first.map(|l| l.id.clone());
+        customer.first_order = first.and_then(|l| l.order_id.clone());
+        customer.first_line_at = first.map(|l| l.at);
+    }
+    for c in &e.customers {
+        let customer = pm.customers.entry(c.customer_id.clone()).or_default();
+        let named: Vec<(AffiliateId, bool)> = c
+            .attribution
+            .iter()
+            .map(|a| (a.affiliate_id.clone(), customer.names(&a.affiliate_id)))
+            .collect();
+        customer.attribution = c
+            .attribution
+            .iter()
+            .map(|a| (a.from, a.affiliate_id.clone()))
+            .collect();
+        customer.signup_at = c.signup_at;
+        customer.via = c.via;
+        customer.bounty = c.bounty.as_ref().map(|b| PaidBounty {
+            affiliate_id: b.affiliate_id.clone(),
+            amount: b.amount,
+            line_at: b.line_at,
+        });
+        for (affiliate, before) in named {
+            pm.note_attributed(&c.customer_id, &affiliate, before);
+        }
+    }
+    for click in &e.clicks {
+        let Some(index) = pm.affiliates.get(&click.affiliate_id).map(|a| a.index) else {
+            continue;
+        };
+        if let Some(clicks) = pm.visitors.get_mut(&click.visitor)
+            && let Some(i) = clicks.iter().position(|c| *c == (click.at, index))
+        {
+            clicks.swap_remove(i);
+        }
     }
 }
 
@@ -1698,6 +1848,7 @@ pub fn decide(
             at_seq,
             overrides,
             changes,
+            corrected,
             months,
             reason,
         } => {
@@ -1723,6 +1874,12 @@ pub fn decide(
                 months: *months,
                 reason: reason.clone(),
             }))];
+            if !corrected.is_empty() {
+                events.push(Event::ReplayCorrected(Box::new(ReplayCorrected {
+                    replay_id: *replay_id,
+                    ..ReplayCorrected::clone(corrected)
+                })));
+            }
             for change in changes.iter().filter(|c| !c.amount.is_zero()) {
                 events.push(Event::AdjustmentPosted(AdjustmentPosted {
                     affiliate_id: change.affiliate_id.clone(),
@@ -2014,11 +2171,13 @@ fn decide_reassign(
     })];
     if retroactive {
         let month = ctx.now.month_in(pm.zone());
+        let mut moved = customer.clone();
+        moved.move_to(from, to);
         events.extend(reassignment_adjustments(
             pm,
             customer,
             customer_id,
-            to,
+            &moved,
             from,
             month,
             seq,
@@ -2030,13 +2189,15 @@ fn decide_reassign(
 
 /// The adjustments a retroactive reassignment posts in `month`: the net
 /// rewards (and the bounty) of the customer's lines from `from` on move
-/// from whoever earned them to `to`.
+/// from whoever earned them to whoever has the customer at the line's
+/// moment once it is moved (`moved`: the customer then; in a replay, a
+/// correction may hold over the reassignment).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reassignment_adjustments(
     pm: &ProgramModel,
     customer: &Customer,
     customer_id: &CustomerId,
-    to: &AffiliateId,
+    moved: &Customer,
     from: Option<Timestamp>,
     month: Month,
     seq: Seq,
@@ -2045,7 +2206,8 @@ pub(crate) fn reassignment_adjustments(
     let mut events = Vec::new();
     {
         let start = from.unwrap_or(Timestamp::MIN);
-        let mut moves: BTreeMap<(AffiliateId, Option<LineId>), Decimal> = BTreeMap::new();
+        let mut moves: BTreeMap<(AffiliateId, Option<LineId>), (AffiliateId, Decimal)> =
+            BTreeMap::new();
         for line_id in &customer.lines {
             let Some(line) = pm.lines.get(line_id) else {
                 continue;
@@ -2054,23 +2216,27 @@ pub(crate) fn reassignment_adjustments(
                 continue;
             }
             if let Some(reward) = &line.reward
+                && let Some(to) = moved.affiliate_at(line.at)
                 && &reward.affiliate_id != to
             {
                 let net = reward.amount - reward.clawed;
                 if !net.is_zero() {
-                    moves.insert((reward.affiliate_id.clone(), Some(line_id.clone())), net);
+                    let key = (reward.affiliate_id.clone(), Some(line_id.clone()));
+                    moves.insert(key, (to.clone(), net));
                 }
             }
         }
         // The bounty moves with the line it was paid with.
         if let Some(bounty) = &customer.bounty
+            && let Some(to) = moved.affiliate_at(bounty.line_at)
             && &bounty.affiliate_id != to
             && bounty.line_at >= start
         {
-            moves.insert((bounty.affiliate_id.clone(), None), bounty.amount);
+            let key = (bounty.affiliate_id.clone(), None);
+            moves.insert(key, (to.clone(), bounty.amount));
         }
-        for ((owner, line), net) in moves {
-            for (affiliate_id, amount) in [(owner, -net), (to.clone(), net)] {
+        for ((owner, line), (to, net)) in moves {
+            for (affiliate_id, amount) in [(owner, -net), (to, net)] {
                 events.push(Event::AdjustmentPosted(AdjustmentPosted {
                     affiliate_id,
                     customer_id: Some(customer_id.clone()),

@@ -2711,15 +2711,22 @@ fn a_wrong_attribution_fixed_by_a_replay_over_http() {
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(types.len(), 7);
-    assert_eq!(types[0], "ReplayApplied");
-    assert!(types[1..].iter().all(|t| *t == "AdjustmentPosted"));
+    assert_eq!(types.len(), 8);
+    assert_eq!(types[..2], ["ReplayApplied", "ReplayCorrected"]);
+    assert!(types[2..].iter().all(|t| *t == "AdjustmentPosted"));
     let actor = caused["events"][0]["actor"].as_str().unwrap();
     assert!(
         actor.starts_with("k-"),
         "the admin key that applied it: {actor}"
     );
-    assert_eq!(caused["events"][1]["data"]["reason"], "ticket 4411");
+    // The corrected world: whose each of cust-1's three rewards is now.
+    let corrected = &caused["events"][1]["data"];
+    assert_eq!(corrected["lines"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        corrected["lines"][0]["state"]["closed"]["reward"]["affiliate_id"],
+        "bob"
+    );
+    assert_eq!(caused["events"][2]["data"]["reason"], "ticket 4411");
     assert_eq!(
         app.get(Some(&app.admin), "/v1/events?cause=nonsense")
             .status()

@@ -200,6 +200,50 @@ pub fn one_of_each() -> Vec<Event> {
             }),
             reason: "ticket 4411".into(),
         })),
+        Event::ReplayCorrected(Box::new(ReplayCorrected {
+            replay_id: Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_00ff),
+            lines: vec![
+                LineCorrection {
+                    line: line("inv-5-1"),
+                    state: CorrectedState::Closed {
+                        reward: Some(CorrectedReward {
+                            affiliate_id: aff("bob"),
+                            rate: commission_ledger::money::Rate::parse("30").unwrap(),
+                            amount: d("30.00"),
+                            refunded: d("0"),
+                            clawed: d("0"),
+                        }),
+                    },
+                },
+                LineCorrection {
+                    line: line("inv-5-2"),
+                    state: CorrectedState::Excluded,
+                },
+            ],
+            refunds: vec![RefundCorrection {
+                refund: line("ref-5-1"),
+                state: CorrectedState::Open,
+            }],
+            customers: vec![CustomerCorrection {
+                customer_id: cust("cust-1"),
+                attribution: vec![AttributedFrom {
+                    from: None,
+                    affiliate_id: aff("bob"),
+                }],
+                signup_at: Some(ts("2026-05-02T10:05:00Z")),
+                via: Some(Via::Click),
+                bounty: Some(CorrectedBounty {
+                    affiliate_id: aff("bob"),
+                    amount: d("10.00"),
+                    line_at: ts("2026-05-10T12:00:00Z"),
+                }),
+            }],
+            clicks: vec![ExcludedClick {
+                visitor: "v-9".into(),
+                at: ts("2026-05-01T10:00:00Z"),
+                affiliate_id: aff("alice"),
+            }],
+        })),
     ]
 }
 

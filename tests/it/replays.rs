@@ -151,7 +151,11 @@ fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
     assert_eq!(replay.at_seq, head);
 
     let receipt = apply(&t, &replay, "ticket 4411: bob referred cust-1").unwrap();
-    assert_eq!(receipt.events.len(), 7, "ReplayApplied and six adjustments");
+    assert_eq!(
+        receipt.events.len(),
+        8,
+        "ReplayApplied, ReplayCorrected and six adjustments"
+    );
     match &receipt.events[0].event {
         Event::ReplayApplied(e) => {
             assert_eq!(e.replay_id, replay.replay_id);
@@ -160,7 +164,47 @@ fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
         }
         other => panic!("expected ReplayApplied, got {other:?}"),
     }
-    for r in &receipt.events[1..] {
+    // The corrected world: cust-1's three rewards are bob's now, and cust-1.
+    match &receipt.events[1].event {
+        Event::ReplayCorrected(e) => {
+            assert_eq!(e.replay_id, replay.replay_id);
+            let lines: Vec<(String, CorrectedState)> = e
+                .lines
+                .iter()
+                .map(|l| (l.line.to_string(), l.state.clone()))
+                .collect();
+            let bob = |amount: &str| CorrectedState::Closed {
+                reward: Some(CorrectedReward {
+                    affiliate_id: aff("bob"),
+                    rate: commission_ledger::money::Rate::parse("20").unwrap(),
+                    amount: amount.parse().unwrap(),
+                    refunded: Default::default(),
+                    clawed: Default::default(),
+                }),
+            };
+            assert_eq!(
+                lines,
+                vec![
+                    ("jul-1".into(), bob("16.00")),
+                    ("jun-1".into(), bob("10.00")),
+                    ("may-1".into(), bob("20.00")),
+                ]
+            );
+            let customers: Vec<(String, Vec<AttributedFrom>)> = e
+                .customers
+                .iter()
+                .map(|c| (c.customer_id.to_string(), c.attribution.clone()))
+                .collect();
+            let bobs = AttributedFrom {
+                from: None,
+                affiliate_id: aff("bob"),
+            };
+            assert_eq!(customers, vec![("cust-1".into(), vec![bobs])]);
+            assert!(e.refunds.is_empty() && e.clicks.is_empty(), "{e:?}");
+        }
+        other => panic!("expected ReplayCorrected, got {other:?}"),
+    }
+    for r in &receipt.events[2..] {
         match &r.event {
             Event::AdjustmentPosted(e) => {
                 assert_eq!(e.month, month("2026-08"), "posted in the open month");
@@ -564,6 +608,223 @@ fn the_command_line_prints_the_diff_writes_csv_and_applies() {
     assert_eq!(
         (t.money("alice").0, t.money("bob").0),
         ("28.00".into(), "26.00".into())
+    );
+    t.verify_ok();
+}
+
+fn attribute_to(customer: &str, affiliate: &str) -> serde_json::Value {
+    serde_json::json!({"attribution": [{"customer_id": customer, "affiliate_id": affiliate}]})
+}
+
+/// After a correction, the corrected world is the ledger's: a refund of a
+/// corrected line claws back from whom the reward went to, at that
+/// affiliate's rate (it used to claw back from the affiliate the
+/// correction took the reward from, at its rate).
+#[test]
+fn a_refund_after_an_applied_correction_claws_back_from_the_corrected_reward() {
+    let (t, alice, _) = program();
+    t.enroll_with("carol", None, None, Some("30"));
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.click("2026-05-03T10:00:00Z", &alice.referral_code, "v-2");
+    t.signup("2026-05-03T10:05:00Z", "cust-2", Some("v-2"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
+    t.close("2026-05");
+    t.expense("2026-06-10T12:00:00Z", "jun-1", "cust-1", "50.00");
+    t.expense("2026-06-11T12:00:00Z", "jun-2", "cust-2", "40.00");
+    t.close("2026-06");
+    t.expense("2026-07-10T12:00:00Z", "jul-1", "cust-1", "80.00");
+    t.close("2026-07");
+    t.set_now("2026-08-05T09:00:00Z");
+    // carol's own 30%: may-1 30.00, jun-1 15.00, jul-1 24.00 (alice had
+    // 20.00 + 10.00 + 16.00 of them, and keeps cust-2's 8.00).
+    let replay = what_if(&t, attribute_to("cust-1", "carol")).unwrap();
+    apply(&t, &replay, "ticket 4411").unwrap();
+    assert_eq!(
+        (t.money("alice").0, t.money("carol").0),
+        ("8.00".into(), "69.00".into())
+    );
+    // Half of may-1 refunded: 30% of 50.00 = 15.00 back from carol.
+    t.refund("2026-08-06T09:00:00Z", "ref-1", "cust-1", "may-1", "50.00");
+    t.set_now("2026-09-02T09:00:00Z");
+    let closed = t.close("2026-08");
+    assert_eq!(closed.total, "-15.00".parse().unwrap());
+    assert_eq!(
+        (t.money("alice").0, t.money("carol").0),
+        ("8.00".into(), "54.00".into())
+    );
+    // The rest of it: all that is left of carol's 30.00.
+    t.refund("2026-09-06T09:00:00Z", "ref-2", "cust-1", "may-1", "50.00");
+    t.set_now("2026-10-02T09:00:00Z");
+    t.close("2026-09");
+    assert_eq!(
+        (t.money("alice").0, t.money("carol").0),
+        ("8.00".into(), "39.00".into())
+    );
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![], "the ledger is the corrected world");
+    t.verify_ok();
+}
+
+/// A reassignment after a correction moves what the correction gave (it
+/// used to move the rewards the correction had taken away once more,
+/// paying them twice), and later replays keep the reassignment, the newer
+/// decision, where they used to put the customer back.
+#[test]
+fn a_reassignment_after_an_applied_correction_moves_what_the_correction_gave() {
+    let (t, _, _) = wrongly_attributed();
+    let replay = what_if(&t, attribute_to("cust-1", "bob")).unwrap();
+    apply(&t, &replay, "ticket 4411").unwrap();
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("8.00".into(), "46.00".into())
+    );
+    t.enroll("carol");
+    t.set_now("2026-08-06T09:00:00Z");
+    t.reassign("cust-1", "carol", None, true, "ticket 4412");
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0, t.money("carol").0),
+        ("8.00".into(), "0.00".into(), "46.00".into())
+    );
+    t.expense("2026-08-10T12:00:00Z", "aug-1", "cust-1", "30.00"); // carol 6.00
+    t.set_now("2026-09-02T09:00:00Z");
+    t.close("2026-08");
+    assert_eq!(t.money("carol").0, "52.00");
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![]);
+    // A correction now of cust-1 to bob for all time holds over the
+    // reassignment: everything carol has of cust-1 goes to bob.
+    let back = what_if(&t, attribute_to("cust-1", "bob")).unwrap();
+    assert_eq!(
+        rows(&back),
+        vec![
+            row("bob", "2026-08", "-46.00", "6.00", "52.00"),
+            row("carol", "2026-08", "52.00", "0.00", "-52.00"),
+        ]
+    );
+    t.verify_ok();
+}
+
+/// New rules after an applied rules correction stand: the correction
+/// corrected the history before it.
+#[test]
+fn a_rule_change_after_an_applied_rules_correction_stands() {
+    let (t, alice, _) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-06-10T12:00:00Z", "jun-1", "cust-1", "100.00"); // 20.00 -> 25.00
+    t.close("2026-06");
+    t.set_now("2026-07-05T09:00:00Z");
+    let mut corrected = serde_json::to_value(rules("hosting", serde_json::json!({}))).unwrap();
+    corrected["default_rate"] = "25".into();
+    let replay = what_if(
+        &t,
+        serde_json::json!({"rules": {"from": "2026-06-01T00:00:00+02:00", "rules": corrected}}),
+    )
+    .unwrap();
+    apply(&t, &replay, "the June deal was 25%").unwrap();
+    assert_eq!(t.money("alice").0, "25.00");
+    t.set_now("2026-07-06T09:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"default_rate": "30"})));
+    t.expense("2026-07-10T12:00:00Z", "jul-1", "cust-1", "100.00"); // 30.00
+    t.close("2026-07");
+    assert_eq!(t.money("alice").0, "55.00");
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![], "July's 30% stands");
+}
+
+/// Another attribution model holds over every version of the rules, not
+/// only the first (signups under a later version kept their click model).
+#[test]
+fn a_click_model_correction_holds_over_every_version_of_the_rules() {
+    let (t, alice, bob) = program();
+    t.set_now("2026-04-20T09:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"default_rate": "20"})));
+    t.click("2026-05-01T10:00:00Z", &alice.referral_code, "v-1");
+    t.click("2026-05-03T10:00:00Z", &bob.referral_code, "v-1");
+    t.signup("2026-05-04T10:00:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-05-20T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00
+    t.close("2026-05");
+    t.set_now("2026-06-02T09:00:00Z");
+    let replay = what_if(
+        &t,
+        serde_json::json!({"model": {"attribution": "first_click"}}),
+    )
+    .unwrap();
+    assert_eq!(
+        rows(&replay),
+        vec![
+            row("alice", "2026-05", "0.00", "20.00", "20.00"),
+            row("bob", "2026-05", "20.00", "0.00", "-20.00"),
+        ]
+    );
+}
+
+/// A signup excluded as fraud leaves its customer nobody's referral:
+/// their later lines earn nobody, and they leave the referral list.
+#[test]
+fn an_excluded_signup_leaves_the_customer_to_nobody_from_then_on() {
+    let (t, _, bob) = program();
+    t.click("2026-05-01T10:00:00Z", &bob.referral_code, "v-1");
+    let fraud = t.submit(
+        Some("2026-05-01T10:05:00Z"),
+        commission_ledger::rules::Command::Signup {
+            customer_id: cust("cust-1"),
+            visitor: Some("v-1".into()),
+            promo_code: None,
+            group: None,
+        },
+    );
+    let fraud = fraud.events[0].seq;
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00
+    t.close("2026-05");
+    t.set_now("2026-06-02T09:00:00Z");
+    let replay = what_if(&t, serde_json::json!({"exclude": [fraud]})).unwrap();
+    assert_eq!(
+        rows(&replay),
+        vec![row("bob", "2026-05", "20.00", "0.00", "-20.00")]
+    );
+    apply(&t, &replay, "fake signup, ticket 78").unwrap();
+    assert_eq!(t.money("bob").0, "0.00");
+    assert_eq!(t.referral_list("bob"), vec![]);
+    t.expense("2026-06-10T12:00:00Z", "jun-1", "cust-1", "100.00");
+    assert_eq!(t.balance("bob").pending, "0.00");
+    t.set_now("2026-07-02T09:00:00Z");
+    t.close("2026-06");
+    assert_eq!(t.money("bob").0, "0.00");
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![]);
+    t.verify_ok();
+}
+
+/// A correction applied to some months only leaves the other months'
+/// rewards where they were: a refund of such a line claws back from the
+/// affiliate that kept the reward.
+#[test]
+fn a_correction_of_some_months_leaves_the_other_months_rewards_where_they_were() {
+    let (t, _, _) = wrongly_attributed();
+    let overrides: Overrides = serde_json::from_value(attribute_to("cust-1", "bob")).unwrap();
+    let months = MonthRange {
+        from: month("2026-06"),
+        to: month("2026-07"),
+    };
+    let replay = t
+        .ledger()
+        .what_if(&t.program, overrides, Some(months))
+        .unwrap();
+    apply(&t, &replay, "ticket 4411, from June").unwrap();
+    // alice keeps May's 20.00 and cust-2's 8.00; bob has June's and July's.
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("28.00".into(), "26.00".into())
+    );
+    t.refund("2026-08-06T09:00:00Z", "ref-1", "cust-1", "may-1", "100.00");
+    t.refund("2026-08-06T09:05:00Z", "ref-2", "cust-1", "jun-1", "50.00");
+    t.set_now("2026-09-02T09:00:00Z");
+    t.close("2026-08");
+    assert_eq!(
+        (t.money("alice").0, t.money("bob").0),
+        ("8.00".into(), "16.00".into())
     );
     t.verify_ok();
 }
