@@ -85,7 +85,7 @@ pub enum Rejection {
     #[error("no key `{0}`")]
     UnknownKey(String),
     #[error(
-        "the log moved since the replay was computed at seq {at_seq} (seq {moved_at} changed this program's money): run the replay again"
+        "the log moved since the replay was computed at seq {at_seq} (seq {moved_at} changed this program's money or attribution): run the replay again"
     )]
     ReplayStale { at_seq: Seq, moved_at: Seq },
 }

@@ -2,10 +2,11 @@
 //! model-based testing): random histories of clicks, signups, charges and
 //! payments, refunds, closes (by hand and by the server's auto-closer),
 //! withdrawals and their settlement, credits, group changes, closed
-//! accounts, suspensions, rule changes and reassignments (dated or for all
-//! time, retroactive or not) run through the ledger and through a small
-//! model written from DESIGN.md alone, with plain collections and no memo,
-//! index or incremental path. Cases vary the attribution model, the term
+//! accounts, suspensions, rule changes, reassignments (dated or for all
+//! time, retroactive or not) and what-if replays that correct a customer's
+//! attribution (dated or for all time; applied or not) run through the
+//! ledger and through a small model written from DESIGN.md alone, with
+//! plain collections and no memo, index or incremental path. Cases vary the attribution model, the term
 //! (lifetime, months, first order), a custom rate, the auto-close day, the
 //! currency (USD, JPY or BHD: 2, 0 or 3 decimals to round to) and the time
 //! zone the program's months are in (UTC, Amsterdam, Kiritimati at +14,
@@ -17,7 +18,11 @@
 //! totals by kind, closing) after every step, and across restarts from a
 //! checkpoint and from the log alone. A twin program on the same server
 //! gets every command too, with the same ids, and must answer and count
-//! exactly the same: programs share nothing.
+//! exactly the same: programs share nothing. A replay's diff must be what
+//! the model posts when it folds the same history again with the
+//! correction (per affiliate and statement month); once applied, the
+//! ledger must be that corrected world from then on: its refunds, closes,
+//! reassignments, estimates and lists.
 //!
 //! `properties` checks the ledger against itself (postings, replays,
 //! reads of the past); this checks it against the rules.
@@ -27,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use commission_ledger::events::*;
 use commission_ledger::ledger::{Submission, SubmitError};
-use commission_ledger::rules::{Command, Noop};
+use commission_ledger::rules::{Command, Noop, Rejection};
 use proptest::prelude::*;
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -181,6 +186,63 @@ enum Op {
         days_back: Option<u8>,
         retroactive: bool,
     },
+    /// An operator replays history with the customer attributed to the
+    /// affiliate (from some days back, or for all time): the diff must be
+    /// what the model says the same history with that correction would
+    /// have posted; and with `apply`, the ledger becomes that world.
+    Replay {
+        customer: u8,
+        affiliate: usize,
+        days_back: Option<u8>,
+        apply: bool,
+    },
+}
+
+/// What happened to the model, in order: enough to fold the same history
+/// again under corrections (the replay's world). Withdrawals and credits
+/// move no commission and are not needed.
+#[derive(Clone)]
+enum Fact {
+    Signup {
+        customer: u8,
+        affiliate: usize,
+        at: i64,
+    },
+    Line(Line),
+    Refund(Refund),
+    Close(Month),
+    Group {
+        customer: u8,
+        at: i64,
+        staff: bool,
+    },
+    CloseCustomer(u8),
+    Suspend {
+        affiliate: usize,
+        at: i64,
+    },
+    Rules {
+        at: i64,
+        version: Version,
+    },
+    Reassign {
+        customer: u8,
+        affiliate: usize,
+        from: Option<i64>,
+        retroactive: bool,
+        now: i64,
+    },
+}
+
+/// A correction of a customer's attribution: to `affiliate` from `from`
+/// (or always). Applied at fact `until`, it holds over the facts before
+/// it; not applied, over all.
+#[derive(Clone, Debug)]
+struct Layer {
+    customer: u8,
+    affiliate: usize,
+    from: Option<i64>,
+    until: Option<usize>,
 }
 
 /// How much of a line a refund takes back.
@@ -225,6 +287,8 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
             .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
+        2 => (0..6u8, 0..3usize, proptest::option::of(0..60u8), proptest::bool::weighted(0.7))
+            .prop_map(|(customer, affiliate, days_back, apply)| Op::Replay { customer, affiliate, days_back, apply }),
     ]
 }
 
@@ -284,6 +348,7 @@ fn month_of(micros: i64) -> Month {
     Timestamp::from_micros(micros).month_in(ZONE.get())
 }
 
+#[derive(Clone)]
 struct Line {
     id: String,
     /// A payment, which earns nothing under an expenses basis.
@@ -311,6 +376,7 @@ struct Reward {
     clawed: Decimal,
 }
 
+#[derive(Clone)]
 struct Refund {
     id: String,
     line: usize,
@@ -383,7 +449,7 @@ impl Posted {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Customer {
     /// Whose referral the customer is from when on (`None`: from the start).
     attribution: Vec<(Option<i64>, usize)>,
@@ -441,6 +507,18 @@ struct Model {
     commission: HashMap<(usize, u8), Decimal>,
     /// Affiliate, amount, still requested.
     withdrawals: Vec<(usize, Decimal, bool)>,
+    /// The commission each affiliate was posted per statement month: as a
+    /// replay compares it (rewards, bounties and claw-backs in the month
+    /// of their close, reassignment adjustments in theirs, and an applied
+    /// replay's changes in the month they corrected).
+    posted: HashMap<(usize, Month), Decimal>,
+    /// What happened, in order.
+    facts: Vec<Fact>,
+    /// Attribution corrections (applied ones, and while a replay folds the
+    /// history again, the new one).
+    layers: Vec<Layer>,
+    /// The fact being folded: which layers hold over it.
+    fact_index: usize,
 }
 
 impl Model {
@@ -475,6 +553,9 @@ impl Model {
 
     /// A movement of `earned` on the affiliate's statement of `month`.
     fn post(&mut self, affiliate: usize, month: Month, kind: &'static str, amount: Decimal) {
+        if ["reward", "bounty", "clawback", "adjustment"].contains(&kind) {
+            *self.posted.entry((affiliate, month)).or_default() += amount;
+        }
         *self
             .statements
             .entry((affiliate, month))
@@ -737,12 +818,15 @@ impl Model {
         posted
     }
 
-    /// A retroactive reassignment of `customer` to `to` from `from` on:
-    /// what was posted for the lines since (net of claw-backs), and the
-    /// bounty paid with one of them, moves to `to`, who also gets what
-    /// those lines' refunds claw back from now on; lines a close took
-    /// while they earned nobody wait for the next close again.
-    fn move_posted(&mut self, customer: u8, to: usize, from: i64, now: i64) {
+    /// A retroactive reassignment of `customer` from `from` on, the
+    /// customer already moved: what was posted for the lines since (net of
+    /// claw-backs), and the bounty paid with one of them, moves to whoever
+    /// has the customer at the line's moment now (a correction may hold
+    /// over the reassignment), who also gets what those lines' refunds claw
+    /// back from now on; lines a close took while they earned nobody wait
+    /// for the next close again.
+    fn move_posted(&mut self, customer: u8, from: i64, now: i64) {
+        let moved = self.customers.get(&customer).cloned().unwrap_or_default();
         let mut moves = Vec::new();
         for line in &mut self.lines {
             if line.customer != customer || line.at < from {
@@ -750,22 +834,25 @@ impl Model {
             }
             match line.reward.as_mut() {
                 Some(reward) => {
-                    // Nothing left to move is no movement.
-                    let net = reward.amount - reward.clawed;
-                    if reward.affiliate != to && !net.is_zero() {
-                        moves.push((reward.affiliate, net));
+                    if let Some(to) = moved.affiliate_at(line.at) {
+                        // Nothing left to move is no movement.
+                        let net = reward.amount - reward.clawed;
+                        if reward.affiliate != to && !net.is_zero() {
+                            moves.push((reward.affiliate, to, net));
+                        }
+                        reward.affiliate = to;
                     }
-                    reward.affiliate = to;
                 }
                 None if !line.open => line.open = true,
                 None => {}
             }
         }
         if let Some((owner, at)) = self.bountied.get_mut(&customer)
-            && *owner != to
             && *at >= from
+            && let Some(to) = moved.affiliate_at(*at)
+            && *owner != to
         {
-            moves.push((*owner, money(BOUNTY_CENTS)));
+            moves.push((*owner, to, money(BOUNTY_CENTS)));
             *owner = to;
         }
         for refund in &mut self.refunds {
@@ -775,7 +862,7 @@ impl Model {
                 refund.open = true;
             }
         }
-        for (owner, net) in moves {
+        for (owner, to, net) in moves {
             self.accounts[owner].free -= net;
             self.accounts[to].free += net;
             self.post(owner, month_of(now), "adjustment", -net);
@@ -783,6 +870,113 @@ impl Model {
             *self.commission.entry((owner, customer)).or_default() -= net;
             *self.commission.entry((to, customer)).or_default() += net;
         }
+    }
+
+    /// Records what happened and folds it; what a close posted.
+    fn happen(&mut self, fact: Fact) -> Vec<Posted> {
+        self.fact_index = self.facts.len();
+        let posted = self.fold(&fact);
+        self.facts.push(fact);
+        posted
+    }
+
+    /// Folds one fact. The corrections that hold over it are imposed on
+    /// the customer it concerns after a signup, a line or a reassignment.
+    fn fold(&mut self, fact: &Fact) -> Vec<Posted> {
+        match fact {
+            Fact::Signup {
+                customer,
+                affiliate,
+                at,
+            } => {
+                let c = self.customers.entry(*customer).or_default();
+                c.attribution = vec![(None, *affiliate)];
+                c.signup_at = Some(*at);
+                if c.groups.is_empty() {
+                    c.groups.push((*at, false));
+                }
+                self.impose(*customer);
+            }
+            Fact::Line(line) => {
+                self.billed.insert(line.customer);
+                let known = self.customers.entry(line.customer).or_default();
+                if known.first_line.is_none() {
+                    known.first_line_at = Some(line.at);
+                    known.first_line = Some(line.id.clone());
+                    known.first_order = line.order.clone();
+                }
+                self.lines.push(line.clone());
+                self.impose(line.customer);
+            }
+            Fact::Refund(refund) => {
+                self.lines[refund.line].refunded += refund.amount;
+                self.refunds.push(refund.clone());
+            }
+            Fact::Close(month) => return self.apply_close(*month),
+            Fact::Group {
+                customer,
+                at,
+                staff,
+            } => {
+                let c = self.customers.entry(*customer).or_default();
+                c.groups.push((*at, *staff));
+            }
+            Fact::CloseCustomer(customer) => {
+                self.customers.entry(*customer).or_default().closed = true;
+            }
+            Fact::Suspend { affiliate, at } => self.suspended_at[*affiliate] = Some(*at),
+            Fact::Rules { at, version } => self.versions.push((*at, version.clone())),
+            Fact::Reassign {
+                customer,
+                affiliate,
+                from,
+                retroactive,
+                now,
+            } => {
+                let c = self.customers.entry(*customer).or_default();
+                move_to(&mut c.attribution, *from, *affiliate);
+                self.impose(*customer);
+                if *retroactive {
+                    self.move_posted(*customer, from.unwrap_or(i64::MIN), *now);
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// The corrections of `customer` that hold over the fact being folded.
+    fn impose(&mut self, customer: u8) {
+        let k = self.fact_index;
+        let holding: Vec<Layer> = self
+            .layers
+            .iter()
+            .filter(|l| l.customer == customer && l.until.is_none_or(|until| k < until))
+            .cloned()
+            .collect();
+        for l in holding {
+            let c = self.customers.entry(customer).or_default();
+            move_to(&mut c.attribution, l.from, l.affiliate);
+        }
+    }
+
+    /// The same history folded again from the start with `layers` holding:
+    /// the world a replay computes.
+    fn replayed(&self, layers: Vec<Layer>) -> Model {
+        let mut world = Model {
+            case: self.case.clone(),
+            versions: vec![self.versions[0].clone()],
+            layers,
+            ..Model::default()
+        };
+        // Every correction is installed with the program.
+        for l in world.layers.clone() {
+            let c = world.customers.entry(l.customer).or_default();
+            move_to(&mut c.attribution, l.from, l.affiliate);
+        }
+        for fact in &self.facts {
+            world.happen(fact.clone());
+        }
+        world
     }
 
     /// The months the auto-closer owes at `now`, oldest first: each month
@@ -829,6 +1023,50 @@ impl Model {
             ("credited_total", a.credited),
             ("lifetime_earned", a.earned() + a.paid_out + a.credited),
         ]
+    }
+}
+
+/// The ledger and the model agree on every balance (the twin's too), on
+/// every referral list, and on this and last month's statements.
+fn agree(t: &TestLedger, twin: &ProgramId, m: &Model, now: i64, context: &str) {
+    let d = |s: &str| s.parse::<Decimal>().unwrap();
+    for (a, name) in AFFILIATES.iter().enumerate() {
+        let served = served_balance(&t.balance(name));
+        assert_eq!(served, m.balance(a), "{name} after {context}");
+        let twins = t.ledger().balance(twin, &aff(name), None).unwrap().unwrap();
+        assert_eq!(
+            served_balance(&twins),
+            m.balance(a),
+            "twin's {name} after {context}"
+        );
+        let listed = referrals(t, name);
+        assert_eq!(listed, m.referrals(a), "{name}'s referrals after {context}");
+        // This month's statement and last month's: the months money
+        // moves in (closes post in the month they close).
+        for month in [month_of(now), month_of(now).previous()] {
+            let s = t.statement(name, &month.to_string());
+            let served = (
+                d(&s.opening_balance),
+                s.totals.iter().map(|(k, v)| (k.clone(), d(v))).collect(),
+                d(&s.closing_balance),
+            );
+            assert_eq!(
+                served,
+                m.statement(a, month),
+                "{name}'s {month} after {context}"
+            );
+        }
+    }
+}
+
+/// Moves a customer to `affiliate` from `from` on (`None`: for all time).
+fn move_to(attribution: &mut Vec<(Option<i64>, usize)>, from: Option<i64>, affiliate: usize) {
+    match from {
+        None => *attribution = vec![(None, affiliate)],
+        Some(from) => {
+            attribution.retain(|(start, _)| start.is_none_or(|start| start < from));
+            attribution.push((Some(from), affiliate));
+        }
     }
 }
 
@@ -1018,7 +1256,7 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected: Vec<(Month, Vec<Posted>)> = m
                     .auto_close_due(now)
                     .into_iter()
-                    .map(|month| (month, m.apply_close(month)))
+                    .map(|month| (month, m.happen(Fact::Close(month))))
                     .collect();
                 for program in [&t.program, &twin] {
                     let closed = closed.remove(program).unwrap_or_default();
@@ -1041,6 +1279,108 @@ fn run(case: &Case, ops: &[Op]) {
                     let served = served_balance(&t.balance(name));
                     assert_eq!(served, m.balance(a), "{name} after a restart at op {i}");
                     assert_eq!(twin_balance(&t, name), m.balance(a), "twin's {name}");
+                }
+                continue;
+            }
+            Op::Replay {
+                customer: c,
+                affiliate,
+                days_back,
+                apply,
+            } => {
+                t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                let from = days_back.map(|days| now - i64::from(days) * DAY_US);
+                let overrides = Overrides {
+                    attribution: vec![AttributionOverride {
+                        customer_id: customer(*c),
+                        affiliate_id: aff(AFFILIATES[*affiliate]),
+                        from: from.map(Timestamp::from_micros),
+                    }],
+                    ..Overrides::default()
+                };
+                let context = format!("op {i} {op:?}");
+                if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
+                    for program in [&t.program, &twin] {
+                        let refused = t.ledger().what_if(program, overrides.clone(), None);
+                        assert!(
+                            matches!(
+                                refused,
+                                Err(SubmitError::Rejected(Rejection::SelfReferral(_)))
+                            ),
+                            "{program}: {context}: {refused:?}"
+                        );
+                    }
+                    continue;
+                }
+                // The same history with the correction: what it changes,
+                // per affiliate and statement month.
+                let mut layers = m.layers.clone();
+                layers.push(Layer {
+                    customer: *c,
+                    affiliate: *affiliate,
+                    from,
+                    until: None,
+                });
+                let world = m.replayed(layers);
+                let mut expected: BTreeMap<(usize, Month), Decimal> = BTreeMap::new();
+                for key in world.posted.keys().chain(m.posted.keys()) {
+                    let after = world.posted.get(key).copied().unwrap_or_default();
+                    let before = m.posted.get(key).copied().unwrap_or_default();
+                    if after != before {
+                        expected.insert(*key, after - before);
+                    }
+                }
+                let index =
+                    |a: &AffiliateId| AFFILIATES.iter().position(|x| *x == a.as_str()).unwrap();
+                let mut changes = Vec::new();
+                for program in [&t.program, &twin] {
+                    let replay = t
+                        .ledger()
+                        .what_if(program, overrides.clone(), None)
+                        .unwrap();
+                    let served: BTreeMap<(usize, Month), Decimal> = replay
+                        .diff
+                        .rows
+                        .iter()
+                        .map(|r| ((index(&r.affiliate_id), r.month), r.change.parse().unwrap()))
+                        .filter(|(_, change): &(_, Decimal)| !change.is_zero())
+                        .collect();
+                    assert_eq!(served, expected, "{program}: the diff of {context}");
+                    if *apply {
+                        let submission = t
+                            .ledger()
+                            .apply_replay_submission(program, &replay.replay_id, "ticket", "model")
+                            .unwrap()
+                            .unwrap();
+                        t.ledger().submit_blocking(submission.at(at)).unwrap();
+                        changes = replay.diff.changes;
+                    }
+                }
+                if *apply {
+                    // The ledger is the corrected world now, and the money
+                    // moved by adjustments in this month's statement.
+                    for change in &changes {
+                        let a = index(&change.affiliate_id);
+                        m.accounts[a].free += change.amount;
+                        *m.statements
+                            .entry((a, month_of(now)))
+                            .or_default()
+                            .entry("adjustment")
+                            .or_default() += change.amount;
+                    }
+                    m.layers.push(Layer {
+                        customer: *c,
+                        affiliate: *affiliate,
+                        from,
+                        until: Some(m.facts.len()),
+                    });
+                    m.posted = world.posted;
+                    m.commission = world.commission;
+                    m.lines = world.lines;
+                    m.refunds = world.refunds;
+                    m.customers = world.customers;
+                    m.bountied = world.bountied;
+                    agree(&t, &twin, &m, now, &context);
                 }
                 continue;
             }
@@ -1097,12 +1437,11 @@ fn run(case: &Case, ops: &[Op]) {
                     };
                     match by_promo.or_else(by_click) {
                         Some((a, via)) => {
-                            let customer = m.customers.entry(*c).or_default();
-                            customer.attribution = vec![(None, a)];
-                            customer.signup_at = Some(now);
-                            if customer.groups.is_empty() {
-                                customer.groups.push((now, false));
-                            }
+                            m.happen(Fact::Signup {
+                                customer: *c,
+                                affiliate: a,
+                                at: now,
+                            });
                             format!("attributed to {} via {via}", AFFILIATES[a])
                         }
                         None => "ignored".into(),
@@ -1130,14 +1469,7 @@ fn run(case: &Case, ops: &[Op]) {
                 let order = order.map(|o| format!("o-{c}-{o}"));
                 let line_at = now - i64::from(days_back.unwrap_or(0)) * DAY_US;
                 let id = format!("l-{i}");
-                m.billed.insert(*c);
-                let known = m.customers.entry(*c).or_default();
-                if known.first_line.is_none() {
-                    known.first_line_at = Some(line_at);
-                    known.first_line = Some(id.clone());
-                    known.first_order = order.clone();
-                }
-                m.lines.push(Line {
+                m.happen(Fact::Line(Line {
                     id: id.clone(),
                     payment: *payment,
                     order: order.clone(),
@@ -1149,7 +1481,7 @@ fn run(case: &Case, ops: &[Op]) {
                     open: true,
                     refunded: Decimal::ZERO,
                     reward: None,
-                });
+                }));
                 (
                     Command::RecordBasisLine {
                         kind: if *payment {
@@ -1198,15 +1530,14 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if amount > left {
                     "refused RefundExceedsLine".to_string()
                 } else {
-                    m.lines[l].refunded += amount;
-                    m.refunds.push(Refund {
+                    m.happen(Fact::Refund(Refund {
                         id: format!("r-{i}"),
                         line: l,
                         amount,
                         at: now,
                         month: month_of(now),
                         open: true,
-                    });
+                    }));
                     "appended".into()
                 };
                 (command, at, expected)
@@ -1216,7 +1547,7 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if m.closed.contains(&month) {
                     "already closed".to_string()
                 } else {
-                    posted = m.apply_close(month);
+                    posted = m.happen(Fact::Close(month));
                     let total: Decimal = posted.iter().map(Posted::amount).sum();
                     let rewards = posted
                         .iter()
@@ -1287,7 +1618,7 @@ fn run(case: &Case, ops: &[Op]) {
                 (command, at, expected.into())
             }
             Op::CloseCustomer { customer: c } => {
-                m.customers.entry(*c).or_default().closed = true;
+                m.happen(Fact::CloseCustomer(*c));
                 (
                     Command::CloseCustomer {
                         customer_id: customer(*c),
@@ -1298,11 +1629,11 @@ fn run(case: &Case, ops: &[Op]) {
                 )
             }
             Op::Group { customer: c, staff } => {
-                m.customers
-                    .entry(*c)
-                    .or_default()
-                    .groups
-                    .push((now, *staff));
+                m.happen(Fact::Group {
+                    customer: *c,
+                    at: now,
+                    staff: *staff,
+                });
                 (
                     Command::ChangeCustomerGroup {
                         customer_id: customer(*c),
@@ -1313,7 +1644,10 @@ fn run(case: &Case, ops: &[Op]) {
                 )
             }
             Op::ChangeRules { version } => {
-                m.versions.push((now, version.clone()));
+                m.happen(Fact::Rules {
+                    at: now,
+                    version: version.clone(),
+                });
                 (
                     Command::DefineProgram {
                         rules: Box::new(rules("model", program(case, version))),
@@ -1327,7 +1661,10 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if m.suspended_at[*affiliate].is_some() {
                     "refused AffiliateSuspended"
                 } else {
-                    m.suspended_at[*affiliate] = Some(now);
+                    m.happen(Fact::Suspend {
+                        affiliate: *affiliate,
+                        at: now,
+                    });
                     "appended"
                 };
                 (
@@ -1349,19 +1686,13 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
                     "refused SelfReferral"
                 } else if m.customers.contains_key(c) {
-                    if *retroactive {
-                        m.move_posted(*c, *affiliate, from.unwrap_or(i64::MIN), now);
-                    }
-                    let customer = m.customers.entry(*c).or_default();
-                    match from {
-                        None => customer.attribution = vec![(None, *affiliate)],
-                        Some(from) => {
-                            customer
-                                .attribution
-                                .retain(|(start, _)| start.is_none_or(|start| start < from));
-                            customer.attribution.push((Some(from), *affiliate));
-                        }
-                    }
+                    m.happen(Fact::Reassign {
+                        customer: *c,
+                        affiliate: *affiliate,
+                        from,
+                        retroactive: *retroactive,
+                        now,
+                    });
                     "appended"
                 } else {
                     "refused UnknownCustomer"
@@ -1445,40 +1776,7 @@ fn run(case: &Case, ops: &[Op]) {
                 }
             }
         }
-        for (a, name) in AFFILIATES.iter().enumerate() {
-            let served = served_balance(&t.balance(name));
-            assert_eq!(served, m.balance(a), "{name} after {}", context());
-            assert_eq!(
-                twin_balance(&t, name),
-                m.balance(a),
-                "twin's {name} after {}",
-                context()
-            );
-            let listed = referrals(&t, name);
-            assert_eq!(
-                listed,
-                m.referrals(a),
-                "{name}'s referrals after {}",
-                context()
-            );
-            // This month's statement and last month's: the months money
-            // moves in (closes post in the month they close).
-            for month in [month_of(now), month_of(now).previous()] {
-                let s = t.statement(name, &month.to_string());
-                let d = |s: &str| s.parse::<Decimal>().unwrap();
-                let served = (
-                    d(&s.opening_balance),
-                    s.totals.iter().map(|(k, v)| (k.clone(), d(v))).collect(),
-                    d(&s.closing_balance),
-                );
-                assert_eq!(
-                    served,
-                    m.statement(a, month),
-                    "{name}'s {month} after {}",
-                    context()
-                );
-            }
-        }
+        agree(&t, &twin, &m, now, &context());
     }
     for program in [&t.program, &twin] {
         let replay = t
