@@ -76,7 +76,8 @@ pub struct WhatIf {
 
 impl WhatIf {
     /// A replay of `program` under `overrides`, on top of the replays
-    /// `applied` before (their overrides, in order).
+    /// `applied` before (the seq of their `ReplayApplied` and their
+    /// overrides, in order).
     pub fn new(program: ProgramId, applied: Vec<(Seq, Overrides)>, overrides: Overrides) -> WhatIf {
         let mut layers: Vec<(Option<Seq>, Overrides)> = applied
             .into_iter()
@@ -433,6 +434,7 @@ impl WhatIf {
             });
         }
         ReplayCorrected {
+            // The writer names the replay when it records this.
             replay_id: Uuid::nil(),
             lines,
             refunds,
