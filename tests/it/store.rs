@@ -632,8 +632,10 @@ fn verify_finds_wrong_stored_projections_while_events_keep_coming() {
         problem.contains("differ from a fresh replay") && problem.contains("affiliate alice"),
         "{problem}"
     );
+    // (At least the clicks seen before it began: one may not land while
+    // a short replay runs.)
     assert!(
-        report.head_seq > seq + 20,
+        report.head_seq >= seq + 20,
         "compared at the head, after the clicks: {report:?}"
     );
     assert_eq!(report.events, report.head_seq);
