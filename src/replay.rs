@@ -340,13 +340,7 @@ impl WhatIf {
                 return CorrectedState::Open;
             }
             CorrectedState::Closed {
-                reward: reward.map(|r| CorrectedReward {
-                    affiliate_id: r.affiliate_id.clone(),
-                    rate: r.rate,
-                    amount: r.amount,
-                    refunded: r.refunded,
-                    clawed: r.clawed,
-                }),
+                reward: reward.map(CorrectedReward::from),
             }
         };
         let mut lines = Vec::new();
@@ -398,19 +392,10 @@ impl WhatIf {
             } else {
                 &was.bounty
             };
-            let same_bounty = match (bounty, &was.bounty) {
-                (Some(a), Some(b)) => {
-                    a.affiliate_id == b.affiliate_id
-                        && a.amount == b.amount
-                        && a.line_at == b.line_at
-                }
-                (None, None) => true,
-                _ => false,
-            };
             if now.attribution == was.attribution
                 && now.signup_at == was.signup_at
                 && now.via == was.via
-                && same_bounty
+                && *bounty == was.bounty
             {
                 continue;
             }
@@ -426,11 +411,7 @@ impl WhatIf {
                     .collect(),
                 signup_at: now.signup_at,
                 via: now.via,
-                bounty: bounty.as_ref().map(|b| CorrectedBounty {
-                    affiliate_id: b.affiliate_id.clone(),
-                    amount: b.amount,
-                    line_at: b.line_at,
-                }),
+                bounty: bounty.as_ref().map(CorrectedBounty::from),
             });
         }
         ReplayCorrected {

@@ -355,13 +355,59 @@ impl Customer {
 }
 
 /// The bounty paid for a customer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PaidBounty {
     pub affiliate_id: AffiliateId,
     pub amount: Decimal,
     /// The moment of the line it was paid with: a retroactive
     /// reassignment moves it with the lines from a moment up to this one.
     pub line_at: Timestamp,
+}
+
+/// A replay's corrected world and the write model hold the same facts of a
+/// reward and a bounty.
+impl From<&LineReward> for CorrectedReward {
+    fn from(r: &LineReward) -> CorrectedReward {
+        CorrectedReward {
+            affiliate_id: r.affiliate_id.clone(),
+            rate: r.rate,
+            amount: r.amount,
+            refunded: r.refunded,
+            clawed: r.clawed,
+        }
+    }
+}
+
+impl From<&CorrectedReward> for LineReward {
+    fn from(r: &CorrectedReward) -> LineReward {
+        LineReward {
+            affiliate_id: r.affiliate_id.clone(),
+            rate: r.rate,
+            amount: r.amount,
+            refunded: r.refunded,
+            clawed: r.clawed,
+        }
+    }
+}
+
+impl From<&PaidBounty> for CorrectedBounty {
+    fn from(b: &PaidBounty) -> CorrectedBounty {
+        CorrectedBounty {
+            affiliate_id: b.affiliate_id.clone(),
+            amount: b.amount,
+            line_at: b.line_at,
+        }
+    }
+}
+
+impl From<&CorrectedBounty> for PaidBounty {
+    fn from(b: &CorrectedBounty) -> PaidBounty {
+        PaidBounty {
+            affiliate_id: b.affiliate_id.clone(),
+            amount: b.amount,
+            line_at: b.line_at,
+        }
+    }
 }
 
 /// A reward posted for a basis line.
@@ -801,16 +847,14 @@ impl ProgramModel {
             return;
         };
         let start = from.unwrap_or(Timestamp::MIN);
-        if let Some(bounty) = &mut customer.bounty
-            && bounty.line_at >= start
-            && let Some(to) = customer
-                .attribution
-                .iter()
-                .rev()
-                .find(|(f, _)| f.is_none_or(|f| f <= bounty.line_at))
-                .map(|(_, a)| a)
-        {
-            bounty.affiliate_id = to.clone();
+        let bounty_to = customer
+            .bounty
+            .as_ref()
+            .filter(|b| b.line_at >= start)
+            .and_then(|b| customer.affiliate_at(b.line_at))
+            .cloned();
+        if let (Some(bounty), Some(to)) = (&mut customer.bounty, bounty_to) {
+            bounty.affiliate_id = to;
         }
         for id in &customer.lines {
             if let Some(line) = self.lines.get_mut(id)
@@ -1310,15 +1354,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             }
             CorrectedState::Closed { reward } => {
                 line.processed = true;
-                line.reward = reward.as_ref().map(|r| {
-                    Box::new(LineReward {
-                        affiliate_id: r.affiliate_id.clone(),
-                        rate: r.rate,
-                        amount: r.amount,
-                        refunded: r.refunded,
-                        clawed: r.clawed,
-                    })
-                });
+                line.reward = reward.as_ref().map(|r| Box::new(LineReward::from(r)));
                 pm.open_lines.remove(&key);
             }
             CorrectedState::Excluded => {
@@ -1361,11 +1397,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             .collect();
         customer.signup_at = c.signup_at;
         customer.via = c.via;
-        customer.bounty = c.bounty.as_ref().map(|b| PaidBounty {
-            affiliate_id: b.affiliate_id.clone(),
-            amount: b.amount,
-            line_at: b.line_at,
-        });
+        customer.bounty = c.bounty.as_ref().map(PaidBounty::from);
         for (affiliate, before) in named {
             pm.note_attributed(&c.customer_id, &affiliate, before);
         }
