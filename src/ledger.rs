@@ -507,9 +507,7 @@ impl State {
     /// Folds an event into what a checkpoint keeps.
     fn fold(&mut self, recorded: &Recorded) {
         self.model.apply(recorded);
-        let model = &self.model;
-        self.views
-            .apply(recorded, |program, line| model.line_kind(program, line));
+        self.views.apply(recorded, &ModelLines(&self.model));
         self.last_recorded_at = self.last_recorded_at.max(recorded.recorded_at);
     }
 
@@ -546,6 +544,32 @@ fn note_key(keys: &mut HashMap<String, KeyRow>, recorded: &Recorded) {
                 },
             );
         }
+    }
+}
+
+/// The projections' view of the write model's basis lines and refunds,
+/// at the same event.
+pub struct ModelLines<'a>(pub &'a rules::Model);
+
+impl crate::projections::BasisLines for ModelLines<'_> {
+    fn line(
+        &self,
+        program: &ProgramId,
+        line: &LineId,
+    ) -> Option<crate::projections::LineFacts<'_>> {
+        let line = self.0.line(program, line)?;
+        Some(crate::projections::LineFacts {
+            kind: line.kind,
+            customer_id: &line.customer_id,
+            amount: line.amount,
+            refunded: line.refunded,
+            excluded: line.excluded,
+        })
+    }
+
+    fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<(&LineId, Decimal)> {
+        let refund = self.0.refund(program, refund)?;
+        Some((&refund.line, refund.amount))
     }
 }
 

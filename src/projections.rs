@@ -174,17 +174,14 @@ impl Projections {
         }
     }
 
-    /// Folds one recorded event in. `line_kind` gives the kind of a basis
-    /// line recorded before in a program: a refund lowers a customer's
-    /// billed total only when the line it refunds is of the program's basis
-    /// kind. The write model keeps every line, so the projections do not
-    /// keep them again (a map of every line's kind was a tenth of the
+    /// Folds one recorded event in. `lines` are the write model's basis
+    /// lines and refunds, with this event folded: a refund lowers a
+    /// customer's billed total only when the line it refunds is of the
+    /// program's basis kind, and a replay's exclusions take their amounts
+    /// out of it. The write model keeps every line, so the projections do
+    /// not keep them again (a map of every line's kind was a tenth of the
     /// writer's time in batch ingest, and of a checkpoint).
-    pub fn apply(
-        &mut self,
-        recorded: &Recorded,
-        line_kind: impl Fn(&ProgramId, &LineId) -> Option<LineKind>,
-    ) {
+    pub fn apply(&mut self, recorded: &Recorded, lines: &impl BasisLines) {
         self.last_seq = recorded.seq;
         let postings = recorded.event.postings();
         for posting in &postings {
@@ -233,12 +230,30 @@ impl Projections {
                 }
             }
         }
-        view.apply(recorded, |line| line_kind(program, line));
+        view.apply(recorded, program, lines);
     }
 }
 
+/// What the projections ask of a basis line.
+pub struct LineFacts<'a> {
+    pub kind: LineKind,
+    pub customer_id: &'a CustomerId,
+    pub amount: Decimal,
+    /// Its refunds recorded, less those excluded.
+    pub refunded: Decimal,
+    pub excluded: bool,
+}
+
+/// The basis lines and refunds recorded so far, as the write model keeps
+/// them.
+pub trait BasisLines {
+    fn line(&self, program: &ProgramId, line: &LineId) -> Option<LineFacts<'_>>;
+    /// A refund: the line it refunds, and its amount.
+    fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<(&LineId, Decimal)>;
+}
+
 impl ProgramView {
-    fn apply(&mut self, recorded: &Recorded, line_kind: impl Fn(&LineId) -> Option<LineKind>) {
+    fn apply(&mut self, recorded: &Recorded, program: &ProgramId, lines: &impl BasisLines) {
         let zone = self.zone;
         let at = recorded.occurred_at;
         let basis = self.rules.basis;
@@ -307,7 +322,11 @@ impl ProgramView {
                 }
             }
             Event::RefundRecorded(e) => {
-                if line_kind(&e.refunds).is_some_and(|k| k.earns_under(basis)) {
+                // A refund of an excluded line bills nothing back.
+                if lines
+                    .line(program, &e.refunds)
+                    .is_some_and(|l| l.kind.earns_under(basis) && !l.excluded)
+                {
                     let customer = self.customers.entry(e.customer_id.clone()).or_default();
                     customer.billed -= e.amount;
                 }
@@ -452,6 +471,41 @@ impl ProgramView {
                 }
             }
             Event::ReplayCorrected(e) => {
+                // What a replay excluded was never billed: a line, less
+                // what is left of its refunds; a refund, given back unless
+                // its line went before.
+                let excluded = |state: &CorrectedState| *state == CorrectedState::Excluded;
+                let lines_now: Vec<&LineId> = e
+                    .lines
+                    .iter()
+                    .filter(|c| excluded(&c.state))
+                    .map(|c| &c.line)
+                    .collect();
+                for c in e.refunds.iter().filter(|c| excluded(&c.state)) {
+                    let Some((line_id, amount)) = lines.refund(program, &c.refund) else {
+                        continue;
+                    };
+                    let Some(line) = lines.line(program, line_id) else {
+                        continue;
+                    };
+                    let counted = !line.excluded || lines_now.contains(&line_id);
+                    if counted
+                        && line.kind.earns_under(basis)
+                        && let Some(customer) = self.customers.get_mut(line.customer_id)
+                    {
+                        customer.billed += amount;
+                    }
+                }
+                for id in lines_now {
+                    let Some(line) = lines.line(program, id) else {
+                        continue;
+                    };
+                    if line.kind.earns_under(basis)
+                        && let Some(customer) = self.customers.get_mut(line.customer_id)
+                    {
+                        customer.billed -= line.amount - line.refunded;
+                    }
+                }
                 for c in &e.customers {
                     match c.attribution.last() {
                         Some(a) => self.place(&c.customer_id, &a.affiliate_id, at),

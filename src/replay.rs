@@ -335,7 +335,10 @@ impl WhatIf {
             }
         }
         let applies = |line: &LineId| months.is_none() || in_range_lines.contains(line);
-        let state = |processed: bool, reward: Option<&rules::LineReward>| {
+        let state = |processed: bool, reward: Option<&rules::LineReward>, excluded: bool| {
+            if excluded {
+                return CorrectedState::Excluded;
+            }
             if !processed {
                 return CorrectedState::Open;
             }
@@ -345,11 +348,11 @@ impl WhatIf {
         };
         let mut lines = Vec::new();
         for (id, line) in &live.lines {
-            let was = state(line.processed, line.reward.as_deref());
+            let was = state(line.processed, line.reward.as_deref(), line.excluded);
             let corrected = match self.shadow.lines.get(id) {
                 None if excluded_now(line.seq) => CorrectedState::Excluded,
                 None => continue,
-                Some(l) => state(l.processed, l.reward.as_deref()),
+                Some(l) => state(l.processed, l.reward.as_deref(), false),
             };
             if corrected != was && (corrected == CorrectedState::Excluded || applies(id)) {
                 lines.push(LineCorrection {
@@ -361,11 +364,11 @@ impl WhatIf {
         lines.sort_by(|a, b| a.line.cmp(&b.line));
         let mut refunds = Vec::new();
         for (id, refund) in &live.refunds {
-            let was = state(refund.processed, None);
+            let was = state(refund.processed, None, refund.excluded);
             let corrected = match self.shadow.refunds.get(id) {
                 None if excluded_now(refund.seq) => CorrectedState::Excluded,
                 None => continue,
-                Some(r) => state(r.processed, None),
+                Some(r) => state(r.processed, None, false),
             };
             let applies = applies(id) || applies(&refund.line);
             if corrected != was && (corrected == CorrectedState::Excluded || applies) {

@@ -437,6 +437,8 @@ pub struct Line {
     pub processed: bool,
     /// Boxed: most lines of a busy program wait for their close unrewarded.
     pub reward: Option<Box<LineReward>>,
+    /// Excluded by an applied replay: it should never have counted.
+    pub excluded: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -448,6 +450,8 @@ pub struct Refund {
     pub month: Month,
     pub seq: Seq,
     pub processed: bool,
+    /// Excluded by an applied replay: it never claws anything back.
+    pub excluded: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -954,9 +958,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// The kind of basis line `line` of `program`, once it is recorded.
-    pub fn line_kind(&self, program: &ProgramId, line: &LineId) -> Option<LineKind> {
-        Some(self.programs.get(program)?.lines.get(line)?.kind)
+    /// Basis line `line` of `program`, once it is recorded.
+    pub fn line(&self, program: &ProgramId, line: &LineId) -> Option<&Line> {
+        Some(self.programs.get(program)?.lines.get(line)?)
+    }
+
+    /// Refund `refund` of `program`, once it is recorded.
+    pub fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<&Refund> {
+        self.programs.get(program)?.refunds.get(refund)
     }
 
     /// Restores what a checkpoint does not keep (parsed time zones).
@@ -1175,6 +1184,7 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                     refunded: Decimal::ZERO,
                     processed: false,
                     reward: None,
+                    excluded: false,
                 }),
             );
         }
@@ -1194,6 +1204,7 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
                     month,
                     seq,
                     processed: false,
+                    excluded: false,
                 },
             );
         }
@@ -1332,6 +1343,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             }
             CorrectedState::Excluded => {
                 refund.processed = true;
+                refund.excluded = true;
                 pm.open_refunds.remove(&key);
                 let amount = refund.amount;
                 if let Some(line) = pm.lines.get_mut(&refund.line) {
@@ -1362,6 +1374,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
                 // close, tier count or reassignment sees it again.
                 line.processed = true;
                 line.reward = None;
+                line.excluded = true;
                 pm.open_lines.remove(&key);
                 if let Some(month) = pm.lines_by_month.get_mut(&line.month) {
                     month.retain(|id| id != &c.line);
@@ -1418,9 +1431,9 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
 /// on now belong to the new affiliate (the adjustments moved their money),
 /// and processed lines that earned nobody are opened again for the next close.
 fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
-    let Some(customer) = pm.customers.get_mut(&e.customer_id) else {
-        return;
-    };
+    // The writer moves only customers it knows; a replay that excluded
+    // what made one known still honours the operator's decision.
+    let customer = pm.customers.entry(e.customer_id.clone()).or_default();
     let before = customer.move_to(e.from, &e.to);
     // The customer is the operator's placement now, not the signup's.
     customer.via = None;
@@ -1457,6 +1470,7 @@ fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
     for (id, refund) in pm.refunds.iter_mut() {
         if refund.customer_id == e.customer_id
             && refund.processed
+            && !refund.excluded
             && pm
                 .lines
                 .get(&refund.line)

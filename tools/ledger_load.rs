@@ -1058,7 +1058,7 @@ fn main() {
             let start = Instant::now();
             // The model holds every line by now: each kind is the same.
             for r in &events {
-                views.apply(r, |program, line| model.line_kind(program, line));
+                views.apply(r, &commission_ledger::ledger::ModelLines(&model));
             }
             let views_s = start.elapsed().as_secs_f64();
             let rss_views = rss_kib();

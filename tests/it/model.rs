@@ -186,16 +186,38 @@ enum Op {
         days_back: Option<u8>,
         retroactive: bool,
     },
-    /// An operator replays history with the customer attributed to the
-    /// affiliate (from some days back, or for all time): the diff must be
+    /// An operator replays history with a correction: the diff must be
     /// what the model says the same history with that correction would
     /// have posted; and with `apply`, the ledger becomes that world.
     Replay {
+        correction: Correction,
+        apply: bool,
+    },
+}
+
+/// What a what-if replay corrects.
+#[derive(Clone, Debug)]
+enum Correction {
+    /// The customer is the affiliate's referral (from some days back, or
+    /// for all time).
+    Attribution {
         customer: u8,
         affiliate: usize,
         days_back: Option<u8>,
-        apply: bool,
     },
+    /// The affiliate's own rate (a custom deal) for lines dated from some
+    /// days back on.
+    Rate {
+        affiliate: usize,
+        rate: i64,
+        days_back: u8,
+    },
+    /// One of the lines recorded (a test charge) should never have counted.
+    ExcludeLine(usize),
+    /// One of the refunds recorded.
+    ExcludeRefund(usize),
+    /// One of the signups attributed (a fraudulent one).
+    ExcludeSignup(usize),
 }
 
 /// What happened to the model, in order: enough to fold the same history
@@ -287,8 +309,20 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
             .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
-        2 => (0..6u8, 0..3usize, proptest::option::of(0..60u8), proptest::bool::weighted(0.7))
-            .prop_map(|(customer, affiliate, days_back, apply)| Op::Replay { customer, affiliate, days_back, apply }),
+        3 => (correction(), proptest::bool::weighted(0.7))
+            .prop_map(|(correction, apply)| Op::Replay { correction, apply }),
+    ]
+}
+
+fn correction() -> impl Strategy<Value = Correction> {
+    prop_oneof![
+        3 => (0..6u8, 0..3usize, proptest::option::of(0..60u8))
+            .prop_map(|(customer, affiliate, days_back)| Correction::Attribution { customer, affiliate, days_back }),
+        1 => (0..3usize, prop_oneof![Just(10i64), Just(35)], 0..60u8)
+            .prop_map(|(affiliate, rate, days_back)| Correction::Rate { affiliate, rate, days_back }),
+        1 => (0..40usize).prop_map(Correction::ExcludeLine),
+        1 => (0..40usize).prop_map(Correction::ExcludeRefund),
+        1 => (0..40usize).prop_map(Correction::ExcludeSignup),
     ]
 }
 
@@ -364,6 +398,9 @@ struct Line {
     /// Recorded refunds, in all.
     refunded: Decimal,
     reward: Option<Reward>,
+    /// Excluded by an applied replay (or, in a replay's world, by it): as
+    /// if never recorded, but its id stays taken and refunds find it.
+    excluded: bool,
 }
 
 #[derive(Clone)]
@@ -384,6 +421,8 @@ struct Refund {
     at: i64,
     month: Month,
     open: bool,
+    /// Excluded by a replay: it refunds nothing, and claws nothing back.
+    excluded: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -494,7 +533,6 @@ struct Model {
     /// Customers the ledger knows of: attributed, billed, or grouped.
     customers: HashMap<u8, Customer>,
     suspended_at: [Option<i64>; 3],
-    billed: BTreeSet<u8>,
     /// Customers whose bounty was paid: to whom, with a line of when.
     bountied: HashMap<u8, (usize, i64)>,
     lines: Vec<Line>,
@@ -519,6 +557,13 @@ struct Model {
     layers: Vec<Layer>,
     /// The fact being folded: which layers hold over it.
     fact_index: usize,
+    /// Facts excluded by applied replays (and, while a replay folds the
+    /// history again, the new one): lines, refunds and signups, by index.
+    excluded: BTreeSet<usize>,
+    /// Rate corrections: the affiliate's own rate for lines dated from a
+    /// moment on (the last that covers a line holds). They hold over every
+    /// line, recorded before the replay or after it.
+    rates: Vec<(usize, i64, i64)>,
 }
 
 impl Model {
@@ -534,7 +579,7 @@ impl Model {
                 let billed: Decimal = self
                     .lines
                     .iter()
-                    .filter(|l| l.customer == *c && !l.payment)
+                    .filter(|l| l.customer == *c && !l.payment && !l.excluded)
                     .map(|l| l.amount - l.refunded)
                     .sum();
                 let commission = self.commission.get(&(affiliate, *c)).copied();
@@ -601,11 +646,36 @@ impl Model {
         &self.versions.last().unwrap().1
     }
 
+    /// Whether the customer has billed lines (that count).
+    fn billed(&self, customer: u8) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.customer == customer && !l.excluded)
+    }
+
+    /// The affiliate's own rate for a line of `at`: a correction's, else
+    /// bob's custom deal.
+    fn own_rate(&self, affiliate: usize, at: i64) -> Option<i64> {
+        self.rates
+            .iter()
+            .rev()
+            .find(|(a, _, from)| *a == affiliate && *from <= at)
+            .map(|(_, rate, _)| *rate)
+            .or(self
+                .case
+                .as_ref()
+                .and_then(|c| c.bob_rate)
+                .filter(|_| affiliate == 1))
+    }
+
     /// Whom a line earns commission for, if anyone: the customer's
     /// affiliate at the line's moment, unless the line is a payment, the
     /// affiliate was suspended by then or is the customer, the customer was
     /// staff then, or the line falls outside the term.
     fn earner(&self, line: &Line) -> Option<usize> {
+        if line.excluded {
+            return None;
+        }
         let customer = self.customers.get(&line.customer)?;
         let affiliate = customer.affiliate_at(line.at)?;
         let suspended = self.suspended_at[affiliate].is_some_and(|s| s <= line.at);
@@ -669,8 +739,8 @@ impl Model {
             // The rules in force at the line's moment; the affiliate's
             // own rate over the product's over the tier's over the default.
             let version = self.version_at(line.at);
-            let rate = match self.case.as_ref().and_then(|c| c.bob_rate) {
-                Some(rate) if affiliate == 1 => rate,
+            let rate = match self.own_rate(affiliate, line.at) {
+                Some(rate) => rate,
                 _ if line.domains => DOMAINS_RATE,
                 _ if self.active(affiliate, line.month) >= TIER_MIN => {
                     TIER_RATE.max(version.default_rate)
@@ -829,7 +899,7 @@ impl Model {
         let moved = self.customers.get(&customer).cloned().unwrap_or_default();
         let mut moves = Vec::new();
         for line in &mut self.lines {
-            if line.customer != customer || line.at < from {
+            if line.customer != customer || line.at < from || line.excluded {
                 continue;
             }
             match line.reward.as_mut() {
@@ -857,7 +927,11 @@ impl Model {
         }
         for refund in &mut self.refunds {
             let line = &self.lines[refund.line];
-            if !refund.open && line.customer == customer && line.at >= from && line.reward.is_none()
+            if !refund.open
+                && !refund.excluded
+                && line.customer == customer
+                && line.at >= from
+                && line.reward.is_none()
             {
                 refund.open = true;
             }
@@ -875,9 +949,39 @@ impl Model {
     /// Records what happened and folds it; what a close posted.
     fn happen(&mut self, fact: Fact) -> Vec<Posted> {
         self.fact_index = self.facts.len();
-        let posted = self.fold(&fact);
+        let posted = if self.excluded.contains(&self.fact_index) {
+            self.fold_excluded(&fact);
+            Vec::new()
+        } else {
+            self.fold(&fact)
+        };
         self.facts.push(fact);
         posted
+    }
+
+    /// An excluded fact never happened: the customer stays known (the
+    /// ledger heard of it), an excluded line or refund stays on record
+    /// (its id taken) but counts for nothing.
+    fn fold_excluded(&mut self, fact: &Fact) {
+        match fact {
+            Fact::Signup { customer, .. } => {
+                self.customers.entry(*customer).or_default();
+            }
+            Fact::Line(line) => {
+                self.customers.entry(line.customer).or_default();
+                self.lines.push(Line {
+                    open: false,
+                    excluded: true,
+                    ..line.clone()
+                });
+            }
+            Fact::Refund(refund) => self.refunds.push(Refund {
+                open: false,
+                excluded: true,
+                ..refund.clone()
+            }),
+            _ => unreachable!("only signups, lines and refunds are excluded"),
+        }
     }
 
     /// Folds one fact. The corrections that hold over it are imposed on
@@ -898,7 +1002,6 @@ impl Model {
                 self.impose(*customer);
             }
             Fact::Line(line) => {
-                self.billed.insert(line.customer);
                 let known = self.customers.entry(line.customer).or_default();
                 if known.first_line.is_none() {
                     known.first_line_at = Some(line.at);
@@ -961,11 +1064,18 @@ impl Model {
 
     /// The same history folded again from the start with `layers` holding:
     /// the world a replay computes.
-    fn replayed(&self, layers: Vec<Layer>) -> Model {
+    fn replayed(
+        &self,
+        layers: Vec<Layer>,
+        excluded: BTreeSet<usize>,
+        rates: Vec<(usize, i64, i64)>,
+    ) -> Model {
         let mut world = Model {
             case: self.case.clone(),
             versions: vec![self.versions[0].clone()],
             layers,
+            excluded,
+            rates,
             ..Model::default()
         };
         // Every correction is installed with the program.
@@ -1230,9 +1340,12 @@ fn run(case: &Case, ops: &[Op]) {
     };
     let mut withdrawal_ids = Vec::new();
     let mut twin_withdrawal_ids = Vec::new();
+    // The seq of each line, refund and signup fact, in each program.
+    let mut seqs: HashMap<usize, (Seq, Seq)> = HashMap::new();
     let mut now = ts("2026-01-01T12:00:00Z").micros();
     for (i, op) in ops.iter().enumerate() {
         now += DAY_US * 3 / 2;
+        let facts_before = m.facts.len();
         let at = Timestamp::from_micros(now);
         // What a close posts, by the model.
         let mut posted = Vec::new();
@@ -1282,46 +1395,101 @@ fn run(case: &Case, ops: &[Op]) {
                 }
                 continue;
             }
-            Op::Replay {
-                customer: c,
-                affiliate,
-                days_back,
-                apply,
-            } => {
+            Op::Replay { correction, apply } => {
                 t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-                let from = days_back.map(|days| now - i64::from(days) * DAY_US);
-                let overrides = Overrides {
-                    attribution: vec![AttributionOverride {
-                        customer_id: customer(*c),
-                        affiliate_id: aff(AFFILIATES[*affiliate]),
-                        from: from.map(Timestamp::from_micros),
-                    }],
-                    ..Overrides::default()
-                };
                 let context = format!("op {i} {op:?}");
-                if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
-                    for program in [&t.program, &twin] {
-                        let refused = t.ledger().what_if(program, overrides.clone(), None);
-                        assert!(
-                            matches!(
-                                refused,
-                                Err(SubmitError::Rejected(Rejection::SelfReferral(_)))
-                            ),
-                            "{program}: {context}: {refused:?}"
-                        );
+                // The correction, for the model and for each program (the
+                // twin's seqs are its own).
+                let mut layers = m.layers.clone();
+                let mut excluded = m.excluded.clone();
+                let mut rates = m.rates.clone();
+                let mut overrides = [Overrides::default(), Overrides::default()];
+                let mut layer = None;
+                let mut rate = None;
+                let mut exclude = None;
+                let fact_of = |wanted: &dyn Fn(&Fact) -> bool, n: usize| {
+                    let facts: Vec<usize> = (0..m.facts.len())
+                        .filter(|k| wanted(&m.facts[*k]))
+                        .collect();
+                    (!facts.is_empty()).then(|| facts[n % facts.len()])
+                };
+                match correction {
+                    Correction::Attribution {
+                        customer: c,
+                        affiliate,
+                        days_back,
+                    } => {
+                        let from = days_back.map(|days| now - i64::from(days) * DAY_US);
+                        for o in &mut overrides {
+                            o.attribution = vec![AttributionOverride {
+                                customer_id: customer(*c),
+                                affiliate_id: aff(AFFILIATES[*affiliate]),
+                                from: from.map(Timestamp::from_micros),
+                            }];
+                        }
+                        if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
+                            for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
+                                let refused = t.ledger().what_if(program, o, None);
+                                assert!(
+                                    matches!(
+                                        refused,
+                                        Err(SubmitError::Rejected(Rejection::SelfReferral(_)))
+                                    ),
+                                    "{program}: {context}: {refused:?}"
+                                );
+                            }
+                            continue;
+                        }
+                        let l = Layer {
+                            customer: *c,
+                            affiliate: *affiliate,
+                            from,
+                            until: None,
+                        };
+                        layers.push(l.clone());
+                        layer = Some(l);
                     }
-                    continue;
+                    Correction::Rate {
+                        affiliate,
+                        rate: r,
+                        days_back,
+                    } => {
+                        let from = now - i64::from(*days_back) * DAY_US;
+                        for o in &mut overrides {
+                            o.affiliate_rates = vec![AffiliateRateOverride {
+                                affiliate_id: aff(AFFILIATES[*affiliate]),
+                                rate: commission_ledger::money::Rate::parse(&r.to_string())
+                                    .unwrap(),
+                                from: Timestamp::from_micros(from),
+                            }];
+                        }
+                        rates.push((*affiliate, *r, from));
+                        rate = Some((*affiliate, *r, from));
+                    }
+                    Correction::ExcludeLine(n)
+                    | Correction::ExcludeRefund(n)
+                    | Correction::ExcludeSignup(n) => {
+                        let wanted = |f: &Fact| {
+                            matches!(
+                                (correction, f),
+                                (Correction::ExcludeLine(_), Fact::Line(_))
+                                    | (Correction::ExcludeRefund(_), Fact::Refund(_))
+                                    | (Correction::ExcludeSignup(_), Fact::Signup { .. })
+                            )
+                        };
+                        let Some(k) = fact_of(&wanted, *n) else {
+                            continue;
+                        };
+                        let (main, twins) = seqs[&k];
+                        overrides[0].exclude = vec![main];
+                        overrides[1].exclude = vec![twins];
+                        excluded.insert(k);
+                        exclude = Some(k);
+                    }
                 }
                 // The same history with the correction: what it changes,
                 // per affiliate and statement month.
-                let mut layers = m.layers.clone();
-                layers.push(Layer {
-                    customer: *c,
-                    affiliate: *affiliate,
-                    from,
-                    until: None,
-                });
-                let world = m.replayed(layers);
+                let world = m.replayed(layers, excluded, rates);
                 let mut expected: BTreeMap<(usize, Month), Decimal> = BTreeMap::new();
                 for key in world.posted.keys().chain(m.posted.keys()) {
                     let after = world.posted.get(key).copied().unwrap_or_default();
@@ -1333,11 +1501,8 @@ fn run(case: &Case, ops: &[Op]) {
                 let index =
                     |a: &AffiliateId| AFFILIATES.iter().position(|x| *x == a.as_str()).unwrap();
                 let mut changes = Vec::new();
-                for program in [&t.program, &twin] {
-                    let replay = t
-                        .ledger()
-                        .what_if(program, overrides.clone(), None)
-                        .unwrap();
+                for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
+                    let replay = t.ledger().what_if(program, o, None).unwrap();
                     let served: BTreeMap<(usize, Month), Decimal> = replay
                         .diff
                         .rows
@@ -1368,12 +1533,14 @@ fn run(case: &Case, ops: &[Op]) {
                             .entry("adjustment")
                             .or_default() += change.amount;
                     }
-                    m.layers.push(Layer {
-                        customer: *c,
-                        affiliate: *affiliate,
-                        from,
-                        until: Some(m.facts.len()),
-                    });
+                    if let Some(l) = layer {
+                        m.layers.push(Layer {
+                            until: Some(m.facts.len()),
+                            ..l
+                        });
+                    }
+                    m.rates.extend(rate);
+                    m.excluded.extend(exclude);
                     m.posted = world.posted;
                     m.commission = world.commission;
                     m.lines = world.lines;
@@ -1422,7 +1589,7 @@ fn run(case: &Case, ops: &[Op]) {
                     "already attributed".to_string()
                 } else {
                     let by_promo = promo
-                        .filter(|a| !m.billed.contains(c) && m.eligible(*a, *c, now))
+                        .filter(|a| !m.billed(*c) && m.eligible(*a, *c, now))
                         .map(|a| (a, "PromoCode"));
                     let by_click = || {
                         let inside = m.clicks.get(visitor)?.iter().filter(|(click_at, a)| {
@@ -1481,6 +1648,7 @@ fn run(case: &Case, ops: &[Op]) {
                     open: true,
                     refunded: Decimal::ZERO,
                     reward: None,
+                    excluded: false,
                 }));
                 (
                     Command::RecordBasisLine {
@@ -1537,6 +1705,7 @@ fn run(case: &Case, ops: &[Op]) {
                         at: now,
                         month: month_of(now),
                         open: true,
+                        excluded: false,
                     }));
                     "appended".into()
                 };
@@ -1775,6 +1944,12 @@ fn run(case: &Case, ops: &[Op]) {
                     withdrawal_ids.push(w.withdrawal_id);
                 }
             }
+        }
+        if let (Ok(main), Ok(twins)) = (&result, &twin_result)
+            && m.facts.len() > facts_before
+            && let (Some(main), Some(twins)) = (main.events.first(), twins.events.first())
+        {
+            seqs.insert(facts_before, (main.seq, twins.seq));
         }
         agree(&t, &twin, &m, now, &context());
     }
