@@ -1384,10 +1384,10 @@ fn run(case: &Case, ops: &[Op]) {
             }
             Op::Restart { rebuild } => {
                 if *rebuild {
-                    t.ledger = None;
-                    std::fs::remove_dir_all(t.dir.path().join("index")).unwrap();
+                    t.rebuild();
+                } else {
+                    t.reopen();
                 }
-                t.reopen();
                 for (a, name) in AFFILIATES.iter().enumerate() {
                     let served = served_balance(&t.balance(name));
                     assert_eq!(served, m.balance(a), "{name} after a restart at op {i}");

@@ -92,6 +92,14 @@ impl TestLedger {
     }
 
     /// Closes the ledger and opens it again from the same directory.
+    /// Stops the ledger, deletes its index store and starts it again: the
+    /// state is folded from the log alone.
+    pub fn rebuild(&mut self) {
+        self.ledger = None;
+        std::fs::remove_dir_all(self.dir.path().join("index")).unwrap();
+        self.reopen();
+    }
+
     pub fn reopen(&mut self) {
         self.ledger = None;
         self.ledger = Some(Ledger::open(self.config()).unwrap());
