@@ -521,10 +521,6 @@ impl ProgramView {
         }
     }
 
-    /// Makes a customer `to`'s referral (an operator's correction). The
-    /// affiliate it leaves keeps what it earned from the customer, but no
-    /// longer lists it: the referral list shows current referrals, each
-    /// with all its affiliate ever earned from it.
     /// Makes a customer nobody's referral (its signup no longer counts).
     fn unplace(&mut self, customer_id: &CustomerId) {
         if let Some(customer) = self.customers.get_mut(customer_id) {
@@ -532,6 +528,10 @@ impl ProgramView {
         }
     }
 
+    /// Makes a customer `to`'s referral (an operator's correction). The
+    /// affiliate it leaves keeps what it earned from the customer, but no
+    /// longer lists it: the referral list shows current referrals, each
+    /// with all its affiliate ever earned from it.
     fn place(&mut self, customer_id: &CustomerId, to: &AffiliateId, at: Timestamp) {
         let customer = self.customers.entry(customer_id.clone()).or_default();
         customer.affiliate_id = Some(to.clone());

@@ -4,7 +4,8 @@
 //! withdrawals and their settlement, credits, group changes, closed
 //! accounts, suspensions, rule changes, reassignments (dated or for all
 //! time, retroactive or not) and what-if replays that correct a customer's
-//! attribution (dated or for all time; applied or not) run through the
+//! attribution (dated or for all time), an affiliate's own rate from a
+//! date, or exclude a line, a refund or a signup (applied or not) run through the
 //! ledger and through a small model written from DESIGN.md alone, with
 //! plain collections and no memo, index or incremental path. Cases vary the attribution model, the term
 //! (lifetime, months, first order), a custom rate, the auto-close day, the
@@ -218,6 +219,9 @@ enum Correction {
     ExcludeRefund(usize),
     /// One of the signups attributed (a fraudulent one).
     ExcludeSignup(usize),
+    /// One of the clicks recorded (click fraud): signups its visitor made
+    /// by a click are attributed again from the clicks left.
+    ExcludeClick(usize),
 }
 
 /// What happened to the model, in order: enough to fold the same history
@@ -225,10 +229,17 @@ enum Correction {
 /// move no commission and are not needed.
 #[derive(Clone)]
 enum Fact {
+    Click {
+        visitor: u8,
+        affiliate: usize,
+        at: i64,
+    },
     Signup {
         customer: u8,
         affiliate: usize,
         at: i64,
+        /// The visitor, when the signup came by its click.
+        by_click: Option<u8>,
     },
     Line(Line),
     Refund(Refund),
@@ -323,6 +334,7 @@ fn correction() -> impl Strategy<Value = Correction> {
         1 => (0..40usize).prop_map(Correction::ExcludeLine),
         1 => (0..40usize).prop_map(Correction::ExcludeRefund),
         1 => (0..40usize).prop_map(Correction::ExcludeSignup),
+        1 => (0..60usize).prop_map(Correction::ExcludeClick),
     ]
 }
 
@@ -564,6 +576,9 @@ struct Model {
     /// moment on (the last that covers a line holds). They hold over every
     /// line, recorded before the replay or after it.
     rates: Vec<(usize, i64, i64)>,
+    /// Visitors with an excluded click, once it is folded: their signups
+    /// by a click are attributed again.
+    excluded_visitors: BTreeSet<u8>,
 }
 
 impl Model {
@@ -717,6 +732,20 @@ impl Model {
     fn eligible(&self, affiliate: usize, customer: u8, now: i64) -> bool {
         self.suspended_at[affiliate].is_none_or(|s| s > now)
             && !(affiliate == 0 && customer == ALICE_OWN_CUSTOMER)
+    }
+
+    /// Whose click, inside the cookie window at `now`, a signup of
+    /// `customer` by `visitor` goes to.
+    fn by_click(&self, visitor: u8, customer: u8, now: i64) -> Option<usize> {
+        let inside = self.clicks.get(&visitor)?.iter().filter(|(click_at, a)| {
+            *click_at >= now - COOKIE_DAYS * DAY_US && self.eligible(*a, customer, now)
+        });
+        let chosen = if self.case.as_ref().is_some_and(|c| c.first_click) {
+            inside.min_by_key(|(click_at, _)| *click_at)
+        } else {
+            inside.max_by_key(|(click_at, _)| *click_at)
+        };
+        chosen.map(|(_, a)| *a)
     }
 
     /// What closing `month` would post: every open line and refund dated
@@ -980,7 +1009,10 @@ impl Model {
                 excluded: true,
                 ..refund.clone()
             }),
-            _ => unreachable!("only signups, lines and refunds are excluded"),
+            Fact::Click { visitor, .. } => {
+                self.excluded_visitors.insert(*visitor);
+            }
+            _ => unreachable!("only clicks, signups, lines and refunds are excluded"),
         }
     }
 
@@ -988,13 +1020,37 @@ impl Model {
     /// the customer it concerns after a signup, a line or a reassignment.
     fn fold(&mut self, fact: &Fact) -> Vec<Posted> {
         match fact {
+            Fact::Click {
+                visitor,
+                affiliate,
+                at,
+            } => self
+                .clicks
+                .entry(*visitor)
+                .or_default()
+                .push((*at, *affiliate)),
             Fact::Signup {
                 customer,
                 affiliate,
                 at,
+                by_click,
             } => {
+                // A visitor with an excluded click: the clicks left decide.
+                let affiliate = match by_click {
+                    Some(v) if self.excluded_visitors.contains(v) => {
+                        match self.by_click(*v, *customer, *at) {
+                            Some(a) => a,
+                            None => {
+                                self.fold_excluded(fact);
+                                self.impose(*customer);
+                                return Vec::new();
+                            }
+                        }
+                    }
+                    _ => *affiliate,
+                };
                 let c = self.customers.entry(*customer).or_default();
-                c.attribution = vec![(None, *affiliate)];
+                c.attribution = vec![(None, affiliate)];
                 c.signup_at = Some(*at);
                 if c.groups.is_empty() {
                     c.groups.push((*at, false));
@@ -1468,13 +1524,15 @@ fn run(case: &Case, ops: &[Op]) {
                     }
                     Correction::ExcludeLine(n)
                     | Correction::ExcludeRefund(n)
-                    | Correction::ExcludeSignup(n) => {
+                    | Correction::ExcludeSignup(n)
+                    | Correction::ExcludeClick(n) => {
                         let wanted = |f: &Fact| {
                             matches!(
                                 (correction, f),
                                 (Correction::ExcludeLine(_), Fact::Line(_))
                                     | (Correction::ExcludeRefund(_), Fact::Refund(_))
                                     | (Correction::ExcludeSignup(_), Fact::Signup { .. })
+                                    | (Correction::ExcludeClick(_), Fact::Click { .. })
                             )
                         };
                         let Some(k) = fact_of(&wanted, *n) else {
@@ -1547,6 +1605,8 @@ fn run(case: &Case, ops: &[Op]) {
                     m.refunds = world.refunds;
                     m.customers = world.customers;
                     m.bountied = world.bountied;
+                    m.clicks = world.clicks;
+                    m.excluded_visitors = world.excluded_visitors;
                     agree(&t, &twin, &m, now, &context);
                 }
                 continue;
@@ -1555,10 +1615,11 @@ fn run(case: &Case, ops: &[Op]) {
                 let expected = if m.suspended_at[*affiliate].is_some() {
                     "refused AffiliateSuspended"
                 } else {
-                    m.clicks
-                        .entry(*visitor)
-                        .or_default()
-                        .push((now, *affiliate));
+                    m.happen(Fact::Click {
+                        visitor: *visitor,
+                        affiliate: *affiliate,
+                        at: now,
+                    });
                     "appended"
                 };
                 (
@@ -1591,23 +1652,14 @@ fn run(case: &Case, ops: &[Op]) {
                     let by_promo = promo
                         .filter(|a| !m.billed(*c) && m.eligible(*a, *c, now))
                         .map(|a| (a, "PromoCode"));
-                    let by_click = || {
-                        let inside = m.clicks.get(visitor)?.iter().filter(|(click_at, a)| {
-                            *click_at >= now - COOKIE_DAYS * DAY_US && m.eligible(*a, *c, now)
-                        });
-                        let chosen = if case.first_click {
-                            inside.min_by_key(|(click_at, _)| *click_at)
-                        } else {
-                            inside.max_by_key(|(click_at, _)| *click_at)
-                        };
-                        chosen.map(|(_, a)| (*a, "Click"))
-                    };
+                    let by_click = || m.by_click(*visitor, *c, now).map(|a| (a, "Click"));
                     match by_promo.or_else(by_click) {
                         Some((a, via)) => {
                             m.happen(Fact::Signup {
                                 customer: *c,
                                 affiliate: a,
                                 at: now,
+                                by_click: (via == "Click").then_some(*visitor),
                             });
                             format!("attributed to {} via {via}", AFFILIATES[a])
                         }
