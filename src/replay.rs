@@ -139,9 +139,11 @@ impl WhatIf {
                     }
                     Ok(())
                 }
-                Event::SignupAttributed(_)
-                | Event::BasisLineRecorded(_)
-                | Event::RefundRecorded(_) => Ok(()),
+                Event::SignupAttributed(e) => {
+                    rules::signed_up(&mut self.shadow, e, recorded.occurred_at);
+                    Ok(())
+                }
+                Event::BasisLineRecorded(_) | Event::RefundRecorded(_) => Ok(()),
                 other => Err(InvalidValue::new(
                     "exclude",
                     format!(
@@ -229,13 +231,18 @@ impl WhatIf {
                             .click_attribution(rules, visitor, recorded.occurred_at, &e.customer_id)
                             .cloned()
                     });
-                    if let Some(affiliate_id) = chosen {
-                        let mut changed = recorded.clone();
-                        changed.event = Event::SignupAttributed(SignupAttributed {
-                            affiliate_id,
-                            ..e.clone()
-                        });
-                        self.fold(&changed);
+                    match chosen {
+                        Some(affiliate_id) => {
+                            let mut changed = recorded.clone();
+                            changed.event = Event::SignupAttributed(SignupAttributed {
+                                affiliate_id,
+                                ..e.clone()
+                            });
+                            self.fold(&changed);
+                        }
+                        None => {
+                            rules::signed_up(&mut self.shadow, e, recorded.occurred_at);
+                        }
                     }
                 }
                 self.impose_attribution(recorded.seq, &e.customer_id);

@@ -1146,13 +1146,10 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
             }
         }
         Event::SignupAttributed(e) => {
-            let customer = pm.customers.entry(e.customer_id.clone()).or_default();
+            let customer = signed_up(pm, e, at);
             let before = customer.move_to(None, &e.affiliate_id);
             customer.signup_at = Some(at);
             customer.via = Some(e.via);
-            if customer.groups.is_empty() {
-                customer.groups.push((at, e.group.clone()));
-            }
             pm.note_attributed(&e.customer_id, &e.affiliate_id, before);
         }
         Event::BasisLineRecorded(e) => {
@@ -1425,6 +1422,21 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             clicks.swap_remove(i);
         }
     }
+}
+
+/// The customer a signup names, known from then on, in the group it
+/// reports (when no group was known before): what a replay keeps of a
+/// signup it excluded or attributes to nobody, as the write model keeps it.
+pub(crate) fn signed_up<'a>(
+    pm: &'a mut ProgramModel,
+    e: &SignupAttributed,
+    at: Timestamp,
+) -> &'a mut Customer {
+    let customer = pm.customers.entry(e.customer_id.clone()).or_default();
+    if customer.groups.is_empty() {
+        customer.groups.push((at, e.group.clone()));
+    }
+    customer
 }
 
 /// Moves a customer; with `retroactive`, posted rewards of lines from `from`

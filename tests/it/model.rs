@@ -993,8 +993,12 @@ impl Model {
     /// (its id taken) but counts for nothing.
     fn fold_excluded(&mut self, fact: &Fact) {
         match fact {
-            Fact::Signup { customer, .. } => {
-                self.customers.entry(*customer).or_default();
+            // The customer and the group the billing system reported stay.
+            Fact::Signup { customer, at, .. } => {
+                let c = self.customers.entry(*customer).or_default();
+                if c.groups.is_empty() {
+                    c.groups.push((*at, false));
+                }
             }
             Fact::Line(line) => {
                 self.customers.entry(line.customer).or_default();

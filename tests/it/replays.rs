@@ -873,3 +873,47 @@ fn an_excluded_refund_stays_out_of_closes_after_a_retroactive_reassignment() {
     );
     t.verify_ok();
 }
+
+/// A signup excluded keeps the group it reported: a later group change
+/// then applies from its own moment, as the ledger has it (a replay used to
+/// forget the group with the signup, count the customer in the later group
+/// from the start, and find money to move in a history that had none).
+#[test]
+fn an_excluded_signup_keeps_the_customers_group() {
+    let (t, _, bob) = program();
+    t.click("2026-05-01T09:55:00Z", &bob.referral_code, "v-4");
+    let fraud = t.submit(
+        Some("2026-05-01T10:00:00Z"),
+        commission_ledger::rules::Command::Signup {
+            customer_id: cust("cust-4"),
+            visitor: Some("v-4".into()),
+            promo_code: None,
+            group: None,
+        },
+    );
+    let fraud = fraud.events[0].seq;
+    t.expense("2026-05-10T12:00:00Z", "may-4", "cust-4", "100.00");
+    t.set_now("2026-05-20T09:00:00Z");
+    let replay = what_if(&t, serde_json::json!({"exclude": [fraud]})).unwrap();
+    apply(&t, &replay, "a fake signup, ticket 80").unwrap();
+    t.set_now("2026-05-21T09:00:00Z");
+    t.reassign("cust-4", "alice", None, false, "ticket 81");
+    // Staff from 25 May: may-4, of the 10th, still earns alice 20%.
+    t.submit(
+        Some("2026-05-25T09:00:00Z"),
+        commission_ledger::rules::Command::ChangeCustomerGroup {
+            customer_id: cust("cust-4"),
+            group: "staff".into(),
+        },
+    );
+    assert_eq!(t.balance("alice").pending, "20.00");
+    t.close("2026-05");
+    assert_eq!(t.money("alice").0, "20.00");
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(
+        rows(&again),
+        vec![],
+        "a replay of what was recorded moves nothing"
+    );
+    t.verify_ok();
+}
