@@ -469,6 +469,16 @@ impl ProgramView {
                 for o in &e.overrides.attribution {
                     self.place(&o.customer_id, &o.affiliate_id, at);
                 }
+                // Corrected rules are the program's rules now (its payout
+                // threshold), as the write model imposes them.
+                if let Some(o) = &e.overrides.rules {
+                    self.rules = o.rules.clone();
+                    self.zone = self.rules.zone();
+                }
+                if let Some(model) = &e.overrides.model {
+                    self.rules.attribution = model.attribution.unwrap_or(self.rules.attribution);
+                    self.rules.cookie_days = model.cookie_days.unwrap_or(self.rules.cookie_days);
+                }
             }
             Event::ReplayCorrected(e) => {
                 // What a replay excluded was never billed: a line, less

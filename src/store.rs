@@ -34,8 +34,9 @@ pub const POSITION_STRIDE: u64 = 64;
 /// counts among its line's refunds; 6: a reassigned customer's `via` is
 /// cleared; 7: a paid bounty keeps its line's moment; 8: a referral moved
 /// to another affiliate keeps its commission on the one it left; 9: a line
-/// knows it was excluded, and a referral's billed total leaves out what
-/// replays excluded.)
+/// and a refund know they were excluded, a referral's billed total leaves
+/// out what replays excluded, and balances take an applied replay's
+/// corrected rules.)
 pub const CHECKPOINT_FORMAT: u32 = 9;
 
 /// A problem of the store. Never fatal for the ledger: the store can be

@@ -92,7 +92,7 @@ enum Term {
 }
 
 /// What a change of the program's rules changes here.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Version {
     default_rate: i64,
     bounty: bool,
@@ -213,6 +213,9 @@ enum Correction {
         rate: i64,
         days_back: u8,
     },
+    /// The program's rules from some days back on (over the versions
+    /// recorded since).
+    Rules { version: Version, days_back: u8 },
     /// One of the lines recorded (a test charge) should never have counted.
     ExcludeLine(usize),
     /// One of the refunds recorded.
@@ -314,15 +317,25 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
         1 => (0..6u8).prop_map(|customer| Op::CloseCustomer { customer }),
         1 => (1..3usize).prop_map(|affiliate| Op::Suspend { affiliate }),
-        1 => (prop_oneof![Just(20i64), Just(30)], proptest::bool::weighted(0.7), prop_oneof![Just(500i64), Just(2_000)])
-            .prop_map(|(default_rate, bounty, threshold_cents)| Op::ChangeRules {
-                version: Version { default_rate, bounty, threshold_cents },
-            }),
+        1 => version().prop_map(|version| Op::ChangeRules { version }),
         2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
             .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
         3 => (correction(), proptest::bool::weighted(0.7))
             .prop_map(|(correction, apply)| Op::Replay { correction, apply }),
     ]
+}
+
+fn version() -> impl Strategy<Value = Version> {
+    (
+        prop_oneof![Just(20i64), Just(30)],
+        proptest::bool::weighted(0.7),
+        prop_oneof![Just(500i64), Just(2_000)],
+    )
+        .prop_map(|(default_rate, bounty, threshold_cents)| Version {
+            default_rate,
+            bounty,
+            threshold_cents,
+        })
 }
 
 fn correction() -> impl Strategy<Value = Correction> {
@@ -331,6 +344,7 @@ fn correction() -> impl Strategy<Value = Correction> {
             .prop_map(|(customer, affiliate, days_back)| Correction::Attribution { customer, affiliate, days_back }),
         1 => (0..3usize, prop_oneof![Just(10i64), Just(35)], 0..60u8)
             .prop_map(|(affiliate, rate, days_back)| Correction::Rate { affiliate, rate, days_back }),
+        1 => (version(), 0..60u8).prop_map(|(version, days_back)| Correction::Rules { version, days_back }),
         1 => (0..40usize).prop_map(Correction::ExcludeLine),
         1 => (0..40usize).prop_map(Correction::ExcludeRefund),
         1 => (0..40usize).prop_map(Correction::ExcludeSignup),
@@ -540,6 +554,8 @@ struct Model {
     case: Option<Case>,
     /// The program's rules, each from its moment on (the first also before).
     versions: Vec<(i64, Version)>,
+    /// The rules the program was defined with.
+    initial: (i64, Version),
     /// Each visitor's clicks: when, on whose link.
     clicks: HashMap<u8, Vec<(i64, usize)>>,
     /// Customers the ledger knows of: attributed, billed, or grouped.
@@ -579,6 +595,9 @@ struct Model {
     /// Visitors with an excluded click, once it is folded: their signups
     /// by a click are attributed again.
     excluded_visitors: BTreeSet<u8>,
+    /// Rules corrections: the version from a moment on, over the versions
+    /// recorded before fact `until` (applied), or all (the new one).
+    rule_layers: Vec<(i64, Version, Option<usize>)>,
 }
 
 impl Model {
@@ -1088,7 +1107,18 @@ impl Model {
                 self.customers.entry(*customer).or_default().closed = true;
             }
             Fact::Suspend { affiliate, at } => self.suspended_at[*affiliate] = Some(*at),
-            Fact::Rules { at, version } => self.versions.push((*at, version.clone())),
+            Fact::Rules { at, version } => {
+                self.versions.push((*at, version.clone()));
+                let k = self.fact_index;
+                for (from, version, _) in self
+                    .rule_layers
+                    .clone()
+                    .into_iter()
+                    .filter(|(_, _, until)| until.is_none_or(|until| k < until))
+                {
+                    self.impose_rules(from, version);
+                }
+            }
             Fact::Reassign {
                 customer,
                 affiliate,
@@ -1105,6 +1135,12 @@ impl Model {
             }
         }
         Vec::new()
+    }
+
+    /// The rules from `from` on are `version`.
+    fn impose_rules(&mut self, from: i64, version: Version) {
+        self.versions.retain(|(at, _)| *at < from);
+        self.versions.push((from, version));
     }
 
     /// The corrections of `customer` that hold over the fact being folded.
@@ -1129,15 +1165,21 @@ impl Model {
         layers: Vec<Layer>,
         excluded: BTreeSet<usize>,
         rates: Vec<(usize, i64, i64)>,
+        rule_layers: Vec<(i64, Version, Option<usize>)>,
     ) -> Model {
         let mut world = Model {
             case: self.case.clone(),
-            versions: vec![self.versions[0].clone()],
+            versions: vec![self.initial.clone()],
+            initial: self.initial.clone(),
             layers,
             excluded,
             rates,
+            rule_layers,
             ..Model::default()
         };
+        for (from, version, _) in world.rule_layers.clone() {
+            world.impose_rules(from, version);
+        }
         // Every correction is installed with the program.
         for l in world.layers.clone() {
             let c = world.customers.entry(l.customer).or_default();
@@ -1156,7 +1198,7 @@ impl Model {
         let Some(day) = self.case.as_ref().and_then(|c| c.auto_close_day) else {
             return Vec::new();
         };
-        let since = self.versions[0].0;
+        let since = self.initial.0;
         let last_closed = self.closed.iter().next_back().copied();
         let mut due = Vec::new();
         let mut month = month_of(since).previous();
@@ -1396,6 +1438,7 @@ fn run(case: &Case, ops: &[Op]) {
     let mut m = Model {
         case: Some(case.clone()),
         versions: vec![(ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION)],
+        initial: (ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION),
         ..Model::default()
     };
     let mut withdrawal_ids = Vec::new();
@@ -1463,6 +1506,8 @@ fn run(case: &Case, ops: &[Op]) {
                 let mut layers = m.layers.clone();
                 let mut excluded = m.excluded.clone();
                 let mut rates = m.rates.clone();
+                let mut rule_layers = m.rule_layers.clone();
+                let mut rule_layer = None;
                 let mut overrides = [Overrides::default(), Overrides::default()];
                 let mut layer = None;
                 let mut rate = None;
@@ -1526,6 +1571,17 @@ fn run(case: &Case, ops: &[Op]) {
                         rates.push((*affiliate, *r, from));
                         rate = Some((*affiliate, *r, from));
                     }
+                    Correction::Rules { version, days_back } => {
+                        let from = now - i64::from(*days_back) * DAY_US;
+                        for (o, id) in overrides.iter_mut().zip(["model", "twin"]) {
+                            o.rules = Some(RulesOverride {
+                                from: Timestamp::from_micros(from),
+                                rules: rules(id, program(case, version)),
+                            });
+                        }
+                        rule_layers.push((from, version.clone(), None));
+                        rule_layer = Some((from, version.clone()));
+                    }
                     Correction::ExcludeLine(n)
                     | Correction::ExcludeRefund(n)
                     | Correction::ExcludeSignup(n)
@@ -1551,7 +1607,7 @@ fn run(case: &Case, ops: &[Op]) {
                 }
                 // The same history with the correction: what it changes,
                 // per affiliate and statement month.
-                let world = m.replayed(layers, excluded, rates);
+                let world = m.replayed(layers, excluded, rates, rule_layers);
                 let mut expected: BTreeMap<(usize, Month), Decimal> = BTreeMap::new();
                 for key in world.posted.keys().chain(m.posted.keys()) {
                     let after = world.posted.get(key).copied().unwrap_or_default();
@@ -1602,6 +1658,10 @@ fn run(case: &Case, ops: &[Op]) {
                         });
                     }
                     m.rates.extend(rate);
+                    if let Some((from, version)) = rule_layer {
+                        m.rule_layers.push((from, version, Some(m.facts.len())));
+                    }
+                    m.versions = world.versions;
                     m.excluded.extend(exclude);
                     m.posted = world.posted;
                     m.commission = world.commission;

@@ -917,3 +917,45 @@ fn an_excluded_signup_keeps_the_customers_group() {
     );
     t.verify_ok();
 }
+
+/// Corrected rules, once applied, are the program's rules: the balance
+/// shows their payout threshold, the one withdrawals are decided against
+/// (it used to show the threshold recorded before, and offer as available
+/// what a withdrawal was then refused for).
+#[test]
+fn applied_rules_set_the_threshold_balances_show() {
+    let (t, alice, _) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "300.00"); // 60.00
+    t.close("2026-05");
+    assert_eq!(
+        t.money("alice"),
+        ("60.00".into(), "0.00".into(), "60.00".into())
+    );
+    t.set_now("2026-06-02T09:00:00Z");
+    // The terms signed in April: a payout threshold of 100.00.
+    let corrected = serde_json::to_value(rules(
+        "hosting",
+        serde_json::json!({"payout_threshold": "100.00"}),
+    ))
+    .unwrap();
+    let overrides =
+        serde_json::json!({"rules": {"from": "2026-04-01T00:00:00Z", "rules": corrected}});
+    let replay = what_if(&t, overrides).unwrap();
+    assert_eq!(rows(&replay), vec![], "the rates are the same");
+    apply(&t, &replay, "terms of April, ticket 90").unwrap();
+    let balance = t.balance("alice");
+    assert_eq!(
+        (balance.threshold, balance.to_threshold, balance.available),
+        ("100.00".into(), "40.00".into(), "0.00".into())
+    );
+    assert!(matches!(
+        t.withdraw("alice", "60.00"),
+        Err(SubmitError::Rejected(Rejection::BelowThreshold { .. }))
+    ));
+    let mut t = t;
+    t.rebuild();
+    assert_eq!(t.balance("alice").threshold, "100.00");
+    t.verify_ok();
+}
