@@ -473,6 +473,9 @@ pub struct Withdrawal {
 pub struct ProgramModel {
     /// Every version of the rules, with the moment it took effect, in order.
     pub rules: Vec<(Timestamp, ProgramRules)>,
+    /// When the program was first defined (a corrected version of the
+    /// rules may take effect before it).
+    defined_at: Option<Timestamp>,
     pub affiliates: BTreeMap<AffiliateId, Affiliate>,
     referral_codes: HashMap<String, AffiliateId>,
     /// Upper-cased: promo codes are typed by people, case does not matter.
@@ -739,11 +742,13 @@ impl ProgramModel {
     /// Month M closes by itself once day `auto_close_day` of the month
     /// after it has begun in the program's zone (its close moment), if that
     /// moment came while auto-close was on: since the first rules version
-    /// of the latest unbroken run of versions that set a day. So switching
-    /// auto-close on does not close the months an operator left open, and a
-    /// server that was down on the day closes what it missed, in order, when
-    /// it is back. Never a month already closed, nor one before the last
-    /// month closed (closes go in order).
+    /// of the latest unbroken run of versions that set a day, and never
+    /// before the program was defined (an applied replay's corrected rules
+    /// may take effect earlier). So switching auto-close on does not close
+    /// the months an operator left open, and a server that was down on the
+    /// day closes what it missed, in order, when it is back. Never a month
+    /// already closed, nor one before the last month closed (closes go in
+    /// order).
     pub fn auto_close_due(&self, now: Timestamp) -> Vec<Month> {
         let mut due = Vec::new();
         let Some(day) = self.current_rules().and_then(|r| r.auto_close_day) else {
@@ -756,6 +761,7 @@ impl ProgramModel {
             .take_while(|(_, rules)| rules.auto_close_day.is_some())
             .last()
             .map(|(at, _)| *at)
+            .map(|at| self.defined_at.map_or(at, |defined| at.max(defined)))
         else {
             return due;
         };
@@ -1089,6 +1095,7 @@ pub(crate) fn apply_program_event(pm: &mut ProgramModel, recorded: &Recorded) {
         Event::ProgramDefined(e) => {
             pm.zone = Some(e.rules.zone());
             pm.rules.push((at, e.rules.clone()));
+            pm.defined_at.get_or_insert(at);
         }
         Event::AffiliateEnrolled(e) => {
             pm.referral_codes

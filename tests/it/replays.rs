@@ -959,3 +959,28 @@ fn applied_rules_set_the_threshold_balances_show() {
     assert_eq!(t.balance("alice").threshold, "100.00");
     t.verify_ok();
 }
+
+/// Corrected rules that take effect before the program was defined do not
+/// make the server close months from before it existed (auto-close owed
+/// every month whose close day came after the correction's `from`).
+#[test]
+fn corrected_rules_from_before_the_program_owe_no_earlier_closes() {
+    let t = TestLedger::new_at("hosting", "2026-05-15T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({})));
+    t.set_now("2026-05-20T09:00:00Z");
+    let corrected = serde_json::to_value(rules(
+        "hosting",
+        serde_json::json!({"payout_threshold": "100.00"}),
+    ))
+    .unwrap();
+    let overrides =
+        serde_json::json!({"rules": {"from": "2026-03-01T00:00:00Z", "rules": corrected}});
+    let replay = what_if(&t, overrides).unwrap();
+    apply(&t, &replay, "terms of March, ticket 91").unwrap();
+    assert_eq!(t.ledger().auto_close_due(), vec![]);
+    t.set_now("2026-06-01T09:00:00Z");
+    assert_eq!(
+        t.ledger().auto_close_due(),
+        vec![(t.program.clone(), month("2026-05"))]
+    );
+}
