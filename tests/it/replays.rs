@@ -719,22 +719,30 @@ fn a_reassignment_after_an_applied_correction_moves_what_the_correction_gave() {
     t.verify_ok();
 }
 
+/// A click on `affiliate`'s link at `at`, and five minutes later the
+/// signup of `customer` it brings: the signup's seq.
+fn signup_by_click(t: &TestLedger, at: &str, affiliate: &AffiliateEnrolled, customer: &str) -> Seq {
+    let visitor = format!("v-{customer}");
+    t.click(at, &affiliate.referral_code, &visitor);
+    let at = Timestamp::from_micros(ts(at).micros() + 300_000_000).to_string();
+    let signup = t.submit(
+        Some(&at),
+        commission_ledger::rules::Command::Signup {
+            customer_id: cust(customer),
+            visitor: Some(visitor.into()),
+            promo_code: None,
+            group: None,
+        },
+    );
+    signup.events[0].seq
+}
+
 /// A signup excluded as fraud leaves its customer nobody's referral:
 /// their later lines earn nobody, and they leave the referral list.
 #[test]
 fn an_excluded_signup_leaves_the_customer_to_nobody_from_then_on() {
     let (t, _, bob) = program();
-    t.click("2026-05-01T10:00:00Z", &bob.referral_code, "v-1");
-    let fraud = t.submit(
-        Some("2026-05-01T10:05:00Z"),
-        commission_ledger::rules::Command::Signup {
-            customer_id: cust("cust-1"),
-            visitor: Some("v-1".into()),
-            promo_code: None,
-            group: None,
-        },
-    );
-    let fraud = fraud.events[0].seq;
+    let fraud = signup_by_click(&t, "2026-05-01T10:00:00Z", &bob, "cust-1");
     t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00"); // 20.00
     t.close("2026-05");
     t.set_now("2026-06-02T09:00:00Z");
@@ -881,17 +889,7 @@ fn an_excluded_refund_stays_out_of_closes_after_a_retroactive_reassignment() {
 #[test]
 fn an_excluded_signup_keeps_the_customers_group() {
     let (t, _, bob) = program();
-    t.click("2026-05-01T09:55:00Z", &bob.referral_code, "v-4");
-    let fraud = t.submit(
-        Some("2026-05-01T10:00:00Z"),
-        commission_ledger::rules::Command::Signup {
-            customer_id: cust("cust-4"),
-            visitor: Some("v-4".into()),
-            promo_code: None,
-            group: None,
-        },
-    );
-    let fraud = fraud.events[0].seq;
+    let fraud = signup_by_click(&t, "2026-05-01T10:00:00Z", &bob, "cust-4");
     t.expense("2026-05-10T12:00:00Z", "may-4", "cust-4", "100.00");
     t.set_now("2026-05-20T09:00:00Z");
     let replay = what_if(&t, serde_json::json!({"exclude": [fraud]})).unwrap();
