@@ -350,7 +350,7 @@ impl WhatIf {
                 return CorrectedState::Open;
             }
             CorrectedState::Closed {
-                reward: reward.map(CorrectedReward::from),
+                reward: reward.cloned(),
             }
         };
         let mut lines = Vec::new();
@@ -421,7 +421,7 @@ impl WhatIf {
                     .collect(),
                 signup_at: now.signup_at,
                 via: now.via,
-                bounty: bounty.as_ref().map(CorrectedBounty::from),
+                bounty: bounty.clone(),
             });
         }
         ReplayCorrected {

@@ -354,72 +354,16 @@ impl Customer {
     }
 }
 
-/// The bounty paid for a customer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PaidBounty {
-    pub affiliate_id: AffiliateId,
-    pub amount: Decimal,
-    /// The moment of the line it was paid with: a retroactive
-    /// reassignment moves it with the lines from a moment up to this one.
-    pub line_at: Timestamp,
-}
+/// The bounty paid for a customer: to whom, how much, and the moment of
+/// the line it was paid with (a retroactive reassignment moves it with the
+/// lines from a moment up to this one). The write model keeps it in the
+/// form a replay's corrected world records it.
+pub type PaidBounty = CorrectedBounty;
 
-/// A replay's corrected world and the write model hold the same facts of a
-/// reward and a bounty.
-impl From<&LineReward> for CorrectedReward {
-    fn from(r: &LineReward) -> CorrectedReward {
-        CorrectedReward {
-            affiliate_id: r.affiliate_id.clone(),
-            rate: r.rate,
-            amount: r.amount,
-            refunded: r.refunded,
-            clawed: r.clawed,
-        }
-    }
-}
-
-impl From<&CorrectedReward> for LineReward {
-    fn from(r: &CorrectedReward) -> LineReward {
-        LineReward {
-            affiliate_id: r.affiliate_id.clone(),
-            rate: r.rate,
-            amount: r.amount,
-            refunded: r.refunded,
-            clawed: r.clawed,
-        }
-    }
-}
-
-impl From<&PaidBounty> for CorrectedBounty {
-    fn from(b: &PaidBounty) -> CorrectedBounty {
-        CorrectedBounty {
-            affiliate_id: b.affiliate_id.clone(),
-            amount: b.amount,
-            line_at: b.line_at,
-        }
-    }
-}
-
-impl From<&CorrectedBounty> for PaidBounty {
-    fn from(b: &CorrectedBounty) -> PaidBounty {
-        PaidBounty {
-            affiliate_id: b.affiliate_id.clone(),
-            amount: b.amount,
-            line_at: b.line_at,
-        }
-    }
-}
-
-/// A reward posted for a basis line.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LineReward {
-    pub affiliate_id: AffiliateId,
-    pub rate: Rate,
-    pub amount: Decimal,
-    /// Refunds clawed back so far, and the claw-backs themselves.
-    pub refunded: Decimal,
-    pub clawed: Decimal,
-}
+/// A reward posted for a basis line: whose, at what rate, how much, and the
+/// refunds clawed back so far with the claw-backs themselves. Kept in the
+/// form a replay's corrected world records it.
+pub type LineReward = CorrectedReward;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Line {
@@ -1370,7 +1314,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             }
             CorrectedState::Closed { reward } => {
                 line.processed = true;
-                line.reward = reward.as_ref().map(|r| Box::new(LineReward::from(r)));
+                line.reward = reward.clone().map(Box::new);
                 pm.open_lines.remove(&key);
             }
             CorrectedState::Excluded => {
@@ -1414,7 +1358,7 @@ fn correct(pm: &mut ProgramModel, e: &ReplayCorrected) {
             .collect();
         customer.signup_at = c.signup_at;
         customer.via = c.via;
-        customer.bounty = c.bounty.as_ref().map(PaidBounty::from);
+        customer.bounty = c.bounty.clone();
         for (affiliate, before) in named {
             pm.note_attributed(&c.customer_id, &affiliate, before);
         }

@@ -796,12 +796,24 @@ fn a_correction_of_some_months_leaves_the_other_months_rewards_where_they_were()
     t.verify_ok();
 }
 
-/// Each customer's billed total on the referral list of `affiliate`.
-fn billed(t: &TestLedger, affiliate: &str) -> Vec<(String, String)> {
-    t.referrals(affiliate)
+/// alice's referral list is `customer`, billed `amount` in all.
+fn alice_bills(t: &TestLedger, customer: &str, amount: &str) {
+    let billed: Vec<(String, String)> = t
+        .referrals("alice")
         .into_iter()
         .map(|r| (r.customer_id.to_string(), r.billed))
-        .collect()
+        .collect();
+    assert_eq!(billed, vec![(customer.to_string(), amount.to_string())]);
+}
+
+/// After a correction: a replay of history as recorded changes nothing,
+/// and a start from the log alone bills alice's one referral the same.
+fn nothing_left_to_correct(mut t: TestLedger, alices: (&str, &str)) {
+    let again = what_if(&t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![]);
+    t.rebuild();
+    alice_bills(&t, alices.0, alices.1);
+    t.verify_ok();
 }
 
 /// Excluding a test charge leaves an operator's placement of its customer
@@ -816,33 +828,19 @@ fn an_excluded_test_charge_leaves_the_operators_placement_standing() {
     let test_charge = test_charge.events[0].seq;
     t.set_now("2026-05-12T09:00:00Z");
     t.reassign("cust-9", "alice", None, false, "ticket 51");
-    assert_eq!(
-        billed(&t, "alice"),
-        vec![("cust-9".to_string(), "1.00".to_string())]
-    );
+    alice_bills(&t, "cust-9", "1.00");
     t.set_now("2026-05-20T09:00:00Z");
     let replay = what_if(&t, serde_json::json!({"exclude": [test_charge]})).unwrap();
     assert_eq!(rows(&replay), vec![], "nothing was closed yet");
     apply(&t, &replay, "a test charge, ticket 52").unwrap();
-    assert_eq!(
-        billed(&t, "alice"),
-        vec![("cust-9".to_string(), "0.00".to_string())]
-    );
+    alice_bills(&t, "cust-9", "0.00");
     // The first real charge: 20% is alice's, the estimate, then the close.
     t.expense("2026-06-10T12:00:00Z", "jun-9", "cust-9", "50.00");
     assert_eq!(t.balance("alice").pending, "10.00");
     t.set_now("2026-07-02T09:00:00Z");
     t.close("2026-06");
     assert_eq!(t.money("alice").0, "10.00");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![]);
-    let mut t = t;
-    t.rebuild();
-    assert_eq!(
-        billed(&t, "alice"),
-        vec![("cust-9".to_string(), "50.00".to_string())]
-    );
-    t.verify_ok();
+    nothing_left_to_correct(t, ("cust-9", "50.00"));
 }
 
 /// A refund excluded (recorded in error) stays out of every later close:
@@ -861,25 +859,14 @@ fn an_excluded_refund_stays_out_of_closes_after_a_retroactive_reassignment() {
     apply(&t, &replay, "refund recorded twice, ticket 60").unwrap();
     t.set_now("2026-06-03T10:00:00Z");
     t.reassign("cust-5", "alice", None, true, "ticket 61");
-    assert_eq!(
-        billed(&t, "alice"),
-        vec![("cust-5".to_string(), "100.00".to_string())]
-    );
+    alice_bills(&t, "cust-5", "100.00");
     // may-5 waits for the next close again: 20.00, and nothing back.
     assert_eq!(t.balance("alice").pending, "20.00");
     t.set_now("2026-07-02T09:00:00Z");
     let june = t.close("2026-06");
     assert_eq!(june.total, "20.00".parse().unwrap());
     assert_eq!(t.money("alice").0, "20.00");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![]);
-    let mut t = t;
-    t.rebuild();
-    assert_eq!(
-        billed(&t, "alice"),
-        vec![("cust-5".to_string(), "100.00".to_string())]
-    );
-    t.verify_ok();
+    nothing_left_to_correct(t, ("cust-5", "100.00"));
 }
 
 /// A signup excluded keeps the group it reported: a later group change
