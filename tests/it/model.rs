@@ -2,10 +2,13 @@
 //! model-based testing): random histories of clicks, signups, charges and
 //! payments, refunds, closes (by hand and by the server's auto-closer),
 //! withdrawals and their settlement, credits, group changes, closed
-//! accounts, suspensions, rule changes, reassignments (dated or for all
-//! time, retroactive or not) and what-if replays that correct a customer's
-//! attribution (dated or for all time), an affiliate's own rate from a
-//! date, or exclude a line, a refund or a signup (applied or not) run through the
+//! accounts, suspensions, rule changes (rates, bounty, threshold, the
+//! attribution model and the cookie window), reassignments (dated or for
+//! all time, retroactive or not) and what-if replays that correct a
+//! customer's attribution (dated or for all time), an affiliate's own rate
+//! from a date, the rules from a date, the attribution model or cookie
+//! window, or exclude a click, a line, a refund or a signup (applied or
+//! not; not applied, some restricted to a few statement months) run through the
 //! ledger and through a small model written from DESIGN.md alone, with
 //! plain collections and no memo, index or incremental path. Cases vary the attribution model, the term
 //! (lifetime, months, first order), a custom rate, the auto-close day, the
@@ -49,8 +52,8 @@ const DAY_US: i64 = 86_400_000_000;
 /// the threshold as the version has them.
 fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
-        "timezone": case.zone.name(), "cookie_days": 30,
-        "attribution": if case.first_click { "first_click" } else { "last_click" },
+        "timezone": case.zone.name(), "cookie_days": version.cookie_days,
+        "attribution": if version.first_click { "first_click" } else { "last_click" },
         "basis": "expenses", "default_rate": version.default_rate.to_string(),
         "product_rates": {"domains": "5"},
         "tiers": [{"min_active_referrals": 2, "rate": "25"}],
@@ -69,6 +72,7 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
 /// What varies between histories besides their steps.
 #[derive(Clone, Debug)]
 struct Case {
+    /// The program's attribution model when it is defined.
     first_click: bool,
     term: Term,
     /// Bob's own rate (a custom deal), over every other.
@@ -97,13 +101,21 @@ struct Version {
     default_rate: i64,
     bounty: bool,
     threshold_cents: i64,
+    /// The attribution model: the first click in the window, or the last.
+    first_click: bool,
+    cookie_days: i64,
 }
 
-const FIRST_VERSION: Version = Version {
-    default_rate: 20,
-    bounty: true,
-    threshold_cents: 500,
-};
+/// The rules the program is defined with.
+fn first_version(case: &Case) -> Version {
+    Version {
+        default_rate: 20,
+        bounty: true,
+        threshold_cents: 500,
+        first_click: case.first_click,
+        cookie_days: 30,
+    }
+}
 
 /// Alice is also a customer of the provider: this one.
 const ALICE_OWN_CUSTOMER: u8 = 0;
@@ -111,7 +123,6 @@ const TIER_RATE: i64 = 25;
 const TIER_MIN: usize = 2;
 const DOMAINS_RATE: i64 = 5;
 const BOUNTY_CENTS: i64 = 500;
-const COOKIE_DAYS: i64 = 30;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -190,9 +201,12 @@ enum Op {
     /// An operator replays history with a correction: the diff must be
     /// what the model says the same history with that correction would
     /// have posted; and with `apply`, the ledger becomes that world.
+    /// `months` (not applied): the diff of only the statement months from
+    /// `back` months ago, `span` more after it.
     Replay {
         correction: Correction,
         apply: bool,
+        months: Option<(u8, u8)>,
     },
 }
 
@@ -216,6 +230,12 @@ enum Correction {
     /// The program's rules from some days back on (over the versions
     /// recorded since).
     Rules { version: Version, days_back: u8 },
+    /// The attribution model or the cookie window (over every version of
+    /// the rules): signups that came by a click are attributed again.
+    ClickModel {
+        first_click: Option<bool>,
+        cookie_days: Option<i64>,
+    },
     /// One of the lines recorded (a test charge) should never have counted.
     ExcludeLine(usize),
     /// One of the refunds recorded.
@@ -320,8 +340,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => version().prop_map(|version| Op::ChangeRules { version }),
         2 => (0..6u8, 0..3usize, proptest::option::of(0..40u8), any::<bool>())
             .prop_map(|(customer, affiliate, days_back, retroactive)| Op::Reassign { customer, affiliate, days_back, retroactive }),
-        3 => (correction(), proptest::bool::weighted(0.7))
-            .prop_map(|(correction, apply)| Op::Replay { correction, apply }),
+        3 => (correction(), proptest::bool::weighted(0.7), proptest::option::weighted(0.2, (0..4u8, 0..2u8)))
+            .prop_map(|(correction, apply, months)| Op::Replay {
+                correction,
+                apply: apply && months.is_none(),
+                months,
+            }),
     ]
 }
 
@@ -330,12 +354,23 @@ fn version() -> impl Strategy<Value = Version> {
         prop_oneof![Just(20i64), Just(30)],
         proptest::bool::weighted(0.7),
         prop_oneof![Just(500i64), Just(2_000)],
+        any::<bool>(),
+        cookie_days(),
     )
-        .prop_map(|(default_rate, bounty, threshold_cents)| Version {
-            default_rate,
-            bounty,
-            threshold_cents,
-        })
+        .prop_map(
+            |(default_rate, bounty, threshold_cents, first_click, cookie_days)| Version {
+                default_rate,
+                bounty,
+                threshold_cents,
+                first_click,
+                cookie_days,
+            },
+        )
+}
+
+/// A cookie window: the usual month, or a week (clicks run out sooner).
+fn cookie_days() -> impl Strategy<Value = i64> {
+    prop_oneof![3 => Just(30i64), 1 => Just(7)]
 }
 
 fn correction() -> impl Strategy<Value = Correction> {
@@ -349,6 +384,8 @@ fn correction() -> impl Strategy<Value = Correction> {
         1 => (0..40usize).prop_map(Correction::ExcludeRefund),
         1 => (0..40usize).prop_map(Correction::ExcludeSignup),
         1 => (0..60usize).prop_map(Correction::ExcludeClick),
+        1 => (proptest::option::of(any::<bool>()), proptest::option::of(cookie_days()))
+            .prop_map(|(first_click, cookie_days)| Correction::ClickModel { first_click, cookie_days }),
     ]
 }
 
@@ -592,12 +629,18 @@ struct Model {
     /// moment on (the last that covers a line holds). They hold over every
     /// line, recorded before the replay or after it.
     rates: Vec<(usize, i64, i64)>,
-    /// Visitors with an excluded click, once it is folded: their signups
-    /// by a click are attributed again.
-    excluded_visitors: BTreeSet<u8>,
-    /// Rules corrections: the version from a moment on, over the versions
-    /// recorded before fact `until` (applied), or all (the new one).
-    rule_layers: Vec<(i64, Version, Option<usize>)>,
+    /// Rules corrections, over the versions recorded before fact `until`
+    /// (applied), or all (the new one).
+    rule_layers: Vec<(RuleFix, Option<usize>)>,
+}
+
+/// A correction of the program's rules.
+#[derive(Clone, Debug)]
+enum RuleFix {
+    /// This version from a moment on.
+    Version(i64, Version),
+    /// This attribution model or cookie window in every version.
+    ClickModel(Option<bool>, Option<i64>),
 }
 
 impl Model {
@@ -756,10 +799,11 @@ impl Model {
     /// Whose click, inside the cookie window at `now`, a signup of
     /// `customer` by `visitor` goes to.
     fn by_click(&self, visitor: u8, customer: u8, now: i64) -> Option<usize> {
+        let rules = self.version_at(now);
         let inside = self.clicks.get(&visitor)?.iter().filter(|(click_at, a)| {
-            *click_at >= now - COOKIE_DAYS * DAY_US && self.eligible(*a, customer, now)
+            *click_at >= now - rules.cookie_days * DAY_US && self.eligible(*a, customer, now)
         });
-        let chosen = if self.case.as_ref().is_some_and(|c| c.first_click) {
+        let chosen = if rules.first_click {
             inside.min_by_key(|(click_at, _)| *click_at)
         } else {
             inside.max_by_key(|(click_at, _)| *click_at)
@@ -1032,9 +1076,8 @@ impl Model {
                 excluded: true,
                 ..refund.clone()
             }),
-            Fact::Click { visitor, .. } => {
-                self.excluded_visitors.insert(*visitor);
-            }
+            // Never seen: a signup by the visitor is decided without it.
+            Fact::Click { .. } => {}
             _ => unreachable!("only clicks, signups, lines and refunds are excluded"),
         }
     }
@@ -1058,18 +1101,17 @@ impl Model {
                 at,
                 by_click,
             } => {
-                // A visitor with an excluded click: the clicks left decide.
+                // By a click: the clicks (those not excluded), under the
+                // rules as corrected, decide again.
                 let affiliate = match by_click {
-                    Some(v) if self.excluded_visitors.contains(v) => {
-                        match self.by_click(*v, *customer, *at) {
-                            Some(a) => a,
-                            None => {
-                                self.fold_excluded(fact);
-                                self.impose(*customer);
-                                return Vec::new();
-                            }
+                    Some(v) => match self.by_click(*v, *customer, *at) {
+                        Some(a) => a,
+                        None => {
+                            self.fold_excluded(fact);
+                            self.impose(*customer);
+                            return Vec::new();
                         }
-                    }
+                    },
                     _ => *affiliate,
                 };
                 let c = self.customers.entry(*customer).or_default();
@@ -1110,13 +1152,13 @@ impl Model {
             Fact::Rules { at, version } => {
                 self.versions.push((*at, version.clone()));
                 let k = self.fact_index;
-                for (from, version, _) in self
+                for (fix, _) in self
                     .rule_layers
                     .clone()
                     .into_iter()
-                    .filter(|(_, _, until)| until.is_none_or(|until| k < until))
+                    .filter(|(_, until)| until.is_none_or(|until| k < until))
                 {
-                    self.impose_rules(from, version);
+                    self.impose_rules(fix);
                 }
             }
             Fact::Reassign {
@@ -1137,10 +1179,21 @@ impl Model {
         Vec::new()
     }
 
-    /// The rules from `from` on are `version`.
-    fn impose_rules(&mut self, from: i64, version: Version) {
-        self.versions.retain(|(at, _)| *at < from);
-        self.versions.push((from, version));
+    /// The rules from `from` on are `version`; or every version has the
+    /// click model.
+    fn impose_rules(&mut self, fix: RuleFix) {
+        match fix {
+            RuleFix::Version(from, version) => {
+                self.versions.retain(|(at, _)| *at < from);
+                self.versions.push((from, version));
+            }
+            RuleFix::ClickModel(first_click, cookie_days) => {
+                for (_, version) in &mut self.versions {
+                    version.first_click = first_click.unwrap_or(version.first_click);
+                    version.cookie_days = cookie_days.unwrap_or(version.cookie_days);
+                }
+            }
+        }
     }
 
     /// The corrections of `customer` that hold over the fact being folded.
@@ -1165,7 +1218,7 @@ impl Model {
         layers: Vec<Layer>,
         excluded: BTreeSet<usize>,
         rates: Vec<(usize, i64, i64)>,
-        rule_layers: Vec<(i64, Version, Option<usize>)>,
+        rule_layers: Vec<(RuleFix, Option<usize>)>,
     ) -> Model {
         let mut world = Model {
             case: self.case.clone(),
@@ -1177,8 +1230,8 @@ impl Model {
             rule_layers,
             ..Model::default()
         };
-        for (from, version, _) in world.rule_layers.clone() {
-            world.impose_rules(from, version);
+        for (fix, _) in world.rule_layers.clone() {
+            world.impose_rules(fix);
         }
         // Every correction is installed with the program.
         for l in world.layers.clone() {
@@ -1388,7 +1441,7 @@ fn run(case: &Case, ops: &[Op]) {
     MINOR_UNIT.set(case.currency.1);
     ZONE.set(case.zone);
     let mut t = TestLedger::new_at("model", "2026-01-01T00:00:00Z");
-    t.define(rules("model", program(case, &FIRST_VERSION)));
+    t.define(rules("model", program(case, &first_version(case))));
     let own = format!("c-{ALICE_OWN_CUSTOMER}");
     let codes: Vec<String> = AFFILIATES
         .iter()
@@ -1407,7 +1460,7 @@ fn run(case: &Case, ops: &[Op]) {
         t.ledger().submit_blocking(submission).unwrap().events
     };
     on_twin(Command::DefineProgram {
-        rules: Box::new(rules("twin", program(case, &FIRST_VERSION))),
+        rules: Box::new(rules("twin", program(case, &first_version(case)))),
         reason: None,
     });
     let twin_codes: Vec<String> = AFFILIATES
@@ -1437,8 +1490,8 @@ fn run(case: &Case, ops: &[Op]) {
     };
     let mut m = Model {
         case: Some(case.clone()),
-        versions: vec![(ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION)],
-        initial: (ts("2026-01-01T00:00:00Z").micros(), FIRST_VERSION),
+        versions: vec![(ts("2026-01-01T00:00:00Z").micros(), first_version(case))],
+        initial: (ts("2026-01-01T00:00:00Z").micros(), first_version(case)),
         ..Model::default()
     };
     let mut withdrawal_ids = Vec::new();
@@ -1498,7 +1551,11 @@ fn run(case: &Case, ops: &[Op]) {
                 }
                 continue;
             }
-            Op::Replay { correction, apply } => {
+            Op::Replay {
+                correction,
+                apply,
+                months,
+            } => {
                 t.clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                 let context = format!("op {i} {op:?}");
                 // The correction, for the model and for each program (the
@@ -1579,8 +1636,28 @@ fn run(case: &Case, ops: &[Op]) {
                                 rules: rules(id, program(case, version)),
                             });
                         }
-                        rule_layers.push((from, version.clone(), None));
-                        rule_layer = Some((from, version.clone()));
+                        rule_layers.push((RuleFix::Version(from, version.clone()), None));
+                        rule_layer = Some(RuleFix::Version(from, version.clone()));
+                    }
+                    Correction::ClickModel {
+                        first_click,
+                        cookie_days,
+                    } => {
+                        for o in &mut overrides {
+                            o.model = Some(ModelOverride {
+                                attribution: first_click.map(|first| {
+                                    if first {
+                                        Attribution::FirstClick
+                                    } else {
+                                        Attribution::LastClick
+                                    }
+                                }),
+                                cookie_days: cookie_days.map(|d| d as u32),
+                            });
+                        }
+                        let fix = RuleFix::ClickModel(*first_click, *cookie_days);
+                        rule_layers.push((fix.clone(), None));
+                        rule_layer = Some(fix);
                     }
                     Correction::ExcludeLine(n)
                     | Correction::ExcludeRefund(n)
@@ -1608,8 +1685,20 @@ fn run(case: &Case, ops: &[Op]) {
                 // The same history with the correction: what it changes,
                 // per affiliate and statement month.
                 let world = m.replayed(layers, excluded, rates, rule_layers);
+                let months = months.map(|(back, span)| {
+                    let from = (0..back).fold(month_of(now), |m, _| m.previous());
+                    let to = (0..span).fold(from, |m, _| m.next());
+                    MonthRange { from, to }
+                });
+                let in_range =
+                    |month: &Month| months.is_none_or(|r| r.from <= *month && *month <= r.to);
                 let mut expected: BTreeMap<(usize, Month), Decimal> = BTreeMap::new();
-                for key in world.posted.keys().chain(m.posted.keys()) {
+                for key in world
+                    .posted
+                    .keys()
+                    .chain(m.posted.keys())
+                    .filter(|(_, month)| in_range(month))
+                {
                     let after = world.posted.get(key).copied().unwrap_or_default();
                     let before = m.posted.get(key).copied().unwrap_or_default();
                     if after != before {
@@ -1620,7 +1709,7 @@ fn run(case: &Case, ops: &[Op]) {
                     |a: &AffiliateId| AFFILIATES.iter().position(|x| *x == a.as_str()).unwrap();
                 let mut changes = Vec::new();
                 for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
-                    let replay = t.ledger().what_if(program, o, None).unwrap();
+                    let replay = t.ledger().what_if(program, o, months).unwrap();
                     let served: BTreeMap<(usize, Month), Decimal> = replay
                         .diff
                         .rows
@@ -1658,8 +1747,8 @@ fn run(case: &Case, ops: &[Op]) {
                         });
                     }
                     m.rates.extend(rate);
-                    if let Some((from, version)) = rule_layer {
-                        m.rule_layers.push((from, version, Some(m.facts.len())));
+                    if let Some(fix) = rule_layer {
+                        m.rule_layers.push((fix, Some(m.facts.len())));
                     }
                     m.versions = world.versions;
                     m.excluded.extend(exclude);
@@ -1670,7 +1759,6 @@ fn run(case: &Case, ops: &[Op]) {
                     m.customers = world.customers;
                     m.bountied = world.bountied;
                     m.clicks = world.clicks;
-                    m.excluded_visitors = world.excluded_visitors;
                     agree(&t, &twin, &m, now, &context);
                 }
                 continue;
