@@ -557,14 +557,28 @@ impl crate::projections::BasisLines for ModelLines<'_> {
         program: &ProgramId,
         line: &LineId,
     ) -> Option<crate::projections::LineFacts<'_>> {
-        let line = self.0.line(program, line)?;
+        let pm = self.0.program(program)?;
+        let line = pm.lines.get(line)?;
         Some(crate::projections::LineFacts {
-            kind: line.kind,
+            on_basis: pm.on_basis(line),
             customer_id: &line.customer_id,
             amount: line.amount,
             refunded: line.refunded,
             excluded: line.excluded,
         })
+    }
+
+    fn billed(&self, program: &ProgramId) -> HashMap<&CustomerId, Decimal> {
+        let mut billed: HashMap<&CustomerId, Decimal> = HashMap::default();
+        let Some(pm) = self.0.program(program) else {
+            return billed;
+        };
+        for line in pm.lines.values() {
+            if pm.on_basis(line) && !line.excluded {
+                *billed.entry(&line.customer_id).or_default() += line.amount - line.refunded;
+            }
+        }
+        billed
     }
 
     fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<(&LineId, Decimal)> {

@@ -175,10 +175,11 @@ impl Projections {
     }
 
     /// Folds one recorded event in. `lines` are the write model's basis
-    /// lines and refunds, with this event folded: a refund lowers a
-    /// customer's billed total only when the line it refunds is of the
-    /// program's basis kind, and a replay's exclusions take their amounts
-    /// out of it. The write model keeps every line, so the projections do
+    /// lines and refunds, with this event folded: a line counts in its
+    /// customer's billed total (and its refunds lower it) only when it is of
+    /// the basis the rules in force at its moment reward; a change of basis
+    /// judges every line again, and a replay's exclusions take their
+    /// amounts out of it. The write model keeps every line, so the projections do
     /// not keep them again (a map of every line's kind was a tenth of the
     /// writer's time in batch ingest, and of a checkpoint).
     pub fn apply(&mut self, recorded: &Recorded, lines: &impl BasisLines) {
@@ -193,9 +194,15 @@ impl Projections {
         if let Event::ProgramDefined(e) = &recorded.event {
             match self.programs.get_mut(program) {
                 Some(view) => {
+                    let basis_changed = view.rules.basis != e.rules.basis;
                     view.rules = e.rules.clone();
                     view.zone = e.rules.zone();
                     view.day.clear();
+                    // Lines dated from the change on earn under its basis
+                    // (a line may be dated ahead of when it is recorded).
+                    if basis_changed {
+                        view.rebill(lines.billed(program));
+                    }
                 }
                 None => {
                     self.programs.insert(
@@ -236,7 +243,9 @@ impl Projections {
 
 /// What the projections ask of a basis line.
 pub struct LineFacts<'a> {
-    pub kind: LineKind,
+    /// Of the basis (expenses or payments) the rules in force at its
+    /// moment reward.
+    pub on_basis: bool,
     pub customer_id: &'a CustomerId,
     pub amount: Decimal,
     /// Its refunds recorded, less those excluded.
@@ -250,13 +259,22 @@ pub trait BasisLines {
     fn line(&self, program: &ProgramId, line: &LineId) -> Option<LineFacts<'_>>;
     /// A refund: the line it refunds, and its amount.
     fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<(&LineId, Decimal)>;
+    /// Each customer's billed total: their lines of the basis at the
+    /// line's moment and not excluded, less what was refunded of them.
+    fn billed(&self, program: &ProgramId) -> HashMap<&CustomerId, Decimal>;
 }
 
 impl ProgramView {
+    /// Sets every customer's billed total to `billed`'s.
+    fn rebill(&mut self, billed: HashMap<&CustomerId, Decimal>) {
+        for (id, customer) in &mut self.customers {
+            customer.billed = billed.get(id).copied().unwrap_or_default();
+        }
+    }
+
     fn apply(&mut self, recorded: &Recorded, program: &ProgramId, lines: &impl BasisLines) {
         let zone = self.zone;
         let at = recorded.occurred_at;
-        let basis = self.rules.basis;
         match &recorded.event {
             Event::AffiliateEnrolled(e) => {
                 self.affiliates.insert(
@@ -316,8 +334,9 @@ impl ProgramView {
                 }
             }
             Event::BasisLineRecorded(e) => {
+                let on_basis = lines.line(program, &e.id).is_some_and(|l| l.on_basis);
                 let customer = self.customers.entry(e.customer_id.clone()).or_default();
-                if e.kind.earns_under(basis) {
+                if on_basis {
                     customer.billed += e.amount;
                 }
             }
@@ -325,7 +344,7 @@ impl ProgramView {
                 // A refund of an excluded line bills nothing back.
                 if lines
                     .line(program, &e.refunds)
-                    .is_some_and(|l| l.kind.earns_under(basis) && !l.excluded)
+                    .is_some_and(|l| l.on_basis && !l.excluded)
                 {
                     let customer = self.customers.entry(e.customer_id.clone()).or_default();
                     customer.billed -= e.amount;
@@ -474,6 +493,8 @@ impl ProgramView {
                 if let Some(o) = &e.overrides.rules {
                     self.rules = o.rules.clone();
                     self.zone = self.rules.zone();
+                    // Lines are judged by the basis at their moment again.
+                    self.rebill(lines.billed(program));
                 }
                 if let Some(model) = &e.overrides.model {
                     self.rules.attribution = model.attribution.unwrap_or(self.rules.attribution);
@@ -500,7 +521,7 @@ impl ProgramView {
                     };
                     let counted = !line.excluded || lines_now.contains(&line_id);
                     if counted
-                        && line.kind.earns_under(basis)
+                        && line.on_basis
                         && let Some(customer) = self.customers.get_mut(line.customer_id)
                     {
                         customer.billed += amount;
@@ -510,7 +531,7 @@ impl ProgramView {
                     let Some(line) = lines.line(program, id) else {
                         continue;
                     };
-                    if line.kind.earns_under(basis)
+                    if line.on_basis
                         && let Some(customer) = self.customers.get_mut(line.customer_id)
                     {
                         customer.billed -= line.amount - line.refunded;

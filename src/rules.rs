@@ -657,6 +657,13 @@ impl ProgramModel {
             .map(|(_, rules)| rules)
     }
 
+    /// Whether a line is of the basis (expenses or payments) the rules in
+    /// force at its moment reward.
+    pub fn on_basis(&self, line: &Line) -> bool {
+        self.rules_at(line.at)
+            .is_some_and(|rules| line.kind.earns_under(rules.basis))
+    }
+
     pub fn affiliate_by_code(&self, referral_code: &str) -> Option<&AffiliateId> {
         self.referral_codes.get(referral_code)
     }

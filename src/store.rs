@@ -37,7 +37,7 @@ pub const POSITION_STRIDE: u64 = 64;
 /// and a refund know they were excluded, a referral's billed total leaves
 /// out what replays excluded, and balances take an applied replay's
 /// corrected rules.)
-pub const CHECKPOINT_FORMAT: u32 = 9;
+pub const CHECKPOINT_FORMAT: u32 = 10;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

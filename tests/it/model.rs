@@ -46,15 +46,16 @@ const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
 const DAY_US: i64 = 86_400_000_000;
 
 /// The program both run: percent rates with a product rate and a tier, a
-/// bounty, a threshold, a 30-day cookie, rewards on expenses, staff
-/// customers earning nothing; the last or first click, and a lifetime or
-/// two-month term, as the case has it; the default rate, the bounty and
-/// the threshold as the version has them.
+/// bounty, a threshold, staff customers earning nothing; a lifetime,
+/// two-month or first-order term as the case has it; the default rate, the
+/// bounty, the threshold, the attribution model, the cookie window and the
+/// basis (expenses or payments) as the version has them.
 fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
         "timezone": case.zone.name(), "cookie_days": version.cookie_days,
         "attribution": if version.first_click { "first_click" } else { "last_click" },
-        "basis": "expenses", "default_rate": version.default_rate.to_string(),
+        "basis": if case.payments_basis != version.other_basis { "payments" } else { "expenses" },
+        "default_rate": version.default_rate.to_string(),
         "product_rates": {"domains": "5"},
         "tiers": [{"min_active_referrals": 2, "rate": "25"}],
         "currency": case.currency.0,
@@ -74,6 +75,9 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
 struct Case {
     /// The program's attribution model when it is defined.
     first_click: bool,
+    /// Whether the program rewards payments when it is defined (else
+    /// expenses).
+    payments_basis: bool,
     term: Term,
     /// Bob's own rate (a custom deal), over every other.
     bob_rate: Option<i64>,
@@ -104,6 +108,9 @@ struct Version {
     /// The attribution model: the first click in the window, or the last.
     first_click: bool,
     cookie_days: i64,
+    /// The basis is the other kind of line than the program was defined
+    /// with (payments for expenses, or expenses for payments).
+    other_basis: bool,
 }
 
 /// The rules the program is defined with.
@@ -114,6 +121,7 @@ fn first_version(case: &Case) -> Version {
         threshold_cents: 500,
         first_click: case.first_click,
         cookie_days: 30,
+        other_basis: false,
     }
 }
 
@@ -136,7 +144,9 @@ enum Op {
         promo: Option<usize>,
     },
     Line {
-        payment: bool,
+        /// Of the other kind than the program's first basis: an expense
+        /// under payments, a payment under expenses.
+        other_kind: bool,
         customer: u8,
         cents: u32,
         domains: bool,
@@ -321,7 +331,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
         7 => (proptest::bool::weighted(0.15), 0..6u8, cents(), proptest::bool::weighted(0.25),
               proptest::option::of(0..3u8), proptest::option::weighted(0.2, 1..50u8))
-            .prop_map(|(payment, customer, cents, domains, order, days_back)| Op::Line { payment, customer, cents, domains, order, days_back }),
+            .prop_map(|(other_kind, customer, cents, domains, order, days_back)| Op::Line { other_kind, customer, cents, domains, order, days_back }),
         4 => (0..40usize, prop_oneof![
                 (1..3_000u32).prop_map(Size::Cents),
                 (1..=100u8).prop_map(Size::Percent),
@@ -356,14 +366,18 @@ fn version() -> impl Strategy<Value = Version> {
         prop_oneof![Just(500i64), Just(2_000)],
         any::<bool>(),
         cookie_days(),
+        proptest::bool::weighted(0.2),
     )
         .prop_map(
-            |(default_rate, bounty, threshold_cents, first_click, cookie_days)| Version {
-                default_rate,
-                bounty,
-                threshold_cents,
-                first_click,
-                cookie_days,
+            |(default_rate, bounty, threshold_cents, first_click, cookie_days, other_basis)| {
+                Version {
+                    default_rate,
+                    bounty,
+                    threshold_cents,
+                    first_click,
+                    cookie_days,
+                    other_basis,
+                }
             },
         )
 }
@@ -407,10 +421,12 @@ fn case() -> impl Strategy<Value = Case> {
             Just(chrono_tz::Pacific::Kiritimati),
             Just(chrono_tz::America::Santiago),
         ],
+        proptest::bool::weighted(0.3),
     )
         .prop_map(
-            |(first_click, term, bob_rate, auto_close_day, currency, zone)| Case {
+            |(first_click, term, bob_rate, auto_close_day, currency, zone, payments_basis)| Case {
                 first_click,
+                payments_basis,
                 term,
                 bob_rate,
                 auto_close_day,
@@ -448,7 +464,7 @@ fn month_of(micros: i64) -> Month {
 #[derive(Clone)]
 struct Line {
     id: String,
-    /// A payment, which earns nothing under an expenses basis.
+    /// A payment (else an expense): it earns under a payments basis.
     payment: bool,
     customer: u8,
     order: Option<String>,
@@ -656,7 +672,7 @@ impl Model {
                 let billed: Decimal = self
                     .lines
                     .iter()
-                    .filter(|l| l.customer == *c && !l.payment && !l.excluded)
+                    .filter(|l| l.customer == *c && self.on_basis(l) && !l.excluded)
                     .map(|l| l.amount - l.refunded)
                     .sum();
                 let commission = self.commission.get(&(affiliate, *c)).copied();
@@ -723,6 +739,13 @@ impl Model {
         &self.versions.last().unwrap().1
     }
 
+    /// Whether the line is of the basis the rules in force at its moment
+    /// reward.
+    fn on_basis(&self, line: &Line) -> bool {
+        let payments_basis = self.case.as_ref().is_some_and(|c| c.payments_basis);
+        line.payment == (payments_basis != self.version_at(line.at).other_basis)
+    }
+
     /// Whether the customer has billed lines (that count).
     fn billed(&self, customer: u8) -> bool {
         self.lines
@@ -746,7 +769,8 @@ impl Model {
     }
 
     /// Whom a line earns commission for, if anyone: the customer's
-    /// affiliate at the line's moment, unless the line is a payment, the
+    /// affiliate at the line's moment, unless the line is not of the basis
+    /// in force at its moment, the
     /// affiliate was suspended by then or is the customer, the customer was
     /// staff then, or the line falls outside the term.
     fn earner(&self, line: &Line) -> Option<usize> {
@@ -775,7 +799,7 @@ impl Model {
                 line.at < end.timestamp_micros()
             }
         };
-        (!line.payment && !suspended && !own && !customer.staff_at(line.at) && in_term)
+        (self.on_basis(line) && !suspended && !own && !customer.staff_at(line.at) && in_term)
             .then_some(affiliate)
     }
 
@@ -1830,7 +1854,7 @@ fn run(case: &Case, ops: &[Op]) {
                 )
             }
             Op::Line {
-                payment,
+                other_kind,
                 customer: c,
                 cents,
                 domains,
@@ -1840,9 +1864,10 @@ fn run(case: &Case, ops: &[Op]) {
                 let order = order.map(|o| format!("o-{c}-{o}"));
                 let line_at = now - i64::from(days_back.unwrap_or(0)) * DAY_US;
                 let id = format!("l-{i}");
+                let payment = case.payments_basis != *other_kind;
                 m.happen(Fact::Line(Line {
                     id: id.clone(),
-                    payment: *payment,
+                    payment,
                     order: order.clone(),
                     customer: *c,
                     amount: money(i64::from(*cents)),
@@ -1856,7 +1881,7 @@ fn run(case: &Case, ops: &[Op]) {
                 }));
                 (
                     Command::RecordBasisLine {
-                        kind: if *payment {
+                        kind: if payment {
                             LineKind::Payment
                         } else {
                             LineKind::Expense

@@ -969,3 +969,56 @@ fn corrected_rules_from_before_the_program_owe_no_earlier_closes() {
         vec![(t.program.clone(), month("2026-05"))]
     );
 }
+
+/// A referral's `billed` counts each line by the basis in force at the
+/// line's moment: a program that moves from expenses to payments goes on
+/// billing the expenses from before the move, less their later refunds
+/// (which billed nothing back), and bills the payments after it.
+#[test]
+fn billed_counts_each_line_by_the_basis_at_its_moment() {
+    let (mut t, alice, _) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
+    t.payment("2026-05-11T12:00:00Z", "may-p", "cust-1", "100.00"); // not the basis
+    t.set_now("2026-06-01T00:00:00Z");
+    t.define(rules("hosting", serde_json::json!({"basis": "payments"})));
+    t.refund("2026-06-03T12:00:00Z", "ref-1", "cust-1", "may-1", "30.00");
+    t.payment("2026-06-05T12:00:00Z", "jun-p", "cust-1", "50.00");
+    t.expense("2026-06-05T13:00:00Z", "jun-1", "cust-1", "40.00"); // not the basis now
+    alice_bills(&t, "cust-1", "120.00"); // 100.00 - 30.00 + 50.00
+    t.rebuild();
+    alice_bills(&t, "cust-1", "120.00");
+    t.verify_ok();
+}
+
+/// Corrected rules that change the basis judge the lines since their
+/// `from` again: once applied, the referral bills the payments, as the
+/// next close rewards them (billed kept the expense).
+#[test]
+fn corrected_rules_bill_by_their_basis() {
+    let (t, alice, _) = program();
+    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
+    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
+    t.payment("2026-05-12T12:00:00Z", "may-p", "cust-1", "80.00");
+    alice_bills(&t, "cust-1", "100.00");
+    t.set_now("2026-05-20T09:00:00Z");
+    // The program was signed as rewarding payments.
+    let corrected =
+        serde_json::to_value(rules("hosting", serde_json::json!({"basis": "payments"}))).unwrap();
+    let overrides =
+        serde_json::json!({"rules": {"from": "2026-05-01T00:00:00Z", "rules": corrected}});
+    let replay = what_if(&t, overrides).unwrap();
+    assert_eq!(
+        rows(&replay),
+        vec![],
+        "May is not closed: nothing was posted"
+    );
+    apply(&t, &replay, "signed terms, ticket 92").unwrap();
+    alice_bills(&t, "cust-1", "80.00");
+    t.set_now("2026-06-02T09:00:00Z");
+    t.close("2026-05");
+    assert_eq!(t.money("alice").0, "16.00"); // 80.00 at 20%
+    nothing_left_to_correct(t, ("cust-1", "80.00"));
+}
