@@ -10,8 +10,9 @@
 //! window, or exclude a click, a line, a refund or a signup (applied or
 //! not; not applied, some restricted to a few statement months) run through the
 //! ledger and through a small model written from DESIGN.md alone, with
-//! plain collections and no memo, index or incremental path. Cases vary the attribution model, the term
-//! (lifetime, months, first order), a custom rate, the auto-close day, the
+//! plain collections and no memo, index or incremental path. Cases vary
+//! the attribution model, the basis, the term (lifetime, months, first
+//! order) the program starts with, a custom rate, the auto-close day, the
 //! currency (USD, JPY or BHD: 2, 0 or 3 decimals to round to) and the time
 //! zone the program's months are in (UTC, Amsterdam, Kiritimati at +14,
 //! and Santiago, whose clocks change at midnight). The two must agree on
@@ -46,10 +47,10 @@ const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
 const DAY_US: i64 = 86_400_000_000;
 
 /// The program both run: percent rates with a product rate and a tier, a
-/// bounty, a threshold, staff customers earning nothing; a lifetime,
-/// two-month or first-order term as the case has it; the default rate, the
-/// bounty, the threshold, the attribution model, the cookie window and the
-/// basis (expenses or payments) as the version has them.
+/// bounty, a threshold, staff customers earning nothing; the default rate,
+/// the bounty, the threshold, the attribution model, the cookie window, the
+/// basis (expenses or payments) and the term (lifetime, two months or the
+/// first order) as the version has them.
 fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
         "timezone": case.zone.name(), "cookie_days": version.cookie_days,
@@ -62,7 +63,7 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
         "bounty": version.bounty.then(|| money(BOUNTY_CENTS).to_string()),
         "payout_threshold": money(version.threshold_cents).to_string(),
         "forbidden_groups": ["staff"], "auto_close_day": case.auto_close_day,
-        "term": match case.term {
+        "term": match version.term {
             Term::Months(months) => serde_json::json!({"kind": "months", "months": months}),
             Term::FirstOrder => serde_json::json!({"kind": "first_order"}),
             Term::Lifetime => serde_json::json!({"kind": "lifetime"}),
@@ -78,6 +79,7 @@ struct Case {
     /// Whether the program rewards payments when it is defined (else
     /// expenses).
     payments_basis: bool,
+    /// The program's term when it is defined.
     term: Term,
     /// Bob's own rate (a custom deal), over every other.
     bob_rate: Option<i64>,
@@ -90,8 +92,9 @@ struct Case {
 }
 
 /// Which lines of a referral earn.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 enum Term {
+    #[default]
     Lifetime,
     /// Those dated within this many months of the signup (or first line).
     Months(u32),
@@ -108,6 +111,7 @@ struct Version {
     /// The attribution model: the first click in the window, or the last.
     first_click: bool,
     cookie_days: i64,
+    term: Term,
     /// The basis is the other kind of line than the program was defined
     /// with (payments for expenses, or expenses for payments).
     other_basis: bool,
@@ -121,6 +125,7 @@ fn first_version(case: &Case) -> Version {
         threshold_cents: 500,
         first_click: case.first_click,
         cookie_days: 30,
+        term: case.term,
         other_basis: false,
     }
 }
@@ -367,15 +372,25 @@ fn version() -> impl Strategy<Value = Version> {
         any::<bool>(),
         cookie_days(),
         proptest::bool::weighted(0.2),
+        term(),
     )
         .prop_map(
-            |(default_rate, bounty, threshold_cents, first_click, cookie_days, other_basis)| {
+            |(
+                default_rate,
+                bounty,
+                threshold_cents,
+                first_click,
+                cookie_days,
+                other_basis,
+                term,
+            )| {
                 Version {
                     default_rate,
                     bounty,
                     threshold_cents,
                     first_click,
                     cookie_days,
+                    term,
                     other_basis,
                 }
             },
@@ -403,14 +418,18 @@ fn correction() -> impl Strategy<Value = Correction> {
     ]
 }
 
+fn term() -> impl Strategy<Value = Term> {
+    prop_oneof![
+        Just(Term::Lifetime),
+        Just(Term::Months(2)),
+        Just(Term::FirstOrder)
+    ]
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
         any::<bool>(),
-        prop_oneof![
-            Just(Term::Lifetime),
-            Just(Term::Months(2)),
-            Just(Term::FirstOrder)
-        ],
+        term(),
         proptest::option::of(Just(30i64)),
         proptest::option::of(1..29u32),
         prop_oneof![4 => Just(("USD", 2)), 1 => Just(("JPY", 0)), 1 => Just(("BHD", 3))],
@@ -772,7 +791,8 @@ impl Model {
     /// affiliate at the line's moment, unless the line is not of the basis
     /// in force at its moment, the
     /// affiliate was suspended by then or is the customer, the customer was
-    /// staff then, or the line falls outside the term.
+    /// staff then, or the line falls outside the term (of the rules in
+    /// force at its moment).
     fn earner(&self, line: &Line) -> Option<usize> {
         if line.excluded {
             return None;
@@ -781,7 +801,7 @@ impl Model {
         let affiliate = customer.affiliate_at(line.at)?;
         let suspended = self.suspended_at[affiliate].is_some_and(|s| s <= line.at);
         let own = affiliate == 0 && line.customer == ALICE_OWN_CUSTOMER;
-        let in_term = match self.case.as_ref().map_or(Term::Lifetime, |c| c.term) {
+        let in_term = match self.version_at(line.at).term {
             Term::Lifetime => true,
             Term::FirstOrder => match (&customer.first_order, &line.order) {
                 (Some(first), Some(order)) => first == order,
