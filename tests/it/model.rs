@@ -46,19 +46,25 @@ use crate::support::*;
 const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
 const DAY_US: i64 = 86_400_000_000;
 
-/// The program both run: percent rates with a product rate and a tier, a
-/// bounty, a threshold, staff customers earning nothing; the default rate,
-/// the bounty, the threshold, the attribution model, the cookie window, the
-/// basis (expenses or payments) and the term (lifetime, two months or the
-/// first order) as the version has them.
+/// The program both run: percent rates, staff customers earning nothing;
+/// the default rate, the product rate and the tier (each maybe none), the bounty, the
+/// threshold, the attribution model, the cookie window, the basis (expenses
+/// or payments) and the term (lifetime, two months or the first order) as
+/// the version has them.
 fn program(case: &Case, version: &Version) -> serde_json::Value {
     serde_json::json!({
         "timezone": case.zone.name(), "cookie_days": version.cookie_days,
         "attribution": if version.first_click { "first_click" } else { "last_click" },
         "basis": if case.payments_basis != version.other_basis { "payments" } else { "expenses" },
         "default_rate": version.default_rate.to_string(),
-        "product_rates": {"domains": "5"},
-        "tiers": [{"min_active_referrals": 2, "rate": "25"}],
+        "product_rates": match version.domains_rate {
+            Some(rate) => serde_json::json!({"domains": rate.to_string()}),
+            None => serde_json::json!({}),
+        },
+        "tiers": match version.tier_rate {
+            Some(rate) => serde_json::json!([{"min_active_referrals": TIER_MIN, "rate": rate.to_string()}]),
+            None => serde_json::json!([]),
+        },
         "currency": case.currency.0,
         "bounty": version.bounty.then(|| money(BOUNTY_CENTS).to_string()),
         "payout_threshold": money(version.threshold_cents).to_string(),
@@ -112,6 +118,10 @@ struct Version {
     first_click: bool,
     cookie_days: i64,
     term: Term,
+    /// The rate of the `domains` product, if it has its own.
+    domains_rate: Option<i64>,
+    /// The rate of the tier of two active referrals a month, if any.
+    tier_rate: Option<i64>,
     /// The basis is the other kind of line than the program was defined
     /// with (payments for expenses, or expenses for payments).
     other_basis: bool,
@@ -126,15 +136,15 @@ fn first_version(case: &Case) -> Version {
         first_click: case.first_click,
         cookie_days: 30,
         term: case.term,
+        domains_rate: Some(5),
+        tier_rate: Some(25),
         other_basis: false,
     }
 }
 
 /// Alice is also a customer of the provider: this one.
 const ALICE_OWN_CUSTOMER: u8 = 0;
-const TIER_RATE: i64 = 25;
 const TIER_MIN: usize = 2;
-const DOMAINS_RATE: i64 = 5;
 const BOUNTY_CENTS: i64 = 500;
 
 #[derive(Clone, Debug)]
@@ -375,6 +385,9 @@ fn version() -> impl Strategy<Value = Version> {
         cookie_days(),
         proptest::bool::weighted(0.2),
         term(),
+        prop_oneof![2 => Just(Some(5i64)), 1 => Just(Some(40)), 1 => Just(None)],
+        // A tier below the default rate leaves it.
+        prop_oneof![2 => Just(Some(25i64)), 1 => Just(Some(15)), 1 => Just(None)],
     )
         .prop_map(
             |(
@@ -385,16 +398,18 @@ fn version() -> impl Strategy<Value = Version> {
                 cookie_days,
                 other_basis,
                 term,
-            )| {
-                Version {
-                    default_rate,
-                    bounty,
-                    threshold_cents,
-                    first_click,
-                    cookie_days,
-                    term,
-                    other_basis,
-                }
+                domains_rate,
+                tier_rate,
+            )| Version {
+                default_rate,
+                bounty,
+                threshold_cents,
+                first_click,
+                cookie_days,
+                term,
+                domains_rate,
+                tier_rate,
+                other_basis,
             },
         )
 }
@@ -879,9 +894,16 @@ impl Model {
             let version = self.version_at(line.at);
             let rate = match self.own_rate(affiliate, line.at) {
                 Some(rate) => rate,
-                _ if line.domains => DOMAINS_RATE,
-                _ if self.active(affiliate, line.month) >= TIER_MIN => {
-                    TIER_RATE.max(version.default_rate)
+                _ if line.domains && version.domains_rate.is_some() => {
+                    version.domains_rate.unwrap_or_default()
+                }
+                _ if version.tier_rate.is_some()
+                    && self.active(affiliate, line.month) >= TIER_MIN =>
+                {
+                    version
+                        .tier_rate
+                        .unwrap_or_default()
+                        .max(version.default_rate)
                 }
                 _ => version.default_rate,
             };
