@@ -435,13 +435,28 @@ impl WhatIf {
     }
 
     /// The diff, restricted to statement months `from..=to` when given.
-    /// Refuses excluded seqs that are not events of the program.
+    /// Refuses excluded seqs that are not events of the program, or that
+    /// an applied replay excluded already.
     pub fn finish(self, months: Option<MonthRange>) -> Result<Diff, Rejection> {
         let new = self
             .layers
             .last()
             .map(|(_, l)| l.clone())
             .unwrap_or_default();
+        for (applied_at, layer) in &self.layers[..self.layers.len().saturating_sub(1)] {
+            if let (Some(applied_at), Some(seq)) = (
+                applied_at,
+                new.exclude.iter().find(|seq| layer.exclude.contains(seq)),
+            ) {
+                return Err(InvalidValue::new(
+                    "exclude",
+                    format!(
+                        "seq {seq} is already excluded, by the replay applied at seq {applied_at}"
+                    ),
+                )
+                .into());
+            }
+        }
         if let Some(missing) = new
             .exclude
             .iter()

@@ -1746,6 +1746,20 @@ fn run(case: &Case, ops: &[Op]) {
                         let (main, twins) = seqs[&k];
                         overrides[0].exclude = vec![main];
                         overrides[1].exclude = vec![twins];
+                        if m.excluded.contains(&k) {
+                            // An applied replay excluded it already.
+                            for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
+                                let refused = t.ledger().what_if(program, o, None);
+                                assert!(
+                                    matches!(
+                                        refused,
+                                        Err(SubmitError::Rejected(Rejection::Invalid(_)))
+                                    ),
+                                    "{program}: {context}: {refused:?}"
+                                );
+                            }
+                            continue;
+                        }
                         excluded.insert(k);
                         exclude = Some(k);
                     }

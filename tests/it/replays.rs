@@ -371,10 +371,23 @@ fn a_fraudulent_click_excluded() {
         matches!(refused, SubmitError::Rejected(Rejection::Invalid(_))),
         "{refused:?}"
     );
-    apply(&t, &replay, "click fraud, ticket 77").unwrap();
+    let applied = apply(&t, &replay, "click fraud, ticket 77").unwrap();
     assert_eq!(
         (t.money("alice").0, t.money("bob").0),
         ("20.00".into(), "0.00".into())
+    );
+    // Excluding it again is refused, naming the replay that did.
+    let applied_at = applied.events[0].seq;
+    assert!(matches!(applied.events[0].event, Event::ReplayApplied(_)));
+    let refused = what_if(&t, serde_json::json!({"exclude": [fraud]})).unwrap_err();
+    let SubmitError::Rejected(Rejection::Invalid(invalid)) = &refused else {
+        panic!("{refused:?}");
+    };
+    assert!(
+        invalid.to_string().contains(&format!(
+            "seq {fraud} is already excluded, by the replay applied at seq {applied_at}"
+        )),
+        "{invalid}"
     );
 }
 
