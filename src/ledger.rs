@@ -568,6 +568,12 @@ impl crate::projections::BasisLines for ModelLines<'_> {
         })
     }
 
+    fn on_basis(&self, program: &ProgramId, kind: LineKind, at: Timestamp) -> bool {
+        self.0
+            .program(program)
+            .is_some_and(|pm| pm.earns_at(kind, at))
+    }
+
     fn billed(&self, program: &ProgramId) -> HashMap<&CustomerId, Decimal> {
         let mut billed: HashMap<&CustomerId, Decimal> = HashMap::default();
         let Some(pm) = self.0.program(program) else {

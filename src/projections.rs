@@ -259,6 +259,9 @@ pub trait BasisLines {
     fn line(&self, program: &ProgramId, line: &LineId) -> Option<LineFacts<'_>>;
     /// A refund: the line it refunds, and its amount.
     fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<(&LineId, Decimal)>;
+    /// Whether a line of `kind` dated `at` is of the basis in force then
+    /// (what [`LineFacts::on_basis`] says of it, without looking it up).
+    fn on_basis(&self, program: &ProgramId, kind: LineKind, at: Timestamp) -> bool;
     /// Each customer's billed total: their lines of the basis at the
     /// line's moment and not excluded, less what was refunded of them.
     fn billed(&self, program: &ProgramId) -> HashMap<&CustomerId, Decimal>;
@@ -334,7 +337,7 @@ impl ProgramView {
                 }
             }
             Event::BasisLineRecorded(e) => {
-                let on_basis = lines.line(program, &e.id).is_some_and(|l| l.on_basis);
+                let on_basis = lines.on_basis(program, e.kind, at);
                 let customer = self.customers.entry(e.customer_id.clone()).or_default();
                 if on_basis {
                     customer.billed += e.amount;

@@ -660,8 +660,13 @@ impl ProgramModel {
     /// Whether a line is of the basis (expenses or payments) the rules in
     /// force at its moment reward.
     pub fn on_basis(&self, line: &Line) -> bool {
-        self.rules_at(line.at)
-            .is_some_and(|rules| line.kind.earns_under(rules.basis))
+        self.earns_at(line.kind, line.at)
+    }
+
+    /// Whether a line of `kind` dated `at` is of the basis in force then.
+    pub fn earns_at(&self, kind: LineKind, at: Timestamp) -> bool {
+        self.rules_at(at)
+            .is_some_and(|rules| kind.earns_under(rules.basis))
     }
 
     pub fn affiliate_by_code(&self, referral_code: &str) -> Option<&AffiliateId> {
