@@ -1433,6 +1433,24 @@ fn served_balance(b: &commission_ledger::projections::Balance) -> Vec<(&'static 
     ]
 }
 
+/// Each program refuses its what-if replay of `overrides` as `refusal`
+/// expects.
+fn both_refuse(
+    t: &TestLedger,
+    twin: &ProgramId,
+    overrides: [Overrides; 2],
+    context: &str,
+    refusal: fn(&Rejection) -> bool,
+) {
+    for (program, o) in [&t.program, twin].into_iter().zip(overrides) {
+        let refused = t.ledger().what_if(program, o, None);
+        assert!(
+            matches!(&refused, Err(SubmitError::Rejected(r)) if refusal(r)),
+            "{program}: {context}: {refused:?}"
+        );
+    }
+}
+
 /// What became of a command, in words both sides can produce.
 fn outcome(result: &Result<commission_ledger::ledger::Receipt, SubmitError>) -> String {
     match result {
@@ -1658,16 +1676,9 @@ fn run(case: &Case, ops: &[Op]) {
                             }];
                         }
                         if *affiliate == 0 && *c == ALICE_OWN_CUSTOMER {
-                            for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
-                                let refused = t.ledger().what_if(program, o, None);
-                                assert!(
-                                    matches!(
-                                        refused,
-                                        Err(SubmitError::Rejected(Rejection::SelfReferral(_)))
-                                    ),
-                                    "{program}: {context}: {refused:?}"
-                                );
-                            }
+                            both_refuse(&t, &twin, overrides, &context, |r| {
+                                matches!(r, Rejection::SelfReferral(_))
+                            });
                             continue;
                         }
                         let l = Layer {
@@ -1748,16 +1759,9 @@ fn run(case: &Case, ops: &[Op]) {
                         overrides[1].exclude = vec![twins];
                         if m.excluded.contains(&k) {
                             // An applied replay excluded it already.
-                            for (program, o) in [&t.program, &twin].into_iter().zip(overrides) {
-                                let refused = t.ledger().what_if(program, o, None);
-                                assert!(
-                                    matches!(
-                                        refused,
-                                        Err(SubmitError::Rejected(Rejection::Invalid(_)))
-                                    ),
-                                    "{program}: {context}: {refused:?}"
-                                );
-                            }
+                            both_refuse(&t, &twin, overrides, &context, |r| {
+                                matches!(r, Rejection::Invalid(_))
+                            });
                             continue;
                         }
                         excluded.insert(k);

@@ -990,8 +990,7 @@ fn corrected_rules_from_before_the_program_owe_no_earlier_closes() {
 #[test]
 fn billed_counts_each_line_by_the_basis_at_its_moment() {
     let (mut t, alice, _) = program();
-    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
-    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    signup_by_click(&t, "2026-05-02T10:00:00Z", &alice, "cust-1");
     t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
     t.payment("2026-05-11T12:00:00Z", "may-p", "cust-1", "100.00"); // not the basis
     t.set_now("2026-06-01T00:00:00Z");
@@ -1011,8 +1010,7 @@ fn billed_counts_each_line_by_the_basis_at_its_moment() {
 #[test]
 fn corrected_rules_bill_by_their_basis() {
     let (t, alice, _) = program();
-    t.click("2026-05-02T10:00:00Z", &alice.referral_code, "v-1");
-    t.signup("2026-05-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    signup_by_click(&t, "2026-05-02T10:00:00Z", &alice, "cust-1");
     t.expense("2026-05-10T12:00:00Z", "may-1", "cust-1", "100.00");
     t.payment("2026-05-12T12:00:00Z", "may-p", "cust-1", "80.00");
     alice_bills(&t, "cust-1", "100.00");
