@@ -46,8 +46,9 @@ use crate::support::*;
 const AFFILIATES: [&str; 3] = ["alice", "bob", "carol"];
 const DAY_US: i64 = 86_400_000_000;
 
-/// The program both run: percent rates, staff customers earning nothing;
-/// the default rate, the product rate and the tier (each maybe none), the bounty, the
+/// The program both run: percent rates; the default rate, the product
+/// rate and the tier (each maybe none), whether staff customers earn
+/// nothing (a forbidden group), the bounty, the
 /// threshold, the attribution model, the cookie window, the basis (expenses
 /// or payments) and the term (lifetime, two months or the first order) as
 /// the version has them.
@@ -68,7 +69,8 @@ fn program(case: &Case, version: &Version) -> serde_json::Value {
         "currency": case.currency.0,
         "bounty": version.bounty.then(|| money(BOUNTY_CENTS).to_string()),
         "payout_threshold": money(version.threshold_cents).to_string(),
-        "forbidden_groups": ["staff"], "auto_close_day": case.auto_close_day,
+        "forbidden_groups": if version.staff_forbidden { vec!["staff"] } else { vec![] },
+        "auto_close_day": case.auto_close_day,
         "term": match version.term {
             Term::Months(months) => serde_json::json!({"kind": "months", "months": months}),
             Term::FirstOrder => serde_json::json!({"kind": "first_order"}),
@@ -122,6 +124,8 @@ struct Version {
     domains_rate: Option<i64>,
     /// The rate of the tier of two active referrals a month, if any.
     tier_rate: Option<i64>,
+    /// Staff customers (a forbidden group) earn nothing.
+    staff_forbidden: bool,
     /// The basis is the other kind of line than the program was defined
     /// with (payments for expenses, or expenses for payments).
     other_basis: bool,
@@ -138,6 +142,7 @@ fn first_version(case: &Case) -> Version {
         term: case.term,
         domains_rate: Some(5),
         tier_rate: Some(25),
+        staff_forbidden: true,
         other_basis: false,
     }
 }
@@ -388,6 +393,7 @@ fn version() -> impl Strategy<Value = Version> {
         prop_oneof![2 => Just(Some(5i64)), 1 => Just(Some(40)), 1 => Just(None)],
         // A tier below the default rate leaves it.
         prop_oneof![2 => Just(Some(25i64)), 1 => Just(Some(15)), 1 => Just(None)],
+        proptest::bool::weighted(0.75),
     )
         .prop_map(
             |(
@@ -400,6 +406,7 @@ fn version() -> impl Strategy<Value = Version> {
                 term,
                 domains_rate,
                 tier_rate,
+                staff_forbidden,
             )| Version {
                 default_rate,
                 bounty,
@@ -409,6 +416,7 @@ fn version() -> impl Strategy<Value = Version> {
                 term,
                 domains_rate,
                 tier_rate,
+                staff_forbidden,
                 other_basis,
             },
         )
@@ -818,7 +826,8 @@ impl Model {
         let affiliate = customer.affiliate_at(line.at)?;
         let suspended = self.suspended_at[affiliate].is_some_and(|s| s <= line.at);
         let own = affiliate == 0 && line.customer == ALICE_OWN_CUSTOMER;
-        let in_term = match self.version_at(line.at).term {
+        let version = self.version_at(line.at);
+        let in_term = match version.term {
             Term::Lifetime => true,
             Term::FirstOrder => match (&customer.first_order, &line.order) {
                 (Some(first), Some(order)) => first == order,
@@ -836,8 +845,8 @@ impl Model {
                 line.at < end.timestamp_micros()
             }
         };
-        (self.on_basis(line) && !suspended && !own && !customer.staff_at(line.at) && in_term)
-            .then_some(affiliate)
+        let forbidden = version.staff_forbidden && customer.staff_at(line.at);
+        (self.on_basis(line) && !suspended && !own && !forbidden && in_term).then_some(affiliate)
     }
 
     /// The active referrals of `affiliate` in `month`: those with a line
