@@ -176,12 +176,12 @@ impl Projections {
 
     /// Folds one recorded event in. `lines` are the write model's basis
     /// lines and refunds, with this event folded: a line counts in its
-    /// customer's billed total (and its refunds lower it) only when it is of
-    /// the basis the rules in force at its moment reward; a change of basis
-    /// judges every line again, and a replay's exclusions take their
-    /// amounts out of it. The write model keeps every line, so the projections do
-    /// not keep them again (a map of every line's kind was a tenth of the
-    /// writer's time in batch ingest, and of a checkpoint).
+    /// customer's billed total (and its refunds lower it) only when it is
+    /// of the basis the rules in force at its moment reward; a change of
+    /// basis judges every line again, and a replay's exclusions take their
+    /// amounts out of it. The write model keeps every line, so the
+    /// projections do not keep them again (a map of every line's kind was a
+    /// tenth of the writer's time in batch ingest, and of a checkpoint).
     pub fn apply(&mut self, recorded: &Recorded, lines: &impl BasisLines) {
         self.last_seq = recorded.seq;
         let postings = recorded.event.postings();

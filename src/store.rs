@@ -36,7 +36,8 @@ pub const POSITION_STRIDE: u64 = 64;
 /// to another affiliate keeps its commission on the one it left; 9: a line
 /// and a refund know they were excluded, a referral's billed total leaves
 /// out what replays excluded, and balances take an applied replay's
-/// corrected rules.)
+/// corrected rules; 10: a billed total counts each line by the basis in
+/// force at its moment.)
 pub const CHECKPOINT_FORMAT: u32 = 10;
 
 /// A problem of the store. Never fatal for the ledger: the store can be

@@ -901,18 +901,12 @@ impl Model {
             // The rules in force at the line's moment; the affiliate's
             // own rate over the product's over the tier's over the default.
             let version = self.version_at(line.at);
-            let rate = match self.own_rate(affiliate, line.at) {
-                Some(rate) => rate,
-                _ if line.domains && version.domains_rate.is_some() => {
-                    version.domains_rate.unwrap_or_default()
-                }
-                _ if version.tier_rate.is_some()
-                    && self.active(affiliate, line.month) >= TIER_MIN =>
-                {
-                    version
-                        .tier_rate
-                        .unwrap_or_default()
-                        .max(version.default_rate)
+            let own = self.own_rate(affiliate, line.at);
+            let rate = match (own, version.domains_rate, version.tier_rate) {
+                (Some(rate), _, _) => rate,
+                (None, Some(domains), _) if line.domains => domains,
+                (None, _, Some(tier)) if self.active(affiliate, line.month) >= TIER_MIN => {
+                    tier.max(version.default_rate)
                 }
                 _ => version.default_rate,
             };

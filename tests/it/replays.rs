@@ -985,8 +985,10 @@ fn corrected_rules_from_before_the_program_owe_no_earlier_closes() {
 
 /// A referral's `billed` counts each line by the basis in force at the
 /// line's moment: a program that moves from expenses to payments goes on
-/// billing the expenses from before the move, less their later refunds
-/// (which billed nothing back), and bills the payments after it.
+/// billing the expenses from before the move, less their later refunds,
+/// and bills the payments after it. (Each line and refund was judged by
+/// the basis when it was recorded: the refund after the move billed
+/// nothing back.)
 #[test]
 fn billed_counts_each_line_by_the_basis_at_its_moment() {
     let (mut t, alice, _) = program();
@@ -1006,7 +1008,7 @@ fn billed_counts_each_line_by_the_basis_at_its_moment() {
 
 /// Corrected rules that change the basis judge the lines since their
 /// `from` again: once applied, the referral bills the payments, as the
-/// next close rewards them (billed kept the expense).
+/// next close rewards them (the expense stayed in the billed total).
 #[test]
 fn corrected_rules_bill_by_their_basis() {
     let (t, alice, _) = program();
