@@ -21,7 +21,8 @@
 //! (the pending estimate among them), on every referral list (who, status,
 //! billed, commission), and on this and last month's statements (opening,
 //! totals by kind, closing) after every step, and across restarts from a
-//! checkpoint and from the log alone. A twin program on the same server
+//! checkpoint and from the log alone; and, read as of the log position
+//! after an earlier step, on the balances and referral lists of then. A twin program on the same server
 //! gets every command too, with the same ids, and must answer and count
 //! exactly the same: programs share nothing. A replay's diff must be what
 //! the model posts when it folds the same history again with the
@@ -36,7 +37,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use commission_ledger::events::*;
-use commission_ledger::ledger::{Submission, SubmitError};
+use commission_ledger::ledger::{AsOf, Submission, SubmitError};
 use commission_ledger::rules::{Command, Noop, Rejection};
 use proptest::prelude::*;
 use rust_decimal::{Decimal, RoundingStrategy};
@@ -198,6 +199,12 @@ enum Op {
     /// Time passes (cookie windows run out, months end).
     Wait {
         days: u8,
+    },
+    /// Every balance and referral list as of the log position after an
+    /// earlier step (`back` steps before this one, round) must be what it
+    /// was then.
+    PastRead {
+        back: u8,
     },
     /// The ledger stops and starts again: from the checkpoint it saves
     /// when it stops, or (`rebuild`) from the log alone, its index store
@@ -365,6 +372,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..6usize, any::<bool>()).prop_map(|(withdrawal, pay)| Op::Settle { withdrawal, pay }),
         3 => (0..3usize, cents()).prop_map(|(affiliate, cents)| Op::Credit { affiliate, cents }),
         1 => (1..40u8).prop_map(|days| Op::Wait { days }),
+        1 => any::<u8>().prop_map(|back| Op::PastRead { back }),
         1 => any::<bool>().prop_map(|rebuild| Op::Restart { rebuild }),
         1 => (0..6u8, proptest::bool::weighted(0.7)).prop_map(|(customer, staff)| Op::Group { customer, staff }),
         1 => (0..6u8).prop_map(|customer| Op::CloseCustomer { customer }),
@@ -1362,6 +1370,13 @@ impl Model {
     }
 }
 
+/// An affiliate's balance (by field) and referral list, as the model has
+/// them after a step.
+type Lists = (
+    Vec<(&'static str, Decimal)>,
+    Vec<(String, &'static str, Decimal, Decimal)>,
+);
+
 /// The ledger and the model agree on every balance (the twin's too), on
 /// every referral list, and on this and last month's statements.
 fn agree(t: &TestLedger, twin: &ProgramId, m: &Model, now: i64, context: &str) {
@@ -1375,7 +1390,7 @@ fn agree(t: &TestLedger, twin: &ProgramId, m: &Model, now: i64, context: &str) {
             m.balance(a),
             "twin's {name} after {context}"
         );
-        let listed = referrals(t, name);
+        let listed = referrals(t, &t.program, name, None);
         assert_eq!(listed, m.referrals(a), "{name}'s referrals after {context}");
         // This month's statement and last month's: the months money
         // moves in (closes post in the month they close).
@@ -1407,10 +1422,28 @@ fn move_to(attribution: &mut Vec<(Option<i64>, usize)>, from: Option<i64>, affil
 }
 
 /// An affiliate's referral list as the ledger serves it, by id.
-fn referrals(t: &TestLedger, affiliate: &str) -> Vec<(String, &'static str, Decimal, Decimal)> {
+/// A program's referral list of `affiliate` (as of a log position).
+fn referrals(
+    t: &TestLedger,
+    program: &ProgramId,
+    affiliate: &str,
+    as_of: Option<AsOf>,
+) -> Vec<(String, &'static str, Decimal, Decimal)> {
     let d = |s: &str| s.parse::<Decimal>().unwrap();
-    let mut list: Vec<(String, &'static str, Decimal, Decimal)> = t
-        .referrals(affiliate)
+    let query = commission_ledger::projections::ReferralQuery {
+        status: None,
+        q: None,
+        sort: commission_ledger::projections::ReferralSort::SignupDesc,
+        limit: 100,
+        start: Default::default(),
+    };
+    let page = t
+        .ledger()
+        .referrals(program, &aff(affiliate), &query, as_of);
+    let mut list: Vec<(String, &'static str, Decimal, Decimal)> = page
+        .unwrap()
+        .unwrap()
+        .referrals
         .into_iter()
         .map(|r| {
             let id = r.customer_id.to_string();
@@ -1588,7 +1621,12 @@ fn run(case: &Case, ops: &[Op]) {
     // The seq of each line, refund and signup fact, in each program.
     let mut seqs: HashMap<usize, (Seq, Seq)> = HashMap::new();
     let mut now = ts("2026-01-01T12:00:00Z").micros();
+    // After each step: the log's head, and every balance and referral
+    // list (each program's).
+    let mut past: Vec<(Seq, Vec<Lists>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
+        let lists = (0..AFFILIATES.len()).map(|a| (m.balance(a), m.referrals(a)));
+        past.push((t.head(), lists.collect()));
         now += DAY_US * 3 / 2;
         let facts_before = m.facts.len();
         let at = Timestamp::from_micros(now);
@@ -1599,6 +1637,20 @@ fn run(case: &Case, ops: &[Op]) {
         let (command, at, expected): (Command, Timestamp, String) = match op {
             Op::Wait { days } => {
                 now += i64::from(*days) * DAY_US;
+                continue;
+            }
+            Op::PastRead { back } => {
+                let (seq, lists) = &past[past.len() - 1 - usize::from(*back) % past.len()];
+                let as_of = Some(AsOf::Seq(*seq));
+                for (name, (balance, listed)) in AFFILIATES.iter().zip(lists) {
+                    for program in [&t.program, &twin] {
+                        let served = t.ledger().balance(program, &aff(name), as_of);
+                        let served = served_balance(&served.unwrap().unwrap());
+                        let context = format!("{program}: {name} as of seq {seq}, op {i}");
+                        assert_eq!(&served, balance, "{context}");
+                        assert_eq!(&referrals(&t, program, name, as_of), listed, "{context}");
+                    }
+                }
                 continue;
             }
             Op::AutoClose => {
