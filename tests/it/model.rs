@@ -22,7 +22,8 @@
 //! billed, commission), and on this and last month's statements (opening,
 //! totals by kind, closing) after every step, and across restarts from a
 //! checkpoint and from the log alone; and, read as of the log position
-//! after an earlier step, on the balances and referral lists of then. A twin program on the same server
+//! after an earlier step, on the balances, referral lists and statements
+//! of then. A twin program on the same server
 //! gets every command too, with the same ids, and must answer and count
 //! exactly the same: programs share nothing. A replay's diff must be what
 //! the model posts when it folds the same history again with the
@@ -200,9 +201,9 @@ enum Op {
     Wait {
         days: u8,
     },
-    /// Every balance and referral list as of the log position after an
-    /// earlier step (`back` steps before this one, round) must be what it
-    /// was then.
+    /// Every balance, referral list and statement of the month as of the
+    /// log position after an earlier step (`back` steps before this one,
+    /// round) must be what it was then.
     PastRead {
         back: u8,
     },
@@ -1370,17 +1371,37 @@ impl Model {
     }
 }
 
-/// An affiliate's balance (by field) and referral list, as the model has
-/// them after a step.
+/// An affiliate's balance (by field), referral list and the statement of
+/// a month (opening, totals by kind, closing), as the model has them after
+/// a step.
 type Lists = (
     Vec<(&'static str, Decimal)>,
     Vec<(String, &'static str, Decimal, Decimal)>,
+    (Month, Statement),
 );
+type Statement = (Decimal, Vec<(String, Decimal)>, Decimal);
+
+/// A program's statement of `affiliate` and `month` (as of a log position).
+fn statement(
+    t: &TestLedger,
+    program: &ProgramId,
+    affiliate: &str,
+    month: Month,
+    as_of: Option<AsOf>,
+) -> Statement {
+    let d = |s: &str| s.parse::<Decimal>().unwrap();
+    let s = t.ledger().statement(program, &aff(affiliate), month, as_of);
+    let s = s.unwrap().unwrap();
+    (
+        d(&s.opening_balance),
+        s.totals.iter().map(|(k, v)| (k.clone(), d(v))).collect(),
+        d(&s.closing_balance),
+    )
+}
 
 /// The ledger and the model agree on every balance (the twin's too), on
 /// every referral list, and on this and last month's statements.
 fn agree(t: &TestLedger, twin: &ProgramId, m: &Model, now: i64, context: &str) {
-    let d = |s: &str| s.parse::<Decimal>().unwrap();
     for (a, name) in AFFILIATES.iter().enumerate() {
         let served = served_balance(&t.balance(name));
         assert_eq!(served, m.balance(a), "{name} after {context}");
@@ -1395,12 +1416,7 @@ fn agree(t: &TestLedger, twin: &ProgramId, m: &Model, now: i64, context: &str) {
         // This month's statement and last month's: the months money
         // moves in (closes post in the month they close).
         for month in [month_of(now), month_of(now).previous()] {
-            let s = t.statement(name, &month.to_string());
-            let served = (
-                d(&s.opening_balance),
-                s.totals.iter().map(|(k, v)| (k.clone(), d(v))).collect(),
-                d(&s.closing_balance),
-            );
+            let served = statement(t, &t.program, name, month, None);
             assert_eq!(
                 served,
                 m.statement(a, month),
@@ -1625,7 +1641,9 @@ fn run(case: &Case, ops: &[Op]) {
     // list (each program's).
     let mut past: Vec<(Seq, Vec<Lists>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
-        let lists = (0..AFFILIATES.len()).map(|a| (m.balance(a), m.referrals(a)));
+        let month = month_of(now);
+        let lists = (0..AFFILIATES.len())
+            .map(|a| (m.balance(a), m.referrals(a), (month, m.statement(a, month))));
         past.push((t.head(), lists.collect()));
         now += DAY_US * 3 / 2;
         let facts_before = m.facts.len();
@@ -1642,13 +1660,15 @@ fn run(case: &Case, ops: &[Op]) {
             Op::PastRead { back } => {
                 let (seq, lists) = &past[past.len() - 1 - usize::from(*back) % past.len()];
                 let as_of = Some(AsOf::Seq(*seq));
-                for (name, (balance, listed)) in AFFILIATES.iter().zip(lists) {
+                for (name, (balance, listed, (month, stated))) in AFFILIATES.iter().zip(lists) {
                     for program in [&t.program, &twin] {
                         let served = t.ledger().balance(program, &aff(name), as_of);
                         let served = served_balance(&served.unwrap().unwrap());
                         let context = format!("{program}: {name} as of seq {seq}, op {i}");
                         assert_eq!(&served, balance, "{context}");
                         assert_eq!(&referrals(&t, program, name, as_of), listed, "{context}");
+                        let served = statement(&t, program, name, *month, as_of);
+                        assert_eq!(&served, stated, "{context}: {month}");
                     }
                 }
                 continue;
