@@ -164,6 +164,8 @@ enum Op {
         customer: u8,
         visitor: u8,
         promo: Option<usize>,
+        /// The billing system says the customer is staff.
+        staff: bool,
     },
     Line {
         /// Of the other kind than the program's first basis: an expense
@@ -303,6 +305,8 @@ enum Fact {
         at: i64,
         /// The visitor, when the signup came by its click.
         by_click: Option<u8>,
+        /// The group the signup reported is staff.
+        staff: bool,
     },
     Line(Line),
     Refund(Refund),
@@ -357,8 +361,8 @@ fn op() -> impl Strategy<Value = Op> {
     let cents = || prop_oneof![1..300u32, 300..60_000u32];
     prop_oneof![
         4 => (0..3usize, 0..5u8).prop_map(|(affiliate, visitor)| Op::Click { affiliate, visitor }),
-        4 => (0..6u8, 0..5u8, proptest::option::weighted(0.5, 0..3usize))
-            .prop_map(|(customer, visitor, promo)| Op::Signup { customer, visitor, promo }),
+        4 => (0..6u8, 0..5u8, proptest::option::weighted(0.5, 0..3usize), proptest::bool::weighted(0.15))
+            .prop_map(|(customer, visitor, promo, staff)| Op::Signup { customer, visitor, promo, staff }),
         7 => (proptest::bool::weighted(0.15), 0..6u8, cents(), proptest::bool::weighted(0.25),
               proptest::option::of(0..3u8), proptest::option::weighted(0.2, 1..50u8))
             .prop_map(|(other_kind, customer, cents, domains, order, days_back)| Op::Line { other_kind, customer, cents, domains, order, days_back }),
@@ -1137,10 +1141,15 @@ impl Model {
     fn fold_excluded(&mut self, fact: &Fact) {
         match fact {
             // The customer and the group the billing system reported stay.
-            Fact::Signup { customer, at, .. } => {
+            Fact::Signup {
+                customer,
+                at,
+                staff,
+                ..
+            } => {
                 let c = self.customers.entry(*customer).or_default();
                 if c.groups.is_empty() {
-                    c.groups.push((*at, false));
+                    c.groups.push((*at, *staff));
                 }
             }
             Fact::Line(line) => {
@@ -1180,6 +1189,7 @@ impl Model {
                 affiliate,
                 at,
                 by_click,
+                staff,
             } => {
                 // By a click: the clicks (those not excluded), under the
                 // rules as corrected, decide again.
@@ -1198,7 +1208,7 @@ impl Model {
                 c.attribution = vec![(None, affiliate)];
                 c.signup_at = Some(*at);
                 if c.groups.is_empty() {
-                    c.groups.push((*at, false));
+                    c.groups.push((*at, *staff));
                 }
                 self.impose(*customer);
             }
@@ -2007,6 +2017,7 @@ fn run(case: &Case, ops: &[Op]) {
                 customer: c,
                 visitor,
                 promo,
+                staff,
             } => {
                 // Once someone's referral (by a signup or an operator), a
                 // customer stays theirs until an operator moves them.
@@ -2028,6 +2039,7 @@ fn run(case: &Case, ops: &[Op]) {
                                 affiliate: a,
                                 at: now,
                                 by_click: (via == "Click").then_some(*visitor),
+                                staff: *staff,
                             });
                             format!("attributed to {} via {via}", AFFILIATES[a])
                         }
@@ -2039,7 +2051,7 @@ fn run(case: &Case, ops: &[Op]) {
                         customer_id: customer(*c),
                         visitor: Some(format!("v-{visitor}").into()),
                         promo_code: promo.map(|a| format!("HOST-{}", AFFILIATES[a])),
-                        group: None,
+                        group: staff.then(|| "staff".into()),
                     },
                     at,
                     expected,
