@@ -1456,13 +1456,7 @@ fn referrals(
     as_of: Option<AsOf>,
 ) -> Vec<(String, &'static str, Decimal, Decimal)> {
     let d = |s: &str| s.parse::<Decimal>().unwrap();
-    let query = commission_ledger::projections::ReferralQuery {
-        status: None,
-        q: None,
-        sort: commission_ledger::projections::ReferralSort::SignupDesc,
-        limit: 100,
-        start: Default::default(),
-    };
+    let query = first_hundred_referrals();
     let page = t
         .ledger()
         .referrals(program, &aff(affiliate), &query, as_of);
@@ -1647,8 +1641,8 @@ fn run(case: &Case, ops: &[Op]) {
     // The seq of each line, refund and signup fact, in each program.
     let mut seqs: HashMap<usize, (Seq, Seq)> = HashMap::new();
     let mut now = ts("2026-01-01T12:00:00Z").micros();
-    // After each step: the log's head, and every balance and referral
-    // list (each program's).
+    // After each step: the log's head, and every affiliate's balance,
+    // referral list and statement of the step's month.
     let mut past: Vec<(Seq, Vec<Lists>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let month = month_of(now);

@@ -445,15 +445,13 @@ impl TestLedger {
 
     /// An affiliate's referral list, newest signup first (100 at most).
     pub fn referrals(&self, affiliate: &str) -> Vec<commission_ledger::projections::Referral> {
-        let query = commission_ledger::projections::ReferralQuery {
-            status: None,
-            q: None,
-            sort: commission_ledger::projections::ReferralSort::SignupDesc,
-            limit: 100,
-            start: Default::default(),
-        };
         self.ledger()
-            .referrals(&self.program, &aff(affiliate), &query, None)
+            .referrals(
+                &self.program,
+                &aff(affiliate),
+                &first_hundred_referrals(),
+                None,
+            )
             .unwrap()
             .unwrap()
             .referrals
@@ -471,5 +469,16 @@ impl TestLedger {
     pub fn verify_ok(&self) {
         let report = self.ledger().verify().unwrap();
         assert!(report.ok, "verify failed: {:?}", report.problem);
+    }
+}
+
+/// A referral list's first page of 100, newest signup first, unfiltered.
+pub fn first_hundred_referrals() -> commission_ledger::projections::ReferralQuery {
+    commission_ledger::projections::ReferralQuery {
+        status: None,
+        q: None,
+        sort: commission_ledger::projections::ReferralSort::SignupDesc,
+        limit: 100,
+        start: Default::default(),
     }
 }
