@@ -1795,6 +1795,28 @@ impl Ledger {
         Ok(what_if)
     }
 
+    /// Catches a replay at `head` up with the durable log without the
+    /// state's lock, `catch_up` folding it to a seq: each round takes in
+    /// what came during the one before (fewer events each time while the
+    /// replay outpaces the writer), until at most
+    /// [`VERIFY_LOCKED_CATCH_UP`] events are left for the caller to fold
+    /// holding the lock, or [`VERIFY_CATCH_UP_ROUNDS`] rounds have run.
+    fn catch_up_unlocked<E>(
+        &self,
+        mut head: Seq,
+        mut catch_up: impl FnMut(Seq) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for _ in 0..VERIFY_CATCH_UP_ROUNDS {
+            let durable = self.inner.durable.load(Ordering::Acquire);
+            if durable.saturating_sub(head) <= VERIFY_LOCKED_CATCH_UP {
+                break;
+            }
+            catch_up(durable)?;
+            head = durable;
+        }
+        Ok(())
+    }
+
     /// Folds the durable records after the replay's head up to `to` into it.
     fn catch_up_what_if(
         &self,
@@ -1921,13 +1943,8 @@ impl Ledger {
         let mut what_if = self.fold_what_if(program, applied, replay.overrides.clone(), head)?;
         // What was appended meanwhile, without the lock; the last few
         // events under it, to compare with the write model at one head.
-        for _ in 0..VERIFY_CATCH_UP_ROUNDS {
-            let durable = self.inner.durable.load(Ordering::Acquire);
-            if durable.saturating_sub(what_if.head()) <= VERIFY_LOCKED_CATCH_UP {
-                break;
-            }
-            self.catch_up_what_if(&mut what_if, durable)?;
-        }
+        let from = what_if.head();
+        self.catch_up_unlocked(from, |to| self.catch_up_what_if(&mut what_if, to))?;
         let (at_seq, money_seq, corrected) = {
             let state = self.decided_state();
             self.inner.wait_durable(state.head.seq);
@@ -2290,17 +2307,12 @@ impl Ledger {
             return Ok(fresh.report(Err(e.to_string()), e.bad_seq()));
         }
         // What was appended during the scan, without the lock: little is
-        // left to do under it (each round takes in what came during the
-        // one before, fewer events each time while the replay outpaces
-        // the writer).
-        for _ in 0..VERIFY_CATCH_UP_ROUNDS {
-            let durable = self.inner.durable.load(Ordering::Acquire);
-            if durable.saturating_sub(fresh.state.head.seq) <= VERIFY_LOCKED_CATCH_UP {
-                break;
-            }
-            if let Err((problem, bad_seq)) = fresh.catch_up(&self.inner, durable) {
-                return Ok(fresh.report(Err(problem), bad_seq));
-            }
+        // left to do under it.
+        let from = fresh.state.head.seq;
+        if let Err((problem, bad_seq)) =
+            self.catch_up_unlocked(from, |to| fresh.catch_up(&self.inner, to))
+        {
+            return Ok(fresh.report(Err(problem), bad_seq));
         }
         let compared = {
             let state = self.decided_state();

@@ -265,13 +265,13 @@ fn billmanager_case_a_customer_moved_three_months_back_through_a_replay() {
     )
     .unwrap();
     assert!(rerun.diff.is_empty(), "{:?}", rerun.diff);
-    assert!(what_if(&t, serde_json::json!({})).unwrap().diff.is_empty());
+    replays_to_nothing(&t, "the correction is applied");
 
     // The correction holds for what comes: cust-1's August line earns bob.
     t.expense("2026-08-10T12:00:00Z", "aug-1", "cust-1", "10.00");
     t.close("2026-08");
     assert_eq!(t.money("bob").0, "48.00");
-    assert!(what_if(&t, serde_json::json!({})).unwrap().diff.is_empty());
+    replays_to_nothing(&t, "August follows the correction");
     // The applied replay can be read back, also after a restart.
     let mut t = t;
     let read = after_restart(&mut t, &replay).unwrap();
@@ -328,8 +328,7 @@ fn a_rate_fix_from_a_date() {
     t.expense("2026-09-10T12:00:00Z", "sep-1", "cust-1", "100.00"); // 30.00
     t.close("2026-09");
     assert_eq!(t.money("alice").0, "110.02");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![], "September's 30% stands");
+    replays_to_nothing(&t, "September's 30% stands");
     t.verify_ok();
 }
 
@@ -688,8 +687,7 @@ fn a_refund_after_an_applied_correction_claws_back_from_the_corrected_reward() {
         (t.money("alice").0, t.money("carol").0),
         ("8.00".into(), "39.00".into())
     );
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![], "the ledger is the corrected world");
+    replays_to_nothing(&t, "the ledger is the corrected world");
     t.verify_ok();
 }
 
@@ -717,8 +715,7 @@ fn a_reassignment_after_an_applied_correction_moves_what_the_correction_gave() {
     t.set_now("2026-09-02T09:00:00Z");
     t.close("2026-08");
     assert_eq!(t.money("carol").0, "52.00");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![]);
+    replays_to_nothing(&t, "a replay of history as recorded");
     // A correction now of cust-1 to bob for all time holds over the
     // reassignment: everything carol has of cust-1 goes to bob.
     let back = what_if(&t, attribute_to("cust-1", "bob")).unwrap();
@@ -772,8 +769,7 @@ fn an_excluded_signup_leaves_the_customer_to_nobody_from_then_on() {
     t.set_now("2026-07-02T09:00:00Z");
     t.close("2026-06");
     assert_eq!(t.money("bob").0, "0.00");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![]);
+    replays_to_nothing(&t, "a replay of history as recorded");
     t.verify_ok();
 }
 
@@ -809,6 +805,14 @@ fn a_correction_of_some_months_leaves_the_other_months_rewards_where_they_were()
     t.verify_ok();
 }
 
+/// A replay of history as recorded (no new override) changes nothing:
+/// the ledger is already the world its applied corrections make.
+fn replays_to_nothing(t: &TestLedger, why: &str) {
+    let again = what_if(t, serde_json::json!({})).unwrap();
+    assert_eq!(rows(&again), vec![], "{why}");
+    assert!(again.diff.is_empty(), "{why}: {:?}", again.diff);
+}
+
 /// alice's referral list is `customer`, billed `amount` in all.
 fn alice_bills(t: &TestLedger, customer: &str, amount: &str) {
     let billed: Vec<(String, String)> = t
@@ -822,8 +826,7 @@ fn alice_bills(t: &TestLedger, customer: &str, amount: &str) {
 /// After a correction: a replay of history as recorded changes nothing,
 /// and a start from the log alone bills alice's one referral the same.
 fn nothing_left_to_correct(mut t: TestLedger, alices: (&str, &str)) {
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(rows(&again), vec![]);
+    replays_to_nothing(&t, "a replay of history as recorded");
     t.rebuild();
     alice_bills(&t, alices.0, alices.1);
     t.verify_ok();
@@ -907,12 +910,7 @@ fn an_excluded_signup_keeps_the_customers_group() {
     assert_eq!(t.balance("alice").pending, "20.00");
     t.close("2026-05");
     assert_eq!(t.money("alice").0, "20.00");
-    let again = what_if(&t, serde_json::json!({})).unwrap();
-    assert_eq!(
-        rows(&again),
-        vec![],
-        "a replay of what was recorded moves nothing"
-    );
+    replays_to_nothing(&t, "a replay of what was recorded moves nothing");
     t.verify_ok();
 }
 
