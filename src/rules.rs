@@ -920,11 +920,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// Basis line `line` of `program`, once it is recorded.
-    pub fn line(&self, program: &ProgramId, line: &LineId) -> Option<&Line> {
-        Some(self.programs.get(program)?.lines.get(line)?)
-    }
-
     /// Refund `refund` of `program`, once it is recorded.
     pub fn refund(&self, program: &ProgramId, refund: &LineId) -> Option<&Refund> {
         self.programs.get(program)?.refunds.get(refund)
