@@ -374,6 +374,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
             app.ledger.auto_close_due().len() as u64,
         ),
         (
+            "commission_ledger_group_commit_halves",
+            "1 while the syncer syncs waiting submitters in two alternating halves.",
+            u64::from(
+                writer
+                    .group_commit_halves
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ),
+        (
             "commission_ledger_checkpoint_building",
             "1 while a checkpoint is being built beside the writer.",
             u64::from(

@@ -11,9 +11,10 @@
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
 //!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
 //!   mixed events (80% clicks).
-//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US] [PREALLOCATE_KIB]`:
+//! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US] [PREALLOCATE_KIB] [HALVES]`:
 //!   durable appends/s alone (optionally with another checkpoint interval,
-//!   group-commit linger or preallocation step).
+//!   group-commit linger, preallocation step, or with HALVES 0 one group
+//!   always).
 //! - `ledger-load lull DIR [EVENTS] [ROUNDS]`: how long the first commands
 //!   after a lull wait, the checkpoint builder having begun a checkpoint in
 //!   the lull, on a state of EVENTS (default 300k) mixed events.
@@ -980,6 +981,7 @@ fn main() {
             config.group_commit_linger =
                 Duration::from_micros(number(6, config.group_commit_linger.as_micros() as u64));
             config.preallocate_bytes = number(7, config.preallocate_bytes >> 10) << 10;
+            config.group_commit_halves = number(8, 1) != 0;
             let ledger = Arc::new(Ledger::open(config).unwrap_or_else(|e| fail(&e.to_string())));
             let codes = setup(&ledger);
             let start = Instant::now();
@@ -999,11 +1001,12 @@ fn main() {
             let s = ledger.writer_stats();
             let batches = s.batches.load(Ordering::Relaxed).max(1);
             println!(
-                "batches {batches}, commands/batch {:.1}, per batch: decide {} us, write+sync {} us, reply {} us",
+                "batches {batches}, commands/batch {:.1}, per batch: decide {} us, write+sync {} us, reply {} us; in halves at the end: {}",
                 s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
                 s.decide_us.load(Ordering::Relaxed) / batches,
                 s.sync_us.load(Ordering::Relaxed) / batches,
-                s.reply_us.load(Ordering::Relaxed) / batches
+                s.reply_us.load(Ordering::Relaxed) / batches,
+                s.group_commit_halves.load(Ordering::Relaxed)
             );
             println!(
                 "checkpoints {} ({} ms in all, the last {} MB)",
