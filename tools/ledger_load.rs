@@ -118,32 +118,39 @@ fn submit(ledger: &Ledger, command: Command) -> Vec<Recorded> {
 }
 
 /// The `n`th command of submitter `who`: 80% clicks, 5% signups, 10% expenses, 5% payments.
+/// Built from few allocations (short texts inline, the referrer shared),
+/// so that the load generator leaves the cores to the ledger.
 fn mixed(who: usize, n: u64, codes: &[String]) -> Command {
-    let code = codes[(n as usize + who) % codes.len()].clone();
-    let customer =
-        CustomerId::parse(&format!("c-{who}-{}", n / 20)).unwrap_or_else(|e| fail(&e.to_string()));
+    const CREATIVES: [&str; 3] = ["banner-0", "banner-1", "banner-2"];
+    const REFERRER: Text = Text::new_static("https://blog.example/post");
+    let visitor = || smol_str::format_smolstr!("v-{who}-{}", n / 20);
+    let customer = || {
+        CustomerId::parse(&smol_str::format_smolstr!("c-{who}-{}", n / 20))
+            .unwrap_or_else(|e| fail(&e.to_string()))
+    };
     let line = |kind: &str| {
-        LineId::parse(&format!("{kind}-{who}-{n}")).unwrap_or_else(|e| fail(&e.to_string()))
+        LineId::parse(&smol_str::format_smolstr!("{kind}-{who}-{n}"))
+            .unwrap_or_else(|e| fail(&e.to_string()))
     };
     match n % 20 {
         0..=15 => Command::RecordClick {
-            referral_code: code,
-            visitor: Some(format!("v-{who}-{}", n / 20).into()),
-            creative: Some(format!("banner-{}", n % 3).into()),
-            referrer: Some("https://blog.example/post".into()),
+            referral_code: codes[(n as usize + who) % codes.len()].clone(),
+            visitor: Some(visitor()),
+            creative: Some(Text::new_static(CREATIVES[(n % 3) as usize])),
+            referrer: Some(REFERRER),
             landing: None,
             client_hash: None,
         },
         16 => Command::Signup {
-            customer_id: customer,
-            visitor: Some(format!("v-{who}-{}", n / 20).into()),
+            customer_id: customer(),
+            visitor: Some(visitor()),
             promo_code: None,
             group: None,
         },
         17 | 18 => Command::RecordBasisLine {
             kind: LineKind::Expense,
             id: line("inv"),
-            customer_id: customer,
+            customer_id: customer(),
             amount: "12.34".into(),
             currency: "USD".into(),
             product: Some("hosting".into()),
@@ -152,7 +159,7 @@ fn mixed(who: usize, n: u64, codes: &[String]) -> Command {
         _ => Command::RecordBasisLine {
             kind: LineKind::Payment,
             id: line("pay"),
-            customer_id: customer,
+            customer_id: customer(),
             amount: "12.34".into(),
             currency: "USD".into(),
             product: None,
