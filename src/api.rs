@@ -375,7 +375,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
         ),
         (
             "commission_ledger_group_commit_halves",
-            "1 while the syncer syncs waiting submitters in two alternating halves.",
+            "1 while the syncer syncs waiting submitters in two alternating halves (chosen by trying).",
             u64::from(
                 writer
                     .group_commit_halves

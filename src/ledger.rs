@@ -10,10 +10,10 @@
 //! decides the next batch. The writer decides what comes at once; the
 //! syncer, when fewer than half of the active submitters have a command
 //! decided, lingers (a bounded moment) for the others, typically those it
-//! just answered, so that they share one `fdatasync`; when the writer's
-//! work for that group costs more than a sync (a fast disk, many
-//! submitters), it syncs them in two alternating halves instead, one half
-//! decided while the other syncs ([`GroupCommit`]). A failed write or
+//! just answered, so that they share one `fdatasync`; where that carries
+//! more (a fast disk, many submitters, idle cores), it syncs them in two
+//! alternating halves instead, one half decided while the other syncs
+//! (chosen by trying, [`GroupCommit`]). A failed write or
 //! sync stops the process: nothing unacknowledged is ever served, nothing
 //! acknowledged is ever lost.
 //!
@@ -1253,6 +1253,8 @@ pub struct WriterStats {
     /// Whether submitters sync in two alternating halves now
     /// ([`LedgerConfig::group_commit_halves`]).
     pub group_commit_halves: AtomicBool,
+    /// Windows of load the syncer ran in the other mode, to compare.
+    pub group_commit_probes: AtomicU64,
     /// Checkpoints written, the time they took (encoding and the store, in
     /// microseconds), and the size of the last one.
     pub checkpoints: AtomicU64,
@@ -2747,7 +2749,6 @@ fn first_differing_key<
         .min()
 }
 
-/// Moves the commands waiting in the queue into `batch`, up to `max_batch`.
 /// The most commands the writer decides in one go when the submitters sync
 /// in halves: a quarter of the active ones (at least 8), so that the syncer
 /// can start on one half while the writer decides the rest of the other.
@@ -2762,33 +2763,48 @@ struct GroupCommitPolicy {
     halves: bool,
 }
 
-/// A wait between syncs longer than this is a lull (see [`GroupCommit`]).
-const IDLE_GAP_NS: u64 = 1_000_000;
-
 /// Chooses between one group and two alternating halves for closed-loop
-/// submitters (who send again only once answered), from what the last
-/// cycles cost. With one group of `n`, the syncer waits between syncs for
-/// the group to come back: `gap = n × decide + overhead` (answers, thread
-/// wake-ups, the submitters' own work); a cycle is `sync + gap`. Halves
-/// alternate, one deciding while the other syncs, and carry `n` in two
-/// syncs once a half's return fits in a sync. So halves carry more when
-/// `gap > sync`: on a fast disk with many submitters; one group wins on a
-/// slow disk, or with few submitters. The overhead is measured while in
-/// one group and kept while split (where the gap is hidden). Estimates are
-/// moving averages (7/8 old), in nanoseconds; a choice holds until the
-/// other side is a third ahead (no flapping on noise).
+/// submitters (who send again only once answered), by trying. In one
+/// group, the syncer waits between syncs for the group to come back (the
+/// gap: answers, wake-ups, the submitters' work, the writer deciding each
+/// command as it comes); a cycle is `sync + gap`. Halves alternate, one
+/// decided while the other syncs, and carry the group in two syncs once a
+/// half comes back within a sync. They can carry more only when
+/// `gap > sync` (a fast disk, many submitters), and do only when cores are
+/// idle during a sync to do a half's work; where the submitters' own work
+/// fills the cores, halves just add a sync and its wake-ups per group
+/// (`http-load` expenses, 64 clients: 37.5–39.2k requests/s in halves,
+/// 43.9–44.6k in one group), and the gap alone cannot tell the two apart.
+///
+/// So, once the gap measured in one group exceeds a sync by a third, every
+/// [`Self::PROBE_EVERY`] windows of [`Self::WINDOW`] one window runs in the
+/// other mode, and the mode that synced more commands (halves by
+/// [`Self::MARGIN_PERCENT`]) goes on. Under a load that does not wait for
+/// its answers both carry the same, and one group stays.
 #[derive(Default)]
 struct GroupCommit {
+    /// Moving average (7/8 old) of the gap in one group, in nanoseconds.
+    gap_ns: u64,
     sync_ns: u64,
-    decide_ns_per_command: u64,
-    overhead_ns: u64,
-    /// The writer's totals at the last look.
-    decided_us: u64,
-    decided_commands: u64,
     split: bool,
+    /// The window under way: its start and the commands synced in it.
+    window: Option<(Instant, u64)>,
+    /// Commands per second of the last window in the chosen mode.
+    rate: u64,
+    /// Windows since the last probe.
+    windows: u32,
+    /// The mode chosen, while a window tries the other.
+    probing: Option<bool>,
+    probes: u64,
 }
 
 impl GroupCommit {
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+    const PROBE_EVERY: u32 = 10;
+    const MARGIN_PERCENT: u64 = 5;
+    /// A window with fewer commands is a lull: it proves nothing.
+    const WINDOW_COMMANDS: u64 = 1_000;
+
     fn average(old: u64, sample: u64) -> u64 {
         if old == 0 {
             sample
@@ -2797,40 +2813,54 @@ impl GroupCommit {
         }
     }
 
-    /// Takes in one cycle (the syncer's wait before it, its sync) and the
-    /// writer's totals so far; returns whether to split `active`
-    /// submitters.
-    fn next(&mut self, gap_ns: u64, sync_ns: u64, stats: &WriterStats, active: usize) -> bool {
+    /// Takes in one cycle (the syncer's wait before it, its sync, the
+    /// commands it answered); returns whether to sync in halves.
+    fn next(&mut self, gap_ns: u64, sync_ns: u64, commands: u64) -> bool {
+        let now = Instant::now();
         self.sync_ns = Self::average(self.sync_ns, sync_ns);
-        let decided_us = stats.decide_us.load(Ordering::Relaxed);
-        let commands = stats.commands.load(Ordering::Relaxed);
-        let decide_ns = decided_us
-            .saturating_sub(self.decided_us)
-            .saturating_mul(1_000);
-        let new_commands = commands.saturating_sub(self.decided_commands);
-        if let Some(per_command) = decide_ns.checked_div(new_commands) {
-            self.decide_ns_per_command = Self::average(self.decide_ns_per_command, per_command);
-            // A longer wait is a lull, not a group coming back.
-            if !self.split && gap_ns < IDLE_GAP_NS {
-                let overhead = gap_ns.saturating_sub(decide_ns);
-                self.overhead_ns = Self::average(self.overhead_ns, overhead);
+        if !self.split {
+            self.gap_ns = Self::average(self.gap_ns, gap_ns);
+        }
+        let (started, synced) = self.window.get_or_insert((now, 0));
+        *synced += commands;
+        let elapsed = now.duration_since(*started);
+        if elapsed < Self::WINDOW {
+            return self.split;
+        }
+        let rate = (*synced).saturating_mul(1_000_000) / (elapsed.as_micros() as u64).max(1);
+        let busy = *synced >= Self::WINDOW_COMMANDS;
+        self.window = None;
+        match self.probing.take() {
+            Some(chosen) => {
+                let probed = self.split;
+                let margin = if probed {
+                    100 + Self::MARGIN_PERCENT
+                } else {
+                    100
+                };
+                let better = busy && rate * 100 > self.rate * margin;
+                self.split = if better { probed } else { chosen };
+                if better {
+                    self.rate = rate;
+                }
+            }
+            None => {
+                self.rate = rate;
+                self.windows += 1;
+                let worth_trying = self.split || self.gap_ns * 3 > self.sync_ns * 4;
+                if busy && worth_trying && self.windows >= Self::PROBE_EVERY {
+                    self.windows = 0;
+                    self.probes += 1;
+                    self.probing = Some(self.split);
+                    self.split = !self.split;
+                }
             }
         }
-        self.decided_us = decided_us;
-        self.decided_commands = commands;
-        let gap = self
-            .decide_ns_per_command
-            .saturating_mul(active as u64)
-            .saturating_add(self.overhead_ns);
-        self.split = if self.split {
-            gap * 4 > self.sync_ns * 3
-        } else {
-            gap * 3 > self.sync_ns * 4
-        };
         self.split
     }
 }
 
+/// Moves the commands waiting in the queue into `batch`, up to `max_batch`.
 fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch: usize) {
     while batch.len() < max_batch {
         match jobs.try_recv() {
@@ -3273,7 +3303,7 @@ fn decide_batch(
 /// that fell apart join again (with "when idle", 24 submitters of 30
 /// rounds each sometimes took 41 or 42 syncs where 30 do).
 ///
-/// In halves ([`GroupCommit`] chooses after each sync), it lingers only
+/// In halves ([`GroupCommit`] chooses by trying), it lingers only
 /// until half of the active submitters are in, and takes what was decided
 /// while it synced at once; the writer decides at most a quarter of them
 /// at a time, so that a half is ready before the other has all come back.
@@ -3330,11 +3360,13 @@ fn syncer_loop(
         }
         pipeline.answered(commands);
         if head.is_some() && group.halves {
-            let active = inner.in_flight.load(Ordering::Acquire).min(max_batch);
             let nanos = |a: Instant, b: Instant| b.duration_since(a).as_nanos() as u64;
             let (gap, sync) = (nanos(last_answered, started), nanos(started, synced));
-            let halves = group_commit.next(gap, sync, stats, active);
+            let halves = group_commit.next(gap, sync, commands as u64);
             stats.group_commit_halves.store(halves, Ordering::Relaxed);
+            stats
+                .group_commit_probes
+                .store(group_commit.probes, Ordering::Relaxed);
         }
         last_answered = Instant::now();
         let micros = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
