@@ -2778,9 +2778,9 @@ struct GroupCommitPolicy {
 ///
 /// So, once the gap measured in one group exceeds a sync by a third, every
 /// [`Self::PROBE_EVERY`] windows of [`Self::WINDOW`] one window runs in the
-/// other mode, and the mode that synced more commands (halves by
-/// [`Self::MARGIN_PERCENT`]) goes on. Under a load that does not wait for
-/// its answers both carry the same, and one group stays.
+/// other mode ([`Probe`]), and the mode that synced more commands (halves
+/// by [`Self::MARGIN_PERCENT`]) goes on. Under a load that does not wait
+/// for its answers both carry the same, and one group stays.
 #[derive(Default)]
 struct GroupCommit {
     /// Moving average (7/8 old) of the gap in one group, in nanoseconds.
@@ -2789,18 +2789,32 @@ struct GroupCommit {
     split: bool,
     /// The window under way: its start and the commands synced in it.
     window: Option<(Instant, u64)>,
-    /// Commands per second of the last window in the chosen mode.
-    rate: u64,
-    /// Windows since the last probe.
+    /// Windows since the last try.
     windows: u32,
-    /// The mode chosen, while a window tries the other.
-    probing: Option<bool>,
+    /// A try under way.
+    probe: Probe,
     probes: u64,
 }
 
+/// A try of the other mode ([`GroupCommit`]): the window before it, the
+/// window in the other mode, and one after it in the chosen mode again, so
+/// that a disk that grows slower or faster meanwhile is not taken for the
+/// mode's doing.
+#[derive(Default)]
+enum Probe {
+    #[default]
+    None,
+    /// The window in the other mode, and the rate before it.
+    Trying { before: u64 },
+    /// The window after it, back in the chosen mode.
+    Checking { before: u64, tried: u64 },
+}
+
 impl GroupCommit {
-    const WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
     const PROBE_EVERY: u32 = 10;
+    /// Windows before the first try.
+    const FIRST_PROBE: u32 = 2;
     const MARGIN_PERCENT: u64 = 5;
     /// A window with fewer commands is a lull: it proves nothing.
     const WINDOW_COMMANDS: u64 = 1_000;
@@ -2830,32 +2844,46 @@ impl GroupCommit {
         let rate = (*synced).saturating_mul(1_000_000) / (elapsed.as_micros() as u64).max(1);
         let busy = *synced >= Self::WINDOW_COMMANDS;
         self.window = None;
-        match self.probing.take() {
-            Some(chosen) => {
-                let probed = self.split;
-                let margin = if probed {
-                    100 + Self::MARGIN_PERCENT
-                } else {
-                    100
-                };
-                let better = busy && rate * 100 > self.rate * margin;
-                self.split = if better { probed } else { chosen };
-                if better {
-                    self.rate = rate;
+        let rate = if busy { rate } else { 0 };
+        self.probe = match std::mem::take(&mut self.probe) {
+            Probe::Trying { before } => {
+                self.split = !self.split;
+                Probe::Checking {
+                    before,
+                    tried: rate,
                 }
             }
-            None => {
-                self.rate = rate;
-                self.windows += 1;
-                let worth_trying = self.split || self.gap_ns * 3 > self.sync_ns * 4;
-                if busy && worth_trying && self.windows >= Self::PROBE_EVERY {
-                    self.windows = 0;
-                    self.probes += 1;
-                    self.probing = Some(self.split);
+            Probe::Checking { before, tried } => {
+                // Halves must win by a margin; one group by anything.
+                let margin = if self.split {
+                    100
+                } else {
+                    100 + Self::MARGIN_PERCENT
+                };
+                let chosen = (before + rate) / 2;
+                if before > 0 && rate > 0 && tried * 100 > chosen * margin {
                     self.split = !self.split;
                 }
+                Probe::None
             }
-        }
+            Probe::None => {
+                self.windows += 1;
+                let worth_trying = self.split || self.gap_ns * 3 > self.sync_ns * 4;
+                let due = if self.probes == 0 {
+                    Self::FIRST_PROBE
+                } else {
+                    Self::PROBE_EVERY
+                };
+                if busy && worth_trying && self.windows >= due {
+                    self.windows = 0;
+                    self.probes += 1;
+                    self.split = !self.split;
+                    Probe::Trying { before: rate }
+                } else {
+                    Probe::None
+                }
+            }
+        };
         self.split
     }
 }

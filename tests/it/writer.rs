@@ -266,9 +266,9 @@ fn under_steady_load_the_syncer_tries_halves_and_callers_still_share_syncs() {
         stats.batches.load(Ordering::Relaxed),
         stats.commands.load(Ordering::Relaxed),
     );
-    // 2.2 s of load before the first try (11 windows of 200 ms), and a
-    // bound on the count in case the machine is very fast.
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(3_500);
+    // The first try comes after 3 windows of 100 ms under load; a bound
+    // on the count in case the machine is very fast.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(1_500);
     let sent = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|scope| {
         for who in 0..24 {
