@@ -280,9 +280,11 @@ fn main() {
         let s = stats_ledger.writer_stats();
         let batches = s.batches.load(Ordering::Relaxed).max(1);
         println!(
-            "  writer so far: {batches} group commits, {:.1} commands each, write+fdatasync {} us each",
+            "  writer so far: {batches} group commits, {:.1} commands each, write+fdatasync {} us each; tries of the other grouping {}, in halves now: {}",
             s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
-            s.sync_us.load(Ordering::Relaxed) / batches
+            s.sync_us.load(Ordering::Relaxed) / batches,
+            s.group_commit_probes.load(Ordering::Relaxed),
+            s.group_commit_halves.load(Ordering::Relaxed)
         );
         let key = admin.clone();
         let batches = phase(&addr, 4, if run("batch") { duration } else { short }, move |who, n| {
