@@ -383,6 +383,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             ),
         ),
         (
+            "commission_ledger_group_commit_tries",
+            "Windows of load the syncer ran in the other grouping to compare, since start.",
+            load(&writer.group_commit_probes),
+        ),
+        (
             "commission_ledger_checkpoint_building",
             "1 while a checkpoint is being built beside the writer.",
             u64::from(
