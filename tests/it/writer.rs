@@ -261,36 +261,18 @@ fn under_steady_load_the_syncer_tries_halves_and_callers_still_share_syncs() {
     let t = TestLedger::new("hosting");
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
-    let stats = t.ledger().writer_stats();
-    let (batches, commands) = (
-        stats.batches.load(Ordering::Relaxed),
-        stats.commands.load(Ordering::Relaxed),
-    );
     // The first try comes after 3 windows of 100 ms under load; a bound
     // on the count in case the machine is very fast.
     let until = std::time::Instant::now() + std::time::Duration::from_millis(1_500);
-    let sent = std::sync::atomic::AtomicU64::new(0);
-    std::thread::scope(|scope| {
-        for who in 0..24 {
-            let (t, code, sent) = (&t, code.clone(), &sent);
-            scope.spawn(move || {
-                let mut n = 0;
-                while std::time::Instant::now() < until && n < 20_000 {
-                    let command = click(code.as_str(), format!("v-{who}-{n}"));
-                    t.ledger()
-                        .submit_blocking(Submission::new(Some(&t.program), "test", command))
-                        .unwrap();
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    n += 1;
-                }
-            });
-        }
+    let (syncs, decided, _) = clicks_in_closed_loop(&t, &code, 24, |n| {
+        std::time::Instant::now() < until && n < 20_000
     });
-    let syncs = stats.batches.load(Ordering::Relaxed) - batches;
-    let decided = stats.commands.load(Ordering::Relaxed) - commands;
-    assert_eq!(decided, sent.load(Ordering::Relaxed));
     assert!(
-        stats.group_commit_probes.load(Ordering::Relaxed) >= 1,
+        t.ledger()
+            .writer_stats()
+            .group_commit_probes
+            .load(Ordering::Relaxed)
+            >= 1,
         "no window tried the other mode in {decided} commands"
     );
     // 24 a sync in one group, 12 in halves.
@@ -317,23 +299,40 @@ fn closed_loop_rounds() -> (TestLedger, u64, u64, std::time::Duration) {
     }
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
+    let (syncs, decided, elapsed) =
+        clicks_in_closed_loop(&t, &code, 24, |n| n < CLOSED_LOOP_ROUNDS);
+    assert_eq!(decided, 24 * CLOSED_LOOP_ROUNDS);
+    (t, syncs, decided, elapsed)
+}
+
+/// `submitters` threads that each send clicks one at a time, the `n`th
+/// while `more(n)`: the syncs and commands they took (every click
+/// answered once), and the time.
+fn clicks_in_closed_loop(
+    t: &TestLedger,
+    code: &str,
+    submitters: u64,
+    more: impl Fn(u64) -> bool + Sync,
+) -> (u64, u64, std::time::Duration) {
     let stats = t.ledger().writer_stats();
     let (batches, commands) = (
         stats.batches.load(Ordering::Relaxed),
         stats.commands.load(Ordering::Relaxed),
     );
-    let (submitters, rounds) = (24u64, CLOSED_LOOP_ROUNDS);
+    let sent = std::sync::atomic::AtomicU64::new(0);
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for who in 0..submitters {
-            let t = &t;
-            let code = code.clone();
+            let (sent, more) = (&sent, &more);
             scope.spawn(move || {
-                for n in 0..rounds {
-                    let command = click(&code, format!("v-{who}-{n}"));
+                let mut n = 0;
+                while more(n) {
+                    let command = click(code, format!("v-{who}-{n}"));
                     t.ledger()
                         .submit_blocking(Submission::new(Some(&t.program), "test", command))
                         .unwrap();
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
                 }
             });
         }
@@ -341,8 +340,8 @@ fn closed_loop_rounds() -> (TestLedger, u64, u64, std::time::Duration) {
     let elapsed = started.elapsed();
     let syncs = stats.batches.load(Ordering::Relaxed) - batches;
     let decided = stats.commands.load(Ordering::Relaxed) - commands;
-    assert_eq!(decided, submitters * rounds);
-    (t, syncs, decided, elapsed)
+    assert_eq!(decided, sent.load(Ordering::Relaxed));
+    (syncs, decided, elapsed)
 }
 
 /// A checkpoint that is due is built in a lull, by the checkpoint builder,
