@@ -282,6 +282,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             load(&writer.commands),
         ),
         (
+            "commission_ledger_group_commit_tries_total",
+            "Windows of load the syncer ran in the other grouping (one group or halves), to compare.",
+            load(&writer.group_commit_tries),
+        ),
+        (
             "commission_ledger_checkpoints_total",
             "Checkpoints of the state saved to the index store.",
             load(&writer.checkpoints),
@@ -381,11 +386,6 @@ async fn metrics(State(app): State<AppState>) -> Response {
                     .group_commit_halves
                     .load(std::sync::atomic::Ordering::Relaxed),
             ),
-        ),
-        (
-            "commission_ledger_group_commit_tries",
-            "Windows of load the syncer ran in the other grouping to compare, since start.",
-            load(&writer.group_commit_probes),
         ),
         (
             "commission_ledger_checkpoint_building",

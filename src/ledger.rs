@@ -1254,7 +1254,7 @@ pub struct WriterStats {
     /// ([`LedgerConfig::group_commit_halves`]).
     pub group_commit_halves: AtomicBool,
     /// Windows of load the syncer ran in the other mode, to compare.
-    pub group_commit_probes: AtomicU64,
+    pub group_commit_tries: AtomicU64,
     /// Checkpoints written, the time they took (encoding and the store, in
     /// microseconds), and the size of the last one.
     pub checkpoints: AtomicU64,
@@ -3396,7 +3396,7 @@ fn syncer_loop(
             let halves = group_commit.next(gap, sync, commands as u64);
             stats.group_commit_halves.store(halves, Ordering::Relaxed);
             stats
-                .group_commit_probes
+                .group_commit_tries
                 .store(group_commit.probes, Ordering::Relaxed);
         }
         last_answered = Instant::now();

@@ -283,7 +283,7 @@ fn main() {
             "  writer so far: {batches} group commits, {:.1} commands each, write+fdatasync {} us each; tries of the other grouping {}, in halves now: {}",
             s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
             s.sync_us.load(Ordering::Relaxed) / batches,
-            s.group_commit_probes.load(Ordering::Relaxed),
+            s.group_commit_tries.load(Ordering::Relaxed),
             s.group_commit_halves.load(Ordering::Relaxed)
         );
         let key = admin.clone();

@@ -270,7 +270,7 @@ fn under_steady_load_the_syncer_tries_halves_and_callers_still_share_syncs() {
     assert!(
         t.ledger()
             .writer_stats()
-            .group_commit_probes
+            .group_commit_tries
             .load(Ordering::Relaxed)
             >= 1,
         "no window tried the other mode in {decided} commands"
