@@ -3237,13 +3237,13 @@ fn decide_batch(
 ) -> Decided {
     let started = Instant::now();
     let commands = batch.len();
-    let mut appended_types: Vec<&'static str> = Vec::new();
+    let mut appended_types: Vec<&'static str> = Vec::with_capacity(commands);
     let mut state = inner.state.write();
     let indexed = inner.indexed.load(Ordering::Acquire);
     state.prune(indexed);
     let now = (inner.clock)().max(state.last_recorded_at);
     ids.stamp(now);
-    let mut payloads: Vec<Vec<u8>> = Vec::new();
+    let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(commands);
     let mut answers = Vec::with_capacity(commands);
     for job in batch.drain(..) {
         let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut payloads);
