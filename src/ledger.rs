@@ -2749,14 +2749,19 @@ fn first_differing_key<
         .min()
 }
 
-/// The most commands the writer decides in one go when the submitters sync
-/// in halves: a quarter of the active ones (at least 8), so that the syncer
-/// can start on one half while the writer decides the rest of the other.
-/// Measured with 64 submitters (`ledger-load writer`, 3 runs each, taken
-/// in turn): a half 195–213k events/s, a quarter 226–242k, an eighth
-/// 217–250k.
-fn split_chunk(active: usize, max_batch: usize) -> usize {
-    (active / 4).clamp(8, max_batch.max(8))
+/// The most commands the writer decides in one go. When the submitters
+/// sync in halves: a quarter of the active ones (at least 8), so that the
+/// syncer can start on one half while the writer decides the rest of the
+/// other. Measured with 64 submitters (`ledger-load writer`, 3 runs each,
+/// taken in turn): a half 195–213k events/s, a quarter 226–242k, an eighth
+/// 217–250k. More commands waiting than submitters means a batch
+/// (`submit_many`) is among them: it is decided whole, as in one group.
+fn split_chunk(halves: bool, active: usize, waiting: usize, max_batch: usize) -> usize {
+    if halves && waiting <= active {
+        (active / 4).clamp(8, max_batch.max(8))
+    } else {
+        max_batch
+    }
 }
 
 /// How the syncer groups commands into syncs ([`LedgerConfig`]).
@@ -3146,11 +3151,12 @@ fn writer_loop(
                 break;
             };
             batch.push(first);
-            let most = if inner.stats.group_commit_halves.load(Ordering::Relaxed) {
-                split_chunk(inner.in_flight.load(Ordering::Relaxed), max_batch)
-            } else {
-                max_batch
-            };
+            let most = split_chunk(
+                inner.stats.group_commit_halves.load(Ordering::Relaxed),
+                inner.in_flight.load(Ordering::Relaxed),
+                jobs.len(),
+                max_batch,
+            );
             take_waiting(&mut jobs, &mut batch, most);
             let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
             // Only a batch that appended something can make one due.
