@@ -2756,7 +2756,7 @@ fn first_differing_key<
 /// taken in turn): a half 195–213k events/s, a quarter 226–242k, an eighth
 /// 217–250k. More commands waiting than submitters means a batch
 /// (`submit_many`) is among them: it is decided whole, as in one group.
-fn split_chunk(halves: bool, active: usize, waiting: usize, max_batch: usize) -> usize {
+fn writer_chunk(halves: bool, active: usize, waiting: usize, max_batch: usize) -> usize {
     if halves && waiting <= active {
         (active / 4).clamp(8, max_batch.max(8))
     } else {
@@ -3151,7 +3151,7 @@ fn writer_loop(
                 break;
             };
             batch.push(first);
-            let most = split_chunk(
+            let most = writer_chunk(
                 inner.stats.group_commit_halves.load(Ordering::Relaxed),
                 inner.in_flight.load(Ordering::Relaxed),
                 jobs.len(),
