@@ -2801,7 +2801,8 @@ struct GroupCommit {
     windows: u32,
     /// A try under way.
     probe: Probe,
-    probes: u64,
+    /// Tries so far.
+    tries: u64,
 }
 
 /// A try of the other mode ([`GroupCommit`]): the window before it, the
@@ -2835,10 +2836,9 @@ impl GroupCommit {
         }
     }
 
-    /// Takes in one cycle (the syncer's wait before it, its sync, the
-    /// commands it answered); returns whether to sync in halves.
-    fn next(&mut self, gap_ns: u64, sync_ns: u64, commands: u64) -> bool {
-        let now = Instant::now();
+    /// Takes in one cycle, ended `now` (the syncer's wait before it, its
+    /// sync, the commands it answered); returns whether to sync in halves.
+    fn next(&mut self, now: Instant, gap_ns: u64, sync_ns: u64, commands: u64) -> bool {
         self.sync_ns = Self::average(self.sync_ns, sync_ns);
         if !self.split {
             self.gap_ns = Self::average(self.gap_ns, gap_ns);
@@ -2877,14 +2877,14 @@ impl GroupCommit {
             Probe::None => {
                 self.windows += 1;
                 let worth_trying = self.split || self.gap_ns * 3 > self.sync_ns * 4;
-                let due = if self.probes == 0 {
+                let due = if self.tries == 0 {
                     Self::FIRST_PROBE
                 } else {
                     Self::PROBE_EVERY
                 };
                 if busy && worth_trying && self.windows >= due {
                     self.windows = 0;
-                    self.probes += 1;
+                    self.tries += 1;
                     self.split = !self.split;
                     Probe::Trying { before: rate }
                 } else {
@@ -3396,23 +3396,24 @@ fn syncer_loop(
             }
         }
         pipeline.answered(commands);
+        let answered = Instant::now();
         if head.is_some() && group.halves {
             let nanos = |a: Instant, b: Instant| b.duration_since(a).as_nanos() as u64;
             let (gap, sync) = (nanos(last_answered, started), nanos(started, synced));
-            let halves = group_commit.next(gap, sync, commands as u64);
+            let halves = group_commit.next(answered, gap, sync, commands as u64);
             stats.group_commit_halves.store(halves, Ordering::Relaxed);
             stats
                 .group_commit_tries
-                .store(group_commit.probes, Ordering::Relaxed);
+                .store(group_commit.tries, Ordering::Relaxed);
         }
-        last_answered = Instant::now();
+        last_answered = answered;
         let micros = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
         stats
             .sync_us
             .fetch_add(micros(started, synced), Ordering::Relaxed);
         stats
             .reply_us
-            .fetch_add(micros(synced, Instant::now()), Ordering::Relaxed);
+            .fetch_add(micros(synced, answered), Ordering::Relaxed);
         if let Some(job) = index_job {
             // Waits only when the indexer is INDEX_QUEUE_LEN batches behind.
             let _ = index.send(StoreJob::Index(job));
