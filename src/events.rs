@@ -1402,6 +1402,21 @@ pub fn encode(recorded: &Recorded) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_extend(&EnvelopeRef::V1(recorded), Vec::with_capacity(256))
 }
 
+/// [`encode`] onto the end of `out` (the writer lays records out in one
+/// buffer as it decides them). On error, what it wrote stays: the caller
+/// cuts `out` back.
+pub fn encode_into(recorded: &Recorded, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    /// `postcard::to_extend` takes its output by value; this lends it the
+    /// buffer, which an error would otherwise drop.
+    struct Tail<'a>(&'a mut Vec<u8>);
+    impl Extend<u8> for Tail<'_> {
+        fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+            self.0.extend(bytes);
+        }
+    }
+    postcard::to_extend(&EnvelopeRef::V1(recorded), Tail(out)).map(|_| ())
+}
+
 /// Decodes (and upcasts) a recorded event.
 pub fn decode(bytes: &[u8]) -> Result<Recorded, postcard::Error> {
     match postcard::from_bytes::<Envelope>(bytes)? {

@@ -3249,10 +3249,10 @@ fn decide_batch(
     state.prune(indexed);
     let now = (inner.clock)().max(state.last_recorded_at);
     ids.stamp(now);
-    let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(commands);
+    let mut unframed = log::Unframed::with_capacity(commands);
     let mut answers = Vec::with_capacity(commands);
     for job in batch.drain(..) {
-        let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut payloads);
+        let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut unframed);
         if let Answer::Done(Ok(receipt)) = &answer {
             appended_types.extend(receipt.events.iter().map(|r| r.event.type_name()));
         }
@@ -3260,9 +3260,10 @@ fn decide_batch(
     }
     let mut framed = None;
     let mut index = None;
-    if !payloads.is_empty() {
+    let events = unframed.len();
+    if !unframed.is_empty() {
         let first_seq = state.head.seq + 1;
-        let batch = framer.frame(&payloads);
+        let batch = framer.frame_laid_out(unframed);
         let mut anchors = Vec::new();
         {
             let mut recent = inner
@@ -3321,7 +3322,7 @@ fn decide_batch(
         answers,
         index,
         commands,
-        events: payloads.len(),
+        events,
     }
 }
 
@@ -3538,7 +3539,7 @@ fn decide_one(
     submission: &Submission,
     now: Timestamp,
     ids: &mut WriterIds,
-    payloads: &mut Vec<Vec<u8>>,
+    unframed: &mut log::Unframed,
 ) -> Answer {
     let known = submission.idempotency.as_ref().and_then(|idem| {
         let row = state.recent_keys.get(&idem.key).copied();
@@ -3556,7 +3557,7 @@ fn decide_one(
         };
     }
     let at = submission.at.unwrap_or(now);
-    let next_seq = state.head.seq + payloads.len() as u64 + 1;
+    let next_seq = state.head.seq + unframed.len() as u64 + 1;
     let ctx = Context {
         program: submission.program.as_ref(),
         now,
@@ -3594,11 +3595,12 @@ fn decide_one(
             event,
         })
         .collect();
-    let mut encoded = Vec::with_capacity(recorded.len());
+    let mark = unframed.mark();
     for r in &recorded {
-        match encode(r) {
-            Ok(bytes) if bytes.len() + 64 <= log::MAX_RECORD_LEN => encoded.push(bytes),
+        match unframed.push(|out| encode_into(r, out)) {
+            Some(len) if len + 64 <= log::MAX_RECORD_LEN => {}
             _ => {
+                unframed.cut_to(mark);
                 return Answer::Done(Err(SubmitError::Rejected(Rejection::Invalid(
                     InvalidValue::new("body", "the event is too large to record"),
                 ))));
@@ -3609,8 +3611,7 @@ fn decide_one(
         state.apply(r);
     }
     // The head seq moves when the batch is durable; decisions later in this
-    // batch see the events through the model and count them via `payloads`.
-    payloads.extend(encoded);
+    // batch see the events through the model and count them via `unframed`.
     Answer::Done(Ok(Receipt {
         events: recorded,
         noop: None,

@@ -499,6 +499,80 @@ pub struct Framer {
     segment_bytes: u64,
 }
 
+/// Records laid out for framing as their payloads are encoded: each
+/// payload is written once, after room for its frame header and body
+/// prefix, which [`Framer::frame_laid_out`] fills in. (Encoding each event
+/// into its own buffer and copying it into the batch cost an allocation,
+/// a copy and a free per event on the writer's thread.)
+#[derive(Default)]
+pub struct Unframed {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+/// Where an [`Unframed`] batch stood, to cut it back to.
+#[derive(Clone, Copy)]
+pub struct UnframedMark {
+    len: usize,
+    count: usize,
+}
+
+impl Unframed {
+    /// Room for `records` records of a typical size.
+    pub fn with_capacity(records: usize) -> Unframed {
+        Unframed {
+            bytes: Vec::with_capacity(records * 256),
+            count: 0,
+        }
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn mark(&self) -> UnframedMark {
+        UnframedMark {
+            len: self.bytes.len(),
+            count: self.count,
+        }
+    }
+
+    /// Drops every record pushed since `mark`.
+    pub fn cut_to(&mut self, mark: UnframedMark) {
+        self.bytes.truncate(mark.len);
+        self.count = mark.count;
+    }
+
+    /// Adds a record whose payload `write` appends to the buffer it is
+    /// given. Returns the payload's length, or `None` (and keeps nothing)
+    /// when `write` fails or the record would pass [`MAX_RECORD_LEN`].
+    pub fn push<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Option<usize> {
+        let mark = self.mark();
+        let header = mark.len;
+        self.bytes
+            .resize(header + FRAME_HEADER_LEN + BODY_PREFIX_LEN, 0);
+        let written = write(&mut self.bytes);
+        let payload_len = self.bytes.len() - header - FRAME_HEADER_LEN - BODY_PREFIX_LEN;
+        let len = BODY_PREFIX_LEN + payload_len;
+        match u32::try_from(len) {
+            Ok(len32) if written.is_ok() && len <= MAX_RECORD_LEN => {
+                self.bytes[header..header + 4].copy_from_slice(&len32.to_le_bytes());
+                self.count += 1;
+                Some(payload_len)
+            }
+            _ => {
+                self.cut_to(mark);
+                None
+            }
+        }
+    }
+}
+
 /// A batch laid out by the [`Framer`], ready for the [`SegmentWriter`].
 pub struct FramedBatch {
     /// The framed records, back to back.
@@ -622,43 +696,63 @@ impl Framer {
 
     /// Lays out `payloads` as seqs `head + 1 ..`.
     pub fn frame(&mut self, payloads: &[Vec<u8>]) -> FramedBatch {
+        let size: usize = payloads
+            .iter()
+            .map(|p| FRAME_HEADER_LEN + BODY_PREFIX_LEN + p.len())
+            .sum();
+        let mut unframed = Unframed {
+            bytes: Vec::with_capacity(size),
+            count: 0,
+        };
+        for payload in payloads {
+            let pushed = unframed.push(|bytes| {
+                bytes.extend_from_slice(payload);
+                Ok::<(), ()>(())
+            });
+            assert!(
+                pushed.is_some(),
+                "a record of {} bytes passed the size limit",
+                payload.len()
+            );
+        }
+        self.frame_laid_out(unframed)
+    }
+
+    /// Frames records laid out in place: seqs `head + 1 ..`, each with its
+    /// length, seq, chain hash and CRC written into the room left for them.
+    pub fn frame_laid_out(&mut self, unframed: Unframed) -> FramedBatch {
         let roll_to = (self.active_len >= self.segment_bytes).then(|| {
             self.active_first_seq = self.head.seq + 1;
             self.active_len = SEGMENT_MAGIC.len() as u64;
             self.active_first_seq
         });
-        let size: usize = payloads
-            .iter()
-            .map(|p| FRAME_HEADER_LEN + BODY_PREFIX_LEN + p.len())
-            .sum();
-        let mut bytes = Vec::with_capacity(size);
-        let mut placed = Vec::with_capacity(payloads.len());
+        let Unframed { mut bytes, count } = unframed;
+        let mut placed = Vec::with_capacity(count);
         let mut head = self.head;
-        for payload in payloads {
+        let mut at = 0;
+        while at + FRAME_HEADER_LEN <= bytes.len() {
+            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+                as usize;
+            let body = at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + len;
             let seq = head.seq + 1;
-            let hash = chain_hash(&head.hash, seq, payload);
-            let len = BODY_PREFIX_LEN + payload.len();
-            assert!(
-                len <= MAX_RECORD_LEN,
-                "a record of {len} bytes passed the size limit"
+            let hash = chain_hash(
+                &head.hash,
+                seq,
+                &bytes[body.start + BODY_PREFIX_LEN..body.end],
             );
-            let offset = self.active_len + bytes.len() as u64;
-            let body_start = bytes.len() + FRAME_HEADER_LEN;
-            bytes.extend_from_slice(&(len as u32).to_le_bytes());
-            bytes.extend_from_slice(&[0; 4]);
-            bytes.extend_from_slice(&seq.to_le_bytes());
-            bytes.extend_from_slice(&hash);
-            bytes.extend_from_slice(payload);
-            let crc = crc32c::crc32c(&bytes[body_start..]);
-            bytes[body_start - 4..body_start].copy_from_slice(&crc.to_le_bytes());
+            bytes[body.start..body.start + 8].copy_from_slice(&seq.to_le_bytes());
+            bytes[body.start + 8..body.start + BODY_PREFIX_LEN].copy_from_slice(&hash);
+            let crc = crc32c::crc32c(&bytes[body.clone()]);
+            bytes[at + 4..at + FRAME_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
             placed.push((
                 Position {
                     segment_first_seq: self.active_first_seq,
-                    offset,
+                    offset: self.active_len + at as u64,
                 },
                 hash,
             ));
             head = Head { seq, hash };
+            at = body.end;
         }
         self.active_len += bytes.len() as u64;
         self.head = head;

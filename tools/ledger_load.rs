@@ -9,8 +9,15 @@
 //!   start from checkpoints taken mid-run).
 //! - `ledger-load bench DIR [EVENTS]`: durable appends/s through the writer
 //!   with 1, 16 and 64 submitters beside a bare write+fdatasync loop of the
-//!   same record bytes, then replay events/s and RSS on EVENTS (default 1M)
-//!   mixed events (80% clicks).
+//!   same record bytes and a bare group commit behind the same submitters,
+//!   then replay events/s and RSS on EVENTS (default 1M) mixed events (80%
+//!   clicks).
+//! - `ledger-load decide DIR [EVENTS]`: the writer's time per command
+//!   deciding EVENTS (default 1M) mixed commands sent in batches of 4,096:
+//!   its CPU cost away from the disk and the submitters.
+//! - `ledger-load bare-group DIR [SUBMITTERS] [SECONDS]`: the bare group
+//!   commit alone: closed-loop submitters, one thread that writes what is
+//!   waiting with one `fdatasync` and answers, no ledger.
 //! - `ledger-load writer DIR [SUBMITTERS] [SECONDS] [CHECKPOINT_EVERY] [LINGER_US] [PREALLOCATE_KIB] [HALVES]`:
 //!   durable appends/s alone (optionally with another checkpoint interval,
 //!   group-commit linger, preallocation step, or with HALVES 0 one group
@@ -342,6 +349,87 @@ fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration, preallocate
     records as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A bare group commit behind the same closed-loop submitters as
+/// [`drive`] (tasks on a two-thread tokio runtime, each waiting for its
+/// answer before it sends again): one thread takes every record waiting,
+/// writes their bytes into zero-filled space with one `pwrite`, calls
+/// `fdatasync` once and answers them. No decisions, no model, no
+/// encoding: what the closed loop itself allows on this machine, the
+/// ceiling of any writer behind these submitters.
+fn bare_group(dir: &Path, record: &[u8], submitters: usize, duration: Duration) -> f64 {
+    use std::os::unix::fs::FileExt;
+    use tokio::sync::{mpsc, oneshot};
+    let path = dir.join(format!("bare-group-{submitters}.bin"));
+    let _ = std::fs::remove_file(&path);
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    file.write_all_at(&vec![0u8; 256 << 20], 0)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    file.sync_all().unwrap_or_else(|e| fail(&e.to_string()));
+    let (queue, mut jobs) = mpsc::channel::<oneshot::Sender<()>>(4096);
+    let record = record.to_vec();
+    let syncer = std::thread::spawn(move || {
+        let mut offset = 0u64;
+        let mut buffer = Vec::new();
+        let mut answers = Vec::new();
+        while let Some(first) = jobs.blocking_recv() {
+            answers.push(first);
+            while let Ok(next) = jobs.try_recv() {
+                answers.push(next);
+            }
+            buffer.clear();
+            for _ in 0..answers.len() {
+                buffer.extend_from_slice(&record);
+            }
+            file.write_all_at(&buffer, offset)
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            file.sync_data().unwrap_or_else(|e| fail(&e.to_string()));
+            offset += buffer.len() as u64;
+            for answer in answers.drain(..) {
+                let _ = answer.send(());
+            }
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let start = Instant::now();
+    let done = runtime.block_on(async {
+        let tasks: Vec<_> = (0..submitters)
+            .map(|_| {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while start.elapsed() < duration {
+                        let (reply, answer) = oneshot::channel();
+                        if queue.send(reply).await.is_err() || answer.await.is_err() {
+                            fail("the bare syncer stopped");
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut all = 0;
+        for task in tasks {
+            all += task.await.unwrap_or_default();
+        }
+        all
+    });
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    drop(queue);
+    let _ = syncer.join();
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
 fn bench(dir: &Path, events: u64) {
     let seconds = Duration::from_secs(3);
     println!(
@@ -374,10 +462,12 @@ fn bench(dir: &Path, events: u64) {
         let rate = n as f64 / start.elapsed().as_secs_f64();
         let appended = bare(dir, &record, submitters, seconds, false);
         let preallocated = bare(dir, &record, submitters, seconds, true);
+        let grouped = bare_group(dir, &record, submitters, seconds);
         println!(
-            "submitters {submitters:>2}: writer {rate:>7.0} events/s | bare ceiling, batch {submitters}: appending {appended:>7.0}/s (ratio {:.2}), into preallocated space {preallocated:>7.0}/s (ratio {:.2})",
+            "submitters {submitters:>2}: writer {rate:>7.0} events/s | bare ceiling, batch {submitters}: appending {appended:>7.0}/s (ratio {:.2}), into preallocated space {preallocated:>7.0}/s (ratio {:.2}) | bare group commit behind the same submitters {grouped:>7.0}/s (ratio {:.2})",
             rate / appended,
-            rate / preallocated
+            rate / preallocated,
+            rate / grouped
         );
     }
     let fsync = {
@@ -431,6 +521,51 @@ fn bench(dir: &Path, events: u64) {
             .unwrap_or_else(|e| fail(&e.to_string()));
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+/// The writer's CPU per command, away from the disk and the submitters:
+/// `events` mixed commands submitted in batches of 4,096 (so the writer
+/// decides many at a time and syncs rarely), and the writer's time
+/// deciding them over their count.
+fn decide(dir: &Path, events: u64) {
+    let ledger = Ledger::open(LedgerConfig::new(dir)).unwrap_or_else(|e| fail(&e.to_string()));
+    let codes = setup(&ledger);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let stats = ledger.writer_stats();
+    let (us0, commands0) = (
+        stats.decide_us.load(Ordering::Relaxed),
+        stats.commands.load(Ordering::Relaxed),
+    );
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < events {
+        let submissions: Vec<Submission> = (0..4096u64)
+            .map(|i| {
+                let who = (i % 64) as usize;
+                Submission::new(
+                    Some(&program()),
+                    "load",
+                    mixed(who, n / 64 + i / 64, &codes),
+                )
+            })
+            .collect();
+        n += submissions.len() as u64;
+        for answer in runtime.block_on(ledger.submit_many(submissions)) {
+            if let Err(e) = answer {
+                fail(&format!("refused: {e}"));
+            }
+        }
+    }
+    let us = stats.decide_us.load(Ordering::Relaxed) - us0;
+    let commands = (stats.commands.load(Ordering::Relaxed) - commands0).max(1);
+    println!(
+        "{commands} commands in {:.1}s; the writer decided them in {} ms: {} ns per command",
+        start.elapsed().as_secs_f64(),
+        us / 1000,
+        us * 1000 / commands
+    );
 }
 
 /// Opens the ledger in `dir` (after deleting its index store when `full`),
@@ -978,6 +1113,18 @@ fn main() {
             number(5, LedgerConfig::new(".").checkpoint_every),
         ),
         "bench" => bench(&PathBuf::from(arg(2)), number(3, 1_000_000)),
+        "bare-group" => {
+            let dir = PathBuf::from(arg(2));
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
+            let submitters = number(3, 64) as usize;
+            let rate = bare_group(
+                &dir,
+                &[0x5a; 230],
+                submitters,
+                Duration::from_secs(number(4, 4)),
+            );
+            println!("{submitters} submitters: bare group commit {rate:.0} records/s");
+        }
         "writer" => {
             let submitters = number(3, 64) as usize;
             let mut config = LedgerConfig::new(PathBuf::from(arg(2)));
@@ -1022,6 +1169,7 @@ fn main() {
                 s.checkpoint_bytes.load(Ordering::Relaxed) >> 20
             );
         }
+        "decide" => decide(&PathBuf::from(arg(2)), number(3, 1_000_000)),
         "lull" => lull(&PathBuf::from(arg(2)), number(3, 300_000), number(4, 20)),
         "replay" => replay(&PathBuf::from(arg(2)), false),
         "as-of" => as_of(&PathBuf::from(arg(2)), number(3, 4) as usize),
