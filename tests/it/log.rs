@@ -96,6 +96,59 @@ fn batches_put_together_are_written_as_framed_across_a_segment_roll() {
 }
 
 #[test]
+fn records_laid_out_in_place_frame_as_copied_ones_and_a_refused_one_leaves_nothing() {
+    // The writer encodes each event into the batch's buffer; a command
+    // whose event fails (or passes the record limit) is cut back, with the
+    // records of the same command pushed before it.
+    let copied = tempfile::tempdir().unwrap();
+    let in_place = tempfile::tempdir().unwrap();
+    let batch = payloads(5);
+    let (mut log, _) = Log::open(copied.path(), 64 << 20, |_| Ok(())).unwrap();
+    let copied_placed = log.append(&batch).unwrap();
+
+    let (log, _) = Log::open(in_place.path(), 64 << 20, |_| Ok(())).unwrap();
+    let (mut framer, mut writer) = log.split();
+    let mut unframed = log::Unframed::default();
+    let push = |unframed: &mut log::Unframed, payload: &[u8]| {
+        unframed.push(|out| {
+            out.extend_from_slice(payload);
+            Ok::<(), ()>(())
+        })
+    };
+    for payload in &batch[..2] {
+        assert_eq!(push(&mut unframed, payload), Some(payload.len()));
+    }
+    let mark = unframed.mark();
+    assert!(push(&mut unframed, b"the first event of a refused command").is_some());
+    let failed = unframed.push(|out| {
+        out.extend_from_slice(b"half an encoding");
+        Err("the encoder failed")
+    });
+    assert_eq!(failed, None);
+    assert_eq!(unframed.len(), 3, "a failed push keeps nothing of its own");
+    unframed.cut_to(mark);
+    let over_the_limit = unframed.push(|out| {
+        out.resize(out.len() + log::MAX_RECORD_LEN, 7);
+        Ok::<(), ()>(())
+    });
+    assert_eq!(over_the_limit, None);
+    for payload in &batch[2..] {
+        assert!(push(&mut unframed, payload).is_some());
+    }
+    assert_eq!(unframed.len(), 5);
+    let framed = framer.frame_laid_out(unframed);
+    assert_eq!(framed.placed, copied_placed);
+    writer.put_all(&[&framed]).unwrap();
+    writer.sync().unwrap();
+    assert_eq!(read_all(in_place.path(), ScanMode::Strict).unwrap(), batch);
+    assert_eq!(
+        fs::read(only_segment(in_place.path())).unwrap()[..framed.bytes.len() + 8],
+        fs::read(only_segment(copied.path())).unwrap()[..framed.bytes.len() + 8],
+        "the same bytes on disk, magic and records"
+    );
+}
+
+#[test]
 fn a_torn_tail_is_cut_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let written = write_log(dir.path(), &[10], 1 << 20);
