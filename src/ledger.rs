@@ -2896,13 +2896,17 @@ impl GroupCommit {
     }
 }
 
-/// Moves the commands waiting in the queue into `batch`, up to `max_batch`.
+/// Moves the commands waiting in the queue into `batch`, up to `max_batch`,
+/// without waiting. One `poll_recv_many` frees their places in the queue
+/// at once, where a `try_recv` each locked the queue's waiter list once
+/// per command.
 fn take_waiting(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max_batch: usize) {
-    while batch.len() < max_batch {
-        match jobs.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
-        }
+    let room = max_batch.saturating_sub(batch.len());
+    if room > 0 {
+        // Nothing to wake: when the queue is empty the writer goes on to
+        // `blocking_recv`, which registers itself.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = jobs.poll_recv_many(&mut cx, batch, room);
     }
 }
 
