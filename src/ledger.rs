@@ -707,12 +707,18 @@ pub struct Ledger {
     indexer: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Index jobs waiting for sled; the writer waits when the indexer is this far behind.
+/// Group commits whose index jobs wait for sled; the syncer waits when the
+/// indexer is this far behind.
 const INDEX_QUEUE_LEN: usize = 1024;
 
-/// What the indexer thread writes to the store.
+/// What the indexer thread is told.
 enum StoreJob {
-    Index(IndexJob),
+    /// Index jobs wait in the [`IndexInbox`]: take them once
+    /// [`INDEX_INTERVAL`] has passed.
+    IndexWaiting,
+    /// [`INDEX_QUEUE_LEN`] group commits wait in the inbox, and the syncer
+    /// with them: take them now.
+    IndexFull,
     /// A checkpoint the writer encoded: saving it (sled, about a third of
     /// its cost) stays off the writer thread.
     Checkpoint(EncodedCheckpoint),
@@ -734,6 +740,101 @@ struct IndexJob {
     keys: Vec<(String, KeyRow)>,
     seq: Seq,
     hash: log::Hash,
+}
+
+/// The syncer's index jobs, merged as they come until the indexer takes
+/// them. The syncer tells the indexer only of the first job after a take;
+/// it used to send every group commit's job, which woke the indexer about
+/// 7,000 times a second under load, only for it to merge them.
+#[derive(Default)]
+struct IndexInbox {
+    /// The merged job and how many group commits it holds.
+    waiting: Mutex<Option<(IndexJob, usize)>>,
+    taken: std::sync::Condvar,
+    /// The indexer has stopped: nobody takes any more.
+    closed: AtomicBool,
+}
+
+/// What [`IndexInbox::put`] found.
+enum Put {
+    /// The inbox was empty: the indexer must be told.
+    First,
+    Merged,
+    /// [`INDEX_QUEUE_LEN`] group commits wait.
+    Full,
+}
+
+impl IndexInbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(IndexJob, usize)>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn put(&self, job: IndexJob) -> Put {
+        let mut waiting = self.lock();
+        match waiting.as_mut() {
+            None => {
+                *waiting = Some((job, 1));
+                Put::First
+            }
+            Some((merged, count)) => {
+                merged.absorb(job);
+                *count += 1;
+                if *count >= INDEX_QUEUE_LEN {
+                    Put::Full
+                } else {
+                    Put::Merged
+                }
+            }
+        }
+    }
+
+    fn take(&self) -> Option<IndexJob> {
+        let taken = self.lock().take().map(|(job, _)| job);
+        self.taken.notify_all();
+        taken
+    }
+
+    /// Waits until the indexer has taken a full inbox (or has stopped).
+    fn wait_for_room(&self) {
+        let mut waiting = self.lock();
+        while waiting.as_ref().is_some_and(|(_, n)| *n >= INDEX_QUEUE_LEN)
+            && !self.closed.load(Ordering::Acquire)
+        {
+            waiting = self
+                .taken
+                .wait_timeout(waiting, std::time::Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Hands a job to the indexer: tells it when it is the first since a
+    /// take, and waits while the inbox is full.
+    fn hand_over(&self, job: IndexJob, indexer: &std::sync::mpsc::SyncSender<StoreJob>) {
+        match self.put(job) {
+            Put::First => {
+                let _ = indexer.send(StoreJob::IndexWaiting);
+            }
+            Put::Merged => {}
+            Put::Full => {
+                if indexer.send(StoreJob::IndexFull).is_ok() {
+                    self.wait_for_room();
+                }
+            }
+        }
+    }
+}
+
+/// Marks the inbox closed when the indexer stops, however it stops.
+struct CloseInbox<'a>(&'a IndexInbox);
+
+impl Drop for CloseInbox<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.taken.notify_all();
+    }
 }
 
 impl IndexJob {
@@ -927,11 +1028,13 @@ const INDEX_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50)
 
 fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
     use std::sync::mpsc::RecvTimeoutError;
+    let _closed = CloseInbox(&inner.index_inbox);
     let mut failed = false;
-    let mut pending: Option<IndexJob> = None;
     let mut deadline: Option<Instant> = None;
-    let mut write_index = |pending: &mut Option<IndexJob>| {
-        let Some(job) = pending.take() else { return };
+    let mut write_index = || {
+        let Some(job) = inner.index_inbox.take() else {
+            return;
+        };
         match inner
             .store
             .index(&job.anchors, &job.keys, job.seq, &job.hash)
@@ -947,31 +1050,27 @@ fn indexer_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<StoreJob>) {
         }
     };
     loop {
-        // Merge what comes within the interval: one sled batch for many
-        // log batches. The queue keeps moving meanwhile.
+        // Let the inbox gather what comes within the interval: one sled
+        // batch for many log batches. The syncer keeps going meanwhile.
         let received = match deadline {
             None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(at) => jobs.recv_timeout(at.saturating_duration_since(Instant::now())),
         };
         match received {
-            Ok(StoreJob::Index(next)) => match &mut pending {
-                None => {
-                    pending = Some(next);
-                    deadline = Some(Instant::now() + INDEX_INTERVAL);
-                }
-                Some(job) => job.absorb(next),
-            },
+            Ok(StoreJob::IndexWaiting) => {
+                deadline.get_or_insert_with(|| Instant::now() + INDEX_INTERVAL);
+            }
+            Ok(StoreJob::IndexFull) | Err(RecvTimeoutError::Timeout) => {
+                write_index();
+                deadline = None;
+            }
             Ok(StoreJob::Checkpoint(checkpoint)) => {
-                write_index(&mut pending);
+                write_index();
                 deadline = None;
                 save_checkpoint(inner, checkpoint);
             }
-            Err(RecvTimeoutError::Timeout) => {
-                write_index(&mut pending);
-                deadline = None;
-            }
             Err(RecvTimeoutError::Disconnected) => {
-                write_index(&mut pending);
+                write_index();
                 break;
             }
         }
@@ -1292,6 +1391,8 @@ struct Inner {
     store: Store,
     /// The seq the store has indexed up to (the indexer advances it).
     indexed: AtomicU64,
+    /// Index jobs on their way from the syncer to the indexer.
+    index_inbox: IndexInbox,
     /// The seq of the last checkpoint written.
     checkpointed: AtomicU64,
     dir: PathBuf,
@@ -1492,6 +1593,7 @@ impl Ledger {
             in_flight: AtomicUsize::new(0),
             store,
             indexed: AtomicU64::new(indexed),
+            index_inbox: IndexInbox::default(),
             checkpointed: AtomicU64::new(checkpointed),
             dir,
             log_dir,
@@ -1513,7 +1615,7 @@ impl Ledger {
         });
         let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
         if let Some(job) = pending_index {
-            let _ = index_tx.send(StoreJob::Index(job));
+            inner.index_inbox.hand_over(job, &index_tx);
         }
         let indexer_inner = inner.clone();
         let indexer = std::thread::Builder::new()
@@ -3421,7 +3523,7 @@ fn syncer_loop(
             .fetch_add(micros(synced, answered), Ordering::Relaxed);
         if let Some(job) = index_job {
             // Waits only when the indexer is INDEX_QUEUE_LEN batches behind.
-            let _ = index.send(StoreJob::Index(job));
+            inner.index_inbox.hand_over(job, &index);
         }
     }
 }
