@@ -549,18 +549,26 @@ impl Unframed {
     }
 
     /// Adds a record whose payload `write` appends to the buffer it is
-    /// given. Returns the payload's length, or `None` (and keeps nothing)
-    /// when `write` fails or the record would pass [`MAX_RECORD_LEN`].
+    /// given (it must only append). Returns the payload's length, or `None`
+    /// (and keeps nothing) when `write` fails, cuts the buffer, or the
+    /// record would pass [`MAX_RECORD_LEN`].
     pub fn push<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Option<usize> {
         let mark = self.mark();
         let header = mark.len;
         self.bytes
             .resize(header + FRAME_HEADER_LEN + BODY_PREFIX_LEN, 0);
         let written = write(&mut self.bytes);
-        let payload_len = self.bytes.len() - header - FRAME_HEADER_LEN - BODY_PREFIX_LEN;
+        let payload_len = self
+            .bytes
+            .len()
+            .saturating_sub(header + FRAME_HEADER_LEN + BODY_PREFIX_LEN);
         let len = BODY_PREFIX_LEN + payload_len;
         match u32::try_from(len) {
-            Ok(len32) if written.is_ok() && len <= MAX_RECORD_LEN => {
+            Ok(len32)
+                if written.is_ok()
+                    && len <= MAX_RECORD_LEN
+                    && self.bytes.len() == header + FRAME_HEADER_LEN + len =>
+            {
                 self.bytes[header..header + 4].copy_from_slice(&len32.to_le_bytes());
                 self.count += 1;
                 Some(payload_len)
