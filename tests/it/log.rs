@@ -132,6 +132,11 @@ fn records_laid_out_in_place_frame_as_copied_ones_and_a_refused_one_leaves_nothi
         Ok::<(), ()>(())
     });
     assert_eq!(over_the_limit, None);
+    let cut_its_buffer = unframed.push(|out| {
+        out.truncate(out.len() - 1);
+        Ok::<(), ()>(())
+    });
+    assert_eq!(cut_its_buffer, None, "a write must only append");
     for payload in &batch[2..] {
         assert!(push(&mut unframed, payload).is_some());
     }
