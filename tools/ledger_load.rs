@@ -310,25 +310,32 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A new file at `path` for a bare loop: empty, or (`preallocated`) 256
+/// MiB of zeros made durable first, as the ledger's segments grow.
+fn bare_file(path: &Path, preallocated: bool) -> std::fs::File {
+    use std::os::unix::fs::FileExt;
+    let _ = std::fs::remove_file(path);
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    if preallocated {
+        file.write_all_at(&vec![0u8; 256 << 20], 0)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        file.sync_all().unwrap_or_else(|e| fail(&e.to_string()));
+    }
+    file
+}
+
 /// The bare ceiling: the same record bytes, `batch` records per
 /// fdatasync, appended to a growing file, or (`preallocated`) written into
 /// zero-filled space as the ledger does.
 fn bare(dir: &Path, record: &[u8], batch: usize, duration: Duration, preallocated: bool) -> f64 {
     use std::os::unix::fs::FileExt;
     let path = dir.join(format!("bare-{batch}.bin"));
-    let _ = std::fs::remove_file(&path);
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap_or_else(|e| fail(&e.to_string()));
-    if preallocated {
-        let zeros = vec![0u8; 256 << 20];
-        file.write_all_at(&zeros, 0)
-            .unwrap_or_else(|e| fail(&e.to_string()));
-        file.sync_all().unwrap_or_else(|e| fail(&e.to_string()));
-    }
+    let file = bare_file(&path, preallocated);
     let buffer: Vec<u8> = record
         .iter()
         .copied()
@@ -360,16 +367,7 @@ fn bare_group(dir: &Path, record: &[u8], submitters: usize, duration: Duration) 
     use std::os::unix::fs::FileExt;
     use tokio::sync::{mpsc, oneshot};
     let path = dir.join(format!("bare-group-{submitters}.bin"));
-    let _ = std::fs::remove_file(&path);
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap_or_else(|e| fail(&e.to_string()));
-    file.write_all_at(&vec![0u8; 256 << 20], 0)
-        .unwrap_or_else(|e| fail(&e.to_string()));
-    file.sync_all().unwrap_or_else(|e| fail(&e.to_string()));
+    let file = bare_file(&path, true);
     let (queue, mut jobs) = mpsc::channel::<oneshot::Sender<()>>(4096);
     let record = record.to_vec();
     let syncer = std::thread::spawn(move || {
