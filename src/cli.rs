@@ -127,6 +127,14 @@ pub enum Verb {
     },
     /// Copy the log and the key secret to a new directory (safe while serving).
     Backup { out: PathBuf },
+    /// Set aside a damaged stretch of the log (its first bad record and all
+    /// after it) into DATA/damaged/, so that the ledger starts again; the
+    /// index is rebuilt at the next start. Without --apply, only report.
+    Repair {
+        /// Move the damaged stretch aside and cut the log before it.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,6 +322,39 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 return Ok(1);
             }
+            Ok(0)
+        }
+        Verb::Repair { apply } => {
+            let report = ledger::repair_log(&data, apply)?;
+            println!("{}", serde_json::to_string(&report)?);
+            if report.sound {
+                eprintln!(
+                    "the log is sound: {} events (a torn tail, if any, is cut at the next start)",
+                    report.events
+                );
+                return Ok(0);
+            }
+            if !report.applied {
+                eprintln!(
+                    "seq {} on is damaged ({}): {} bytes would be set aside, keeping {} events; run again with --apply",
+                    report.bad_seq.unwrap_or_default(),
+                    report.problem.as_deref().unwrap_or_default(),
+                    report.set_aside_bytes,
+                    report.events
+                );
+                return Ok(1);
+            }
+            eprintln!(
+                "set aside {} bytes from seq {} on in {}; the log keeps {} events, and the index is rebuilt at the next start",
+                report.set_aside_bytes,
+                report.bad_seq.unwrap_or_default(),
+                report
+                    .set_aside_in
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                report.events
+            );
             Ok(0)
         }
         Verb::Export { out, program } => {

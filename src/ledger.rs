@@ -3943,6 +3943,144 @@ fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
     Ok(lock)
 }
 
+/// What [`repair_log`] found, and what it set aside.
+#[derive(Debug, serde::Serialize)]
+pub struct RepairReport {
+    /// The log needs no repair (a torn tail, which a start cuts, does not count).
+    pub sound: bool,
+    /// The events the log keeps.
+    pub events: Seq,
+    /// The first bad record: its seq, segment, offset and what is wrong.
+    pub bad_seq: Option<Seq>,
+    pub segment: Option<PathBuf>,
+    pub offset: Option<u64>,
+    pub problem: Option<String>,
+    /// Bytes from the bad record to the end of the log: its segment's rest
+    /// and every later segment.
+    pub set_aside_bytes: u64,
+    /// The later segments, which go aside whole.
+    pub later_segments: Vec<PathBuf>,
+    /// Where they went (with `apply`).
+    pub set_aside_in: Option<PathBuf>,
+    pub applied: bool,
+}
+
+/// Sets aside a damaged stretch of the log so that the ledger can start
+/// again: the operator's answer to a start refused for a bad record that
+/// is not a torn tail. Power loss can leave one when the pages of the
+/// last write, not yet synced and so not acknowledged, reach the disk out
+/// of order: zeros, then record bytes. Finds the first bad record; with
+/// `apply`, copies its segment from that record on, and moves every later
+/// segment, into `damaged/seq-N/` under the data directory (nothing is
+/// deleted), cuts the segment before the record, and deletes the index
+/// store, which the next start rebuilds from the log. Without `apply` it
+/// only reports. Every event from the bad record on leaves the ledger; any
+/// acknowledged among them survive only as the bytes set aside.
+pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerError> {
+    let _lock = lock_dir(data_dir)?;
+    let log_dir = data_dir.join("log");
+    let mut report = RepairReport {
+        sound: false,
+        events: 0,
+        bad_seq: None,
+        segment: None,
+        offset: None,
+        problem: None,
+        set_aside_bytes: 0,
+        later_segments: Vec::new(),
+        set_aside_in: None,
+        applied: false,
+    };
+    let (segment, offset, seq) = match log::scan(&log_dir, ScanMode::Read, None, |_| Ok(())) {
+        Ok(scanned) => {
+            report.sound = true;
+            report.events = scanned.head.seq;
+            return Ok(report);
+        }
+        Err(LogError::Corrupt {
+            segment,
+            offset,
+            seq,
+            what,
+        }) => {
+            report.problem = Some(what);
+            (segment, offset, seq)
+        }
+        Err(e) => return Err(LedgerError::Log(e)),
+    };
+    report.events = seq - 1;
+    report.bad_seq = Some(seq);
+    report.segment = Some(segment.clone());
+    report.offset = Some(offset);
+    let segments = log::list_segments(&log_dir)?;
+    let later: Vec<PathBuf> = segments
+        .iter()
+        .map(|(_, path)| path.clone())
+        .skip_while(|path| *path != segment)
+        .skip(1)
+        .collect();
+    let size = |path: &Path| fs::metadata(path).map(|m| m.len()).map_err(io_error(path));
+    // A bad segment header: the whole segment goes aside.
+    let whole = offset <= log::SEGMENT_MAGIC.len() as u64;
+    let cut_at = if whole { 0 } else { offset };
+    report.set_aside_bytes = size(&segment)?.saturating_sub(cut_at);
+    for path in &later {
+        report.set_aside_bytes += size(path)?;
+    }
+    report.later_segments = later.clone();
+    if !apply {
+        return Ok(report);
+    }
+    let damaged = data_dir.join("damaged");
+    let mut aside = damaged.join(format!("seq-{seq}"));
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = damaged.join(format!("seq-{seq}-{n}"));
+    }
+    fs::create_dir_all(&aside).map_err(io_error(&aside))?;
+    let name = |path: &Path| path.file_name().map(PathBuf::from).unwrap_or_default();
+    if whole {
+        fs::rename(&segment, aside.join(name(&segment))).map_err(io_error(&segment))?;
+    } else {
+        // Copied, made durable, and only then cut from the log.
+        use std::io::{Seek, SeekFrom};
+        let mut source = File::open(&segment).map_err(io_error(&segment))?;
+        source
+            .seek(SeekFrom::Start(cut_at))
+            .map_err(io_error(&segment))?;
+        let copy_path = aside.join(format!("{}.from-offset-{cut_at}", name(&segment).display()));
+        let mut copy = File::create(&copy_path).map_err(io_error(&copy_path))?;
+        std::io::copy(&mut source, &mut copy).map_err(io_error(&copy_path))?;
+        copy.sync_all().map_err(io_error(&copy_path))?;
+    }
+    for path in &later {
+        fs::rename(path, aside.join(name(path))).map_err(io_error(path))?;
+    }
+    File::open(&aside)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(&aside))?;
+    File::open(&damaged)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(&damaged))?;
+    if !whole {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .map_err(io_error(&segment))?;
+        file.set_len(cut_at).map_err(io_error(&segment))?;
+        file.sync_all().map_err(io_error(&segment))?;
+    }
+    File::open(&log_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(&log_dir))?;
+    let index = data_dir.join("index");
+    Store::destroy(&index).map_err(io_error(&index))?;
+    report.set_aside_in = Some(aside);
+    report.applied = true;
+    Ok(report)
+}
+
 /// Copies the log (up to its last whole record) and the key secret to
 /// `target`, which must not exist. Safe while a server runs: segments are
 /// append-only, and the copy is cut to its last whole record.

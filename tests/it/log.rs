@@ -292,6 +292,59 @@ fn a_corrupt_record_in_the_middle_refuses_to_open_naming_segment_offset_and_seq(
 }
 
 #[test]
+fn repair_sets_aside_the_rest_of_a_damaged_segment_and_every_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let written = write_log(&log_dir, &[60, 60, 60, 60], 4096);
+    let segments = log::list_segments(&log_dir).unwrap();
+    assert!(segments.len() >= 4, "the small limit rolls segments");
+    let (first_seq, damaged) = segments[1].clone();
+    let mut bytes = fs::read(&damaged).unwrap();
+    // Damage the third record of the second segment.
+    let mut at = 8;
+    for _ in 0..2 {
+        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    }
+    bytes[at + 20] ^= 0x40;
+    fs::write(&damaged, &bytes).unwrap();
+    let bad_seq = first_seq + 2;
+    let later: u64 = segments[2..]
+        .iter()
+        .map(|(_, p)| fs::metadata(p).unwrap().len())
+        .sum();
+
+    let report = commission_ledger::ledger::repair_log(dir.path(), true).unwrap();
+    assert_eq!(
+        (report.sound, report.bad_seq, report.events, report.applied),
+        (false, Some(bad_seq), bad_seq - 1, true)
+    );
+    assert_eq!(report.later_segments.len(), segments.len() - 2);
+    assert_eq!(
+        report.set_aside_bytes,
+        (bytes.len() - at) as u64 + later,
+        "the rest of the damaged segment and every later one"
+    );
+    let aside = report.set_aside_in.unwrap();
+    assert_eq!(fs::read_dir(&aside).unwrap().count(), segments.len() - 1);
+    assert_eq!(
+        log::list_segments(&log_dir).unwrap(),
+        segments[..2].to_vec()
+    );
+    let kept = read_all(&log_dir, ScanMode::Strict).unwrap();
+    assert_eq!(kept, written[..(bad_seq - 1) as usize].to_vec());
+    // The log goes on from there.
+    let (mut log, opened) = Log::open(&log_dir, 4096, |_| Ok(())).unwrap();
+    assert_eq!(opened.head.seq, bad_seq - 1);
+    log.append(&[b"after the repair".to_vec()]).unwrap();
+    assert_eq!(
+        read_all(&log_dir, ScanMode::Strict).unwrap().len() as u64,
+        bad_seq
+    );
+    let again = commission_ledger::ledger::repair_log(dir.path(), false).unwrap();
+    assert!(again.sound && again.bad_seq.is_none());
+}
+
+#[test]
 fn a_ledger_refuses_to_start_on_a_corrupt_log() {
     let dir = tempfile::tempdir().unwrap();
     {
