@@ -153,7 +153,21 @@ pub enum KeysVerb {
 }
 
 fn open(data: &std::path::Path) -> anyhow::Result<Ledger> {
-    Ledger::open(LedgerConfig::new(data)).with_context(|| format!("opening {}", data.display()))
+    Ledger::open(LedgerConfig::new(data)).map_err(|e| {
+        let damaged = matches!(
+            &e,
+            ledger::LedgerError::Log(crate::log::LogError::Corrupt { .. })
+        );
+        let e = anyhow::Error::new(e).context(format!("opening {}", data.display()));
+        if damaged {
+            e.context(format!(
+                "the log is damaged: `commission-ledger repair --data {}` shows what follows the bad record and, with --apply, sets it aside",
+                data.display()
+            ))
+        } else {
+            e
+        }
+    })
 }
 
 fn submit(ledger: &Ledger, submission: Submission) -> anyhow::Result<ledger::Receipt> {
