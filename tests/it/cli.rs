@@ -28,6 +28,23 @@ fn head(data: &Path) -> u64 {
     verify_log(&data.join("log"), None).head_seq
 }
 
+/// The data directory's first segment, its bytes, and where its `nth`
+/// record (from 1) starts: past the magic and the frames before it.
+fn segment_and_record(data: &Path, nth: usize) -> (std::path::PathBuf, Vec<u8>, usize) {
+    let segment = std::fs::read_dir(data.join("log"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&segment).unwrap();
+    let mut at = 8;
+    for _ in 1..nth {
+        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    }
+    (segment, bytes, at)
+}
+
 #[test]
 fn keys_create_prints_the_key_alone_on_the_last_line_and_logs_only_its_hash() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,15 +163,7 @@ fn verify_exits_zero_only_for_a_sound_log_and_names_the_first_bad_seq() {
     // Each `keys create` stopped with a checkpoint at its head.
     assert_eq!(report["projections"], "equal");
     // corrupt record 2
-    let segment = std::fs::read_dir(dir.path().join("log"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let first_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
-    let second = 8 + 8 + first_len;
+    let (segment, mut bytes, second) = segment_and_record(dir.path(), 2);
     bytes[second + 8 + 45] ^= 0xff;
     std::fs::write(&segment, &bytes).unwrap();
     let bad = cli(dir.path(), &["verify"]);
@@ -499,18 +508,7 @@ fn repair_reports_a_damaged_stretch_and_sets_it_aside_so_the_ledger_starts_again
                 .success()
         );
     }
-    let segment = std::fs::read_dir(dir.path().join("log"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&segment).unwrap();
-    // The third record's start: past the magic and two frames.
-    let mut third = 8;
-    for _ in 0..2 {
-        third += 8 + u32::from_le_bytes(bytes[third..third + 4].try_into().unwrap()) as usize;
-    }
+    let (segment, mut bytes, third) = segment_and_record(dir.path(), 3);
     bytes[third..third + 28].fill(0);
     std::fs::write(&segment, &bytes).unwrap();
     let refused = commission_ledger::ledger::Ledger::open(
