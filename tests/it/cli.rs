@@ -121,6 +121,7 @@ fn bad_input_to_every_verb_is_a_clear_error_and_appends_nothing() {
         (&["import", "/definitely/not/here.ndjson"], "not/here"),
         (&["export", "--program", "bad program"], "program"),
         (&["serve", "--listen", "not-an-address"], "invalid"),
+        (&["repair", "--cut-at", "3"], "unexpected argument"),
         (
             &["serve", "--trusted-proxy", "10.0.0.0/33"],
             "not an IP address or a CIDR network",
