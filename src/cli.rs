@@ -348,6 +348,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 return Ok(0);
             }
+            if !report.repairable {
+                eprintln!(
+                    "seq {} is intact but does not decode ({}): not damage, so repair leaves it; run a build of commission-ledger that reads it",
+                    report.bad_seq.unwrap_or_default(),
+                    report.problem.as_deref().unwrap_or_default(),
+                );
+                return Ok(1);
+            }
             if !report.applied {
                 eprintln!(
                     "seq {} on is damaged ({}): {} bytes would be set aside, keeping {} events; run again with --apply",

@@ -3963,6 +3963,10 @@ pub struct RepairReport {
     /// Where they went (with `apply`).
     pub set_aside_in: Option<PathBuf>,
     pub applied: bool,
+    /// False when the bad record is intact (its CRC and the chain hold) but
+    /// does not decode: not damage but a version this build cannot read,
+    /// which `repair` never cuts.
+    pub repairable: bool,
 }
 
 /// Sets aside a damaged stretch of the log so that the ledger can start
@@ -3990,8 +3994,16 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
         later_segments: Vec::new(),
         set_aside_in: None,
         applied: false,
+        repairable: true,
     };
-    let (segment, offset, seq) = match log::scan(&log_dir, ScanMode::Read, None, |_| Ok(())) {
+    let mut undecodable = None;
+    let scanned = log::scan(&log_dir, ScanMode::Read, None, |record| {
+        decode(record.payload).map(|_| ()).map_err(|e| {
+            undecodable = Some(record.seq);
+            format!("an intact record (CRC and chain hold) that does not decode: {e}")
+        })
+    });
+    let (segment, offset, seq) = match scanned {
         Ok(scanned) => {
             report.sound = true;
             report.events = scanned.head.seq;
@@ -4028,7 +4040,8 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
         report.set_aside_bytes += size(path)?;
     }
     report.later_segments = later.clone();
-    if !apply {
+    report.repairable = undecodable != Some(seq);
+    if !apply || !report.repairable {
         return Ok(report);
     }
     let damaged = data_dir.join("damaged");

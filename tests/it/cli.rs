@@ -578,3 +578,27 @@ fn repair_reports_a_damaged_stretch_and_sets_it_aside_so_the_ledger_starts_again
     assert_eq!(sound.status.code(), Some(0), "{}", stderr(&sound));
     assert!(stderr(&sound).contains("sound"), "{}", stderr(&sound));
 }
+
+#[test]
+fn repair_leaves_an_intact_record_it_cannot_decode_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = commission_ledger::log::Log::open(
+        &dir.path().join("log"),
+        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
+        |_| Ok(()),
+    )
+    .unwrap();
+    log.append(&[b"not an event this build reads".to_vec()])
+        .unwrap();
+    drop(log);
+    let (segment, before, _) = segment_and_record(dir.path(), 1);
+    let refused = cli(dir.path(), &["repair", "--apply"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("intact") && stderr(&refused).contains("leaves it"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!dir.path().join("damaged").exists());
+    assert_eq!(std::fs::read(&segment).unwrap(), before);
+}

@@ -291,20 +291,38 @@ fn a_corrupt_record_in_the_middle_refuses_to_open_naming_segment_offset_and_seq(
     assert_eq!(fs::read(&segment).unwrap(), bytes);
 }
 
+/// The offset of the `nth` record (from 1) in segment bytes.
+fn record_at(bytes: &[u8], nth: usize) -> usize {
+    let mut at = 8;
+    for _ in 1..nth {
+        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    }
+    at
+}
+
 #[test]
 fn repair_sets_aside_the_rest_of_a_damaged_segment_and_every_later_one() {
     let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut config = LedgerConfig::new(dir.path());
+        config.segment_bytes = 4096;
+        config.preallocate_bytes = 4096;
+        config
+    };
+    let ledger = Ledger::open(config()).unwrap();
+    for _ in 0..100 {
+        ledger
+            .create_key(commission_ledger::events::Role::Portal, "system")
+            .unwrap();
+    }
+    drop(ledger);
     let log_dir = dir.path().join("log");
-    let written = write_log(&log_dir, &[60, 60, 60, 60], 4096);
+    let written = read_all(&log_dir, ScanMode::Strict).unwrap();
     let segments = log::list_segments(&log_dir).unwrap();
     assert!(segments.len() >= 4, "the small limit rolls segments");
     let (first_seq, damaged) = segments[1].clone();
     let mut bytes = fs::read(&damaged).unwrap();
-    // Damage the third record of the second segment.
-    let mut at = 8;
-    for _ in 0..2 {
-        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    }
+    let at = record_at(&bytes, 3);
     bytes[at + 20] ^= 0x40;
     fs::write(&damaged, &bytes).unwrap();
     let bad_seq = first_seq + 2;
@@ -332,16 +350,43 @@ fn repair_sets_aside_the_rest_of_a_damaged_segment_and_every_later_one() {
     );
     let kept = read_all(&log_dir, ScanMode::Strict).unwrap();
     assert_eq!(kept, written[..(bad_seq - 1) as usize].to_vec());
-    // The log goes on from there.
-    let (mut log, opened) = Log::open(&log_dir, 4096, |_| Ok(())).unwrap();
-    assert_eq!(opened.head.seq, bad_seq - 1);
-    log.append(&[b"after the repair".to_vec()]).unwrap();
-    assert_eq!(
-        read_all(&log_dir, ScanMode::Strict).unwrap().len() as u64,
-        bad_seq
-    );
+    // The ledger starts from there and goes on.
+    let ledger = Ledger::open(config()).unwrap();
+    assert_eq!(ledger.state().head.seq, bad_seq - 1);
+    ledger
+        .create_key(commission_ledger::events::Role::Portal, "system")
+        .unwrap();
+    drop(ledger);
+    assert!(verify_log(&log_dir, None).ok);
     let again = commission_ledger::ledger::repair_log(dir.path(), false).unwrap();
     assert!(again.sound && again.bad_seq.is_none());
+}
+
+#[test]
+fn repair_never_cuts_an_intact_record_that_does_not_decode() {
+    // CRC and chain hold: not damage but a version this build cannot read.
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    write_log(&log_dir, &[3], 64 << 20);
+    let before = fs::read(only_segment(&log_dir)).unwrap();
+    for apply in [false, true] {
+        let report = commission_ledger::ledger::repair_log(dir.path(), apply).unwrap();
+        assert_eq!(
+            (
+                report.sound,
+                report.bad_seq,
+                report.repairable,
+                report.applied
+            ),
+            (false, Some(1), false, false)
+        );
+        assert!(
+            report.problem.unwrap().contains("does not decode"),
+            "names why"
+        );
+    }
+    assert_eq!(fs::read(only_segment(&log_dir)).unwrap(), before);
+    assert!(!dir.path().join("damaged").exists());
 }
 
 #[test]
