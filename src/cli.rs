@@ -153,21 +153,24 @@ pub enum KeysVerb {
 }
 
 fn open(data: &std::path::Path) -> anyhow::Result<Ledger> {
-    Ledger::open(LedgerConfig::new(data)).map_err(|e| {
-        let damaged = matches!(
-            &e,
-            ledger::LedgerError::Log(crate::log::LogError::Corrupt { .. })
-        );
-        let e = anyhow::Error::new(e).context(format!("opening {}", data.display()));
-        if damaged {
-            e.context(format!(
-                "the log is damaged: `commission-ledger repair --data {}` shows what follows the bad record and, with --apply, sets it aside",
-                data.display()
-            ))
-        } else {
-            e
-        }
-    })
+    Ledger::open(LedgerConfig::new(data)).map_err(|e| refused_start(e, data))
+}
+
+/// A start's error, pointing the operator to `repair` when the log is damaged.
+fn refused_start(e: ledger::LedgerError, data: &std::path::Path) -> anyhow::Error {
+    let damaged = matches!(
+        &e,
+        ledger::LedgerError::Log(crate::log::LogError::Corrupt { .. })
+    );
+    let e = anyhow::Error::new(e).context(format!("opening {}", data.display()));
+    if damaged {
+        e.context(format!(
+            "the log is damaged: `commission-ledger repair --data {}` shows what follows the bad record and, with --apply, sets it aside",
+            data.display()
+        ))
+    } else {
+        e
+    }
 }
 
 fn submit(ledger: &Ledger, submission: Submission) -> anyhow::Result<ledger::Receipt> {
@@ -308,7 +311,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             csv,
         } => what_if(&data, &file, program, apply, reason, csv),
         Verb::Replay { what_if: None, .. } => {
-            let head = ledger::rebuild_index(&data)?;
+            let head = ledger::rebuild_index(&data).map_err(|e| refused_start(e, &data))?;
             println!(
                 "rebuilt the index and projections from {} events; head hash {}",
                 head.seq,

@@ -518,13 +518,15 @@ fn repair_reports_a_damaged_stretch_and_sets_it_aside_so_the_ledger_starts_again
     .err()
     .expect("a start refuses a bad record with records after it");
     assert!(refused.to_string().contains("seq 3"), "{refused}");
-    let refused_verb = cli(dir.path(), &["keys", "create", "--role", "portal"]);
-    assert_eq!(refused_verb.status.code(), Some(2));
-    assert!(
-        stderr(&refused_verb).contains("repair") && stderr(&refused_verb).contains("seq 3"),
-        "a refused start points the operator to repair: {}",
-        stderr(&refused_verb)
-    );
+    for verb in [&["keys", "create", "--role", "portal"][..], &["replay"]] {
+        let refused_verb = cli(dir.path(), verb);
+        assert_eq!(refused_verb.status.code(), Some(2));
+        assert!(
+            stderr(&refused_verb).contains("repair") && stderr(&refused_verb).contains("seq 3"),
+            "a refused start points the operator to repair: {}",
+            stderr(&refused_verb)
+        );
+    }
 
     let report = cli(dir.path(), &["repair"]);
     assert_eq!(report.status.code(), Some(1), "{}", stderr(&report));
