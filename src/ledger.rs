@@ -3349,7 +3349,9 @@ fn decide_batch(
 ) -> Decided {
     let started = Instant::now();
     let commands = batch.len();
-    let mut appended_types: Vec<&'static str> = Vec::with_capacity(commands);
+    // Events appended, by type: a batch holds a few types, so a short list
+    // searched by the name's address, merged into the shared map once.
+    let mut appended_types: Vec<(&'static str, u64)> = Vec::new();
     let mut state = inner.state.write();
     let indexed = inner.indexed.load(Ordering::Acquire);
     state.prune(indexed);
@@ -3360,7 +3362,15 @@ fn decide_batch(
     for job in batch.drain(..) {
         let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut unframed);
         if let Answer::Done(Ok(receipt)) = &answer {
-            appended_types.extend(receipt.events.iter().map(|r| r.event.type_name()));
+            for name in receipt.events.iter().map(|r| r.event.type_name()) {
+                match appended_types
+                    .iter_mut()
+                    .find(|(seen, _)| std::ptr::eq(*seen, name))
+                {
+                    Some((_, count)) => *count += 1,
+                    None => appended_types.push((name, 1)),
+                }
+            }
         }
         answers.push((job.reply, answer));
     }
@@ -3415,8 +3425,8 @@ fn decide_batch(
             .events_by_type
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for name in appended_types {
-            *by_type.entry(name).or_default() += 1;
+        for (name, count) in appended_types {
+            *by_type.entry(name).or_default() += count;
         }
     }
     inner

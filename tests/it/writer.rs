@@ -424,3 +424,25 @@ fn ids_are_v7_of_the_recorded_millisecond_and_sort_in_log_order() {
         "ids out of the order they were made in"
     );
 }
+
+#[test]
+fn events_appended_are_counted_by_type_however_many_a_batch_holds() {
+    // A burst is decided many to a batch: each type is tallied per batch
+    // and merged into the shared counts (`/metrics`) once.
+    let t = TestLedger::new("hosting");
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    click_burst(&t, &code, 0, 3_000);
+    let stats = t.ledger().writer_stats();
+    let by_type = stats.events_by_type.lock().unwrap().clone();
+    assert_eq!(by_type.get("ClickRecorded"), Some(&3_000));
+    assert_eq!(by_type.get("ProgramDefined"), Some(&1));
+    assert_eq!(by_type.get("AffiliateEnrolled"), Some(&1));
+    assert_eq!(by_type.values().sum::<u64>(), t.head());
+    let batches = stats.batches.load(Ordering::Relaxed);
+    assert!(
+        batches < 1_000,
+        "the burst shared batches ({batches} for {} events)",
+        t.head()
+    );
+}
