@@ -4086,6 +4086,10 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     File::open(&damaged)
         .and_then(|d| d.sync_all())
         .map_err(io_error(&damaged))?;
+    // The index goes before the cut: never a cut log beside an index that
+    // runs past it (a start would notice and rebuild, but need not).
+    let index = data_dir.join("index");
+    Store::destroy(&index).map_err(io_error(&index))?;
     if !whole {
         let file = OpenOptions::new()
             .write(true)
@@ -4097,8 +4101,6 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     File::open(&log_dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(&log_dir))?;
-    let index = data_dir.join("index");
-    Store::destroy(&index).map_err(io_error(&index))?;
     report.set_aside_in = Some(aside);
     report.applied = true;
     Ok(report)
