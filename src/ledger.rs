@@ -4035,9 +4035,9 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     report.segment = Some(segment.clone());
     report.offset = Some(offset);
     let segments = log::list_segments(&log_dir)?;
-    let later: Vec<PathBuf> = segments
-        .iter()
-        .map(|(_, path)| path.clone())
+    report.later_segments = segments
+        .into_iter()
+        .map(|(_, path)| path)
         .skip_while(|path| *path != segment)
         .skip(1)
         .collect();
@@ -4046,10 +4046,9 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     let whole = offset <= log::SEGMENT_MAGIC.len() as u64;
     let cut_at = if whole { 0 } else { offset };
     report.set_aside_bytes = size(&segment)?.saturating_sub(cut_at);
-    for path in &later {
+    for path in &report.later_segments {
         report.set_aside_bytes += size(path)?;
     }
-    report.later_segments = later.clone();
     report.repairable = undecodable != Some(seq);
     if !apply || !report.repairable {
         return Ok(report);
@@ -4077,30 +4076,20 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
         std::io::copy(&mut source, &mut copy).map_err(io_error(&copy_path))?;
         copy.sync_all().map_err(io_error(&copy_path))?;
     }
-    for path in &later {
+    for path in &report.later_segments {
         fs::rename(path, aside.join(name(path))).map_err(io_error(path))?;
     }
-    File::open(&aside)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(&aside))?;
-    File::open(&damaged)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(&damaged))?;
+    for dir in [&aside, &damaged, data_dir] {
+        log::sync_dir(dir)?;
+    }
     // The index goes before the cut: never a cut log beside an index that
     // runs past it (a start would notice and rebuild, but need not).
     let index = data_dir.join("index");
     Store::destroy(&index).map_err(io_error(&index))?;
     if !whole {
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&segment)
-            .map_err(io_error(&segment))?;
-        file.set_len(cut_at).map_err(io_error(&segment))?;
-        file.sync_all().map_err(io_error(&segment))?;
+        log::cut_tail(&segment, cut_at)?;
     }
-    File::open(&log_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(&log_dir))?;
+    log::sync_dir(&log_dir)?;
     report.set_aside_in = Some(aside);
     report.applied = true;
     Ok(report)

@@ -456,7 +456,9 @@ impl Window {
     }
 }
 
-fn cut_tail(path: &Path, len: u64) -> Result<(), LogError> {
+/// Cuts a segment to `len` bytes and makes that durable (a torn tail at
+/// start; `repair`, before a bad record).
+pub fn cut_tail(path: &Path, len: u64) -> Result<(), LogError> {
     let file = OpenOptions::new()
         .write(true)
         .open(path)
@@ -475,7 +477,8 @@ fn rewrite_segment_header(path: &Path) -> Result<(), LogError> {
     file.sync_all().map_err(io("fsync", path))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), LogError> {
+/// Makes a directory's entries durable (files created, renamed into it).
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", dir))
