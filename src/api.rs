@@ -287,6 +287,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             load(&writer.group_commit_tries),
         ),
         (
+            "commission_ledger_index_waits_total",
+            "Times the writer's syncer waited for the sled indexer, index_backlog group commits behind.",
+            load(&writer.index_waits),
+        ),
+        (
             "commission_ledger_checkpoints_total",
             "Checkpoints of the state saved to the index store.",
             load(&writer.checkpoints),

@@ -88,6 +88,11 @@ pub struct LedgerConfig {
     /// Zero-filled space added to the active segment at a time, so that
     /// `fdatasync` need not update the file size.
     pub preallocate_bytes: u64,
+    /// Group commits whose index rows (read anchors, idempotency keys) may
+    /// wait for sled at once. Beyond it the syncer, and with it every
+    /// submitter, waits for the indexer: sled trails the log by at most
+    /// this many group commits, and memory holds at most their rows.
+    pub index_backlog: usize,
     /// Checkpoints kept for reads of the past besides the last one: the
     /// last of each month (UTC), the newest this many. Each is a whole
     /// state on disk (derived: deleting `index/` drops them); 0 keeps none.
@@ -107,6 +112,7 @@ impl LedgerConfig {
             group_commit_linger: std::time::Duration::from_micros(250),
             group_commit_halves: true,
             preallocate_bytes: log::PREALLOCATE_BYTES,
+            index_backlog: INDEX_BACKLOG,
             kept_checkpoints: 12,
             clock: system_clock(),
         }
@@ -707,8 +713,12 @@ pub struct Ledger {
     indexer: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Group commits whose index jobs wait for sled; the syncer waits when the
-/// indexer is this far behind.
+/// The default [`LedgerConfig::index_backlog`]: at the 5–7k group commits
+/// a second this disk allows, sled may trail by a sixth of a second.
+const INDEX_BACKLOG: usize = 1024;
+
+/// Messages waiting for the indexer: one per take of the inbox, and the
+/// checkpoints.
 const INDEX_QUEUE_LEN: usize = 1024;
 
 /// What the indexer thread is told.
@@ -716,8 +726,8 @@ enum StoreJob {
     /// Index jobs wait in the [`IndexInbox`]: take them once
     /// [`INDEX_INTERVAL`] has passed.
     IndexWaiting,
-    /// [`INDEX_QUEUE_LEN`] group commits wait in the inbox, and the syncer
-    /// with them: take them now.
+    /// [`LedgerConfig::index_backlog`] group commits wait in the inbox,
+    /// and the syncer with them: take them now.
     IndexFull,
     /// A checkpoint the writer encoded: saving it (sled, about a third of
     /// its cost) stays off the writer thread.
@@ -746,13 +756,14 @@ struct IndexJob {
 /// them. The syncer tells the indexer only of the first job after a take;
 /// it used to send every group commit's job, which woke the indexer about
 /// 7,000 times a second under load, only for it to merge them.
-#[derive(Default)]
 struct IndexInbox {
     /// The merged job and how many group commits it holds.
     waiting: Mutex<Option<(IndexJob, usize)>>,
     taken: std::sync::Condvar,
     /// The indexer has stopped: nobody takes any more.
     closed: AtomicBool,
+    /// [`LedgerConfig::index_backlog`], at least 1.
+    limit: usize,
 }
 
 /// What [`IndexInbox::put`] found.
@@ -760,11 +771,20 @@ enum Put {
     /// The inbox was empty: the indexer must be told.
     First,
     Merged,
-    /// [`INDEX_QUEUE_LEN`] group commits wait.
+    /// `limit` group commits wait.
     Full,
 }
 
 impl IndexInbox {
+    fn new(limit: usize) -> IndexInbox {
+        IndexInbox {
+            waiting: Mutex::new(None),
+            taken: std::sync::Condvar::new(),
+            closed: AtomicBool::new(false),
+            limit: limit.max(1),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(IndexJob, usize)>> {
         self.waiting
             .lock()
@@ -773,20 +793,20 @@ impl IndexInbox {
 
     fn put(&self, job: IndexJob) -> Put {
         let mut waiting = self.lock();
-        match waiting.as_mut() {
-            None => {
-                *waiting = Some((job, 1));
-                Put::First
-            }
+        let (first, count) = match waiting.as_mut() {
+            None => (true, &mut waiting.insert((job, 0)).1),
             Some((merged, count)) => {
                 merged.absorb(job);
-                *count += 1;
-                if *count >= INDEX_QUEUE_LEN {
-                    Put::Full
-                } else {
-                    Put::Merged
-                }
+                (false, count)
             }
+        };
+        *count += 1;
+        if *count >= self.limit {
+            Put::Full
+        } else if first {
+            Put::First
+        } else {
+            Put::Merged
         }
     }
 
@@ -799,7 +819,7 @@ impl IndexInbox {
     /// Waits until the indexer has taken a full inbox (or has stopped).
     fn wait_for_room(&self) {
         let mut waiting = self.lock();
-        while waiting.as_ref().is_some_and(|(_, n)| *n >= INDEX_QUEUE_LEN)
+        while waiting.as_ref().is_some_and(|(_, n)| *n >= self.limit)
             && !self.closed.load(Ordering::Acquire)
         {
             waiting = self
@@ -811,8 +831,13 @@ impl IndexInbox {
     }
 
     /// Hands a job to the indexer: tells it when it is the first since a
-    /// take, and waits while the inbox is full.
-    fn hand_over(&self, job: IndexJob, indexer: &std::sync::mpsc::SyncSender<StoreJob>) {
+    /// take, and waits while the inbox is full (counted in `waits`).
+    fn hand_over(
+        &self,
+        job: IndexJob,
+        indexer: &std::sync::mpsc::SyncSender<StoreJob>,
+        waits: &AtomicU64,
+    ) {
         match self.put(job) {
             Put::First => {
                 let _ = indexer.send(StoreJob::IndexWaiting);
@@ -820,6 +845,7 @@ impl IndexInbox {
             Put::Merged => {}
             Put::Full => {
                 if indexer.send(StoreJob::IndexFull).is_ok() {
+                    waits.fetch_add(1, Ordering::Relaxed);
                     self.wait_for_room();
                 }
             }
@@ -1361,6 +1387,9 @@ pub struct WriterStats {
     pub checkpoint_bytes: AtomicU64,
     /// Whether a checkpoint is being built beside the writer.
     pub checkpoint_building: AtomicBool,
+    /// Times the syncer waited for the indexer, sled being
+    /// [`LedgerConfig::index_backlog`] group commits behind.
+    pub index_waits: AtomicU64,
     /// Events appended, by type name.
     pub events_by_type: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -1593,7 +1622,7 @@ impl Ledger {
             in_flight: AtomicUsize::new(0),
             store,
             indexed: AtomicU64::new(indexed),
-            index_inbox: IndexInbox::default(),
+            index_inbox: IndexInbox::new(config.index_backlog),
             checkpointed: AtomicU64::new(checkpointed),
             dir,
             log_dir,
@@ -1615,7 +1644,10 @@ impl Ledger {
         });
         let (index_tx, index_rx) = std::sync::mpsc::sync_channel(INDEX_QUEUE_LEN);
         if let Some(job) = pending_index {
-            inner.index_inbox.hand_over(job, &index_tx);
+            // The indexer is not running yet: nothing to wait for, and it
+            // takes the tail the log holds beyond the index as it starts.
+            let _ = inner.index_inbox.put(job);
+            let _ = index_tx.send(StoreJob::IndexFull);
         }
         let indexer_inner = inner.clone();
         let indexer = std::thread::Builder::new()
@@ -3532,8 +3564,9 @@ fn syncer_loop(
             .reply_us
             .fetch_add(micros(synced, answered), Ordering::Relaxed);
         if let Some(job) = index_job {
-            // Waits only when the indexer is INDEX_QUEUE_LEN batches behind.
-            inner.index_inbox.hand_over(job, &index);
+            // Waits only when the indexer is `index_backlog` group commits
+            // behind.
+            inner.index_inbox.hand_over(job, &index, &stats.index_waits);
         }
     }
 }

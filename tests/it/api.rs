@@ -1524,6 +1524,9 @@ fn metrics_count_requests_by_route_and_status_and_the_writer() {
     assert!(text.contains("# TYPE commission_ledger_group_commit_halves gauge"));
     assert!(text.contains("# TYPE commission_ledger_group_commit_tries_total counter"));
     assert!(text.contains("commission_ledger_group_commit_tries_total 0"));
+    // sled keeps up with five events: the syncer never waited for it
+    assert!(text.contains("# TYPE commission_ledger_index_waits_total counter"));
+    assert!(text.contains("commission_ledger_index_waits_total 0"));
     assert!(text.contains("# TYPE commission_ledger_checkpoint_seconds_total counter"));
     assert!(!text.contains("alice"), "no ids in labels");
     // August's close is owed by auto_close_day (this server's closer is off)

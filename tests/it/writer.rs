@@ -446,3 +446,59 @@ fn events_appended_are_counted_by_type_however_many_a_batch_holds() {
         t.head()
     );
 }
+
+/// With room for one group commit's index rows (`index_backlog` 1), the
+/// syncer waits for sled after every group commit that appended: every
+/// command is still answered, sled catches up to the head, and the keys it
+/// holds answer retries after a restart, with nothing appended twice.
+#[test]
+fn a_syncer_held_to_the_indexer_after_every_group_commit_loses_nothing() {
+    let mut t = TestLedger::new("hosting");
+    {
+        let mut config = t.config();
+        config.index_backlog = 1;
+        t.ledger = None;
+        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    }
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let program = t.program.clone();
+    let keyed = |who: u64, n: u64| {
+        Submission::new(Some(&program), "test", click(&code, format!("v-{who}-{n}")))
+            .idempotency_key(&format!("click-{who}-{n}"))
+    };
+    let stats = t.ledger().writer_stats();
+    let batches = stats.batches.load(Ordering::Relaxed);
+    let waits = stats.index_waits.load(Ordering::Relaxed);
+    assert_eq!(waits, batches, "the program and the enrolment waited too");
+    std::thread::scope(|scope| {
+        for who in 0..16 {
+            let (t, keyed) = (&t, &keyed);
+            scope.spawn(move || {
+                for n in 0..40 {
+                    let receipt = t.ledger().submit_blocking(keyed(who, n)).unwrap();
+                    assert!(!receipt.replayed);
+                }
+            });
+        }
+    });
+    let syncs = stats.batches.load(Ordering::Relaxed) - batches;
+    let waits = stats.index_waits.load(Ordering::Relaxed) - waits;
+    assert_eq!(waits, syncs, "one wait for the indexer per group commit");
+    let head = t.head();
+    assert_eq!(head, 2 + 16 * 40);
+    let waited = std::time::Instant::now();
+    while t.ledger().store_status().0 < head
+        && waited.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(t.ledger().store_status().0, head, "sled caught up");
+    t.reopen();
+    for (who, n) in [(0, 0), (7, 21), (15, 39)] {
+        let receipt = t.ledger().submit_blocking(keyed(who, n)).unwrap();
+        assert!(receipt.replayed, "click-{who}-{n} answered again");
+    }
+    assert_eq!(t.head(), head, "a retry appended nothing");
+    assert!(t.ledger().verify().unwrap().ok);
+}
