@@ -468,7 +468,16 @@ fn a_syncer_held_to_the_indexer_after_every_group_commit_loses_nothing() {
             .idempotency_key(&format!("click-{who}-{n}"))
     };
     let stats = t.ledger().writer_stats();
+    // The syncer hands a group commit to the indexer after it answers:
+    // its wait is counted a moment after the answer.
+    let settled = |what: &dyn Fn() -> bool| {
+        let waited = std::time::Instant::now();
+        while !what() && waited.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
     let batches = stats.batches.load(Ordering::Relaxed);
+    settled(&|| stats.index_waits.load(Ordering::Relaxed) == batches);
     let waits = stats.index_waits.load(Ordering::Relaxed);
     assert_eq!(waits, batches, "the program and the enrolment waited too");
     std::thread::scope(|scope| {
@@ -483,16 +492,12 @@ fn a_syncer_held_to_the_indexer_after_every_group_commit_loses_nothing() {
         }
     });
     let syncs = stats.batches.load(Ordering::Relaxed) - batches;
+    settled(&|| stats.index_waits.load(Ordering::Relaxed) - waits == syncs);
     let waits = stats.index_waits.load(Ordering::Relaxed) - waits;
     assert_eq!(waits, syncs, "one wait for the indexer per group commit");
     let head = t.head();
     assert_eq!(head, 2 + 16 * 40);
-    let waited = std::time::Instant::now();
-    while t.ledger().store_status().0 < head
-        && waited.elapsed() < std::time::Duration::from_secs(60)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    settled(&|| t.ledger().store_status().0 == head);
     assert_eq!(t.ledger().store_status().0, head, "sled caught up");
     t.reopen();
     for (who, n) in [(0, 0), (7, 21), (15, 39)] {
