@@ -361,16 +361,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             if !report.applied {
                 eprintln!(
-                    "seq {} on is damaged ({}): {} bytes would be set aside, keeping {} events; run again with --apply",
+                    "seq {} on is damaged ({}): {} bytes would be set aside ({} with the zero-filled space past them), keeping {} events; run again with --apply",
                     report.bad_seq.unwrap_or_default(),
                     report.problem.as_deref().unwrap_or_default(),
+                    report.set_aside_data_bytes,
                     report.set_aside_bytes,
                     report.events
                 );
                 return Ok(1);
             }
             eprintln!(
-                "set aside {} bytes from seq {} on in {}; the log keeps {} events, and the index is rebuilt at the next start",
+                "set aside {} bytes ({} with the zero-filled space past them) from seq {} on in {}; the log keeps {} events, and the index is rebuilt at the next start",
+                report.set_aside_data_bytes,
                 report.set_aside_bytes,
                 report.bad_seq.unwrap_or_default(),
                 report

@@ -4001,6 +4001,9 @@ pub struct RepairReport {
     /// Bytes from the bad record to the end of the log: its segment's rest
     /// and every later segment.
     pub set_aside_bytes: u64,
+    /// Of those, the bytes up to each file's last non-zero byte: without
+    /// the zero-filled space a segment grows by, what may hold records.
+    pub set_aside_data_bytes: u64,
     /// The later segments, which go aside whole.
     pub later_segments: Vec<PathBuf>,
     /// Where they went (with `apply`).
@@ -4034,6 +4037,7 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
         offset: None,
         problem: None,
         set_aside_bytes: 0,
+        set_aside_data_bytes: 0,
         later_segments: Vec::new(),
         set_aside_in: None,
         applied: false,
@@ -4079,8 +4083,10 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     let whole = offset <= log::SEGMENT_MAGIC.len() as u64;
     let cut_at = if whole { 0 } else { offset };
     report.set_aside_bytes = size(&segment)?.saturating_sub(cut_at);
+    report.set_aside_data_bytes = data_bytes(&segment, cut_at)?;
     for path in &report.later_segments {
         report.set_aside_bytes += size(path)?;
+        report.set_aside_data_bytes += data_bytes(path, 0)?;
     }
     report.repairable = undecodable != Some(seq);
     if !apply || !report.repairable {
@@ -4126,6 +4132,25 @@ pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerEr
     report.set_aside_in = Some(aside);
     report.applied = true;
     Ok(report)
+}
+
+/// The bytes of `path` from `from` up to its last non-zero byte.
+fn data_bytes(path: &Path, from: u64) -> Result<u64, LedgerError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).map_err(io_error(path))?;
+    file.seek(SeekFrom::Start(from)).map_err(io_error(path))?;
+    let mut chunk = vec![0u8; 1 << 16];
+    let (mut read, mut end) = (0u64, 0u64);
+    loop {
+        let n = file.read(&mut chunk).map_err(io_error(path))?;
+        if n == 0 {
+            return Ok(end);
+        }
+        if let Some(last) = chunk[..n].iter().rposition(|&b| b != 0) {
+            end = read + last as u64 + 1;
+        }
+        read += n as u64;
+    }
 }
 
 /// Copies the log (up to its last whole record) and the key secret to

@@ -544,6 +544,14 @@ fn repair_reports_a_damaged_stretch_and_sets_it_aside_so_the_ledger_starts_again
         found["set_aside_bytes"].as_u64(),
         Some((bytes.len() - third) as u64)
     );
+    // Of which data: up to the last non-zero byte, within the fifth
+    // record; the zero-filled space after it holds nothing.
+    let data_end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    assert!(data_end > segment_and_record(dir.path(), 5).2 && data_end < bytes.len());
+    assert_eq!(
+        found["set_aside_data_bytes"].as_u64(),
+        Some((data_end - third) as u64)
+    );
     assert!(stderr(&report).contains("--apply"), "{}", stderr(&report));
     assert_eq!(
         std::fs::read(&segment).unwrap(),

@@ -330,6 +330,17 @@ fn repair_sets_aside_the_rest_of_a_damaged_segment_and_every_later_one() {
         .iter()
         .map(|(_, p)| fs::metadata(p).unwrap().len())
         .sum();
+    // Up to the last non-zero byte: records, not the zero-filled space.
+    let data = |bytes: &[u8], from: usize| {
+        bytes[from..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |last| last as u64 + 1)
+    };
+    let later_data: u64 = segments[2..]
+        .iter()
+        .map(|(_, p)| data(&fs::read(p).unwrap(), 0))
+        .sum();
 
     let report = commission_ledger::ledger::repair_log(dir.path(), true).unwrap();
     assert_eq!(
@@ -342,6 +353,12 @@ fn repair_sets_aside_the_rest_of_a_damaged_segment_and_every_later_one() {
         (bytes.len() - at) as u64 + later,
         "the rest of the damaged segment and every later one"
     );
+    assert_eq!(
+        report.set_aside_data_bytes,
+        data(&bytes, at) + later_data,
+        "without the zero-filled space"
+    );
+    assert!(report.set_aside_data_bytes < report.set_aside_bytes);
     let aside = report.set_aside_in.unwrap();
     assert_eq!(fs::read_dir(&aside).unwrap().count(), segments.len() - 1);
     assert_eq!(
