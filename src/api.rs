@@ -329,6 +329,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
     );
     let _ = writeln!(
         out,
+        "# HELP commission_ledger_queue_wait_seconds_total Time commands waited for the writer, summed over commands (divided by commission_ledger_commands_total, the mean wait).\n# TYPE commission_ledger_queue_wait_seconds_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "commission_ledger_queue_wait_seconds_total {}",
+        seconds(load(&writer.queue_wait_us))
+    );
+    let _ = writeln!(
+        out,
         "# HELP commission_ledger_checkpoint_seconds_total Time building and saving checkpoints.\n# TYPE commission_ledger_checkpoint_seconds_total counter"
     );
     let _ = writeln!(

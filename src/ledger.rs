@@ -91,7 +91,8 @@ pub struct LedgerConfig {
     /// Group commits whose index rows (read anchors, idempotency keys) may
     /// wait for sled at once. Beyond it the syncer, and with it every
     /// submitter, waits for the indexer: sled trails the log by at most
-    /// this many group commits, and memory holds at most their rows.
+    /// this many group commits (at least 1), and memory holds at most
+    /// their rows.
     pub index_backlog: usize,
     /// Checkpoints kept for reads of the past besides the last one: the
     /// last of each month (UTC), the newest this many. Each is a whole
@@ -470,6 +471,8 @@ pub struct Receipt {
 }
 
 struct Job {
+    /// When the submitter queued it, for [`WriterStats::queue_wait_us`].
+    queued_at: Instant,
     submission: Submission,
     reply: oneshot::Sender<Result<Receipt, SubmitError>>,
 }
@@ -1375,6 +1378,10 @@ pub struct WriterStats {
     pub decide_us: AtomicU64,
     /// Time spent answering callers, in microseconds.
     pub reply_us: AtomicU64,
+    /// Time commands waited for the writer (from the submitter's call to
+    /// the start of their batch), summed over commands, in microseconds:
+    /// divided by `commands`, the mean wait.
+    pub queue_wait_us: AtomicU64,
     /// Whether submitters sync in two alternating halves now
     /// ([`LedgerConfig::group_commit_halves`]).
     pub group_commit_halves: AtomicBool,
@@ -1795,7 +1802,11 @@ impl Ledger {
         let _active = InFlight::enter(&self.inner.in_flight);
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Job { submission, reply })
+            .send(Job {
+                queued_at: Instant::now(),
+                submission,
+                reply,
+            })
             .await
             .map_err(|_| SubmitError::Stopped)?;
         answer.await.map_err(|_| SubmitError::Stopped)?
@@ -1812,7 +1823,12 @@ impl Ledger {
         let mut answers = Vec::with_capacity(submissions.len());
         for submission in submissions {
             let (reply, answer) = oneshot::channel();
-            match self.queue.send(Job { submission, reply }).await {
+            let job = Job {
+                queued_at: Instant::now(),
+                submission,
+                reply,
+            };
+            match self.queue.send(job).await {
                 Ok(()) => answers.push(Some(answer)),
                 Err(_) => answers.push(None),
             }
@@ -1832,7 +1848,11 @@ impl Ledger {
         let _active = InFlight::enter(&self.inner.in_flight);
         let (reply, answer) = oneshot::channel();
         self.queue
-            .blocking_send(Job { submission, reply })
+            .blocking_send(Job {
+                queued_at: Instant::now(),
+                submission,
+                reply,
+            })
             .map_err(|_| SubmitError::Stopped)?;
         answer.blocking_recv().map_err(|_| SubmitError::Stopped)?
     }
@@ -3391,6 +3411,14 @@ fn decide_batch(
     ids.stamp(now);
     let mut unframed = log::Unframed::with_capacity(commands);
     let mut answers = Vec::with_capacity(commands);
+    let waited: std::time::Duration = batch
+        .iter()
+        .map(|job| started.saturating_duration_since(job.queued_at))
+        .sum();
+    inner
+        .stats
+        .queue_wait_us
+        .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
     for job in batch.drain(..) {
         let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut unframed);
         if let Answer::Done(Ok(receipt)) = &answer {

@@ -1153,8 +1153,10 @@ fn main() {
             let s = ledger.writer_stats();
             let batches = s.batches.load(Ordering::Relaxed).max(1);
             println!(
-                "batches {batches}, commands/batch {:.1}, per batch: decide {} us, write+sync {} us, reply {} us; in halves at the end: {}",
+                "batches {batches}, commands/batch {:.1}, mean wait for the writer {:.1} us, per batch: decide {} us, write+sync {} us, reply {} us; in halves at the end: {}",
                 s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
+                s.queue_wait_us.load(Ordering::Relaxed) as f64
+                    / s.commands.load(Ordering::Relaxed).max(1) as f64,
                 s.decide_us.load(Ordering::Relaxed) / batches,
                 s.sync_us.load(Ordering::Relaxed) / batches,
                 s.reply_us.load(Ordering::Relaxed) / batches,

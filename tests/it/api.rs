@@ -1528,6 +1528,8 @@ fn metrics_count_requests_by_route_and_status_and_the_writer() {
     assert!(text.contains("# TYPE commission_ledger_index_waits_total counter"));
     assert!(text.contains("commission_ledger_index_waits_total 0"));
     assert!(text.contains("# TYPE commission_ledger_checkpoint_seconds_total counter"));
+    assert!(text.contains("# TYPE commission_ledger_queue_wait_seconds_total counter"));
+    assert!(text.contains("\ncommission_ledger_queue_wait_seconds_total 0."));
     assert!(!text.contains("alice"), "no ids in labels");
     // August's close is owed by auto_close_day (this server's closer is off)
     assert!(text.contains("commission_ledger_auto_close_owed 0"));

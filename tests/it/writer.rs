@@ -434,6 +434,8 @@ fn events_appended_are_counted_by_type_however_many_a_batch_holds() {
     let code = t.enroll("alice").referral_code;
     click_burst(&t, &code, 0, 3_000);
     let stats = t.ledger().writer_stats();
+    // Most of the burst waited for the batches before its own.
+    assert!(stats.queue_wait_us.load(Ordering::Relaxed) > 0);
     let by_type = stats.events_by_type.lock().unwrap().clone();
     assert_eq!(by_type.get("ClickRecorded"), Some(&3_000));
     assert_eq!(by_type.get("ProgramDefined"), Some(&1));
