@@ -204,3 +204,26 @@ fn dependencies_point_down_only() {
         }
     }
 }
+
+/// The README's commands run the server with a bare `cargo run`: with the
+/// tools beside it, Cargo must be told which binary that is.
+#[test]
+fn a_bare_cargo_run_runs_the_server() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let manifest = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    assert!(readme.contains("\ncargo run --release -- serve\n"));
+    let bins = manifest.matches("[[bin]]").count();
+    assert!(bins > 1, "the tools are binaries too");
+    let package = manifest.split("\n[").next().unwrap();
+    assert!(
+        package
+            .lines()
+            .any(|l| l.trim() == "default-run = \"commission-ledger\""),
+        "Cargo.toml's [package] names the server as default-run"
+    );
+    let first_bin = manifest.split("[[bin]]").nth(1).unwrap();
+    assert!(
+        first_bin.contains("name = \"commission-ledger\"") && first_bin.contains("src/main.rs")
+    );
+}
