@@ -908,13 +908,34 @@ fn close(dir: &Path, customers: u64) {
         stats.decide_us.load(Ordering::Relaxed),
         stats.sync_us.load(Ordering::Relaxed),
     );
+    // A portal reading another affiliate's balance in a loop meanwhile:
+    // its longest read is how long the close kept readers out.
+    let closing = AtomicBool::new(true);
+    let other = AffiliateId::parse("aff-8").unwrap_or_else(|e| fail(&e.to_string()));
     let start = Instant::now();
-    many(vec![(Command::CloseMonth { month }, None)]);
+    let longest_read = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut longest = Duration::ZERO;
+            while closing.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if let Err(e) = ledger.balance(&p, &other, None) {
+                    fail(&e.to_string());
+                }
+                longest = longest.max(t.elapsed());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            longest
+        });
+        many(vec![(Command::CloseMonth { month }, None)]);
+        closing.store(false, Ordering::Relaxed);
+        reader.join().unwrap_or_default()
+    });
     println!(
-        "closing {month}: {events} events computed in {computed:.0} ms; submitted and durable in {:.0} ms (the writer deciding {} ms, holding the state; write + fdatasync {} ms)",
+        "closing {month}: {events} events computed in {computed:.0} ms; submitted and durable in {:.0} ms (the writer deciding {} ms; write + fdatasync {} ms); a reader's longest balance read meanwhile {:.0} ms",
         start.elapsed().as_secs_f64() * 1000.0,
         (stats.decide_us.load(Ordering::Relaxed) - decided) / 1000,
         (stats.sync_us.load(Ordering::Relaxed) - synced) / 1000,
+        longest_read.as_secs_f64() * 1000.0,
     );
 }
 
