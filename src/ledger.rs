@@ -3316,20 +3316,24 @@ fn writer_loop(
                 max_batch,
             );
             take_waiting(&mut jobs, &mut batch, most);
-            let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
-            // Only a batch that appended something can make one due.
-            let head = decided.framed.as_ref().map(|f| f.head.seq);
-            pipeline.push(decided, 2 * max_batch);
-            let (Some(head), Some(ask)) = (head, &ask) else {
-                continue;
-            };
-            // Under load that leaves no lull: forced.
-            let checkpointed = inner.checkpointed.load(Ordering::Acquire);
-            if policy.due(head, checkpointed, false)
-                && start_building(building)
-                && ask.try_send(head).is_err()
-            {
-                building.store(false, Ordering::Release);
+            // A month close is decided in a batch of its own (see
+            // `decide_batch`): the commands taken may make several.
+            while !batch.is_empty() {
+                let decided = decide_batch(inner, &mut framer, &mut batch, &mut ids);
+                // Only a batch that appended something can make one due.
+                let head = decided.framed.as_ref().map(|f| f.head.seq);
+                pipeline.push(decided, 2 * max_batch);
+                let (Some(head), Some(ask)) = (head, &ask) else {
+                    continue;
+                };
+                // Under load that leaves no lull: forced.
+                let checkpointed = inner.checkpointed.load(Ordering::Acquire);
+                if policy.due(head, checkpointed, false)
+                    && start_building(building)
+                    && ask.try_send(head).is_err()
+                {
+                    building.store(false, Ordering::Release);
+                }
             }
         }
         pipeline.close();
@@ -3391,8 +3395,19 @@ fn checkpoint_builder_loop(
     }
 }
 
-/// Decides a batch of commands under the state's write lock and frames the
-/// records of those accepted.
+/// A command whose decision reads much of the state (a month close: every
+/// line of the month), decided in a batch of its own.
+fn decided_alone(command: &Command) -> bool {
+    matches!(command, Command::CloseMonth { .. })
+}
+
+/// Decides the commands at the front of `batch` under the state's write
+/// lock and frames the records of those accepted: every command before the
+/// first month close, or that close alone. A close is decided and encoded
+/// under an upgradable read lock, which lets readers go on reading the
+/// state before it, and applied once the lock is upgraded: a close of
+/// 100,000 customers' lines (300,001 events) spends about half of its
+/// time there (`ledger-load close`).
 fn decide_batch(
     inner: &Inner,
     framer: &mut log::Framer,
@@ -3400,18 +3415,47 @@ fn decide_batch(
     ids: &mut WriterIds,
 ) -> Decided {
     let started = Instant::now();
-    let commands = batch.len();
+    let alone = batch
+        .first()
+        .is_some_and(|job| decided_alone(&job.submission.command));
+    let commands = if alone {
+        1
+    } else {
+        batch
+            .iter()
+            .position(|job| decided_alone(&job.submission.command))
+            .unwrap_or(batch.len())
+    };
     // Events appended, by type: a batch holds a few types, so a short list
     // searched by the name's address, merged into the shared map once.
     let mut appended_types: Vec<(&'static str, u64)> = Vec::new();
-    let mut state = inner.state.write();
+    let mut unframed = log::Unframed::with_capacity(commands);
+    let mut decided_first = None;
+    let (mut state, now) = if alone {
+        let read = inner.state.upgradable_read();
+        let now = (inner.clock)().max(read.last_recorded_at);
+        ids.stamp(now);
+        if let Some(job) = batch.first() {
+            decided_first = Some(decide_events(
+                inner,
+                &read,
+                &job.submission,
+                now,
+                ids,
+                &mut unframed,
+            ));
+        }
+        (parking_lot::RwLockUpgradableReadGuard::upgrade(read), now)
+    } else {
+        let state = inner.state.write();
+        let now = (inner.clock)().max(state.last_recorded_at);
+        ids.stamp(now);
+        (state, now)
+    };
     let indexed = inner.indexed.load(Ordering::Acquire);
     state.prune(indexed);
-    let now = (inner.clock)().max(state.last_recorded_at);
-    ids.stamp(now);
-    let mut unframed = log::Unframed::with_capacity(commands);
     let mut answers = Vec::with_capacity(commands);
-    let waited: std::time::Duration = batch
+    let waited: std::time::Duration = batch[..commands]
         .iter()
         .map(|job| started.saturating_duration_since(job.queued_at))
         .sum();
@@ -3419,8 +3463,11 @@ fn decide_batch(
         .stats
         .queue_wait_us
         .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-    for job in batch.drain(..) {
-        let answer = decide_one(inner, &mut state, &job.submission, now, ids, &mut unframed);
+    for job in batch.drain(..commands) {
+        let answer = match decided_first.take() {
+            Some(decided) => apply_decided(&mut state, decided),
+            None => decide_one(inner, &mut state, &job.submission, now, ids, &mut unframed),
+        };
         if let Answer::Done(Ok(receipt)) = &answer {
             for name in receipt.events.iter().map(|r| r.event.type_name()) {
                 match appended_types
@@ -3718,20 +3765,53 @@ fn decide_one(
     ids: &mut WriterIds,
     unframed: &mut log::Unframed,
 ) -> Answer {
+    let decided = decide_events(inner, state, submission, now, ids, unframed);
+    apply_decided(state, decided)
+}
+
+/// Applies the events a command was decided to append, or gives the
+/// answer it was decided to get instead.
+fn apply_decided(state: &mut State, decided: Result<Vec<Recorded>, Answer>) -> Answer {
+    let recorded = match decided {
+        Ok(recorded) => recorded,
+        Err(answer) => return answer,
+    };
+    for r in &recorded {
+        state.apply(r);
+    }
+    // The head seq moves when the batch is durable; decisions later in this
+    // batch see the events through the model and count them via `unframed`.
+    Answer::Done(Ok(Receipt {
+        events: recorded,
+        noop: None,
+        replayed: false,
+    }))
+}
+
+/// Decides a command against `state` without changing it: the events to
+/// append, laid out in `unframed`, or the answer it gets instead.
+fn decide_events(
+    inner: &Inner,
+    state: &State,
+    submission: &Submission,
+    now: Timestamp,
+    ids: &mut WriterIds,
+    unframed: &mut log::Unframed,
+) -> Result<Vec<Recorded>, Answer> {
     let known = submission.idempotency.as_ref().and_then(|idem| {
         let row = state.recent_keys.get(&idem.key).copied();
         row.or_else(|| inner.store.idempotency_key(&idem.key).ok().flatten())
             .map(|row| (idem, row))
     });
     if let Some((idem, entry)) = known {
-        return if entry.request_hash == idem.request_hash {
+        return Err(if entry.request_hash == idem.request_hash {
             Answer::Replay {
                 first_seq: entry.first_seq,
                 count: entry.count,
             }
         } else {
             Answer::Done(Err(SubmitError::IdempotencyConflict(idem.key.clone())))
-        };
+        });
     }
     let at = submission.at.unwrap_or(now);
     let next_seq = state.head.seq + unframed.len() as u64 + 1;
@@ -3745,13 +3825,13 @@ fn decide_one(
     let events = match rules::decide(&state.model, &ctx, &submission.command, ids) {
         Ok(Decision::Append(events)) => events,
         Ok(Decision::Noop(noop)) => {
-            return Answer::Done(Ok(Receipt {
+            return Err(Answer::Done(Ok(Receipt {
                 events: Vec::new(),
                 noop: Some(noop),
                 replayed: false,
-            }));
+            })));
         }
-        Err(rejection) => return Answer::Done(Err(SubmitError::Rejected(rejection))),
+        Err(rejection) => return Err(Answer::Done(Err(SubmitError::Rejected(rejection)))),
     };
     let program = if submission.command.needs_program() {
         submission.program.clone()
@@ -3778,22 +3858,16 @@ fn decide_one(
             Some(len) if len + 64 <= log::MAX_RECORD_LEN => {}
             _ => {
                 unframed.cut_to(mark);
-                return Answer::Done(Err(SubmitError::Rejected(Rejection::Invalid(
-                    InvalidValue::new("body", "the event is too large to record"),
+                return Err(Answer::Done(Err(SubmitError::Rejected(
+                    Rejection::Invalid(InvalidValue::new(
+                        "body",
+                        "the event is too large to record",
+                    )),
                 ))));
             }
         }
     }
-    for r in &recorded {
-        state.apply(r);
-    }
-    // The head seq moves when the batch is durable; decisions later in this
-    // batch see the events through the model and count them via `unframed`.
-    Answer::Done(Ok(Receipt {
-        events: recorded,
-        noop: None,
-        replayed: false,
-    }))
+    Ok(recorded)
 }
 
 // ---------------------------------------------------------------------------

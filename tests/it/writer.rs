@@ -509,3 +509,90 @@ fn a_syncer_held_to_the_indexer_after_every_group_commit_loses_nothing() {
     assert_eq!(t.head(), head, "a retry appended nothing");
     assert!(t.ledger().verify().unwrap().ok);
 }
+
+/// A month close that comes with other commands in one take of the queue
+/// is decided in a batch of its own (readers go on reading while it is
+/// computed): the commands around it keep their log order, the close
+/// rewards the line before it, and the line after it waits for the next
+/// close, rewarded late.
+#[test]
+fn a_close_among_other_commands_keeps_their_log_order() {
+    use commission_ledger::events::Event;
+    use commission_ledger::events::LineKind;
+    let t = TestLedger::new_at("hosting", "2026-08-01T09:00:00Z");
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    t.click("2026-08-02T10:00:00Z", &code, "v-1");
+    t.signup("2026-08-02T10:05:00Z", "cust-1", Some("v-1"), None);
+    t.set_now("2026-09-01T02:00:00Z");
+    let line = |id: &str| {
+        Submission::new(
+            Some(&t.program),
+            "test",
+            Command::RecordBasisLine {
+                kind: LineKind::Expense,
+                id: line(id),
+                customer_id: cust("cust-1"),
+                amount: "100.00".into(),
+                currency: "USD".into(),
+                product: None,
+                order_id: None,
+            },
+        )
+        .at(ts("2026-08-20T12:00:00Z"))
+    };
+    let close = Submission::new(
+        Some(&t.program),
+        "test",
+        Command::CloseMonth {
+            month: month("2026-08"),
+        },
+    );
+    let head = t.head();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let answers = runtime.block_on(t.ledger().submit_many(vec![
+        line("before"),
+        close,
+        line("after"),
+        Submission::new(Some(&t.program), "test", click(&code, "v-2".into())),
+    ]));
+    let seqs: Vec<Vec<u64>> = answers
+        .into_iter()
+        .map(|a| a.unwrap().events.iter().map(|r| r.seq).collect())
+        .collect();
+    // before, the close (its reward and MonthClosed), after, the click
+    assert_eq!(
+        seqs,
+        vec![
+            vec![head + 1],
+            vec![head + 2, head + 3],
+            vec![head + 4],
+            vec![head + 5]
+        ]
+    );
+    let closed = t.ledger().events_range(head + 2, head + 3).unwrap();
+    match (&closed[0].event, &closed[1].event) {
+        (Event::RewardAccrued(reward), Event::MonthClosed(_)) => {
+            assert_eq!(reward.amount.to_string(), "20.00");
+            assert_eq!(reward.line.as_str(), "before");
+        }
+        other => panic!("not the close of `before`: {other:?}"),
+    }
+    t.set_now("2026-10-01T02:00:00Z");
+    let head = t.head();
+    t.close("2026-09");
+    let late: Vec<_> = t
+        .ledger()
+        .events_range(head + 1, t.head())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::RewardAccrued(e) => Some((e.amount.to_string(), e.late)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(late, vec![("20.00".to_string(), true)], "`after`, late");
+    assert!(t.ledger().verify().unwrap().ok);
+}
