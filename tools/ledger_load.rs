@@ -1255,8 +1255,9 @@ fn main() {
             println!(
                 "RSS: decoded events {} MiB, + model {} MiB, + projections {} MiB",
                 rss_events / 1024,
-                (rss_model - rss_events) / 1024,
-                (rss_views - rss_model) / 1024
+                // RSS can shrink as the allocator returns pages.
+                rss_model.saturating_sub(rss_events) / 1024,
+                rss_views.saturating_sub(rss_model) / 1024
             );
         }
         "scan" => {
