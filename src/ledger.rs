@@ -13,7 +13,7 @@
 //! just answered, so that they share one `fdatasync`; where that carries
 //! more (a fast disk, many submitters, idle cores), it syncs them in two
 //! alternating halves instead, one half decided while the other syncs
-//! (chosen by trying, [`GroupCommit`]). A failed write or
+//! (chosen by trying, `GroupCommit`). A failed write or
 //! sync stops the process: nothing unacknowledged is ever served, nothing
 //! acknowledged is ever lost.
 //!
@@ -205,7 +205,7 @@ pub const HISTORY_WAITING: usize = 32;
 /// Verifications (`GET /v1/verify`) and what-if replays (computing one,
 /// reading back an applied one, applying one) that may wait for their
 /// turn; one more is refused as busy. Each reads the whole log into a
-/// state of its own, so they run one at a time ([`WholeLogTurns`]).
+/// state of its own, so they run one at a time (`WholeLogTurns`).
 pub const WHOLE_LOG_WAITING: usize = 8;
 
 /// One whole-log job at a time, and at most [`WHOLE_LOG_WAITING`] waiting.

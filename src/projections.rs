@@ -924,7 +924,7 @@ impl ReferralCursor {
         self.sort
     }
 
-    /// Reads a cursor [`Self::to_string`] wrote; `None` when it is not one.
+    /// Reads a cursor its `Display` form wrote; `None` when it is not one.
     pub fn parse(text: &str) -> Option<ReferralCursor> {
         let mut parts = text.splitn(3, '~');
         let (sort, key, customer) = (parts.next()?, parts.next()?, parts.next()?);
