@@ -3069,8 +3069,13 @@ const LINGER_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_micros(
 
 /// How long the ledger must have been quiet (no event made durable, no
 /// submitter waiting) before the checkpoint builder makes a checkpoint that
-/// is due but not yet forced; also how often it looks.
+/// is due but not yet forced; also how often it looks while one is due.
 const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// While no checkpoint would be due even in a lull, the checkpoint builder
+/// looks half as often each time, down to once per this: an idle server
+/// wakes it about once a second, not 50 times.
+const LOOK_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The nice value of the checkpoint builder: when the cores are busy
 /// (batch ingest), the threads that answer requests come first, and a
@@ -3371,8 +3376,9 @@ fn checkpoint_builder_loop(
 ) {
     let building = &inner.stats.checkpoint_building;
     let mut seen = inner.durable.load(Ordering::Acquire);
+    let mut look = QUIET;
     loop {
-        let target = match asked.recv_timeout(QUIET) {
+        let target = match asked.recv_timeout(look) {
             Ok(target) => target,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -3380,12 +3386,19 @@ fn checkpoint_builder_loop(
                 let quiet = head == seen && inner.in_flight.load(Ordering::Acquire) == 0;
                 seen = head;
                 let checkpointed = inner.checkpointed.load(Ordering::Acquire);
+                // Until one would be due in a lull, look less and less often.
+                look = if policy.due(head, checkpointed, true) {
+                    QUIET
+                } else {
+                    (look * 2).min(LOOK_AT_MOST_EVERY)
+                };
                 if !(quiet && policy.due(head, checkpointed, true) && start_building(building)) {
                     continue;
                 }
                 head
             }
         };
+        look = QUIET;
         inner.wait_durable(target);
         if let Some(built) = build_checkpoint(inner, target, cancel) {
             save_checkpoint(inner, built);
