@@ -458,11 +458,14 @@ fn bench(dir: &Path, events: u64) {
         )
         .acknowledged;
         let rate = n as f64 / start.elapsed().as_secs_f64();
+        let stats = ledger.writer_stats();
+        let waited = stats.queue_wait_us.load(Ordering::Relaxed) as f64
+            / stats.commands.load(Ordering::Relaxed).max(1) as f64;
         let appended = bare(dir, &record, submitters, seconds, false);
         let preallocated = bare(dir, &record, submitters, seconds, true);
         let grouped = bare_group(dir, &record, submitters, seconds);
         println!(
-            "submitters {submitters:>2}: writer {rate:>7.0} events/s | bare ceiling, batch {submitters}: appending {appended:>7.0}/s (ratio {:.2}), into preallocated space {preallocated:>7.0}/s (ratio {:.2}) | bare group commit behind the same submitters {grouped:>7.0}/s (ratio {:.2})",
+            "submitters {submitters:>2}: writer {rate:>7.0} events/s (mean wait for the writer {waited:.0} us) | bare ceiling, batch {submitters}: appending {appended:>7.0}/s (ratio {:.2}), into preallocated space {preallocated:>7.0}/s (ratio {:.2}) | bare group commit behind the same submitters {grouped:>7.0}/s (ratio {:.2})",
             rate / appended,
             rate / preallocated,
             rate / grouped
