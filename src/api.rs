@@ -318,33 +318,31 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP commission_ledger_write_sync_seconds_total Time in write + fdatasync.\n# TYPE commission_ledger_write_sync_seconds_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "commission_ledger_write_sync_seconds_total {}",
-        seconds(load(&writer.sync_us))
-    );
-    let _ = writeln!(
-        out,
-        "# HELP commission_ledger_queue_wait_seconds_total Time commands waited for the writer, summed over commands (divided by commission_ledger_commands_total, the mean wait).\n# TYPE commission_ledger_queue_wait_seconds_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "commission_ledger_queue_wait_seconds_total {}",
-        seconds(load(&writer.queue_wait_us))
-    );
-    let _ = writeln!(
-        out,
-        "# HELP commission_ledger_checkpoint_seconds_total Time building and saving checkpoints.\n# TYPE commission_ledger_checkpoint_seconds_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "commission_ledger_checkpoint_seconds_total {}",
-        seconds(load(&writer.checkpoint_us))
-    );
+    // Times kept in microseconds, exported in seconds.
+    let times = [
+        (
+            "commission_ledger_write_sync_seconds_total",
+            "Time in write + fdatasync.",
+            load(&writer.sync_us),
+        ),
+        (
+            "commission_ledger_queue_wait_seconds_total",
+            "Time commands waited for the writer, summed over commands (divided by commission_ledger_commands_total, the mean wait).",
+            load(&writer.queue_wait_us),
+        ),
+        (
+            "commission_ledger_checkpoint_seconds_total",
+            "Time building and saving checkpoints.",
+            load(&writer.checkpoint_us),
+        ),
+    ];
+    for (name, help, micros) in times {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            seconds(micros)
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP commission_ledger_events_appended_total Events appended, by type.\n# TYPE commission_ledger_events_appended_total counter"

@@ -288,6 +288,12 @@ fn crash(dir: &Path, submitters: usize, seconds: u64, checkpoint_every: u64) {
     );
 }
 
+/// The mean time a command waited for the writer so far, in microseconds.
+fn mean_queue_wait_us(stats: &commission_ledger::ledger::WriterStats) -> f64 {
+    stats.queue_wait_us.load(Ordering::Relaxed) as f64
+        / stats.commands.load(Ordering::Relaxed).max(1) as f64
+}
+
 fn rss_kib() -> u64 {
     status_kib("VmRSS:")
 }
@@ -458,9 +464,7 @@ fn bench(dir: &Path, events: u64) {
         )
         .acknowledged;
         let rate = n as f64 / start.elapsed().as_secs_f64();
-        let stats = ledger.writer_stats();
-        let waited = stats.queue_wait_us.load(Ordering::Relaxed) as f64
-            / stats.commands.load(Ordering::Relaxed).max(1) as f64;
+        let waited = mean_queue_wait_us(ledger.writer_stats());
         let appended = bare(dir, &record, submitters, seconds, false);
         let preallocated = bare(dir, &record, submitters, seconds, true);
         let grouped = bare_group(dir, &record, submitters, seconds);
@@ -1186,8 +1190,7 @@ fn main() {
             println!(
                 "batches {batches}, commands/batch {:.1}, mean wait for the writer {:.1} us, per batch: decide {} us, write+sync {} us, reply {} us; in halves at the end: {}",
                 s.commands.load(Ordering::Relaxed) as f64 / batches as f64,
-                s.queue_wait_us.load(Ordering::Relaxed) as f64
-                    / s.commands.load(Ordering::Relaxed).max(1) as f64,
+                mean_queue_wait_us(s),
                 s.decide_us.load(Ordering::Relaxed) / batches,
                 s.sync_us.load(Ordering::Relaxed) / batches,
                 s.reply_us.load(Ordering::Relaxed) / batches,
