@@ -672,10 +672,12 @@ pub struct ProgramRules {
     pub tiers: Vec<Tier>,
     #[serde(default)]
     #[schemars(with = "Option<String>")]
+    #[serde(deserialize_with = "bounded_optional_amount")]
     pub bounty: Option<Decimal>,
     #[serde(default)]
     pub term: Term,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub payout_threshold: Decimal,
     #[serde(default)]
     pub promo_code_template: Option<String>,
@@ -689,6 +691,39 @@ pub struct ProgramRules {
 
 /// The longest free text (names, reasons, references) the ledger keeps.
 pub const MAX_TEXT_LEN: usize = 500;
+
+/// The largest amount, either sign, that an event (or a program's rules)
+/// may carry: 10^18. An amount from outside has at most 15 integer digits,
+/// and what the rules make of them (rewards, a close's total, adjustments)
+/// stays below this; an amount past it does not decode, so neither an
+/// import nor a damaged log can hand the fold a sum that overflows: 7.9·10^10
+/// events at the bound still add up inside a `Decimal` (±7.9·10^28).
+pub const MAX_EVENT_AMOUNT: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0);
+
+/// Refuses an amount whose magnitude is past [`MAX_EVENT_AMOUNT`].
+pub fn check_event_amount(amount: Decimal) -> Result<Decimal, InvalidValue> {
+    if amount.abs() > MAX_EVENT_AMOUNT {
+        return Err(InvalidValue::new(
+            "amount",
+            format!("{amount} is beyond ±{MAX_EVENT_AMOUNT}, the most an event may carry"),
+        ));
+    }
+    Ok(amount)
+}
+
+fn bounded_amount<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+    check_event_amount(<Decimal as Deserialize>::deserialize(deserializer)?)
+        .map_err(serde::de::Error::custom)
+}
+
+fn bounded_optional_amount<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Decimal>, D::Error> {
+    Option::<Decimal>::deserialize(deserializer)?
+        .map(check_event_amount)
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}
 
 impl ProgramRules {
     /// Checks everything a type cannot: the zone exists, amounts fit the
@@ -709,14 +744,14 @@ impl ProgramRules {
         }
         if let Some(bounty) = self.bounty {
             self.currency
-                .check_scale(bounty)
+                .check_amount(bounty)
                 .map_err(|e| InvalidValue::new("bounty", e.to_string()))?;
             if bounty <= Decimal::ZERO {
                 return Err(InvalidValue::new("bounty", "must be greater than zero"));
             }
         }
         self.currency
-            .check_scale(self.payout_threshold)
+            .check_amount(self.payout_threshold)
             .map_err(|e| InvalidValue::new("payout_threshold", e.to_string()))?;
         if self.payout_threshold < Decimal::ZERO {
             return Err(InvalidValue::new(
@@ -917,6 +952,7 @@ pub struct BasisLineRecorded {
     pub id: LineId,
     pub customer_id: CustomerId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub product: Option<String>,
     pub order_id: Option<String>,
@@ -929,6 +965,7 @@ pub struct RefundRecorded {
     pub customer_id: CustomerId,
     pub refunds: LineId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
 }
 
@@ -958,9 +995,11 @@ pub struct RewardAccrued {
     /// When the basis line happened.
     pub line_at: Timestamp,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub basis: Decimal,
     pub rate: Rate,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     /// The month whose close posted it: the statement it appears on.
     pub month: Month,
@@ -978,9 +1017,11 @@ pub struct RewardClawedBack {
     pub product: Option<String>,
     pub refund_at: Timestamp,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub basis: Decimal,
     pub rate: Rate,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub month: Month,
     pub late: bool,
@@ -993,6 +1034,7 @@ pub struct MonthClosed {
     pub rewards: u32,
     /// Rewards and bounties less clawbacks posted by this close.
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub total: Decimal,
 }
 
@@ -1001,6 +1043,7 @@ pub struct WithdrawalRequested {
     pub withdrawal_id: Uuid,
     pub affiliate_id: AffiliateId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
 }
 
@@ -1009,6 +1052,7 @@ pub struct WithdrawalPaid {
     pub withdrawal_id: Uuid,
     pub affiliate_id: AffiliateId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub reference: String,
 }
@@ -1019,6 +1063,7 @@ pub struct WithdrawalRejected {
     pub withdrawal_id: Uuid,
     pub affiliate_id: AffiliateId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub reason: String,
 }
@@ -1028,6 +1073,7 @@ pub struct WithdrawalRejected {
 pub struct CreditApplied {
     pub affiliate_id: AffiliateId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub invoice_id: String,
 }
@@ -1052,6 +1098,7 @@ pub struct AdjustmentPosted {
     pub line: Option<LineId>,
     /// Positive credits the affiliate, negative debits.
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     pub month: Month,
     pub cause: Cause,
@@ -1135,6 +1182,7 @@ pub struct ReplayChange {
     /// The basis line (or, for a claw-back, the refund) behind the amount.
     pub line: Option<LineId>,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
 }
 
@@ -1238,10 +1286,13 @@ pub struct CorrectedReward {
     pub affiliate_id: AffiliateId,
     pub rate: Rate,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub refunded: Decimal,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub clawed: Decimal,
 }
 
@@ -1269,6 +1320,7 @@ pub struct AttributedFrom {
 pub struct CorrectedBounty {
     pub affiliate_id: AffiliateId,
     #[schemars(with = "String")]
+    #[serde(deserialize_with = "bounded_amount")]
     pub amount: Decimal,
     /// The moment of the line it was paid with.
     pub line_at: Timestamp,

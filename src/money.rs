@@ -24,6 +24,8 @@ pub enum MoneyError {
     },
     #[error("the amount must be greater than zero, got {0}")]
     NotPositive(String),
+    #[error("an amount has at most 15 integer digits, got {0}")]
+    TooLarge(String),
     #[error("a rate is a percent from 0 to 100, got {0}")]
     RateOutOfRange(String),
 }
@@ -162,6 +164,16 @@ impl Currency {
             });
         }
         Ok(())
+    }
+
+    /// Checks an amount that arrived as a number rather than as text (a
+    /// program's bounty and threshold) as [`Self::parse_amount`] checks text:
+    /// at most [`MAX_INTEGER_DIGITS`] integer digits and the minor unit.
+    pub fn check_amount(&self, amount: Decimal) -> Result<(), MoneyError> {
+        if amount.abs().trunc().to_string().len() > MAX_INTEGER_DIGITS {
+            return Err(MoneyError::TooLarge(amount.to_string()));
+        }
+        self.check_scale(amount)
     }
 
     /// Rounds half-to-even (banker's rounding) to the minor unit: the one

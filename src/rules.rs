@@ -1942,10 +1942,15 @@ pub fn decide(
                     _ => {}
                 }
             }
+            // Each reward is of one line, but a close adds them all: a
+            // total no event may carry is refused, not recorded.
+            let total = check_event_amount(rules.currency.round_half_even(total)).map_err(|e| {
+                InvalidValue::new("month", format!("the close's total {}", e.message))
+            })?;
             events.push(Event::MonthClosed(MonthClosed {
                 month: *month,
                 rewards,
-                total: rules.currency.round_half_even(total),
+                total,
             }));
             append(events)
         }

@@ -733,6 +733,26 @@ fn bad_input_gets_a_problem_and_appends_nothing() {
         assert!(!problem["detail"].as_str().unwrap().is_empty());
         assert_eq!(app.head(), head, "{path} {body} appended");
     }
+    // A program's bounty and threshold are held to what every amount is:
+    // at most 15 integer digits (two bounties past that overflowed a
+    // balance's pending estimate), and none past what an event may carry.
+    for field in ["bounty", "payout_threshold"] {
+        for (amount, status, kind) in [
+            ("1000000000000000", 422, "invalid-value"),
+            ("79228162514264337593543950335", 400, "malformed"),
+        ] {
+            let mut rules = hosting_rules();
+            rules[field] = json!(amount);
+            let (got, problem) = app.put_program("hosting", rules);
+            assert_eq!(got, status, "{field} {amount}: {problem}");
+            assert_eq!(
+                problem["type"],
+                format!("https://commission-ledger.dev/problems/{kind}"),
+                "{field} {amount}: {problem}"
+            );
+            assert_eq!(app.head(), head, "{field} {amount} appended");
+        }
+    }
     // not JSON at all, and a body over the 1 MiB limit
     let raw = |body: Vec<u8>| {
         app.client

@@ -612,3 +612,126 @@ fn repair_leaves_an_intact_record_it_cannot_decode_and_says_so() {
     assert!(!dir.path().join("damaged").exists());
     assert_eq!(std::fs::read(&segment).unwrap(), before);
 }
+
+/// `import` checks an export's frame (seqs, times, the hash chain, which
+/// anyone can recompute), so it must also refuse an event the ledger could
+/// not hold: amounts past [`commission_ledger::events::MAX_EVENT_AMOUNT`]
+/// would overflow the sums a start folds (found by `tools/fuzz`). A log
+/// holding one anyway, written by other means, is reported, never served.
+#[test]
+fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
+    use commission_ledger::events::{Event, MAX_EVENT_AMOUNT, Recorded};
+    use commission_ledger::ledger::{ExportLine, Ledger, LedgerConfig, Submission};
+    use commission_ledger::rules::Command as C;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    {
+        let ledger = Ledger::open(LedgerConfig::new(&source)).unwrap();
+        let program = commission_ledger::events::ProgramId::parse("hosting").unwrap();
+        let submit = |at: &str, c| {
+            let s = Submission::new(Some(&program), "test", c).at(Timestamp::parse(at).unwrap());
+            ledger.submit_blocking(s).unwrap()
+        };
+        let rules = crate::support::rules("hosting", serde_json::json!({}));
+        let define = C::DefineProgram {
+            rules: Box::new(rules),
+            reason: None,
+        };
+        submit("2026-01-01T00:00:00Z", define);
+        let enroll = C::EnrollAffiliate {
+            affiliate_id: crate::support::aff("alice"),
+            customer_id: None,
+            group: None,
+            rate: None,
+        };
+        submit("2026-01-01T00:00:00Z", enroll);
+        let signup = C::Signup {
+            customer_id: crate::support::cust("c-1"),
+            visitor: None,
+            promo_code: Some("HOST-alice".into()),
+            group: None,
+        };
+        submit("2026-01-02T00:00:00Z", signup);
+        for id in ["l-1", "l-2"] {
+            let line = C::RecordBasisLine {
+                kind: commission_ledger::events::LineKind::Expense,
+                id: crate::support::line(id),
+                customer_id: crate::support::cust("c-1"),
+                amount: "100.00".into(),
+                currency: "USD".into(),
+                product: None,
+                order_id: None,
+            };
+            submit("2026-01-03T00:00:00Z", line);
+        }
+        let month = commission_ledger::events::Month::parse("2026-01").unwrap();
+        submit("2026-02-01T00:00:00Z", C::CloseMonth { month });
+    }
+    let export = dir.path().join("export.ndjson");
+    let out = cli(&source, &["export", "--out", export.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Both rewards made as large as a decimal goes, each hash made right.
+    let mut recorded: Vec<Recorded> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let parsed: ExportLine = serde_json::from_str(line).unwrap();
+            parsed.into_recorded().unwrap()
+        })
+        .collect();
+    let mut tampered_at = Vec::new();
+    for (i, r) in recorded.iter_mut().enumerate() {
+        if let Event::RewardAccrued(e) = &mut r.event {
+            e.amount = rust_decimal::Decimal::MAX;
+            tampered_at.push(i + 1);
+        }
+    }
+    assert_eq!(tampered_at.len(), 2, "two rewards to tamper with");
+    let mut previous = [0u8; 32];
+    let mut payloads = Vec::new();
+    let mut lines = Vec::new();
+    for r in &recorded {
+        let payload = commission_ledger::events::encode(r).unwrap();
+        previous = commission_ledger::log::chain_hash(&previous, r.seq, &payload);
+        lines.push(serde_json::to_string(&ExportLine::new(r, &previous)).unwrap());
+        payloads.push(payload);
+    }
+    let tampered = dir.path().join("tampered.ndjson");
+    std::fs::write(&tampered, lines.join("\n")).unwrap();
+    let fresh = dir.path().join("fresh");
+    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let line = format!("line {}", tampered_at[0]);
+    assert!(
+        stderr(&out).contains(&line) && stderr(&out).contains(&MAX_EVENT_AMOUNT.to_string()),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(head(&fresh), 0);
+
+    // The same events written straight into a log: verify names the first,
+    // and neither a replay nor a start serves the log.
+    let written = dir.path().join("written");
+    let (mut log, _) = commission_ledger::log::Log::open(
+        &written.join("log"),
+        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
+        |_| Ok(()),
+    )
+    .unwrap();
+    log.append(&payloads).unwrap();
+    drop(log);
+    let bad = cli(&written, &["verify"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    let report: serde_json::Value = serde_json::from_str(stdout(&bad).trim()).unwrap();
+    assert_eq!(report["bad_seq"].as_u64(), Some(tampered_at[0] as u64));
+    let replay = cli(&written, &["replay"]);
+    assert!(!replay.status.success());
+    assert!(!stderr(&replay).contains("panicked"), "{}", stderr(&replay));
+    let error = Ledger::open(LedgerConfig::new(&written)).err().unwrap();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("seq {}", tampered_at[0])),
+        "{error}"
+    );
+}

@@ -1372,6 +1372,36 @@ fn program_rules_are_checked_and_keep_their_currency() {
             ..
         })
     ));
+    // A bounty or threshold as large as a decimal goes passed the checks of
+    // scale and sign; with two customers, adding their bounties overflowed
+    // (`Addition overflowed`, in a balance read's pending estimate, and in
+    // a close). Amounts given as numbers are now held to what amounts given
+    // as text are.
+    for field in ["bounty", "payout_threshold"] {
+        for amount in [d("1000000000000000"), Decimal::MAX] {
+            let mut too_large = rules("hosting", serde_json::json!({}));
+            match field {
+                "bounty" => too_large.bounty = Some(amount),
+                _ => too_large.payout_threshold = amount,
+            }
+            let refused = t.rejected(
+                None,
+                Command::DefineProgram {
+                    rules: Box::new(too_large),
+                    reason: None,
+                },
+            );
+            assert!(
+                matches!(&refused, Rejection::Invalid(InvalidValue { field: f, message })
+                    if *f == field && message.contains("at most 15 integer digits")),
+                "{refused:?}"
+            );
+        }
+        t.define(rules(
+            "hosting",
+            serde_json::json!({ field: "999999999999999.99" }),
+        ));
+    }
     t.define(rules("hosting", serde_json::json!({})));
     let currency = t.rejected(
         None,
