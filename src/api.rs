@@ -904,13 +904,10 @@ fn mint_token(
 
 fn check_token(ledger: &Ledger, token: &str) -> Option<(ProgramId, AffiliateId)> {
     let (hex, mac) = token.strip_prefix(TOKEN_PREFIX)?.split_once('.')?;
-    if hex.len() > 1024 || hex.len() % 2 != 0 {
+    if hex.len() > 1024 {
         return None;
     }
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
+    let bytes = crate::events::from_hex_digits(hex)?;
     let payload = String::from_utf8(bytes).ok()?;
     let expected = ledger.key_hash(&format!("token\n{payload}"));
     let given = crate::events::Bytes::<32>::from_hex(mac)?;

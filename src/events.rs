@@ -467,15 +467,29 @@ impl<const N: usize> Bytes<N> {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
     pub fn from_hex(text: &str) -> Option<Bytes<N>> {
-        if text.len() != 2 * N || !text.is_ascii() {
+        if text.len() != 2 * N {
             return None;
         }
-        let mut out = [0u8; N];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(Bytes(out))
+        Some(Bytes(from_hex_digits(text)?.try_into().ok()?))
     }
+}
+
+/// Bytes from hex digits, two to a byte, and nothing else: not the sign
+/// that `u8::from_str_radix` also takes (it read `+8` as 8, so two texts
+/// named one value, found by `tools/fuzz`).
+pub fn from_hex_digits(text: &str) -> Option<Vec<u8>> {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks_exact(2)
+        .map(|pair| {
+            let high = char::from(pair[0]).to_digit(16)?;
+            let low = char::from(pair[1]).to_digit(16)?;
+            u8::try_from(high << 4 | low).ok()
+        })
+        .collect()
 }
 
 impl<const N: usize> fmt::Debug for Bytes<N> {

@@ -1105,6 +1105,24 @@ fn per_affiliate_tokens_read_one_affiliate_and_expire() {
             .as_u16(),
         401
     );
+    // nor is one whose hex names the same bytes in other text: a sign
+    // before a digit (`+a` for `0a`), which the parser of numbers took
+    let (hex, mac) = token.strip_prefix("clt.").unwrap().split_once('.').unwrap();
+    let pair = hex
+        .as_bytes()
+        .chunks(2)
+        .position(|pair| pair[0] == b'0')
+        .expect("a byte below 0x10 in the payload (its newlines)");
+    let mut signed_hex = hex.to_string();
+    signed_hex.replace_range(2 * pair..2 * pair + 1, "+");
+    let signed = format!("clt.{signed_hex}.{mac}");
+    assert_ne!(signed, token);
+    assert_eq!(
+        app.get(Some(&signed), &format!("{alice}/balance"))
+            .status()
+            .as_u16(),
+        401
+    );
     app.set_now("2026-08-01T00:10:01Z");
     assert_eq!(
         app.get(Some(&token), &format!("{alice}/balance"))

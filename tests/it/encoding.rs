@@ -377,3 +377,24 @@ fn visitors_hash_as_the_checkpoints_kept_them() {
         0x0d11_0d98_b957_07d4
     );
 }
+
+/// Hex is hex digits only: `u8::from_str_radix` also takes a sign, so
+/// `+8` read as `08` and two texts named one hash (found by `tools/fuzz`).
+#[test]
+fn hex_is_digits_only() {
+    use commission_ledger::events::{Bytes, from_hex_digits};
+    assert_eq!(
+        Bytes::<2>::from_hex("0aff").map(|b| b.0),
+        Some([0x0a, 0xff])
+    );
+    assert_eq!(
+        Bytes::<2>::from_hex("0AFF").map(|b| b.0),
+        Some([0x0a, 0xff])
+    );
+    for bad in ["+aff", "0a+f", "-0ff", " aff", "0af", "0aff0", "0agf", "éa"] {
+        assert!(Bytes::<2>::from_hex(bad).is_none(), "{bad}");
+    }
+    assert_eq!(from_hex_digits(""), Some(vec![]));
+    assert_eq!(from_hex_digits("+8"), None);
+    assert_eq!(from_hex_digits("abc"), None);
+}
