@@ -216,7 +216,7 @@ impl Timestamp {
     pub const MIN: Timestamp = Timestamp(i64::MIN);
     pub const MAX: Timestamp = Timestamp(i64::MAX);
 
-    pub fn from_micros(micros: i64) -> Timestamp {
+    pub const fn from_micros(micros: i64) -> Timestamp {
         Timestamp(micros)
     }
     pub fn micros(&self) -> i64 {

@@ -276,6 +276,12 @@ pub trait IdSource {
 /// clocks drift a little; a line from the future is a mistake.
 pub const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 
+/// The earliest `at` a command may carry: 1970-01-01T00:00:00Z. No billing
+/// system dates a line before it, and a date that far back is a typo
+/// (`0026` for `2026`) whose cost is real: a program defined in year 0
+/// with an `auto_close_day` owed 24,000 closes (found by `tools/fuzz`).
+pub const EARLIEST_AT: Timestamp = Timestamp::from_micros(0);
+
 /// The clicks kept per visitor for attribution: the newest ones. A visitor
 /// (or a bot) clicking more often than this keeps only its latest clicks.
 pub const MAX_CLICKS_PER_VISITOR: usize = 32;
@@ -1584,6 +1590,9 @@ pub fn decide(
     let append = |events: Vec<Event>| Ok(Decision::Append(events));
     if ctx.at.micros() > ctx.now.micros().saturating_add(MAX_CLOCK_SKEW_US) {
         return Err(InvalidValue::new("at", format!("{} is in the future", ctx.at)).into());
+    }
+    if ctx.at < EARLIEST_AT {
+        return Err(InvalidValue::new("at", format!("{} is before 1970", ctx.at)).into());
     }
     match command {
         Command::DefineProgram { rules, reason } => {

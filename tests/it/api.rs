@@ -668,6 +668,18 @@ fn bad_input_gets_a_problem_and_appends_nothing() {
         ),
         (
             expenses,
+            json!({"id": "inv-1", "customer_id": "c-1", "amount": "1.00", "currency": "USD", "at": "1969-12-31T23:59:59Z"}),
+            422,
+            "invalid-value",
+        ),
+        (
+            "/v1/programs/hosting/signups",
+            json!({"customer_id": "c-1", "promo_code": "HOST-alice", "at": "0026-08-01T00:00:00Z"}),
+            422,
+            "invalid-value",
+        ),
+        (
+            expenses,
             json!({"id": "inv-1", "customer_id": "c-1", "amount": "1.00", "currency": "USD", "at": "yesterday"}),
             422,
             "invalid-value",
