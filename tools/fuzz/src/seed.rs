@@ -2,7 +2,8 @@
 //! target's `[u16 LE length][postcard bytes]` form. The logs are the demo's
 //! (made in a fresh directory) and those of the data directories given.
 //!
-//! `cargo run --release --bin seed -- CORPUS_DIR [DATA_DIR ...]`
+//! `cargo run --release --bin seed -- CORPUS_DIR [DATA_DIR ...]`, and
+//! `seed --api CORPUS_DIR` for `api_requests` (a valid request per route).
 
 use std::path::{Path, PathBuf};
 
@@ -33,8 +34,216 @@ fn payloads(data_dir: &Path, most: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// (method, route, caller, flags, path segments, query, body)
+type ApiSeed = (
+    u8,
+    u8,
+    u8,
+    u8,
+    &'static [&'static str],
+    &'static str,
+    &'static str,
+);
+
+/// Seeds of `api_requests`: one valid request per route, in the target's
+/// form (method, route, caller, flags, then segments, query and body
+/// separated by 0xFF). Routes by their index in the target's table.
+fn api_seeds(corpus: &Path) {
+    // (method, route, caller, flags, segments, query, body); callers: 0
+    // admin, 1 ingest, 2 portal, 3 alice's token; flags: 1 JSON, 2 an
+    // idempotency key, 4 HTML, 8 CSV
+    let seeds: &[ApiSeed] = &[
+        (0, 0, 4, 0, &["P-alice"], "", ""),
+        (0, 1, 4, 0, &[], "code=P-alice&visitor=v1", ""),
+        (0, 5, 0, 0, &[], "after=0&limit=5&type=ClickRecorded", ""),
+        (0, 6, 0, 0, &["p"], "", ""),
+        (
+            2,
+            6,
+            0,
+            1,
+            &["q"],
+            "",
+            r#"{"id":"q","name":"Q","currency":"JPY","timezone":"UTC","site_url":"https://q.example/","default_rate":"10","payout_threshold":"0"}"#,
+        ),
+        (
+            1,
+            7,
+            2,
+            3,
+            &[],
+            "",
+            r#"{"affiliate_id":"carol","group":"vip","rate":"30"}"#,
+        ),
+        (0, 9, 3, 0, &["alice"], "as_of=2026-08-01T00:00:00Z", ""),
+        (0, 10, 2, 4, &["alice", "2026-08"], "as_of_seq=5", ""),
+        (
+            0,
+            11,
+            2,
+            0,
+            &["alice"],
+            "from=2026-08-01&to=2026-08-31&by=creative",
+            "",
+        ),
+        (
+            0,
+            12,
+            2,
+            8,
+            &["alice"],
+            "status=active&q=c&sort=commission_desc&limit=2",
+            "",
+        ),
+        (1, 13, 3, 1, &["alice"], "", r#"{"amount":"10.00"}"#),
+        (
+            1,
+            14,
+            0,
+            1,
+            &["alice"],
+            "",
+            r#"{"amount":"1.00","invoice_id":"inv-1"}"#,
+        ),
+        (1, 15, 2, 1, &["alice"], "", r#"{"ttl_seconds":60}"#),
+        (
+            1,
+            16,
+            0,
+            1,
+            &["01890000-0000-7000-8000-000000000000"],
+            "",
+            r#"{"reference":"wire-1"}"#,
+        ),
+        (
+            1,
+            17,
+            0,
+            1,
+            &["01890000-0000-7000-8000-000000000000"],
+            "",
+            r#"{"reason":"no"}"#,
+        ),
+        (
+            1,
+            18,
+            1,
+            1,
+            &[],
+            "",
+            r#"{"referral_code":"P-alice","visitor":"v1","creative":"b","referrer":"https://x.example/a?b"}"#,
+        ),
+        (
+            1,
+            19,
+            1,
+            3,
+            &[],
+            "",
+            r#"{"customer_id":"c1","visitor":"v1","promo_code":"P-bob","group":"staff","at":"2026-08-02T00:00:00Z"}"#,
+        ),
+        (
+            1,
+            20,
+            1,
+            3,
+            &[],
+            "",
+            r#"{"id":"i1","customer_id":"c1","amount":"100.00","currency":"USD","product":"domains","at":"2026-08-03T00:00:00Z"}"#,
+        ),
+        (
+            1,
+            21,
+            1,
+            1,
+            &[],
+            "",
+            r#"{"id":"pay1","customer_id":"c1","amount":"50.00","currency":"USD"}"#,
+        ),
+        (
+            1,
+            22,
+            1,
+            1,
+            &[],
+            "",
+            r#"{"id":"r1","customer_id":"c1","refunds":"i1","amount":"20.00","currency":"USD"}"#,
+        ),
+        (
+            1,
+            23,
+            1,
+            1,
+            &[],
+            "",
+            r#"{"events":[{"type":"click","referral_code":"P-alice","visitor":"v2"},{"type":"expense","id":"i2","customer_id":"c1","amount":"5.00","currency":"USD"}]}"#,
+        ),
+        (1, 24, 0, 1, &["2026-07"], "", "{}"),
+        (1, 25, 1, 1, &["c1"], "", r#"{"reason":"gone"}"#),
+        (1, 26, 1, 1, &["c1"], "", r#"{"group":"vip"}"#),
+        (
+            1,
+            27,
+            0,
+            1,
+            &["c1"],
+            "",
+            r#"{"to":"bob","from":"2026-08-01T00:00:00Z","retroactive":true,"reason":"ticket 1"}"#,
+        ),
+        (
+            1,
+            28,
+            0,
+            1,
+            &[],
+            "",
+            r#"{"overrides":{"attribution":[{"customer_id":"c1","affiliate_id":"bob"}],"exclude":[5]},"months":{"from":"2026-07","to":"2026-08"}}"#,
+        ),
+        (
+            0,
+            29,
+            0,
+            8,
+            &["01890000-0000-7000-8000-000000000000"],
+            "",
+            "",
+        ),
+        (
+            1,
+            30,
+            0,
+            1,
+            &["01890000-0000-7000-8000-000000000000"],
+            "",
+            r#"{"reason":"ticket 2"}"#,
+        ),
+        (0, 31, 0, 0, &[], "", ""),
+        (0, 4, 0, 0, &[], "", ""),
+    ];
+    for (i, (method, route, caller, flags, segments, query, body)) in seeds.iter().enumerate() {
+        let mut seed = vec![*method, *route, *caller, *flags];
+        for segment in *segments {
+            seed.extend_from_slice(segment.as_bytes());
+            seed.push(0xFF);
+        }
+        seed.extend_from_slice(query.as_bytes());
+        seed.push(0xFF);
+        seed.extend_from_slice(body.as_bytes());
+        std::fs::write(corpus.join(format!("route-{i:02}")), seed)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+    }
+    println!("{} seeds in {}", seeds.len(), corpus.display());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--api") {
+        let Some(corpus) = args.get(1).map(PathBuf::from) else {
+            fail("usage: seed --api CORPUS_DIR")
+        };
+        std::fs::create_dir_all(&corpus).unwrap_or_else(|e| fail(&e.to_string()));
+        return api_seeds(&corpus);
+    }
     let Some(corpus) = args.first().map(PathBuf::from) else {
         fail("usage: seed CORPUS_DIR [DATA_DIR ...]")
     };
