@@ -470,6 +470,32 @@ fn an_unknown_signup_is_acknowledged_and_ignored() {
     assert_eq!(t.head(), head);
 }
 
+/// Each reward is of one line and within 15 integer digits, but a close
+/// adds them up: a total past what an event may carry (±10^18, which keeps
+/// every sum the fold makes inside a `Decimal`) is refused, and nothing is
+/// appended; the estimate still shows the money.
+#[test]
+fn a_close_whose_total_no_event_may_carry_is_refused() {
+    let (t, _, _) = given(serde_json::json!({"default_rate": "100"}));
+    for i in 0..1001 {
+        let id = format!("big-{i}");
+        t.expense("2026-08-10T12:00:00Z", &id, "cust-1", "999999999999999.99");
+    }
+    t.set_now("2026-09-02T00:00:00Z");
+    let refused = t.rejected(
+        None,
+        Command::CloseMonth {
+            month: month("2026-08"),
+        },
+    );
+    assert!(
+        matches!(&refused, Rejection::Invalid(InvalidValue { field: "month", message })
+            if message.contains("1000999999999999989.99 is beyond ±1000000000000000000")),
+        "{refused:?}"
+    );
+    assert_eq!(t.money("alice").1, "1000999999999999989.99");
+}
+
 #[test]
 fn rewards_round_half_to_even_once_per_line() {
     let (t, _, _) = given(serde_json::json!({"default_rate": "10"}));
