@@ -24,6 +24,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Writes `payloads` as a new log in `data`, as the writer would, with
+/// none of the checks `import` makes.
+fn write_log(data: &Path, payloads: &[Vec<u8>]) {
+    let (mut log, _) = commission_ledger::log::Log::open(
+        &data.join("log"),
+        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
+        |_| Ok(()),
+    )
+    .unwrap();
+    log.append(payloads).unwrap();
+}
+
 fn head(data: &Path) -> u64 {
     verify_log(&data.join("log"), None).head_seq
 }
@@ -217,14 +229,7 @@ fn verify_fails_a_log_whose_recorded_times_go_back() {
         .map(|r| commission_ledger::events::encode(r).unwrap())
         .collect();
     let written = dir.path().join("written");
-    let (mut log, _) = commission_ledger::log::Log::open(
-        &written.join("log"),
-        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
-        |_| Ok(()),
-    )
-    .unwrap();
-    log.append(&payloads).unwrap();
-    drop(log);
+    write_log(&written, &payloads);
     let bad = cli(&written, &["verify"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stdout(&bad));
     let report: serde_json::Value = serde_json::from_str(stdout(&bad).trim()).unwrap();
@@ -712,14 +717,7 @@ fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
     // The same events written straight into a log: verify names the first,
     // and neither a replay nor a start serves the log.
     let written = dir.path().join("written");
-    let (mut log, _) = commission_ledger::log::Log::open(
-        &written.join("log"),
-        commission_ledger::log::DEFAULT_SEGMENT_BYTES,
-        |_| Ok(()),
-    )
-    .unwrap();
-    log.append(&payloads).unwrap();
-    drop(log);
+    write_log(&written, &payloads);
     let bad = cli(&written, &["verify"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     let report: serde_json::Value = serde_json::from_str(stdout(&bad).trim()).unwrap();

@@ -9,7 +9,7 @@
 //! one whose time goes back is skipped, as `import` refuses it.
 #![no_main]
 
-use commission_ledger::events::{Month, Recorded, Timestamp, decode};
+use commission_ledger::events::{Month, Timestamp};
 use commission_ledger::ledger::ModelLines;
 use commission_ledger::projections::{
     Projections, ReferralQuery, ReferralSort, ReferralStart, StatsBy,
@@ -17,29 +17,8 @@ use commission_ledger::projections::{
 use commission_ledger::rules::{Model, pending_estimate};
 use libfuzzer_sys::fuzz_target;
 
-fn records(mut data: &[u8]) -> Vec<Recorded> {
-    let mut out = Vec::new();
-    let mut last_at = Timestamp::MIN;
-    while data.len() >= 2 {
-        let len = usize::from(u16::from_le_bytes([data[0], data[1]]));
-        let rest = &data[2..];
-        let (record, next) = rest.split_at(len.min(rest.len()));
-        data = next;
-        let Ok(mut recorded) = decode(record) else {
-            continue;
-        };
-        if recorded.recorded_at < last_at {
-            continue;
-        }
-        last_at = recorded.recorded_at;
-        recorded.seq = out.len() as u64 + 1;
-        out.push(recorded);
-    }
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
-    let events = records(data);
+    let events = commission_ledger_fuzz::records(data, usize::MAX);
     let mut model = Model::default();
     let mut views = Projections::default();
     for recorded in &events {

@@ -9,35 +9,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use commission_ledger::events::{Recorded, Timestamp, decode, encode};
+use commission_ledger::events::{Recorded, Timestamp, encode};
 use commission_ledger::ledger::{AsOf, ExportLine, Ledger, LedgerConfig, import_ndjson};
 use commission_ledger::log::{Hash, chain_hash};
 use libfuzzer_sys::fuzz_target;
 
-fn records(mut data: &[u8]) -> Vec<Recorded> {
-    let mut out = Vec::new();
-    let mut last_at = Timestamp::MIN;
-    while data.len() >= 2 && out.len() < 400 {
-        let len = usize::from(u16::from_le_bytes([data[0], data[1]]));
-        let rest = &data[2..];
-        let (record, next) = rest.split_at(len.min(rest.len()));
-        data = next;
-        let Ok(mut recorded) = decode(record) else {
-            continue;
-        };
-        if recorded.recorded_at < last_at {
-            continue;
-        }
-        last_at = recorded.recorded_at;
-        recorded.seq = out.len() as u64 + 1;
-        out.push(recorded);
-    }
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
     static RUN: AtomicU64 = AtomicU64::new(0);
-    let events = records(data);
+    let events = commission_ledger_fuzz::records(data, 400);
     let mut previous: Hash = [0; 32];
     let mut export = String::new();
     for r in &events {
