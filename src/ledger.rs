@@ -2827,6 +2827,12 @@ fn check_event(recorded: &Recorded, last: &mut Timestamp) -> Result<(), String> 
     if !sum.is_zero() {
         return Err(format!("postings sum to {sum}, not zero"));
     }
+    if recorded.recorded_at < rules::EARLIEST_AT {
+        return Err(format!(
+            "recorded at {}, before 1970: no ledger records an event then",
+            recorded.recorded_at.to_rfc3339()
+        ));
+    }
     if recorded.recorded_at < *last {
         return Err(format!(
             "recorded at {}, before the event before it ({}): recorded times never go back",
@@ -4056,6 +4062,13 @@ pub fn import_ndjson(
                 "seq {} does not continue the log at {}",
                 recorded.seq,
                 head.seq + 1
+            )));
+        }
+        // As `verify` checks: a log an import may append is one it passes.
+        if recorded.recorded_at < rules::EARLIEST_AT {
+            return Err(bad(format!(
+                "recorded_at {} is before 1970: no ledger records an event then",
+                recorded.recorded_at.to_rfc3339()
             )));
         }
         if recorded.recorded_at < last_recorded_at {
