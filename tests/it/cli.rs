@@ -645,7 +645,7 @@ fn repair_leaves_an_intact_record_it_cannot_decode_and_says_so() {
 /// `import` checks an export's frame (seqs, times, the hash chain, which
 /// anyone can recompute), so it must also refuse an event the ledger could
 /// not hold: amounts past [`commission_ledger::events::MAX_EVENT_AMOUNT`]
-/// would overflow the sums a start folds (found by `tools/fuzz`). A log
+/// would overflow the sums a start folds (found while writing `tools/fuzz`). A log
 /// holding one anyway, written by other means, is reported, never served.
 #[test]
 fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
