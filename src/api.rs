@@ -418,7 +418,10 @@ async fn metrics(State(app): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// The application's routes.
+/// The application's routes. Serve them with the peer's address
+/// (`into_make_service_with_connect_info::<SocketAddr>()`, as [`serve`]
+/// does): the public endpoints (`/r/…`, `/px.gif`) limit each client by it,
+/// and without it answer 500 (`type` `internal`, the cause in the log).
 pub fn router(ledger: Arc<Ledger>, config: ApiConfig) -> Router {
     let (_, stopping) = tokio::sync::watch::channel(false);
     routes(ledger, config, stopping)
@@ -1201,6 +1204,15 @@ async fn problems_for_rejections(response: Response) -> Response {
             "this path does not take that method",
         ),
         StatusCode::NOT_FOUND => problem(status, "not-found", "Not found", "no such endpoint"),
+        // Not the request's fault: a layer or extractor the server lacks
+        // (the peer's address, when the routes are served without it).
+        _ if status.is_server_error() => {
+            let cause = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            tracing::error!(cause = %String::from_utf8_lossy(&cause), "internal error");
+            problem(status, "internal", "Internal error", "see the server log")
+        }
         _ => problem(
             status,
             "malformed",

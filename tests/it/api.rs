@@ -2982,3 +2982,43 @@ fn reads_of_the_past_beyond_the_waiting_limit_answer_503_busy() {
         assert_eq!(body["earned"], "0.00");
     }
 }
+
+/// `api::router` is public for servers of one's own. Served without the
+/// peer's address, the public endpoints cannot limit a client: they answer
+/// 500 as problem+json of type `internal` (it was `malformed`, as if the
+/// request were at fault), and every other endpoint still works.
+#[test]
+fn routes_served_without_the_peer_address_say_so_as_an_internal_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(LedgerConfig::new(dir.path())).unwrap());
+    let (bound, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            bound.send(listener.local_addr().unwrap()).unwrap();
+            let config = ApiConfig {
+                auto_close_every: None,
+                ..ApiConfig::default()
+            };
+            let _ = axum::serve(listener, api::router(ledger, config)).await;
+        });
+    });
+    let base = format!("http://{}", address.recv().unwrap());
+    let response = visitor().get(format!("{base}/r/some-code")).send().unwrap();
+    assert_eq!(response.status().as_u16(), 500);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().unwrap();
+    assert_eq!(
+        problem["type"],
+        "https://commission-ledger.dev/problems/internal"
+    );
+    let health = visitor().get(format!("{base}/healthz")).send().unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}
