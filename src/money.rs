@@ -168,7 +168,7 @@ impl Currency {
 
     /// Checks an amount that arrived as a number rather than as text (a
     /// program's bounty and threshold) as [`Self::parse_amount`] checks text:
-    /// at most [`MAX_INTEGER_DIGITS`] integer digits and the minor unit.
+    /// at most 15 integer digits and the minor unit.
     pub fn check_amount(&self, amount: Decimal) -> Result<(), MoneyError> {
         if amount.abs().trunc().to_string().len() > MAX_INTEGER_DIGITS {
             return Err(MoneyError::TooLarge(amount.to_string()));
