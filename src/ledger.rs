@@ -477,6 +477,19 @@ struct Job {
     reply: oneshot::Sender<Result<Receipt, SubmitError>>,
 }
 
+impl Job {
+    /// A job queued now, and where its answer will come.
+    fn new(submission: Submission) -> (Job, oneshot::Receiver<Result<Receipt, SubmitError>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            queued_at: Instant::now(),
+            submission,
+            reply,
+        };
+        (job, answer)
+    }
+}
+
 /// Everything derived from the log: what decisions and reads see.
 #[derive(Clone, Default)]
 pub struct State {
@@ -1800,13 +1813,9 @@ impl Ledger {
     /// Submits a command and waits until it is durable (or refused).
     pub async fn submit(&self, submission: Submission) -> Result<Receipt, SubmitError> {
         let _active = InFlight::enter(&self.inner.in_flight);
-        let (reply, answer) = oneshot::channel();
+        let (job, answer) = Job::new(submission);
         self.queue
-            .send(Job {
-                queued_at: Instant::now(),
-                submission,
-                reply,
-            })
+            .send(job)
             .await
             .map_err(|_| SubmitError::Stopped)?;
         answer.await.map_err(|_| SubmitError::Stopped)?
@@ -1822,12 +1831,7 @@ impl Ledger {
         let _active = InFlight::enter(&self.inner.in_flight);
         let mut answers = Vec::with_capacity(submissions.len());
         for submission in submissions {
-            let (reply, answer) = oneshot::channel();
-            let job = Job {
-                queued_at: Instant::now(),
-                submission,
-                reply,
-            };
+            let (job, answer) = Job::new(submission);
             match self.queue.send(job).await {
                 Ok(()) => answers.push(Some(answer)),
                 Err(_) => answers.push(None),
@@ -1846,13 +1850,9 @@ impl Ledger {
     /// [`Self::submit`] for callers outside an async runtime.
     pub fn submit_blocking(&self, submission: Submission) -> Result<Receipt, SubmitError> {
         let _active = InFlight::enter(&self.inner.in_flight);
-        let (reply, answer) = oneshot::channel();
+        let (job, answer) = Job::new(submission);
         self.queue
-            .blocking_send(Job {
-                queued_at: Instant::now(),
-                submission,
-                reply,
-            })
+            .blocking_send(job)
             .map_err(|_| SubmitError::Stopped)?;
         answer.blocking_recv().map_err(|_| SubmitError::Stopped)?
     }

@@ -24,6 +24,46 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The events of an NDJSON export, in order.
+fn recorded_of(export: &str) -> Vec<commission_ledger::events::Recorded> {
+    export
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<commission_ledger::ledger::ExportLine>(line)
+                .unwrap()
+                .into_recorded()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// An export of `recorded` with every hash made right for it (anyone can
+/// recompute the chain), and the records' payloads.
+fn chained(recorded: &[commission_ledger::events::Recorded]) -> (Vec<String>, Vec<Vec<u8>>) {
+    let mut previous = [0u8; 32];
+    let mut lines = Vec::new();
+    let mut payloads = Vec::new();
+    for r in recorded {
+        let payload = commission_ledger::events::encode(r).unwrap();
+        previous = commission_ledger::log::chain_hash(&previous, r.seq, &payload);
+        let line = commission_ledger::ledger::ExportLine::new(r, &previous);
+        lines.push(serde_json::to_string(&line).unwrap());
+        payloads.push(payload);
+    }
+    (lines, payloads)
+}
+
+/// Imports `file` into `data` and asserts it is refused with a message
+/// naming every one of `words`, and that nothing was appended.
+fn assert_import_refused(data: &Path, file: &Path, words: &[&str]) {
+    let out = cli(data, &["import", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    for word in words {
+        assert!(stderr(&out).contains(word), "{word}: {}", stderr(&out));
+    }
+    assert_eq!(head(data), 0);
+}
+
 /// Writes `payloads` as a new log in `data`, as the writer would, with
 /// none of the checks `import` makes.
 fn write_log(data: &Path, payloads: &[Vec<u8>]) {
@@ -213,21 +253,9 @@ fn verify_fails_a_log_whose_recorded_times_go_back() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
     let export = keys_exported(dir.path(), &source, &["admin", "ingest", "portal"]);
-    let mut recorded: Vec<commission_ledger::events::Recorded> = std::fs::read_to_string(&export)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            serde_json::from_str::<commission_ledger::ledger::ExportLine>(line)
-                .unwrap()
-                .into_recorded()
-                .unwrap()
-        })
-        .collect();
+    let mut recorded = recorded_of(&std::fs::read_to_string(&export).unwrap());
     recorded[2].recorded_at = Timestamp::parse("2001-01-01T00:00:00Z").unwrap();
-    let payloads: Vec<Vec<u8>> = recorded
-        .iter()
-        .map(|r| commission_ledger::events::encode(r).unwrap())
-        .collect();
+    let (_, payloads) = chained(&recorded);
     let written = dir.path().join("written");
     write_log(&written, &payloads);
     let bad = cli(&written, &["verify"]);
@@ -269,59 +297,24 @@ fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
     let tampered = dir.path().join("tampered.ndjson");
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let fresh = dir.path().join("fresh");
-    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("line 3") && stderr(&out).contains("hash"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(head(&fresh), 0);
+    assert_import_refused(&fresh, &tampered, &["line 3", "hash"]);
     // not JSON at all
     std::fs::write(&tampered, format!("{}\n{{oops\n", lines[0])).unwrap();
-    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
-    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
-    assert_eq!(head(&fresh), 0);
+    assert_import_refused(&fresh, &tampered, &["line 2"]);
     // a file whose times go back, each line's hash made right for it:
     // refused at the line that goes back
-    let mut previous = [0u8; 32];
-    let rehashed: Vec<String> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let mut parsed: commission_ledger::ledger::ExportLine =
-                serde_json::from_str(line).unwrap();
-            if i == 2 {
-                parsed.recorded_at = Timestamp::parse("2001-01-01T00:00:00Z").unwrap();
-            }
-            let recorded = parsed.clone().into_recorded().unwrap();
-            let payload = commission_ledger::events::encode(&recorded).unwrap();
-            previous = commission_ledger::log::chain_hash(&previous, recorded.seq, &payload);
-            parsed.hash = commission_ledger::log::hex(&previous);
-            serde_json::to_string(&parsed).unwrap()
-        })
-        .collect();
+    let mut events = recorded_of(&text);
+    events[2].recorded_at = Timestamp::parse("2001-01-01T00:00:00Z").unwrap();
+    let (rehashed, _) = chained(&events);
     // The first line recorded before 1970: import refused nothing of it,
     // but verify failed the log it made (found by `tools/fuzz`)
-    let mut first: commission_ledger::ledger::ExportLine = serde_json::from_str(&lines[0]).unwrap();
-    first.recorded_at = Timestamp::parse("1913-02-09T16:00:00Z").unwrap();
-    let recorded = first.clone().into_recorded().unwrap();
-    let payload = commission_ledger::events::encode(&recorded).unwrap();
-    first.hash = commission_ledger::log::hex(&commission_ledger::log::chain_hash(
-        &[0; 32],
-        recorded.seq,
-        &payload,
-    ));
-    std::fs::write(&tampered, serde_json::to_string(&first).unwrap()).unwrap();
-    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
-    assert!(
-        stderr(&out).contains("line 1") && stderr(&out).contains("before 1970"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(head(&fresh), 0);
+    let mut first = events[..1].to_vec();
+    first[0].recorded_at = Timestamp::parse("1913-02-09T16:00:00Z").unwrap();
+    let (first_line, first_payload) = chained(&first);
+    std::fs::write(&tampered, &first_line[0]).unwrap();
+    assert_import_refused(&fresh, &tampered, &["line 1", "before 1970"]);
     let written = dir.path().join("written");
-    write_log(&written, &[payload]);
+    write_log(&written, &first_payload);
     let bad = cli(&written, &["verify"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stdout(&bad));
     assert!(stdout(&bad).contains("before 1970"), "{}", stdout(&bad));
@@ -330,13 +323,7 @@ fn export_import_reproduce_the_chain_and_a_bad_line_appends_nothing() {
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::remove_dir_all(&fresh).unwrap();
     std::fs::write(&tampered, rehashed.join("\n")).unwrap();
-    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
-    assert!(
-        stderr(&out).contains("line 3") && stderr(&out).contains("never go back"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(head(&fresh), 0);
+    assert_import_refused(&fresh, &tampered, &["line 3", "never go back"]);
     // importing the same export twice: the second does not continue the log
     let twice = cli(&copy, &["import", export.to_str().unwrap()]);
     assert!(
@@ -649,8 +636,8 @@ fn repair_leaves_an_intact_record_it_cannot_decode_and_says_so() {
 /// holding one anyway, written by other means, is reported, never served.
 #[test]
 fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
-    use commission_ledger::events::{Event, MAX_EVENT_AMOUNT, Recorded};
-    use commission_ledger::ledger::{ExportLine, Ledger, LedgerConfig, Submission};
+    use commission_ledger::events::{Event, MAX_EVENT_AMOUNT};
+    use commission_ledger::ledger::{Ledger, LedgerConfig, Submission};
     use commission_ledger::rules::Command as C;
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
@@ -700,14 +687,7 @@ fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
     let out = cli(&source, &["export", "--out", export.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Both rewards made as large as a decimal goes, each hash made right.
-    let mut recorded: Vec<Recorded> = std::fs::read_to_string(&export)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let parsed: ExportLine = serde_json::from_str(line).unwrap();
-            parsed.into_recorded().unwrap()
-        })
-        .collect();
+    let mut recorded = recorded_of(&std::fs::read_to_string(&export).unwrap());
     let mut tampered_at = Vec::new();
     for (i, r) in recorded.iter_mut().enumerate() {
         if let Event::RewardAccrued(e) = &mut r.event {
@@ -716,27 +696,12 @@ fn import_refuses_an_amount_too_large_to_add_and_a_start_refuses_such_a_log() {
         }
     }
     assert_eq!(tampered_at.len(), 2, "two rewards to tamper with");
-    let mut previous = [0u8; 32];
-    let mut payloads = Vec::new();
-    let mut lines = Vec::new();
-    for r in &recorded {
-        let payload = commission_ledger::events::encode(r).unwrap();
-        previous = commission_ledger::log::chain_hash(&previous, r.seq, &payload);
-        lines.push(serde_json::to_string(&ExportLine::new(r, &previous)).unwrap());
-        payloads.push(payload);
-    }
+    let (lines, payloads) = chained(&recorded);
     let tampered = dir.path().join("tampered.ndjson");
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let fresh = dir.path().join("fresh");
-    let out = cli(&fresh, &["import", tampered.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let line = format!("line {}", tampered_at[0]);
-    assert!(
-        stderr(&out).contains(&line) && stderr(&out).contains(&MAX_EVENT_AMOUNT.to_string()),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(head(&fresh), 0);
+    assert_import_refused(&fresh, &tampered, &[&line, &MAX_EVENT_AMOUNT.to_string()]);
 
     // The same events written straight into a log: verify names the first,
     // and neither a replay nor a start serves the log.
