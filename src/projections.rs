@@ -268,6 +268,17 @@ pub trait BasisLines {
 }
 
 impl ProgramView {
+    /// The month whose statement money moved at `at` goes to: its own, or
+    /// the first after the last closed one (as `ProgramModel::open_month`
+    /// decides for adjustments): a closed month is never rewritten.
+    fn open_month(&self, at: Timestamp) -> Month {
+        let month = at.month_in(self.zone);
+        match self.closed_months.keys().next_back() {
+            Some(last) if month <= *last => last.next(),
+            _ => month,
+        }
+    }
+
     /// Sets every customer's billed total to `billed`'s.
     fn rebill(&mut self, billed: HashMap<&CustomerId, Decimal>) {
         for (id, customer) in &mut self.customers {
@@ -455,31 +466,27 @@ impl ProgramView {
                     });
             }
             Event::WithdrawalPaid(e) => {
+                let month = self.open_month(at);
                 if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    a.statements
-                        .entry(at.month_in(zone))
-                        .or_default()
-                        .push(money_line(
-                            recorded.seq,
-                            at,
-                            StatementKind::Withdrawal,
-                            -e.amount,
-                            e.withdrawal_id.to_string(),
-                        ));
+                    a.statements.entry(month).or_default().push(money_line(
+                        recorded.seq,
+                        at,
+                        StatementKind::Withdrawal,
+                        -e.amount,
+                        e.withdrawal_id.to_string(),
+                    ));
                 }
             }
             Event::CreditApplied(e) => {
+                let month = self.open_month(at);
                 if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    a.statements
-                        .entry(at.month_in(zone))
-                        .or_default()
-                        .push(money_line(
-                            recorded.seq,
-                            at,
-                            StatementKind::Credit,
-                            -e.amount,
-                            e.invoice_id.clone(),
-                        ));
+                    a.statements.entry(month).or_default().push(money_line(
+                        recorded.seq,
+                        at,
+                        StatementKind::Credit,
+                        -e.amount,
+                        e.invoice_id.clone(),
+                    ));
                 }
             }
             Event::MonthClosed(e) => {

@@ -192,7 +192,7 @@ impl WhatIf {
                         &e.customer_id,
                         &self.moved(recorded.seq, customer, e),
                         e.from,
-                        recorded.recorded_at.month_in(self.shadow.zone()),
+                        self.shadow.open_month(recorded.recorded_at),
                         recorded.seq,
                         &e.reason,
                     ),

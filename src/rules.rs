@@ -687,6 +687,17 @@ impl ProgramModel {
         self.closed.keys().next_back().copied()
     }
 
+    /// The month whose statement money moved at `at` goes to: its own, or
+    /// the first after the last closed one, so that a closed month is never
+    /// rewritten (a zone changed since can put `at` back in it).
+    pub fn open_month(&self, at: Timestamp) -> Month {
+        let month = at.month_in(self.zone());
+        match self.last_closed() {
+            Some(last) if month <= last => last.next(),
+            _ => month,
+        }
+    }
+
     /// Notes that `affiliate` is now named in `customer`'s attribution,
     /// unless it was already (`before`: whether it was).
     fn note_attributed(&mut self, customer: &CustomerId, affiliate: &AffiliateId, before: bool) {
@@ -1890,7 +1901,7 @@ pub fn decide(
                 });
             }
             validate_overrides(pm, id, overrides)?;
-            let month = ctx.now.month_in(pm.zone());
+            let month = pm.open_month(ctx.now);
             let mut events = vec![Event::ReplayApplied(Box::new(ReplayApplied {
                 replay_id: *replay_id,
                 at_seq: *at_seq,
@@ -2200,7 +2211,7 @@ fn decide_reassign(
         reason: reason.to_string(),
     })];
     if retroactive {
-        let month = ctx.now.month_in(pm.zone());
+        let month = pm.open_month(ctx.now);
         let mut moved = customer.clone();
         moved.move_to(from, to);
         events.extend(reassignment_adjustments(

@@ -37,8 +37,9 @@ pub const POSITION_STRIDE: u64 = 64;
 /// and a refund know they were excluded, a referral's billed total leaves
 /// out what replays excluded, and balances take an applied replay's
 /// corrected rules; 10: a billed total counts each line by the basis in
-/// force at its moment.)
-pub const CHECKPOINT_FORMAT: u32 = 10;
+/// force at its moment; 11: a withdrawal paid or a credit dated in a
+/// closed month is stated in the first open one.)
+pub const CHECKPOINT_FORMAT: u32 = 11;
 
 /// A problem of the store. Never fatal for the ledger: the store can be
 /// deleted and rebuilt from the log.

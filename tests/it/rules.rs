@@ -949,6 +949,89 @@ fn clicks_count_on_their_local_day_inside_one_utc_hour_and_after_a_zone_change()
     assert_eq!((stats.clicks, stats.unique_visitors), (6, 5));
 }
 
+/// Closed months are never rewritten, also when the program's zone moves
+/// back over a close: a withdrawal paid, a credit and a retroactive
+/// reassignment made while the new zone's clock still reads the closed
+/// month go to the statement of the first open month, with their dates.
+#[test]
+fn money_moved_after_a_zone_change_back_into_a_closed_month_lands_in_the_next_open_one() {
+    let zone = |zone: &str| {
+        rules(
+            "hosting",
+            serde_json::json!({"timezone": zone, "payout_threshold": "0.00", "auto_close_day": null}),
+        )
+    };
+    let t = TestLedger::new_at("hosting", "2026-08-01T00:00:00Z");
+    t.define(zone("Pacific/Kiritimati"));
+    alice_refers_cust_1(&t, "2026-08-02T12:00:00Z", "2026-08-02T13:00:00Z");
+    t.enroll("bob");
+    t.expense("2026-08-10T12:00:00Z", "inv-1", "cust-1", "100.00");
+    // 2026-08-31T11:00Z: 1 September, 01:00 in Kiritimati (+14)
+    t.close("2026-08");
+    let closed = t.statement("alice", "2026-08");
+    assert_eq!(closed.closing_balance, "20.00");
+    // 07:00 on 31 August in Santiago (-04): August there, and closed
+    t.define(zone("America/Santiago"));
+    let w = t.withdraw("alice", "5.00").unwrap();
+    t.submit(
+        None,
+        Command::PayWithdrawal {
+            withdrawal_id: w,
+            reference: "wire".into(),
+        },
+    );
+    t.submit(
+        None,
+        Command::ApplyCredit {
+            affiliate_id: aff("alice"),
+            amount: "2.00".into(),
+            invoice_id: "inv-a".into(),
+        },
+    );
+    t.reassign("cust-1", "bob", None, true, "ticket 7");
+    let moved = |s: &commission_ledger::projections::Statement| {
+        s.lines
+            .iter()
+            .map(|l| (l.kind.name(), l.amount.clone(), l.at))
+            .collect::<Vec<_>>()
+    };
+    let now = t.ledger().now();
+    let check = |t: &TestLedger| {
+        let august = t.statement("alice", "2026-08");
+        assert_eq!(
+            (august.lines, august.totals, august.closing_balance),
+            (
+                closed.lines.clone(),
+                closed.totals.clone(),
+                closed.closing_balance.clone()
+            )
+        );
+        let september = t.statement("alice", "2026-09");
+        assert_eq!(
+            moved(&september),
+            vec![
+                ("withdrawal", "-5.00".to_string(), now),
+                ("credit", "-2.00".to_string(), now),
+                ("adjustment", "-20.00".to_string(), now),
+            ]
+        );
+        assert_eq!(
+            (
+                september.opening_balance.as_str(),
+                september.closing_balance.as_str()
+            ),
+            ("20.00", "-7.00")
+        );
+        let bob = t.statement("bob", "2026-09");
+        assert_eq!(moved(&bob), vec![("adjustment", "20.00".to_string(), now)]);
+    };
+    check(&t);
+    t.verify_ok();
+    let mut t = t;
+    t.rebuild();
+    check(&t);
+}
+
 #[test]
 fn auto_close_closes_the_previous_month_on_its_day_in_the_program_zone() {
     // given a program that closes by itself on the 3rd, in Amsterdam,
