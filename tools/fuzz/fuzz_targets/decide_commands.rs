@@ -7,18 +7,22 @@
 //! whose clocks jump, times from year 0 to the ledger's clock.
 #![no_main]
 
+use std::collections::HashMap;
+
 use commission_ledger::events::{
-    Bytes, CustomerId, LineId, LineKind, Month, ProgramId, ProgramRules, Recorded, Role, Text,
-    Timestamp,
+    AffiliateId, Bytes, CustomerId, Event, LineId, LineKind, Month, ProgramId, ProgramRules,
+    Recorded, Role, Text, Timestamp,
 };
 use commission_ledger::ledger::ModelLines;
 use commission_ledger::money::Rate;
 use commission_ledger::projections::{
-    Projections, ReferralQuery, ReferralSort, ReferralStart, StatsBy,
+    Projections, ReferralQuery, ReferralSort, ReferralStart, StatementLine, StatsBy,
 };
 use commission_ledger::rules::{
-    Command, Context, Decision, IdSource, Model, decide, pending_estimate,
+    Command, Context, Decision, IdSource, Model, close_rewards, commission_of, decide,
+    pending_estimate,
 };
+use rust_decimal::Decimal;
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 
@@ -286,6 +290,72 @@ fn read_everything(model: &Model, views: &Projections, now: Timestamp, head: u64
     }
 }
 
+/// What finance relies on, after every command: postings sum to zero,
+/// each affiliate's statement lines sum to its `earned`, no account of
+/// withdrawals, payouts or credits runs negative, a closed month's
+/// statement never changes again, and the pending estimate is what a
+/// close of every open line would give.
+fn check_money(
+    model: &Model,
+    views: &Projections,
+    now: Timestamp,
+    closed: &mut HashMap<(AffiliateId, Month), Vec<StatementLine>>,
+) {
+    assert!(views.postings_sum.is_zero(), "postings sum to {}", views.postings_sum);
+    for (program, view) in &views.programs {
+        let pm = model.program(program);
+        for (affiliate, a) in &view.affiliates {
+            let lines: Decimal = a.statements.values().flatten().map(|l| l.amount).sum();
+            assert_eq!(lines, a.accounts.earned(), "{affiliate}: statement lines against earned");
+            for (name, value) in [
+                ("in_withdrawal", a.accounts.in_withdrawal),
+                ("paid_out", a.accounts.paid_out),
+                ("credited", a.accounts.credited),
+            ] {
+                assert!(value >= Decimal::ZERO, "{affiliate}: {name} is {value}");
+            }
+            for month in view.closed_months.keys() {
+                let now_lines = a.statements.get(month).cloned().unwrap_or_default();
+                let key = (affiliate.clone(), *month);
+                match closed.get(&key) {
+                    Some(then) => assert_eq!(
+                        then, &now_lines,
+                        "{affiliate}: the statement of closed {month} changed"
+                    ),
+                    None => {
+                        closed.insert(key, now_lines);
+                    }
+                }
+            }
+            if let Some(pm) = pm {
+                let month = now.month_in(pm.zone());
+                let upto = Month::new(9999, 12).expect("a month");
+                let closing = commission_of(&close_rewards(pm, upto, month, Some(affiliate)));
+                assert_eq!(
+                    pending_estimate(pm, affiliate, now),
+                    closing,
+                    "{affiliate}: the pending estimate against a close"
+                );
+            }
+        }
+    }
+}
+
+/// What an affiliate could take out just before a command: (available
+/// for a withdrawal, free for a credit).
+fn takeable(views: &Projections, program: &ProgramId) -> HashMap<AffiliateId, (Decimal, Decimal)> {
+    let Some(view) = views.programs.get(program) else {
+        return HashMap::new();
+    };
+    view.affiliates
+        .iter()
+        .map(|(id, a)| {
+            let threshold = view.rules.payout_threshold;
+            (id.clone(), (a.accounts.available(threshold), a.accounts.free))
+        })
+        .collect()
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let program = ProgramId::parse("p").expect("a valid id");
@@ -295,6 +365,7 @@ fuzz_target!(|data: &[u8]| {
     let mut seq = 0u64;
     // 2026-03-01T00:00:00Z, and on by the hours and days the input says
     let mut now = Timestamp::from_micros(1_772_323_200_000_000);
+    let mut closed = HashMap::new();
     while !input.0.is_empty() {
         now = Timestamp::from_micros(now.micros() + i64::from(input.byte() % 64) * 3_600_000_000);
         let back = input.pick(&BACK_US);
@@ -315,6 +386,21 @@ fuzz_target!(|data: &[u8]| {
         let Ok(Decision::Append(events)) = decide(&model, &ctx, &command, &mut ids) else {
             continue;
         };
+        let before = takeable(&views, &program);
+        for event in &events {
+            match event {
+                Event::WithdrawalRequested(w) => {
+                    let (available, _) = before[&w.affiliate_id];
+                    assert!(w.amount <= available, "withdrew {} of {available}", w.amount);
+                }
+                Event::CreditApplied(c) => {
+                    let (_, free) = before[&c.affiliate_id];
+                    assert!(c.amount <= free, "credited {} of {free}", c.amount);
+                }
+                _ => {}
+            }
+        }
+        let close_again = matches!(command, Command::CloseMonth { .. });
         for event in events {
             seq += 1;
             let recorded = Recorded {
@@ -337,5 +423,14 @@ fuzz_target!(|data: &[u8]| {
             views.apply(&recorded, &ModelLines(&model));
         }
         read_everything(&model, &views, now, seq);
+        check_money(&model, &views, now, &mut closed);
+        if close_again {
+            // closing a month again changes nothing
+            let again = decide(&model, &ctx, &command, &mut ids);
+            assert!(
+                !matches!(again, Ok(Decision::Append(_))),
+                "a second close appended {again:?}"
+            );
+        }
     }
 });
