@@ -10,9 +10,11 @@
 use std::collections::HashMap;
 
 use commission_ledger::events::{
-    AffiliateId, Bytes, CustomerId, Event, LineId, LineKind, Month, ProgramId, ProgramRules,
-    Recorded, Role, Text, Timestamp,
+    AffiliateId, AffiliateRateOverride, Attribution, AttributionOverride, Bytes, CustomerId,
+    Event, LineId, LineKind, ModelOverride, Month, Overrides, ProgramId, ProgramRules, Recorded,
+    Role, RulesOverride, Text, Timestamp,
 };
+use commission_ledger::replay::WhatIf;
 use commission_ledger::ledger::ModelLines;
 use commission_ledger::money::Rate;
 use commission_ledger::projections::{
@@ -131,7 +133,80 @@ fn rules(input: &mut Input<'_>) -> Option<ProgramRules> {
     serde_json::from_value(doc).ok()
 }
 
-fn command(input: &mut Input<'_>, model: &Model, program: &ProgramId) -> Option<Command> {
+/// A what-if replay under one override, computed over `log` as the
+/// ledger computes one, and the command that applies it.
+fn apply_replay(
+    input: &mut Input<'_>,
+    model: &Model,
+    program: &ProgramId,
+    log: &[Recorded],
+) -> Option<Command> {
+    let pm = model.program(program)?;
+    let moment = |input: &mut Input<'_>| match log.len() {
+        0 => None,
+        n => Some(log[usize::from(input.byte()) % n].occurred_at),
+    };
+    let affiliate = |input: &mut Input<'_>| AffiliateId::parse(input.pick(&AFFILIATES)).ok();
+    let mut overrides = Overrides::default();
+    match input.byte() % 5 {
+        0 => overrides.attribution.push(AttributionOverride {
+            customer_id: CustomerId::parse(input.pick(&CUSTOMERS)).ok()?,
+            affiliate_id: affiliate(input)?,
+            from: if input.byte() & 1 == 0 {
+                None
+            } else {
+                moment(input)
+            },
+        }),
+        1 => {
+            overrides.model = Some(ModelOverride {
+                attribution: Some(if input.byte() & 1 == 0 {
+                    Attribution::LastClick
+                } else {
+                    Attribution::FirstClick
+                }),
+                cookie_days: input.maybe(&[0u32, 1, 30]),
+            })
+        }
+        2 => {
+            overrides.rules = Some(RulesOverride {
+                from: moment(input)?,
+                rules: rules(input)?,
+            })
+        }
+        3 => overrides.affiliate_rates.push(AffiliateRateOverride {
+            affiliate_id: affiliate(input)?,
+            rate: Rate::parse(input.pick(&RATES)).ok()?,
+            from: moment(input)?,
+        }),
+        _ => {
+            let n = log.len().max(1);
+            overrides.exclude.push(log.get(usize::from(input.byte()) % n)?.seq);
+        }
+    }
+    let mut what_if = WhatIf::new(program.clone(), pm.applied_overrides(None), overrides.clone());
+    for recorded in log {
+        what_if.apply(recorded).ok()?;
+    }
+    let corrected = what_if.corrections(pm, None);
+    let diff = what_if.finish(None).ok()?;
+    Some(Command::ApplyReplay {
+        replay_id: Uuid::from_u128((1 << 100) + log.len() as u128),
+        at_seq: log.last().map_or(0, |r| r.seq),
+        overrides: Box::new(overrides),
+        changes: diff.changes,
+        corrected: Box::new(corrected),
+        months: None,
+        reason: "fuzz".into(),
+    })
+}
+
+fn command(
+    input: &mut Input<'_>,
+    model: &Model,
+    program: &ProgramId,
+    log: &[Recorded],
+) -> Option<Command> {
     let affiliate = |input: &mut Input<'_>| {
         commission_ledger::events::AffiliateId::parse(input.pick(&AFFILIATES)).ok()
     };
@@ -140,7 +215,8 @@ fn command(input: &mut Input<'_>, model: &Model, program: &ProgramId) -> Option<
     let visitor = |input: &mut Input<'_>| input.maybe(&VISITORS).map(Text::from);
     let currency = |input: &mut Input<'_>| input.pick(&CURRENCIES).to_string();
     let pm = model.program(program);
-    Some(match input.byte() % 17 {
+    Some(match input.byte() % 18 {
+        17 => return apply_replay(input, model, program, log),
         0 => Command::DefineProgram {
             rules: Box::new(rules(input)?),
             reason: None,
@@ -366,6 +442,7 @@ fuzz_target!(|data: &[u8]| {
     // 2026-03-01T00:00:00Z, and on by the hours and days the input says
     let mut now = Timestamp::from_micros(1_772_323_200_000_000);
     let mut closed = HashMap::new();
+    let mut log = Vec::new();
     while !input.0.is_empty() {
         now = Timestamp::from_micros(now.micros() + i64::from(input.byte() % 64) * 3_600_000_000);
         let back = input.pick(&BACK_US);
@@ -373,7 +450,7 @@ fuzz_target!(|data: &[u8]| {
             i64::MAX => Timestamp::parse("0000-01-01T00:00:00Z").expect("RFC 3339"),
             back => Timestamp::from_micros(now.micros().saturating_sub(back)),
         };
-        let Some(command) = command(&mut input, &model, &program) else {
+        let Some(command) = command(&mut input, &model, &program, &log) else {
             continue;
         };
         let ctx = Context {
@@ -421,6 +498,7 @@ fuzz_target!(|data: &[u8]| {
             );
             model.apply(&recorded);
             views.apply(&recorded, &ModelLines(&model));
+            log.push(recorded);
         }
         read_everything(&model, &views, now, seq);
         check_money(&model, &views, now, &mut closed);
@@ -433,4 +511,19 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
+    // a what-if replay that overrides nothing finds nothing to change: the
+    // money the rules decided again over the log is the money they posted
+    if model.program(&program).is_none() {
+        return;
+    }
+    let applied = model
+        .program(&program)
+        .map(|pm| pm.applied_overrides(None))
+        .unwrap_or_default();
+    let mut replay = WhatIf::new(program, applied, Overrides::default());
+    for recorded in &log {
+        replay.apply(recorded).expect("the log replays");
+    }
+    let diff = replay.finish(None).expect("the replay finishes");
+    assert!(diff.is_empty(), "a replay that overrides nothing: {diff:?}");
 });
