@@ -279,6 +279,15 @@ impl ProgramView {
         }
     }
 
+    /// States a withdrawal paid or a credit: in its own month, or in the
+    /// first open one when that is closed.
+    fn state_payout(&mut self, affiliate_id: &AffiliateId, line: StatementLine) {
+        let month = self.open_month(line.at);
+        if let Some(a) = self.affiliates.get_mut(affiliate_id) {
+            a.statements.entry(month).or_default().push(line);
+        }
+    }
+
     /// Sets every customer's billed total to `billed`'s.
     fn rebill(&mut self, billed: HashMap<&CustomerId, Decimal>) {
         for (id, customer) in &mut self.customers {
@@ -465,30 +474,24 @@ impl ProgramView {
                         reference,
                     });
             }
-            Event::WithdrawalPaid(e) => {
-                let month = self.open_month(at);
-                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    a.statements.entry(month).or_default().push(money_line(
-                        recorded.seq,
-                        at,
-                        StatementKind::Withdrawal,
-                        -e.amount,
-                        e.withdrawal_id.to_string(),
-                    ));
-                }
-            }
-            Event::CreditApplied(e) => {
-                let month = self.open_month(at);
-                if let Some(a) = self.affiliates.get_mut(&e.affiliate_id) {
-                    a.statements.entry(month).or_default().push(money_line(
-                        recorded.seq,
-                        at,
-                        StatementKind::Credit,
-                        -e.amount,
-                        e.invoice_id.clone(),
-                    ));
-                }
-            }
+            Event::WithdrawalPaid(e) => self.state_payout(
+                &e.affiliate_id,
+                StatementLine {
+                    kind: StatementKind::Withdrawal,
+                    amount: -e.amount,
+                    reference: e.withdrawal_id.to_string(),
+                    ..payout_line(recorded.seq, at)
+                },
+            ),
+            Event::CreditApplied(e) => self.state_payout(
+                &e.affiliate_id,
+                StatementLine {
+                    kind: StatementKind::Credit,
+                    amount: -e.amount,
+                    reference: e.invoice_id.clone(),
+                    ..payout_line(recorded.seq, at)
+                },
+            ),
             Event::MonthClosed(e) => {
                 self.closed_months.insert(e.month, e.clone());
             }
@@ -587,24 +590,20 @@ impl ProgramView {
     }
 }
 
-fn money_line(
-    seq: Seq,
-    at: Timestamp,
-    kind: StatementKind,
-    amount: Decimal,
-    reference: String,
-) -> StatementLine {
+/// A statement line of money that left `earned` at `at`, to be given its
+/// kind, amount and reference.
+fn payout_line(seq: Seq, at: Timestamp) -> StatementLine {
     StatementLine {
         seq,
         at,
-        kind,
+        kind: StatementKind::Withdrawal,
         customer_id: None,
         product: None,
         basis: None,
         rate: None,
-        amount,
+        amount: Decimal::ZERO,
         late: false,
-        reference,
+        reference: String::new(),
     }
 }
 
