@@ -1,8 +1,9 @@
 //! Requests built from arbitrary bytes, answered by the whole router (every
 //! layer the server runs) in process, over one ledger on tmpfs that lives
 //! as long as the fuzzer: a program `p` with affiliates `alice` and `bob`,
-//! and a key of every role. No request may panic or be answered 500, and
-//! every refusal is `application/problem+json`.
+//! and a key of every role. No request may panic or be answered 500,
+//! every refusal is `application/problem+json`, and a refusal (4xx)
+//! appends nothing.
 //!
 //! The input: a method, a route, a caller and flags (four bytes), then the
 //! route's path segments, the query and the body, separated by 0xFF bytes.
@@ -63,6 +64,7 @@ const METHODS: [&str; 4] = ["GET", "POST", "PUT", "DELETE"];
 struct Server {
     runtime: tokio::runtime::Runtime,
     router: Router,
+    ledger: Arc<Ledger>,
     /// Admin, ingest and portal keys, an affiliate token, and a key that is none.
     callers: Vec<Option<String>>,
 }
@@ -84,7 +86,7 @@ fn server() -> &'static Server {
             public_burst: 1 << 30,
             ..ApiConfig::default()
         };
-        let router = api::router(ledger, api_config);
+        let router = api::router(ledger.clone(), api_config);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -130,6 +132,7 @@ fn server() -> &'static Server {
         Server {
             runtime,
             router,
+            ledger,
             callers: vec![
                 Some(admin),
                 Some(ingest),
@@ -202,6 +205,7 @@ fuzz_target!(|data: &[u8]| {
     request
         .extensions_mut()
         .insert(axum::extract::ConnectInfo(peer));
+    let head = server.ledger.state().head.seq;
     server.runtime.block_on(async {
         let response = server
             .router
@@ -222,5 +226,9 @@ fuzz_target!(|data: &[u8]| {
             "{method} {path}: {status} without problem+json: {:?}",
             bytes
         );
+        if status.is_client_error() {
+            let now = server.ledger.state().head.seq;
+            assert_eq!(now, head, "{method} {path}: {status} appended: {:?}", bytes);
+        }
     });
 });
