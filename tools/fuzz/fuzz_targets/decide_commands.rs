@@ -18,7 +18,8 @@ use commission_ledger::replay::WhatIf;
 use commission_ledger::ledger::ModelLines;
 use commission_ledger::money::Rate;
 use commission_ledger::projections::{
-    Projections, ReferralQuery, ReferralSort, ReferralStart, StatementLine, StatsBy,
+    Projections, ReferralQuery, ReferralSort, ReferralStart, StatementKind, StatementLine,
+    StatsBy,
 };
 use commission_ledger::rules::{
     Command, Context, Decision, IdSource, Model, close_rewards, commission_of, decide,
@@ -367,7 +368,8 @@ fn read_everything(model: &Model, views: &Projections, now: Timestamp, head: u64
 }
 
 /// What finance relies on, after every command: postings sum to zero,
-/// each affiliate's statement lines sum to its `earned`, no account of
+/// each affiliate's statement lines sum to its `earned` (and its
+/// commission lines to its statistics' commission), no account of
 /// withdrawals, payouts or credits runs negative, a closed month's
 /// statement never changes again, and the pending estimate is what a
 /// close of every open line would give.
@@ -383,6 +385,16 @@ fn check_money(
         for (affiliate, a) in &view.affiliates {
             let lines: Decimal = a.statements.values().flatten().map(|l| l.amount).sum();
             assert_eq!(lines, a.accounts.earned(), "{affiliate}: statement lines against earned");
+            // the statistics' commission, day by day, is the statements' commission
+            let commission: Decimal = a
+                .statements
+                .values()
+                .flatten()
+                .filter(|l| !matches!(l.kind, StatementKind::Withdrawal | StatementKind::Credit))
+                .map(|l| l.amount)
+                .sum();
+            let by_day: Decimal = a.days.values().map(|d| d.commission).sum();
+            assert_eq!(by_day, commission, "{affiliate}: statistics against statements");
             for (name, value) in [
                 ("in_withdrawal", a.accounts.in_withdrawal),
                 ("paid_out", a.accounts.paid_out),
