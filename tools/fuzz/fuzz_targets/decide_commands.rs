@@ -134,6 +134,15 @@ fn rules(input: &mut Input<'_>) -> Option<ProgramRules> {
     serde_json::from_value(doc).ok()
 }
 
+/// The moment of one of the events recorded so far (a moment that
+/// splits history somewhere meaningful).
+fn moment(input: &mut Input<'_>, log: &[Recorded]) -> Option<Timestamp> {
+    match log.len() {
+        0 => None,
+        n => Some(log[usize::from(input.byte()) % n].occurred_at),
+    }
+}
+
 /// A what-if replay under one override, computed over `log` as the
 /// ledger computes one, and the command that applies it.
 fn apply_replay(
@@ -143,10 +152,7 @@ fn apply_replay(
     log: &[Recorded],
 ) -> Option<Command> {
     let pm = model.program(program)?;
-    let moment = |input: &mut Input<'_>| match log.len() {
-        0 => None,
-        n => Some(log[usize::from(input.byte()) % n].occurred_at),
-    };
+    let moment = |input: &mut Input<'_>| moment(input, log);
     let affiliate = |input: &mut Input<'_>| AffiliateId::parse(input.pick(&AFFILIATES)).ok();
     let mut overrides = Overrides::default();
     match input.byte() % 5 {
@@ -291,7 +297,10 @@ fn command(
         11 => Command::Reassign {
             customer_id: customer(input)?,
             to: affiliate(input)?,
-            from: None,
+            from: match input.byte() & 1 {
+                0 => None,
+                _ => moment(input, log),
+            },
             retroactive: input.byte() & 1 == 1,
             reason: "fuzz".into(),
         },
