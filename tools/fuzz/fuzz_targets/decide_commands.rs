@@ -152,7 +152,6 @@ fn apply_replay(
     log: &[Recorded],
 ) -> Option<Command> {
     let pm = model.program(program)?;
-    let moment = |input: &mut Input<'_>| moment(input, log);
     let affiliate = |input: &mut Input<'_>| AffiliateId::parse(input.pick(&AFFILIATES)).ok();
     let mut overrides = Overrides::default();
     match input.byte() % 5 {
@@ -162,7 +161,7 @@ fn apply_replay(
             from: if input.byte() & 1 == 0 {
                 None
             } else {
-                moment(input)
+                moment(input, log)
             },
         }),
         1 => {
@@ -177,14 +176,14 @@ fn apply_replay(
         }
         2 => {
             overrides.rules = Some(RulesOverride {
-                from: moment(input)?,
+                from: moment(input, log)?,
                 rules: rules(input)?,
             })
         }
         3 => overrides.affiliate_rates.push(AffiliateRateOverride {
             affiliate_id: affiliate(input)?,
             rate: Rate::parse(input.pick(&RATES)).ok()?,
-            from: moment(input)?,
+            from: moment(input, log)?,
         }),
         _ => {
             let n = log.len().max(1);
