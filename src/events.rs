@@ -374,6 +374,16 @@ impl Month {
     pub fn previous(&self) -> Month {
         Month(self.0 - 1)
     }
+    /// The month whose statement money moved in this month goes to: this
+    /// one, or the first after `last_closed` when this one is closed (a
+    /// zone changed since a close can put a moment back in a closed month;
+    /// a closed month is never rewritten).
+    pub fn open_after(self, last_closed: Option<Month>) -> Month {
+        match last_closed {
+            Some(last) if self <= last => last.next(),
+            _ => self,
+        }
+    }
     /// Parses `YYYY-MM`.
     pub fn parse(text: &str) -> Result<Month, InvalidValue> {
         let bad = || InvalidValue::new("month", format!("`{text}` is not a month YYYY-MM"));

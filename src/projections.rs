@@ -268,21 +268,12 @@ pub trait BasisLines {
 }
 
 impl ProgramView {
-    /// The month whose statement money moved at `at` goes to: its own, or
-    /// the first after the last closed one (as `ProgramModel::open_month`
-    /// decides for adjustments): a closed month is never rewritten.
-    fn open_month(&self, at: Timestamp) -> Month {
-        let month = at.month_in(self.zone);
-        match self.closed_months.keys().next_back() {
-            Some(last) if month <= *last => last.next(),
-            _ => month,
-        }
-    }
-
     /// States a withdrawal paid or a credit: in its own month, or in the
-    /// first open one when that is closed.
+    /// first open one when that is closed ([`Month::open_after`], as the
+    /// rules place adjustments).
     fn state_payout(&mut self, affiliate_id: &AffiliateId, line: StatementLine) {
-        let month = self.open_month(line.at);
+        let last_closed = self.closed_months.keys().next_back().copied();
+        let month = line.at.month_in(self.zone).open_after(last_closed);
         if let Some(a) = self.affiliates.get_mut(affiliate_id) {
             a.statements.entry(month).or_default().push(line);
         }
@@ -476,21 +467,23 @@ impl ProgramView {
             }
             Event::WithdrawalPaid(e) => self.state_payout(
                 &e.affiliate_id,
-                StatementLine {
-                    kind: StatementKind::Withdrawal,
-                    amount: -e.amount,
-                    reference: e.withdrawal_id.to_string(),
-                    ..payout_line(recorded.seq, at)
-                },
+                payout_line(
+                    recorded.seq,
+                    at,
+                    StatementKind::Withdrawal,
+                    -e.amount,
+                    e.withdrawal_id.to_string(),
+                ),
             ),
             Event::CreditApplied(e) => self.state_payout(
                 &e.affiliate_id,
-                StatementLine {
-                    kind: StatementKind::Credit,
-                    amount: -e.amount,
-                    reference: e.invoice_id.clone(),
-                    ..payout_line(recorded.seq, at)
-                },
+                payout_line(
+                    recorded.seq,
+                    at,
+                    StatementKind::Credit,
+                    -e.amount,
+                    e.invoice_id.clone(),
+                ),
             ),
             Event::MonthClosed(e) => {
                 self.closed_months.insert(e.month, e.clone());
@@ -590,20 +583,25 @@ impl ProgramView {
     }
 }
 
-/// A statement line of money that left `earned` at `at`, to be given its
-/// kind, amount and reference.
-fn payout_line(seq: Seq, at: Timestamp) -> StatementLine {
+/// A statement line of money that left `earned` at `at`.
+fn payout_line(
+    seq: Seq,
+    at: Timestamp,
+    kind: StatementKind,
+    amount: Decimal,
+    reference: String,
+) -> StatementLine {
     StatementLine {
         seq,
         at,
-        kind: StatementKind::Withdrawal,
+        kind,
         customer_id: None,
         product: None,
         basis: None,
         rate: None,
-        amount: Decimal::ZERO,
+        amount,
         late: false,
-        reference: String::new(),
+        reference,
     }
 }
 

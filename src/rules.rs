@@ -687,15 +687,10 @@ impl ProgramModel {
         self.closed.keys().next_back().copied()
     }
 
-    /// The month whose statement money moved at `at` goes to: its own, or
-    /// the first after the last closed one, so that a closed month is never
-    /// rewritten (a zone changed since can put `at` back in it).
+    /// The month whose statement money moved at `at` goes to
+    /// ([`Month::open_after`]).
     pub fn open_month(&self, at: Timestamp) -> Month {
-        let month = at.month_in(self.zone());
-        match self.last_closed() {
-            Some(last) if month <= last => last.next(),
-            _ => month,
-        }
+        at.month_in(self.zone()).open_after(self.last_closed())
     }
 
     /// Notes that `affiliate` is now named in `customer`'s attribution,
