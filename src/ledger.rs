@@ -2452,7 +2452,7 @@ impl Ledger {
     /// folds the events appended since, checking them the same way, and
     /// compares. So the projections are compared at the head, however busy
     /// the ledger, and the report is of that head. The writer waits for
-    /// that last part only (measured in the README).
+    /// that last part only (measured in `tools/BENCHMARKS.md`, session 15).
     ///
     /// One at a time with what-if replays; [`LedgerError::WholeLogBusy`]
     /// when [`WHOLE_LOG_WAITING`] are already waiting.
