@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod crash;
 mod encoding;
+mod fuzz;
 mod log;
 mod model;
 mod money;

@@ -4,6 +4,13 @@
 //!
 //! `cargo run --release --bin seed -- CORPUS_DIR [DATA_DIR ...]`, and
 //! `seed --api CORPUS_DIR` for `api_requests` (a valid request per route).
+//!
+//! `seed --keep CONTROL_FILE MOST DIR` chooses the inputs kept for the
+//! test suite (`tests/it/fuzz.rs`): from the control file of a libFuzzer
+//! merge (`-merge=1 -merge_control_file=CONTROL_FILE`), which lists every
+//! input with the code edges it covers, at most `MOST` inputs, each the
+//! one that covers the most edges not yet covered (the smaller first), and
+//! copies them into `DIR`.
 
 use std::path::{Path, PathBuf};
 
@@ -235,8 +242,97 @@ fn api_seeds(corpus: &Path) {
     println!("{} seeds in {}", seeds.len(), corpus.display());
 }
 
+/// The greedy choice of `seed --keep`: indices into `edges`, each adding
+/// the most edges not covered yet (ties: the smaller input), until `most`
+/// are chosen or none adds anything.
+fn keep(edges: &[(u64, std::collections::HashSet<u64>)], most: usize) -> Vec<usize> {
+    let mut covered = std::collections::HashSet::new();
+    let mut taken = vec![false; edges.len()];
+    let mut chosen = Vec::new();
+    while chosen.len() < most {
+        let best = (0..edges.len())
+            .filter(|&i| !taken[i])
+            .map(|i| {
+                (
+                    edges[i].1.difference(&covered).count(),
+                    std::cmp::Reverse(edges[i].0),
+                    i,
+                )
+            })
+            .max();
+        let Some((added, _, i)) = best else { break };
+        if added == 0 {
+            break;
+        }
+        covered.extend(edges[i].1.iter().copied());
+        taken[i] = true;
+        chosen.push(i);
+    }
+    chosen
+}
+
+fn keep_inputs(control: &Path, most: usize, dir: &Path) {
+    let text = std::fs::read_to_string(control).unwrap_or_else(|e| fail(&e.to_string()));
+    let mut lines = text.lines();
+    let count: usize = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| fail("not a merge control file"));
+    let _first_corpus = lines.next();
+    let files: Vec<PathBuf> = lines.by_ref().take(count).map(PathBuf::from).collect();
+    let mut edges: Vec<(u64, std::collections::HashSet<u64>)> = Vec::new();
+    let mut index = Vec::new();
+    for line in lines {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("COV") {
+            continue;
+        }
+        let Some(i) = words.next().and_then(|w| w.parse::<usize>().ok()) else {
+            continue;
+        };
+        let Some(file) = files.get(i) else { continue };
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue;
+        };
+        edges.push((meta.len(), words.filter_map(|w| w.parse().ok()).collect()));
+        index.push(i);
+    }
+    let all: std::collections::HashSet<u64> =
+        edges.iter().flat_map(|(_, e)| e.iter().copied()).collect();
+    let chosen = keep(&edges, most);
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| fail(&e.to_string()));
+    let mut covered = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for &c in &chosen {
+        let file = &files[index[c]];
+        let name = file
+            .file_name()
+            .unwrap_or_else(|| fail("an input without a name"));
+        std::fs::copy(file, dir.join(name)).unwrap_or_else(|e| fail(&e.to_string()));
+        covered.extend(edges[c].1.iter().copied());
+        bytes += edges[c].0;
+    }
+    println!(
+        "{} inputs ({bytes} bytes) in {}: {} of the {} edges the corpus covers",
+        chosen.len(),
+        dir.display(),
+        covered.len(),
+        all.len()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--keep") {
+        let (Some(control), Some(most), Some(dir)) = (
+            args.get(1).map(PathBuf::from),
+            args.get(2).and_then(|m| m.parse().ok()),
+            args.get(3).map(PathBuf::from),
+        ) else {
+            fail("usage: seed --keep CONTROL_FILE MOST DIR")
+        };
+        return keep_inputs(&control, most, &dir);
+    }
     if args.first().map(String::as_str) == Some("--api") {
         let Some(corpus) = args.get(1).map(PathBuf::from) else {
             fail("usage: seed --api CORPUS_DIR")
