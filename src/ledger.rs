@@ -4281,9 +4281,15 @@ fn data_bytes(path: &Path, from: u64) -> Result<u64, LedgerError> {
     }
 }
 
+/// How many times [`backup`] copies a segment whose copy holds a bad record
+/// before it reports the record as damage.
+const BACKUP_COPIES: u32 = 5;
+
 /// Copies the log (up to its last whole record) and the key secret to
 /// `target`, which must not exist. Safe while a server runs: segments are
-/// append-only, and the copy is cut to its last whole record.
+/// append-only, the copy is cut to its last whole record, and a segment
+/// whose copy holds a bad record is copied again (up to
+/// [`BACKUP_COPIES`] copies) before the record is reported as damage.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
     if target.exists() {
         return Err(LedgerError::Io {
@@ -4298,11 +4304,31 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
     fs::create_dir_all(&target_log).map_err(io_error(&target_log))?;
     let secret = data_dir.join("secret");
     fs::copy(&secret, target.join("secret")).map_err(io_error(&secret))?;
-    for (_, path) in log::list_segments(&data_dir.join("log"))? {
+    let copy = |path: &Path| -> Result<(), LedgerError> {
         let name = path.file_name().map(PathBuf::from).unwrap_or_default();
-        fs::copy(&path, target_log.join(name)).map_err(io_error(&path))?;
+        fs::copy(path, target_log.join(name)).map_err(io_error(path))?;
+        Ok(())
+    };
+    for (_, path) in log::list_segments(&data_dir.join("log"))? {
+        copy(&path)?;
     }
-    let report = log::scan(&target_log, ScanMode::Repair, None, |_| Ok(()))?;
+    let mut copies = 1;
+    let report = loop {
+        match log::scan(&target_log, ScanMode::Repair, None, |_| Ok(())) {
+            Ok(report) => break report,
+            // Read while the writer appended, the copy may hold a page
+            // read before the writer filled it and the next one read after:
+            // zeros before whole records. A copy made again holds the
+            // page filled; a record still bad then is damage.
+            Err(LogError::Corrupt { segment, .. }) if copies < BACKUP_COPIES => {
+                copies += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                let name = segment.file_name().map(PathBuf::from).unwrap_or_default();
+                copy(&data_dir.join("log").join(name))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     for (_, path) in &report.segments {
         File::open(path)
             .and_then(|f| f.sync_all())

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use commission_ledger::ledger::Submission;
+use commission_ledger::ledger::{Submission, verify_log};
 use commission_ledger::rules::Command;
 
 use crate::support::*;
@@ -595,4 +595,60 @@ fn a_close_among_other_commands_keeps_their_log_order() {
         .collect();
     assert_eq!(late, vec![("20.00".to_string(), true)], "`after`, late");
     assert!(t.ledger().verify().unwrap().ok);
+}
+
+/// `backup` copies the log while a running writer appends to it ("safe
+/// while the server runs"): however the copy and the appends interleave,
+/// each copy must be a whole prefix of the log that verifies, with the
+/// log's own hash at its head.
+#[test]
+fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
+    let mut t = TestLedger::new("hosting");
+    {
+        // Small segments: the copies meet rolls too.
+        let mut config = t.config();
+        config.segment_bytes = 256 << 10;
+        t.ledger = None;
+        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    }
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    let backups = tempfile::tempdir().unwrap();
+    let done = AtomicBool::new(false);
+    let heads = std::thread::scope(|scope| {
+        for who in 0..8 {
+            let (t, code, done) = (&t, code.clone(), &done);
+            scope.spawn(move || {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let command = click(&code, format!("v-{who}-{n}"));
+                    let submission = Submission::new(Some(&t.program), "test", command);
+                    t.ledger().submit_blocking(submission).unwrap();
+                    n += 1;
+                }
+            });
+        }
+        let heads: Vec<_> = (0..30)
+            .map(|round| {
+                let target = backups.path().join(format!("b{round}"));
+                let head = commission_ledger::ledger::backup(t.dir.path(), &target)
+                    .unwrap_or_else(|e| panic!("backup {round}: {e}"));
+                (target, head)
+            })
+            .collect();
+        done.store(true, Ordering::Relaxed);
+        heads
+    });
+    let log = t.dir.path().join("log");
+    let mut last = 0;
+    for (target, head) in heads {
+        let copy = verify_log(&target.join("log"), None);
+        assert!(copy.ok, "{}: {:?}", target.display(), copy.problem);
+        assert_eq!(copy.head_seq, head.seq);
+        let source = verify_log(&log, Some(head.seq));
+        assert_eq!(copy.head_hash, source.head_hash, "{}", target.display());
+        assert!(head.seq >= last, "later backups reach at least as far");
+        last = head.seq;
+    }
+    assert!(last > 1_000, "the writer appended throughout: {last}");
 }
