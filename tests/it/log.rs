@@ -452,3 +452,46 @@ fn the_chain_covers_seq_and_payload() {
     assert_ne!(a, log::chain_hash(&log::GENESIS_HASH, 1, b"y"));
     assert_ne!(a, log::chain_hash(&a, 1, b"x"));
 }
+
+/// A read beside a writer can meet a page before the writer fills it and
+/// the next one after: zeros where a record starts, whole records after
+/// them (seen in 1 of 589 copies of a segment 16 submitters were
+/// appending to). A scan beside the writer (`ScanMode::Read`: `verify` or
+/// `export` while a server runs) reads such a record again a moment later
+/// and goes on; one that stays bad is reported, as damage is.
+#[test]
+fn a_read_beside_the_writer_reads_a_hole_again_and_reports_one_that_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = write_log(dir.path(), &[10], 1 << 20);
+    let segment = only_segment(dir.path());
+    let whole = fs::read(&segment).unwrap();
+    let ninth = record_at(&whole, 9);
+    let mut holed = whole.clone();
+    holed[ninth..ninth + 16].fill(0);
+
+    // The writer fills the hole 5 ms after the scan begins.
+    fs::write(&segment, &holed).unwrap();
+    let read = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            use std::os::unix::fs::FileExt;
+            let file = OpenOptions::new().write(true).open(&segment).unwrap();
+            file.write_all_at(&whole[ninth..ninth + 16], ninth as u64)
+                .unwrap();
+        });
+        read_all(dir.path(), ScanMode::Read)
+    });
+    assert_eq!(read.unwrap(), all);
+
+    // A hole that stays is damage: reported at its seq, in every mode.
+    fs::write(&segment, &holed).unwrap();
+    for mode in [ScanMode::Read, ScanMode::Strict] {
+        match read_all(dir.path(), mode) {
+            Err(LogError::Corrupt { seq, offset, .. }) => {
+                assert_eq!((seq, offset as usize), (9, ninth), "{mode:?}")
+            }
+            other => panic!("{mode:?}: expected a corruption, got {other:?}"),
+        }
+    }
+    assert_eq!(fs::read(&segment).unwrap(), holed, "a read changes nothing");
+}
