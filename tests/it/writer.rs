@@ -652,3 +652,56 @@ fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
     }
     assert!(last > 1_000, "the writer appended throughout: {last}");
 }
+
+/// The same meeting, made on purpose: the last segment holds zeros where
+/// a record starts, with whole records after them, until the writer
+/// fills them 5 ms after `backup` begins. The first copy holds the hole;
+/// `backup` copies the segment again and gets the whole log.
+#[test]
+fn a_backup_copies_again_a_segment_whose_copy_met_a_write_in_progress() {
+    let mut t = TestLedger::new("hosting");
+    t.define(rules("hosting", serde_json::json!({})));
+    let code = t.enroll("alice").referral_code;
+    click_burst(&t, &code, 0, 20);
+    t.ledger = None;
+    let log = t.dir.path().join("log");
+    let segment = std::fs::read_dir(&log)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let whole = std::fs::read(&segment).unwrap();
+    // The 20th record of the log (of 22): past the magic and 19 frames.
+    let mut at = 8;
+    for _ in 1..20 {
+        at += 8 + u32::from_le_bytes(whole[at..at + 4].try_into().unwrap()) as usize;
+    }
+    let mut holed = whole.clone();
+    holed[at..at + 16].fill(0);
+    std::fs::write(&segment, &holed).unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let target = backups.path().join("b");
+    let head = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&segment)
+                .unwrap();
+            file.write_all_at(&whole[at..at + 16], at as u64).unwrap();
+        });
+        commission_ledger::ledger::backup(t.dir.path(), &target)
+    })
+    .unwrap();
+    let (source, copy) = (
+        verify_log(&log, None),
+        verify_log(&target.join("log"), None),
+    );
+    assert!(copy.ok, "{:?}", copy.problem);
+    assert_eq!(
+        (copy.head_seq, &copy.head_hash),
+        (head.seq, &source.head_hash)
+    );
+}
