@@ -4335,8 +4335,23 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
             .and_then(|f| f.sync_all())
             .map_err(io_error(path))?;
     }
-    File::open(&target_log)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(&target_log))?;
+    // The backup is whole once it says so: the secret, and the directory
+    // entries that name it all (down from the one that holds `target`),
+    // are on disk too.
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let entries = [
+        target.join("secret"),
+        target_log,
+        target.to_path_buf(),
+        parent.to_path_buf(),
+    ];
+    for path in entries {
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_error(&path))?;
+    }
     Ok(report.head)
 }
