@@ -1595,6 +1595,13 @@ fn read_or_create_secret(path: &Path) -> Result<[u8; 32], LedgerError> {
                 .map_err(io_error(path))?;
             file.write_all(&secret).map_err(io_error(path))?;
             file.sync_all().map_err(io_error(path))?;
+            // Its entry too: keys hashed with a secret lost to a power cut
+            // would stop working.
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            log::sync_dir(dir)?;
             Ok(secret)
         }
         Err(e) => Err(io_error(path)(e)),
@@ -1606,7 +1613,7 @@ impl Ledger {
     /// torn tail, refusing a corrupt one), replays it, starts the writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
         let dir = config.data_dir.clone();
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        log::create_dir_synced(&dir)?;
         let lock = lock_dir(&dir)?;
         let key_secret = read_or_create_secret(&dir.join("secret"))?;
         let log_dir = dir.join("log");
@@ -4009,7 +4016,7 @@ pub fn import_ndjson(
     data_dir: &Path,
     input: &mut dyn std::io::BufRead,
 ) -> Result<u64, LedgerError> {
-    fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
+    log::create_dir_synced(data_dir)?;
     let _lock = lock_dir(data_dir)?;
     let log_dir = data_dir.join("log");
     let mut last = (0, Vec::new());

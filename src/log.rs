@@ -514,6 +514,26 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(io("fsync directory", dir))
 }
 
+/// Creates `dir` and its missing parents, and makes each new entry
+/// durable by syncing the directory that holds it: a segment's own
+/// `fdatasync` does not make the directories that lead to it survive a
+/// power cut (PostgreSQL syncs the parent of what it creates).
+pub fn create_dir_synced(dir: &Path) -> Result<(), LogError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dir_synced(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io("create directory", dir)(e)),
+    }
+}
+
 /// The writer's handle on the log: exactly one per directory at a time.
 /// It is two halves, which a pipelined writer runs on two threads: the
 /// [`Framer`] lays out records (seq, chain hash, CRC, position) and the
@@ -659,7 +679,7 @@ impl Log {
         segment_bytes: u64,
         visit: impl FnMut(Record<'_>) -> Result<(), String>,
     ) -> Result<(Log, ScanReport), LogError> {
-        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        create_dir_synced(dir)?;
         let report = scan(dir, ScanMode::Repair, None, visit)?;
         let (active_first_seq, active_path) = match report.segments.last() {
             Some((first_seq, path)) => (*first_seq, path.clone()),
