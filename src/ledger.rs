@@ -4295,8 +4295,8 @@ const BACKUP_COPIES: u32 = 5;
 /// Copies the log (up to its last whole record) and the key secret to
 /// `target`, which must not exist. Safe while a server runs: segments are
 /// append-only, the copy is cut to its last whole record, and a segment
-/// whose copy holds a bad record is copied again (up to
-/// [`BACKUP_COPIES`] copies) before the record is reported as damage.
+/// whose copy holds a bad record is copied again (5 copies at most, 10 ms
+/// apart) before the record is reported as damage.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
     if target.exists() {
         return Err(LedgerError::Io {

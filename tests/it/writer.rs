@@ -39,16 +39,20 @@ fn click_burst(t: &TestLedger, code: &str, round: usize, n: usize) {
     assert!(answers.iter().all(Result::is_ok));
 }
 
+/// A ledger for program `hosting` whose segments roll over at `bytes`.
+fn with_segments_of(bytes: u64) -> TestLedger {
+    let mut t = TestLedger::new("hosting");
+    let mut config = t.config();
+    config.segment_bytes = bytes;
+    t.ledger = None;
+    t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
+    t
+}
+
 #[test]
 fn readers_see_only_durable_events_while_the_pipeline_runs() {
-    let mut t = TestLedger::new("hosting");
-    {
-        // Small segments: the writer rolls to a new one every few batches.
-        let mut config = t.config();
-        config.segment_bytes = 8 << 10;
-        t.ledger = None;
-        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
-    }
+    // Small segments: the writer rolls to a new one every few batches.
+    let mut t = with_segments_of(8 << 10);
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
     let done = AtomicBool::new(false);
@@ -603,14 +607,8 @@ fn a_close_among_other_commands_keeps_their_log_order() {
 /// log's own hash at its head.
 #[test]
 fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
-    let mut t = TestLedger::new("hosting");
-    {
-        // Small segments: the copies meet rolls too.
-        let mut config = t.config();
-        config.segment_bytes = 256 << 10;
-        t.ledger = None;
-        t.ledger = Some(commission_ledger::ledger::Ledger::open(config).unwrap());
-    }
+    // Small segments: the copies meet rolls too.
+    let t = with_segments_of(256 << 10);
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
     let backups = tempfile::tempdir().unwrap();
