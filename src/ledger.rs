@@ -4288,15 +4288,13 @@ fn data_bytes(path: &Path, from: u64) -> Result<u64, LedgerError> {
     }
 }
 
-/// How many times [`backup`] copies a segment whose copy holds a bad record
-/// before it reports the record as damage.
-const BACKUP_COPIES: u32 = 5;
-
 /// Copies the log (up to its last whole record) and the key secret to
-/// `target`, which must not exist. Safe while a server runs: segments are
-/// append-only, the copy is cut to its last whole record, and a segment
-/// whose copy holds a bad record is copied again (5 copies at most, 10 ms
-/// apart) before the record is reported as damage.
+/// `target`, which must not exist. Safe while a server runs: the log is
+/// read first as any reader beside the writer reads it ([`ScanMode::Read`]:
+/// a record a write in progress left unfinished is read again, not taken
+/// for damage, and a torn last record ends the log), and then exactly the
+/// bytes read are copied: segments are append-only, so those no longer
+/// change.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
     if target.exists() {
         return Err(LedgerError::Io {
@@ -4307,40 +4305,31 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
             ),
         });
     }
+    let report = log::scan(&data_dir.join("log"), ScanMode::Read, None, |_| Ok(()))?;
     let target_log = target.join("log");
     fs::create_dir_all(&target_log).map_err(io_error(&target_log))?;
     let secret = data_dir.join("secret");
     fs::copy(&secret, target.join("secret")).map_err(io_error(&secret))?;
-    let copy = |path: &Path| -> Result<(), LedgerError> {
-        let name = path.file_name().map(PathBuf::from).unwrap_or_default();
-        fs::copy(path, target_log.join(name)).map_err(io_error(path))?;
-        Ok(())
-    };
-    for (_, path) in log::list_segments(&data_dir.join("log"))? {
-        copy(&path)?;
-    }
-    let mut copies = 1;
-    let report = loop {
-        match log::scan(&target_log, ScanMode::Repair, None, |_| Ok(())) {
-            Ok(report) => break report,
-            // Read while the writer appended, the copy may hold a page
-            // read before the writer filled it and the next one read after:
-            // zeros before whole records (seen: 1 of 589 copies of a
-            // segment 16 submitters were appending to). A copy made again
-            // holds the page filled; a record still bad then is damage.
-            Err(LogError::Corrupt { segment, .. }) if copies < BACKUP_COPIES => {
-                copies += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                let name = segment.file_name().map(PathBuf::from).unwrap_or_default();
-                copy(&data_dir.join("log").join(name))?;
-            }
-            Err(e) => return Err(e.into()),
+    let last = report.segments.len().saturating_sub(1);
+    for (i, (_, path)) in report.segments.iter().enumerate() {
+        // A last segment with no record yet (its header may still be being
+        // written): the backup's log ends before it, and a start there
+        // makes it anew.
+        if i == last && report.end <= log::SEGMENT_MAGIC.len() as u64 {
+            break;
         }
-    };
-    for (_, path) in &report.segments {
-        File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_error(path))?;
+        let name = path.file_name().map(PathBuf::from).unwrap_or_default();
+        let copy = target_log.join(name);
+        fs::copy(path, &copy).map_err(io_error(path))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .map_err(io_error(&copy))?;
+        // What the writer appended after the read is not part of it.
+        if i == last {
+            file.set_len(report.end).map_err(io_error(&copy))?;
+        }
+        file.sync_all().map_err(io_error(&copy))?;
     }
     // The backup is whole once it says so: the secret, and the directory
     // entries that name it all (down from the one that holds `target`),

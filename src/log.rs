@@ -321,7 +321,7 @@ pub fn scan(
                 }
             }
         }
-        end = window.offset().min(window.file_len());
+        end = window.offset();
     }
     Ok(ScanReport {
         head,
@@ -418,7 +418,8 @@ impl Window {
         self.base + self.pos as u64
     }
 
-    /// The unread bytes, at least `n` of them unless the file ends first.
+    /// The unread bytes, at least `n` of them unless the file (as long as
+    /// it was when opened or read again) ends first.
     fn fill(&mut self, n: usize) -> Result<&[u8], LogError> {
         use std::os::unix::fs::FileExt;
         if self.buf.len() - self.pos < n {
@@ -427,7 +428,14 @@ impl Window {
             self.pos = 0;
             while self.buf.len() < n {
                 let have = self.buf.len();
-                let want = (n - have).max(WINDOW_READ);
+                // Never past the length the file had when opened (or read
+                // again): a scan beside a writer reads the log as it was
+                // then, and does not chase what is appended meanwhile.
+                let room = self.len.saturating_sub(self.base + have as u64);
+                let want = (n - have).max(WINDOW_READ).min(room as usize);
+                if want == 0 {
+                    break;
+                }
                 self.buf.resize(have + want, 0);
                 let read = self
                     .file

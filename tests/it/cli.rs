@@ -534,8 +534,8 @@ fn repair_reports_a_damaged_stretch_and_sets_it_aside_so_the_ledger_starts_again
     .err()
     .expect("a start refuses a bad record with records after it");
     assert!(refused.to_string().contains("seq 3"), "{refused}");
-    // `backup` copies the segment again (in a copy made beside a running
-    // writer, such a hole can be a write in progress), then reports it.
+    // `backup` reads the record again (beside a running writer, such a
+    // hole can be a write in progress), then reports it.
     let elsewhere = tempfile::tempdir().unwrap();
     let target = elsewhere.path().join("backup");
     let backup = cli(dir.path(), &["backup", target.to_str().unwrap()]);

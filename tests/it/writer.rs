@@ -653,10 +653,10 @@ fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
 
 /// The same meeting, made on purpose: the last segment holds zeros where
 /// a record starts, with whole records after them, until the writer
-/// fills them 5 ms after `backup` begins. The first copy holds the hole;
-/// `backup` copies the segment again and gets the whole log.
+/// fills them 5 ms after `backup` begins. `backup` reads the record again
+/// (as every reader beside the writer does) and copies the whole log.
 #[test]
-fn a_backup_copies_again_a_segment_whose_copy_met_a_write_in_progress() {
+fn a_backup_reads_again_a_record_a_write_in_progress_left_unfinished() {
     let mut t = TestLedger::new("hosting");
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
