@@ -56,14 +56,19 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
     let done = AtomicBool::new(false);
+    let reads_so_far = std::sync::atomic::AtomicU64::new(0);
     let (acked, reads) = std::thread::scope(|scope| {
         let submitters: Vec<_> = (0..24)
             .map(|who| {
-                let t = &t;
+                let (t, reads_so_far) = (&t, &reads_so_far);
                 let code = code.clone();
                 scope.spawn(move || {
                     let mut seqs = Vec::new();
-                    for n in 0..60 {
+                    // 60 clicks each, and on until the reader has run 10
+                    // times (a bound on a machine that starves it).
+                    let mut n = 0;
+                    while n < 60 || (reads_so_far.load(Ordering::Relaxed) <= 10 && n < 6_000) {
+                        n += 1;
                         let command = click(&code, format!("v-{who}-{n}"));
                         let receipt = t
                             .ledger()
@@ -103,6 +108,7 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
                 let head = t.ledger().read(None, |state| state.head.seq).unwrap();
                 in_the_log(head, "read");
                 reads += 1;
+                reads_so_far.store(reads, Ordering::Relaxed);
             }
             reads
         });
@@ -271,16 +277,22 @@ fn under_steady_load_the_syncer_tries_halves_and_callers_still_share_syncs() {
     // about 1 ms to come back (measured alone: 61k clicks/s), more than a
     // third over a sync even on this VM's slowest disk hours (an 8 KiB
     // fdatasync up to 470 µs).
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(2_000);
-    let (syncs, decided, _) = clicks_in_closed_loop(&t, &code, 64, |n| {
-        std::time::Instant::now() < until && n < 10_000
-    });
-    assert!(
+    // On a machine slower still, the callers go on until a window has
+    // tried, for 20 s at most.
+    let started = std::time::Instant::now();
+    let tried = || {
         t.ledger()
             .writer_stats()
             .group_commit_tries
             .load(Ordering::Relaxed)
-            >= 1,
+            >= 1
+    };
+    let (syncs, decided, _) = clicks_in_closed_loop(&t, &code, 64, |n| {
+        let elapsed = started.elapsed().as_millis();
+        n < 10_000 && (elapsed < 2_000 || (!tried() && elapsed < 20_000))
+    });
+    assert!(
+        tried(),
         "no window tried the other mode in {decided} commands"
     );
     // 64 a sync in one group, 32 in halves.
@@ -601,6 +613,16 @@ fn a_close_among_other_commands_keeps_their_log_order() {
     assert!(t.ledger().verify().unwrap().ok);
 }
 
+fn segments_in(log: &std::path::Path) -> usize {
+    std::fs::read_dir(log)
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".seg")
+        })
+        .count()
+}
+
 /// `backup` copies the log while a running writer appends to it ("safe
 /// while the server runs"): however the copy and the appends interleave,
 /// each copy must be a whole prefix of the log that verifies, with the
@@ -608,7 +630,7 @@ fn a_close_among_other_commands_keeps_their_log_order() {
 #[test]
 fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
     // Small segments: the copies meet rolls too.
-    let t = with_segments_of(256 << 10);
+    let t = with_segments_of(64 << 10);
     t.define(rules("hosting", serde_json::json!({})));
     let code = t.enroll("alice").referral_code;
     let backups = tempfile::tempdir().unwrap();
@@ -626,18 +648,34 @@ fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
                 }
             });
         }
-        let heads: Vec<_> = (0..30)
-            .map(|round| {
-                let target = backups.path().join(format!("b{round}"));
-                let head = commission_ledger::ledger::backup(t.dir.path(), &target)
-                    .unwrap_or_else(|e| panic!("backup {round}: {e}"));
-                (target, head)
-            })
-            .collect();
+        // Copies go on until the writer has rolled into a third segment
+        // (on a slow machine 30 copies can take less time than one
+        // segment's appends), bounded by a minute.
+        let started = std::time::Instant::now();
+        let mut heads = Vec::new();
+        for round in 0.. {
+            let target = backups.path().join(format!("b{round}"));
+            let head = commission_ledger::ledger::backup(t.dir.path(), &target)
+                .unwrap_or_else(|e| panic!("backup {round}: {e}"));
+            heads.push((target, head));
+            let segments = segments_in(&t.dir.path().join("log"));
+            if (round >= 30 && segments >= 3) || started.elapsed().as_secs() >= 60 {
+                break;
+            }
+        }
         done.store(true, Ordering::Relaxed);
         heads
     });
     let log = t.dir.path().join("log");
+    let segments = segments_in(&log);
+    assert!(segments >= 3, "the copies met rolls: {segments} segments");
+    let mut distinct: Vec<u64> = heads.iter().map(|(_, head)| head.seq).collect();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 10,
+        "the writer appended throughout the copies: {} heads",
+        distinct.len()
+    );
     let mut last = 0;
     for (target, head) in heads {
         let copy = verify_log(&target.join("log"), None);
@@ -648,7 +686,6 @@ fn a_backup_taken_while_the_writer_appends_is_a_prefix_that_verifies() {
         assert!(head.seq >= last, "later backups reach at least as far");
         last = head.seq;
     }
-    assert!(last > 1_000, "the writer appended throughout: {last}");
 }
 
 /// The same meeting, made on purpose: the last segment holds zeros where
