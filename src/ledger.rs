@@ -3957,7 +3957,9 @@ impl ExportLine {
     }
 }
 
-/// Writes every event (of one program, if given) as NDJSON; returns the count.
+/// Writes every event (of one program, if given) as NDJSON; returns the
+/// count. Beside a running server it exports the log as far as it was
+/// written, and returns only once all of that is on disk.
 pub fn export_ndjson(
     data_dir: &Path,
     program: Option<&ProgramId>,
@@ -3965,7 +3967,8 @@ pub fn export_ndjson(
 ) -> Result<u64, LedgerError> {
     let mut count = 0;
     let mut write_error = None;
-    log::scan(&data_dir.join("log"), ScanMode::Read, None, |record| {
+    let log_dir = data_dir.join("log");
+    let report = log::scan(&log_dir, ScanMode::Read, None, |record| {
         let recorded = decode_record(record.seq, record.payload)?;
         if program.is_some() && recorded.program.as_ref() != program {
             return Ok(());
@@ -3988,6 +3991,9 @@ pub fn export_ndjson(
         },
         None => LedgerError::Log(e),
     })?;
+    // Exported lines a running writer had not yet synced: made durable
+    // before the export says it is whole.
+    log::make_read_durable(&log_dir, &report)?;
     Ok(count)
 }
 
@@ -4292,7 +4298,8 @@ fn data_bytes(path: &Path, from: u64) -> Result<u64, LedgerError> {
 /// `target`, which must not exist. Safe while a server runs: the log is
 /// read first as any reader beside the writer reads it ([`ScanMode::Read`]:
 /// a record a write in progress left unfinished is read again, not taken
-/// for damage, and a torn last record ends the log), and then exactly the
+/// for damage, and a torn last record ends the log), what was read is made
+/// durable in the source ([`log::make_read_durable`]), and then exactly the
 /// bytes read are copied: segments are append-only, so those no longer
 /// change.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
@@ -4305,7 +4312,10 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<Head, LedgerError> {
             ),
         });
     }
-    let report = log::scan(&data_dir.join("log"), ScanMode::Read, None, |_| Ok(()))?;
+    let log_dir = data_dir.join("log");
+    let report = log::scan(&log_dir, ScanMode::Read, None, |_| Ok(()))?;
+    // What was read may be written and not yet synced by the writer.
+    log::make_read_durable(&log_dir, &report)?;
     let target_log = target.join("log");
     fs::create_dir_all(&target_log).map_err(io_error(&target_log))?;
     let secret = data_dir.join("secret");

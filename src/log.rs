@@ -522,6 +522,24 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(io("fsync directory", dir))
 }
 
+/// Makes durable every byte a [`ScanMode::Read`] scan beside a running
+/// writer read: the writer acknowledges a record only after its
+/// `fdatasync`, so a reader can meet records written and not yet synced,
+/// which a power cut could take back (and the writer then give their seqs
+/// to other events). `fdatasync` writes every dirty page of a file, and
+/// what the scan read was in the page cache when read, so before this call;
+/// the directory is synced too, for a segment the writer has just created.
+/// A copy or export that calls this after its scan and before it reports
+/// success holds nothing the log could lose.
+pub fn make_read_durable(dir: &Path, report: &ScanReport) -> Result<(), LogError> {
+    for (_, path) in &report.segments {
+        File::open(path)
+            .and_then(|f| f.sync_data())
+            .map_err(io("fdatasync", path))?;
+    }
+    sync_dir(dir)
+}
+
 /// Creates `dir` and its missing parents, and makes each new entry
 /// durable by syncing the directory that holds it: a segment's own
 /// `fdatasync` does not make the directories that lead to it survive a
