@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::events::*;
 use crate::ledger::{AsOf, Ledger, Receipt, Submission, SubmitError, request_hash};
-use crate::money::Rate;
+use crate::money::{Currency, Rate};
 use crate::rules::{Command, Noop, Rejection};
 
 /// What the API needs besides the ledger.
@@ -2578,6 +2578,25 @@ struct ClickBody {
     at: Option<String>,
 }
 
+/// How a request writes an amount (the schema of its `amount` fields):
+/// what `Currency::parse_positive` takes, as far as a pattern can say it.
+/// The amount must also be above zero and carry no more decimals than the
+/// currency's minor unit, trailing zeros aside (`10.500` is a USD amount).
+struct PositiveAmount;
+
+impl schemars::JsonSchema for PositiveAmount {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PositiveAmount".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]{1,15}(\\.[0-9]{1,10})?$",
+            "description": "a decimal above zero: at most 15 digits before the point, and no more decimals than the currency's minor unit (trailing zeros aside)"
+        })
+    }
+}
+
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SignupBody {
@@ -2597,7 +2616,9 @@ struct LineBody {
     id: String,
     #[schemars(with = "CustomerId")]
     customer_id: String,
+    #[schemars(with = "PositiveAmount")]
     amount: String,
+    #[schemars(with = "Currency")]
     currency: String,
     product: Option<String>,
     order_id: Option<String>,
@@ -2614,7 +2635,9 @@ struct RefundBody {
     customer_id: String,
     #[schemars(with = "LineId")]
     refunds: String,
+    #[schemars(with = "PositiveAmount")]
     amount: String,
+    #[schemars(with = "Currency")]
     currency: String,
     #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
@@ -3022,6 +3045,7 @@ async fn close_month(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AmountBody {
+    #[schemars(with = "PositiveAmount")]
     amount: String,
 }
 
@@ -3101,6 +3125,7 @@ async fn mint(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreditBody {
+    #[schemars(with = "PositiveAmount")]
     amount: String,
     invoice_id: String,
 }

@@ -464,7 +464,7 @@ impl JsonSchema for Month {
         "Month".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"})
+        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"})
     }
 }
 
