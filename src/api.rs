@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::events::*;
 use crate::ledger::{AsOf, Ledger, Receipt, Submission, SubmitError, request_hash};
-use crate::money::{Currency, Rate};
+use crate::money::{Currency, PositiveAmount, Rate};
 use crate::rules::{Command, Noop, Rejection};
 
 /// What the API needs besides the ledger.
@@ -2576,25 +2576,6 @@ struct ClickBody {
     landing: Option<String>,
     #[schemars(with = "Option<Timestamp>")]
     at: Option<String>,
-}
-
-/// How a request writes an amount (the schema of its `amount` fields):
-/// what `Currency::parse_positive` takes, as far as a pattern can say it.
-/// The amount must also be above zero and carry no more decimals than the
-/// currency's minor unit, trailing zeros aside (`10.500` is a USD amount).
-struct PositiveAmount;
-
-impl schemars::JsonSchema for PositiveAmount {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "PositiveAmount".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^[0-9]{1,15}(\\.[0-9]{1,10})?$",
-            "description": "a decimal above zero: at most 15 digits before the point, and no more decimals than the currency's minor unit (trailing zeros aside)"
-        })
-    }
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]

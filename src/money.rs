@@ -34,8 +34,12 @@ pub enum MoneyError {
 /// commission, far below where a `Decimal` product could overflow.
 const MAX_INTEGER_DIGITS: usize = 15;
 
+/// The most digits after the point a written amount or rate may have.
+const MAX_FRACTION_DIGITS: usize = 10;
+
 /// Parses `-?[0-9]+(\.[0-9]+)?` only: no exponent, no sign `+`, no spaces,
-/// no thousands separators; at most 15 integer and 10 fraction digits.
+/// no thousands separators; at most [`MAX_INTEGER_DIGITS`] integer and
+/// [`MAX_FRACTION_DIGITS`] fraction digits.
 fn parse_plain_decimal(text: &str) -> Option<Decimal> {
     let digits = text.strip_prefix('-').unwrap_or(text);
     let (int, frac) = match digits.split_once('.') {
@@ -47,7 +51,7 @@ fn parse_plain_decimal(text: &str) -> Option<Decimal> {
         return None;
     }
     if let Some(frac) = frac
-        && (!all_digits(frac) || frac.len() > 10)
+        && (!all_digits(frac) || frac.len() > MAX_FRACTION_DIGITS)
     {
         return None;
     }
@@ -229,6 +233,27 @@ impl schemars::JsonSchema for Currency {
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code"})
+    }
+}
+
+/// The JSON Schema of an amount a request writes as text, which
+/// [`Currency::parse_positive`] reads: the syntax of `parse_plain_decimal`
+/// without a sign, as far as a pattern can say it. The amount must also be
+/// above zero and carry no more decimals than the currency's minor unit,
+/// trailing zeros aside (`10.500` is a USD amount).
+pub struct PositiveAmount;
+
+impl schemars::JsonSchema for PositiveAmount {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PositiveAmount".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let pattern =
+            format!("^[0-9]{{1,{MAX_INTEGER_DIGITS}}}(\\.[0-9]{{1,{MAX_FRACTION_DIGITS}}})?$");
+        let description = format!(
+            "a decimal above zero: at most {MAX_INTEGER_DIGITS} digits before the point, and no more decimals than the currency's minor unit (trailing zeros aside)"
+        );
+        schemars::json_schema!({"type": "string", "pattern": pattern, "description": description})
     }
 }
 
