@@ -61,7 +61,10 @@
 //!   rebuilt when deleted or stale. The only module that imports sled.
 //! - [`ledger`]: the single writer and its syncer (pipelined group commit), the indexer, the
 //!   read model, `as_of` replays, verify, export/import, backup. The only
-//!   module joining log, rules, projections and store.
+//!   module joining log, rules, projections and store. `ledger.rs` holds
+//!   the handle and the state; its submodules (`ledger/`) one thread or
+//!   job each: `writer`, `indexer`, `checkpoint`, `start`, `history`,
+//!   `verify`, `data_dir`.
 //! - [`api`]: axum routes and `application/problem+json` errors. The only
 //!   module that imports axum.
 //! - [`cli`]: the command line. The only module that imports clap.
