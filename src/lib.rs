@@ -66,7 +66,9 @@
 //!   job each: `writer`, `indexer`, `checkpoint`, `start`, `history`,
 //!   `verify`, `data_dir`.
 //! - [`api`]: axum routes and `application/problem+json` errors. The only
-//!   module that imports axum.
+//!   module that imports axum. `api.rs` holds the router and most handlers;
+//!   its submodules (`api/`): `errors`, `auth`, `ingestion`, `links`,
+//!   `telemetry`, `openapi_doc`.
 //! - [`cli`]: the command line. The only module that imports clap.
 //!
 //! Dependencies point one way:
