@@ -49,6 +49,9 @@
 //!   hash chain, `fdatasync`, recovery. Knows bytes, not business.
 //! - [`rules`]: the write model and `decide(model, context, command, ids)`:
 //!   every program rule, pure, with refusals as [`rules::Rejection`] values.
+//!   `rules.rs` holds the commands and `decide`; `rules/model.rs` the write
+//!   model and its fold; `rules/commission.rs` rates, rewards at a month
+//!   close, and pending estimates.
 //! - [`projections`]: balances, statements, statistics, referral lists:
 //!   infallible folds over recorded events. Pure; never calls the rules.
 //! - [`replay`]: what-if replays: one program's history folded again under
