@@ -343,7 +343,7 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
 /// What `changes` (noted since an estimate was computed, in log order)
 /// add to the affiliate's estimate, or `None` when adding is not exact
 /// and the estimate must be computed again. Anything else that concerns
-/// the estimate since (see [`PendingMemo::note`]) made it be computed
+/// the estimate since (see [`PendingMemo::note`](super::model::PendingMemo::note)) made it be computed
 /// again, so only lines and signups of customers without lines came; and
 /// as no close came, the lines are all still open. A new line adds its
 /// own reward and maybe a bounty, and changes no other line's reward but
@@ -358,7 +358,7 @@ pub fn pending_estimate(pm: &ProgramModel, affiliate_id: &AffiliateId, now: Time
 ///   else while the bounty is unpaid, the estimate is computed again;
 /// - a line sets its customer's first line and order only when the
 ///   customer had none, so that changes no other line's term.
-fn extend_pending(
+pub(super) fn extend_pending(
     pm: &ProgramModel,
     affiliate_id: &AffiliateId,
     changes: &[PendingChange],

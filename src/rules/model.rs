@@ -209,7 +209,7 @@ pub struct ProgramModel {
 /// A busy affiliate's customers are billed all the time, so its estimate
 /// would be computed again at nearly every read. Instead, the lines and
 /// signups since an estimate was computed are noted with it, and the next
-/// read extends the estimate by what they add ([`extend_pending`]) when
+/// read extends the estimate by what they add ([`extend_pending`](super::commission::extend_pending)) when
 /// that is exact, and computes it again only when it is not.
 #[derive(Default)]
 pub(super) struct PendingMemo {
@@ -238,7 +238,7 @@ pub(super) struct ComputedPending {
     pub(super) active: HashMap<Month, u32>,
 }
 
-/// A change to an affiliate's estimate that [`extend_pending`] may add.
+/// A change to an affiliate's estimate that [`extend_pending`](super::commission::extend_pending) may add.
 #[derive(Clone)]
 pub(super) enum PendingChange {
     /// A basis line recorded for a customer the affiliate was ever named for.
