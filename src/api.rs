@@ -340,7 +340,7 @@ impl tower_http::request_id::MakeRequestId for RequestIds {
 }
 
 // ---------------------------------------------------------------------------
-// Errors.
+// Extractors: query strings and bodies.
 
 /// A query string, its blank fields left out: `?limit=&q=x` reads as
 /// `?q=x`, as forms and portals send a field left empty. A value that does
@@ -446,7 +446,7 @@ impl Write {
 }
 
 // ---------------------------------------------------------------------------
-// Authentication.
+// Input.
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
@@ -1669,7 +1669,7 @@ fn replay_html(replay: &crate::ledger::Replay) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Tracking: the public link and the pixel.
+// Money out and month close.
 
 async fn close_month(
     State(app): State<AppState>,
@@ -1807,6 +1807,3 @@ async fn withdrawal_reject(
 ) -> ApiResult {
     settle(app, program, id, false, w).await
 }
-
-// ---------------------------------------------------------------------------
-// OpenAPI.

@@ -120,9 +120,6 @@ pub(super) const INGEST: &[Role] = &[Role::Admin, Role::Ingest];
 
 pub(super) const ADMIN: &[Role] = &[Role::Admin];
 
-// ---------------------------------------------------------------------------
-// Input.
-
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TokenBody {

@@ -435,6 +435,3 @@ fn item_error(error: ApiError) -> ItemProblem {
         kind: format!("https://commission-ledger.dev/problems/{kind}"),
     }
 }
-
-// ---------------------------------------------------------------------------
-// Money out and month close.

@@ -311,6 +311,3 @@ pub(super) async fn pixel(
     }
     response
 }
-
-// ---------------------------------------------------------------------------
-// What the billing system sends.

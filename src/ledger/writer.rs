@@ -880,6 +880,3 @@ fn decide_events(
     }
     Ok(recorded)
 }
-
-// ---------------------------------------------------------------------------
-// Export, import, backup: whole-log operations for auditors and operators.

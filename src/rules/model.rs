@@ -1180,6 +1180,3 @@ fn reassign(pm: &mut ProgramModel, e: &ReferralReassigned) {
         }
     }
 }
-
-// ---------------------------------------------------------------------------
-// Decisions.
