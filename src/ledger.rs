@@ -457,9 +457,21 @@ fn open_store(path: &Path) -> Result<Store, LedgerError> {
     }
 }
 
+/// How long opening a data directory waits for its lock before it
+/// reports the directory in use. The lock (`flock`) belongs to the open
+/// file, not to the process: it is held a moment longer than the ledger
+/// that took it wherever that file is still open, as in a process on its
+/// way out (a restart right after a stop) or in a child between its fork
+/// and its exec, which holds a copy of every open file until the exec
+/// closes them. Seen in the test suite under load: a ledger dropped and
+/// opened again at once while other tests started processes found its
+/// own directory locked.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the data directory's lock (`LOCK`): one ledger or one offline
-/// command (import, repair) at a time.
-fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
+/// command (import, repair) at a time. Waits up to `wait` for a holder
+/// to let it go (see [`LOCK_WAIT`]).
+fn lock_dir(dir: &Path, wait: std::time::Duration) -> Result<File, LedgerError> {
     let lock_path = dir.join("LOCK");
     let lock = OpenOptions::new()
         .create(true)
@@ -467,10 +479,21 @@ fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
         .write(true)
         .open(&lock_path)
         .map_err(io_error(&lock_path))?;
-    if lock.try_lock().is_err() {
-        return Err(LedgerError::Locked(dir.to_path_buf()));
+    let started = Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < wait => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Locked(dir.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
+        }
     }
-    Ok(lock)
 }
 
 /// Counters of the writer, for `/metrics` and the benchmarks.
@@ -669,7 +692,7 @@ impl Ledger {
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
         let dir = config.data_dir.clone();
         log::create_dir_synced(&dir)?;
-        let lock = lock_dir(&dir)?;
+        let lock = lock_dir(&dir, LOCK_WAIT)?;
         let key_secret = read_or_create_secret(&dir.join("secret"))?;
         let log_dir = dir.join("log");
         let store = open_store(&dir.join("index"))?;

@@ -105,7 +105,7 @@ pub fn export_ndjson(
 /// log alone: the `replay` verb. Returns the head it reflects.
 pub fn rebuild_index(data_dir: &Path) -> Result<Head, LedgerError> {
     {
-        let _lock = lock_dir(data_dir)?;
+        let _lock = lock_dir(data_dir, LOCK_WAIT)?;
         let index = data_dir.join("index");
         Store::destroy(&index).map_err(io_error(&index))?;
     }
@@ -127,7 +127,7 @@ pub fn import_ndjson(
     input: &mut dyn std::io::BufRead,
 ) -> Result<u64, LedgerError> {
     log::create_dir_synced(data_dir)?;
-    let _lock = lock_dir(data_dir)?;
+    let _lock = lock_dir(data_dir, LOCK_WAIT)?;
     let log_dir = data_dir.join("log");
     let mut last = (0, Vec::new());
     let (mut log, _) = Log::open(&log_dir, log::DEFAULT_SEGMENT_BYTES, |record| {
@@ -258,7 +258,7 @@ pub struct RepairReport {
 /// only reports. Every event from the bad record on leaves the ledger; any
 /// acknowledged among them survive only as the bytes set aside.
 pub fn repair_log(data_dir: &Path, apply: bool) -> Result<RepairReport, LedgerError> {
-    let _lock = lock_dir(data_dir)?;
+    let _lock = lock_dir(data_dir, LOCK_WAIT)?;
     let log_dir = data_dir.join("log");
     let mut report = RepairReport {
         sound: false,

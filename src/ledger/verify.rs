@@ -69,8 +69,12 @@ pub fn verify_log(log_dir: &Path, until: Option<Seq>) -> VerifyReport {
 pub fn verify_data_dir(data_dir: &Path) -> VerifyReport {
     // Held while verifying, so that no server starts meanwhile (a copy
     // without one, a backup, gets none). A server holding it may be
-    // appending: what it is writing is no torn tail.
-    let lock = data_dir.join("LOCK").exists().then(|| lock_dir(data_dir));
+    // appending: what it is writing is no torn tail. A server is not waited
+    // for: beside one, verify reads what it has made durable.
+    let lock = data_dir
+        .join("LOCK")
+        .exists()
+        .then(|| lock_dir(data_dir, std::time::Duration::ZERO));
     let held = matches!(lock, Some(Err(LedgerError::Locked(_))));
     let mode = if held {
         ScanMode::Read

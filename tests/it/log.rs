@@ -446,6 +446,27 @@ fn a_second_process_cannot_open_the_same_data_directory() {
 }
 
 #[test]
+fn a_data_directory_let_go_a_moment_after_a_start_began_opens() {
+    // What a stopping process, or a child between its fork and its exec,
+    // does: it holds the directory's lock a moment longer. The start waits
+    // for it (LOCK_WAIT) instead of calling the directory in use.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Ledger::open(LedgerConfig::new(dir.path())).unwrap());
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("LOCK"))
+        .unwrap();
+    held.lock().unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    let ledger = Ledger::open(LedgerConfig::new(dir.path()));
+    holder.join().unwrap();
+    assert!(ledger.is_ok(), "{:?}", ledger.err());
+}
+
+#[test]
 fn the_chain_covers_seq_and_payload() {
     let a = log::chain_hash(&log::GENESIS_HASH, 1, b"x");
     assert_ne!(a, log::chain_hash(&log::GENESIS_HASH, 2, b"x"));
