@@ -240,24 +240,32 @@ fn the_writer_goes_on_answering_while_a_checkpoint_is_built_beside_it() {
 /// again.
 #[test]
 fn closed_loop_submitters_share_each_fdatasync_and_the_linger_ends_when_all_are_in() {
-    let (t, syncs, decided, elapsed) = closed_loop_rounds();
     // Each round's 24 commands share a sync, but for the first rounds and
     // rounds that split under load (measured: 30-35 syncs alone, 43 in the
-    // full suite on 2 cores; syncing without lingering: 75).
-    assert!(
-        decided >= 12 * syncs,
-        "{decided} commands in {syncs} syncs: submitters did not share them"
-    );
-    assert!(
-        !t.ledger()
-            .writer_stats()
-            .group_commit_halves
-            .load(Ordering::Relaxed)
-    );
-    // Had each sync waited out the linger, this would take 6 s.
-    assert!(
-        elapsed < CLOSED_LOOP_LINGER * CLOSED_LOOP_ROUNDS as u32 / 2,
-        "{syncs} syncs took {elapsed:?}: the linger did not end once all were in"
+    // full suite on 2 cores; syncing without lingering: 75). A round splits
+    // when its submitters' threads are not scheduled in time (the syncer
+    // waits only while fewer than half are in): seen once in 14 runs of the
+    // suite beside two busy loops (66 syncs). So up to three attempts, and
+    // one that shares as designed passes; a linger that does not gather the
+    // group (75 syncs) or does not end once all are in (6 s) fails all three.
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        let (t, syncs, decided, elapsed) = closed_loop_rounds();
+        assert!(
+            !t.ledger()
+                .writer_stats()
+                .group_commit_halves
+                .load(Ordering::Relaxed)
+        );
+        // Had each sync waited out the linger, this would take 6 s.
+        let ended = elapsed < CLOSED_LOOP_LINGER * CLOSED_LOOP_ROUNDS as u32 / 2;
+        if decided >= 12 * syncs && ended {
+            return;
+        }
+        attempts.push(format!("{decided} commands in {syncs} syncs, {elapsed:?}"));
+    }
+    panic!(
+        "submitters did not share their syncs, or the linger did not end once all were in: {attempts:?}"
     );
 }
 
