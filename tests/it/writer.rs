@@ -124,8 +124,10 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
     let mut all: Vec<u64> = acked.concat();
     all.sort();
     let head = t.head();
-    assert_eq!(all.len(), 24 * 60);
-    assert_eq!(all, (head - 24 * 60 + 1..=head).collect::<Vec<_>>());
+    // 60 each at least, more when the reader was slow to run 10 times.
+    assert!(acked.iter().all(|seqs| seqs.len() >= 60));
+    let acked_count = all.len() as u64;
+    assert_eq!(all, (head - acked_count + 1..=head).collect::<Vec<_>>());
     assert!(
         commission_ledger::log::list_segments(&t.dir.path().join("log"))
             .unwrap()
@@ -146,7 +148,7 @@ fn readers_see_only_durable_events_while_the_pipeline_runs() {
     t.reopen();
     assert_eq!(monthly_stats(&t), before);
     assert!(
-        before.contains(&format!("\"clicks\":{}", 24 * 60)),
+        before.contains(&format!("\"clicks\":{acked_count}")),
         "{before}"
     );
     assert_eq!(t.head(), head);
